@@ -1,0 +1,345 @@
+//! [`StreamEngine`]: the state machine of one stream's cursor.
+
+use khala_proto::hash::{Hash32, GENESIS};
+use khala_proto::segment::event_chain;
+use khala_proto::v1::RebootstrapReason;
+use khala_proto::{SegmentEvent, StaleCursor, StreamCursor};
+use std::collections::BTreeMap;
+
+/// Most events held back while waiting for a gap to fill. Past this, later events are
+/// dropped from the buffer (never skipped: they are fetched again after the resubscribe).
+pub const MAX_PENDING: usize = 200_000;
+
+/// The server's view of a stream (its `stream` row).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamInfo {
+    pub epoch: u32,
+    pub head_seq: u64,
+    pub oldest_seq: u64,
+    pub head_hash: Hash32,
+}
+
+/// One segment as the transport received it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentIn {
+    pub epoch: u32,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub prev_hash: Hash32,
+    pub last_hash: Hash32,
+    pub events: Vec<SegmentEvent>,
+}
+
+/// An event ready for the application, with the chain hash at its seq.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub stream_id: String,
+    pub epoch: u32,
+    pub seq: u64,
+    pub kind: String,
+    pub payload: Vec<u8>,
+    pub chain_hash: Hash32,
+    /// Chain hash at `seq - 1`, as the event's segment states it.
+    pub prev_chain: Hash32,
+    pub occurred_at_micros: i64,
+}
+
+/// Where a stream stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamMode {
+    /// Applying in order.
+    Normal,
+    /// The cursor is ahead of the server's head (`head`); wait for the head to pass it.
+    ServerBehind { head: u64 },
+    /// Rebuilding from `from` (the floor); the next segment starting at `from + 1` is trusted.
+    Rebootstrapping { from: u64 },
+}
+
+/// Something the driver must act on or report.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Alert {
+    /// Events after the cursor are missing: resubscribe from `cursor`.
+    Gap { cursor: u64, next_seen: u64 },
+    /// The stream restarts from the floor; the application must drop its projection of
+    /// this stream before applying what follows.
+    Rebootstrap(StaleCursor),
+    /// The server is behind the durable cursor; held.
+    ServerBehind { cursor: u64, head: u64 },
+    /// The server caught up and its chain at the cursor matched: applying resumes.
+    Resumed { cursor: u64 },
+}
+
+/// What offering one segment did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Offer {
+    /// Events at or below the cursor, skipped.
+    pub duplicates: u64,
+    /// Events buffered for application.
+    pub accepted: u64,
+    pub alerts: Vec<Alert>,
+}
+
+/// The apply state of one stream.
+#[derive(Debug, Clone)]
+pub struct StreamEngine {
+    stream_id: String,
+    epoch: u32,
+    /// Last applied seq.
+    applied: u64,
+    /// Chain hash at `applied`.
+    chain: Hash32,
+    mode: StreamMode,
+    /// Verified events after `applied`, by seq, with their chain hashes.
+    pending: BTreeMap<u64, Event>,
+    /// The last server view, for stale checks and health.
+    info: Option<StreamInfo>,
+}
+
+impl StreamEngine {
+    /// Starts from a durable cursor (`seq = 0`, epoch 0 for a stream never seen).
+    pub fn new(cursor: &StreamCursor) -> StreamEngine {
+        StreamEngine {
+            stream_id: cursor.stream_id.clone(),
+            epoch: cursor.epoch,
+            applied: cursor.seq,
+            chain: khala_proto::hash::from_slice(&cursor.chain_hash).unwrap_or(GENESIS),
+            mode: StreamMode::Normal,
+            pending: BTreeMap::new(),
+            info: None,
+        }
+    }
+
+    pub fn stream_id(&self) -> &str {
+        &self.stream_id
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn mode(&self) -> &StreamMode {
+        &self.mode
+    }
+
+    pub fn info(&self) -> Option<&StreamInfo> {
+        self.info.as_ref()
+    }
+
+    /// The durable form of the current position.
+    pub fn cursor(&self, now_micros: i64) -> StreamCursor {
+        StreamCursor {
+            stream_id: self.stream_id.clone(),
+            epoch: self.epoch,
+            seq: self.applied,
+            chain_hash: self.chain.to_vec(),
+            updated_at_micros: now_micros,
+        }
+    }
+
+    /// The seq the transport should fetch from (exclusive): the cursor, or the floor
+    /// while rebootstrapping.
+    pub fn fetch_after(&self) -> u64 {
+        match self.mode {
+            StreamMode::Rebootstrapping { from } => from,
+            _ => self.applied,
+        }
+    }
+
+    fn rebootstrap(&mut self, info: &StreamInfo, reason: RebootstrapReason) -> Alert {
+        let from = info.oldest_seq.saturating_sub(1);
+        let alert = Alert::Rebootstrap(StaleCursor {
+            stream_id: self.stream_id.clone(),
+            requested: self.applied,
+            oldest_available: from,
+            head: info.head_seq,
+            epoch: info.epoch,
+            reason: reason as i32,
+        });
+        self.epoch = info.epoch;
+        self.pending.clear();
+        if from == 0 {
+            self.applied = 0;
+            self.chain = GENESIS;
+            self.mode = StreamMode::Normal;
+        } else {
+            self.mode = StreamMode::Rebootstrapping { from };
+        }
+        alert
+    }
+
+    /// Takes in the server's `stream` row.
+    pub fn observe(&mut self, info: StreamInfo) -> Vec<Alert> {
+        let mut alerts = Vec::new();
+        self.info = Some(info.clone());
+        if self.epoch == 0 {
+            self.epoch = info.epoch;
+        }
+        if info.epoch != self.epoch {
+            alerts.push(self.rebootstrap(&info, RebootstrapReason::EpochChanged));
+            return alerts;
+        }
+        if matches!(self.mode, StreamMode::Rebootstrapping { .. }) {
+            // The floor may have moved again while rebuilding: restart from the new one.
+            if let StreamMode::Rebootstrapping { from } = self.mode {
+                if info.oldest_seq.saturating_sub(1) > from {
+                    alerts.push(self.rebootstrap(&info, RebootstrapReason::StaleCursor));
+                }
+            }
+            return alerts;
+        }
+        if self.applied > info.head_seq {
+            if self.mode == StreamMode::Normal {
+                alerts.push(Alert::ServerBehind { cursor: self.applied, head: info.head_seq });
+            }
+            self.mode = StreamMode::ServerBehind { head: info.head_seq };
+            return alerts;
+        }
+        if let StreamMode::ServerBehind { .. } = self.mode {
+            if info.head_seq == self.applied {
+                if info.head_hash == self.chain {
+                    self.mode = StreamMode::Normal;
+                    alerts.push(Alert::Resumed { cursor: self.applied });
+                } else {
+                    alerts.push(self.rebootstrap(&info, RebootstrapReason::ChainMismatch));
+                }
+                return alerts;
+            }
+            // head > applied: the segment holding the cursor decides (see `offer`).
+            self.mode = StreamMode::ServerBehind { head: info.head_seq };
+        }
+        if self.applied + 1 < info.oldest_seq && self.pending.first_key_value().is_none_or(|(s, _)| *s != self.applied + 1) {
+            alerts.push(self.rebootstrap(&info, RebootstrapReason::StaleCursor));
+        }
+        alerts
+    }
+
+    /// Takes in one segment: verifies its chain, skips what is already applied, buffers
+    /// the rest, and reports gaps, mismatches and the end of a server-behind hold.
+    pub fn offer(&mut self, segment: SegmentIn) -> Offer {
+        let mut offer = Offer::default();
+        if segment.epoch != self.epoch && self.epoch != 0 {
+            // Another epoch's data; `observe` handles the switch.
+            return offer;
+        }
+        if segment.events.is_empty() || segment.events[0].seq != segment.first_seq {
+            return offer;
+        }
+        if let StreamMode::Rebootstrapping { from } = self.mode {
+            if segment.first_seq > from + 1 || segment.last_seq <= from {
+                return offer;
+            }
+            // The floor segment is trusted as the new start of the chain.
+            if segment.first_seq == from + 1 {
+                self.applied = from;
+                self.chain = segment.prev_hash;
+                self.mode = StreamMode::Normal;
+            } else {
+                return offer;
+            }
+        }
+        // Verify the whole segment against its own hashes.
+        let mut chain = segment.prev_hash;
+        let mut verified = Vec::with_capacity(segment.events.len());
+        for e in &segment.events {
+            let prev = chain;
+            chain = event_chain(&chain, &self.stream_id, e);
+            verified.push((prev, chain));
+        }
+        if chain != segment.last_hash {
+            // A corrupt segment: refuse it whole; the transport will refetch.
+            offer.alerts.push(Alert::Gap { cursor: self.applied, next_seen: segment.first_seq });
+            return offer;
+        }
+        // The chain at the cursor, where this segment covers it, must equal ours.
+        let at_cursor = if self.applied + 1 == segment.first_seq {
+            Some(segment.prev_hash)
+        } else if (segment.first_seq..=segment.last_seq).contains(&self.applied) {
+            Some(verified[(self.applied - segment.first_seq) as usize].1)
+        } else {
+            None
+        };
+        if let Some(hash) = at_cursor {
+            if hash != self.chain {
+                let info = self.info.clone().unwrap_or(StreamInfo { epoch: self.epoch, head_seq: segment.last_seq, oldest_seq: 1, head_hash: segment.last_hash });
+                offer.alerts.push(self.rebootstrap(&info, RebootstrapReason::ChainMismatch));
+                return offer;
+            }
+            if let StreamMode::ServerBehind { .. } = self.mode {
+                self.mode = StreamMode::Normal;
+                offer.alerts.push(Alert::Resumed { cursor: self.applied });
+            }
+        }
+        // Where this segment meets buffered events, the hashes must agree as well.
+        let joins_before = segment.first_seq > self.applied + 1
+            && self.pending.get(&(segment.first_seq - 1)).is_some_and(|p| p.chain_hash != segment.prev_hash);
+        let joins_after = self.pending.get(&(segment.last_seq + 1)).is_some_and(|n| n.prev_chain != segment.last_hash);
+        if joins_before || joins_after {
+            let info = self.info.clone().unwrap_or(StreamInfo { epoch: self.epoch, head_seq: segment.last_seq, oldest_seq: 1, head_hash: segment.last_hash });
+            offer.alerts.push(self.rebootstrap(&info, RebootstrapReason::ChainMismatch));
+            return offer;
+        }
+        if let StreamMode::ServerBehind { .. } = self.mode {
+            // Nothing beyond the cursor may be applied before the cursor is confirmed.
+            offer.duplicates += segment.events.iter().filter(|e| e.seq <= self.applied).count() as u64;
+            return offer;
+        }
+        for (e, (prev_chain, hash)) in segment.events.into_iter().zip(verified) {
+            if e.seq <= self.applied {
+                offer.duplicates += 1;
+                continue;
+            }
+            if self.pending.contains_key(&e.seq) {
+                offer.duplicates += 1;
+                continue;
+            }
+            if self.pending.len() >= MAX_PENDING && e.seq > self.applied + 1 {
+                continue;
+            }
+            offer.accepted += 1;
+            self.pending.insert(
+                e.seq,
+                Event {
+                    stream_id: self.stream_id.clone(),
+                    epoch: segment.epoch,
+                    seq: e.seq,
+                    kind: e.kind,
+                    payload: e.payload,
+                    chain_hash: hash,
+                    prev_chain,
+                    occurred_at_micros: e.occurred_at_micros,
+                },
+            );
+        }
+        if let Some((&first, _)) = self.pending.first_key_value() {
+            if first > self.applied + 1 {
+                offer.alerts.push(Alert::Gap { cursor: self.applied, next_seen: first });
+            }
+        }
+        offer
+    }
+
+    /// The next event the application may apply, if it is here. Every buffered event's
+    /// chain was checked against its neighbours when it was offered, so this is O(1).
+    pub fn next(&self) -> Option<&Event> {
+        if self.mode != StreamMode::Normal {
+            return None;
+        }
+        self.pending.get(&(self.applied + 1))
+    }
+
+    /// Records that the application applied `seq` (its handler returned Ok).
+    pub fn mark_applied(&mut self, seq: u64) {
+        if seq != self.applied + 1 {
+            return;
+        }
+        if let Some(event) = self.pending.remove(&seq) {
+            self.applied = seq;
+            self.chain = event.chain_hash;
+        }
+    }
+
+    /// Events buffered beyond the cursor.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+}

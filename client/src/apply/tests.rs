@@ -1,0 +1,194 @@
+//! Property and table tests of the apply engine.
+
+use super::*;
+use khala_proto::hash::GENESIS;
+use khala_proto::segment::chain_through;
+use khala_proto::v1::RebootstrapReason;
+use khala_proto::{SegmentEvent, StreamCursor};
+use proptest::prelude::*;
+
+const STREAM: &str = "runtime.run.1.events";
+
+fn events(n: u64) -> Vec<SegmentEvent> {
+    (1..=n)
+        .map(|seq| SegmentEvent {
+            seq,
+            kind: if seq % 3 == 0 { "a".into() } else { "b".into() },
+            payload: format!("{{\"n\":{seq}}}").into_bytes(),
+            idempotency_key: format!("k{seq}"),
+            occurred_at_micros: 0,
+        })
+        .collect()
+}
+
+/// Cuts `all` into segments at `cuts` (sizes), with correct prev/last hashes.
+fn segments(all: &[SegmentEvent], sizes: &[usize], epoch: u32) -> Vec<SegmentIn> {
+    let mut out = Vec::new();
+    let mut prev = GENESIS;
+    let mut i = 0;
+    let mut k = 0;
+    while i < all.len() {
+        let size = sizes.get(k).copied().unwrap_or(1).max(1).min(all.len() - i);
+        let chunk = all[i..i + size].to_vec();
+        let last = chain_through(&prev, STREAM, &chunk);
+        out.push(SegmentIn { epoch, first_seq: chunk[0].seq, last_seq: chunk[chunk.len() - 1].seq, prev_hash: prev, last_hash: last, events: chunk });
+        prev = last;
+        i += size;
+        k += 1;
+    }
+    out
+}
+
+fn fresh() -> StreamEngine {
+    StreamEngine::new(&StreamCursor { stream_id: STREAM.into(), ..Default::default() })
+}
+
+/// Applies everything ready, as a driver would, recording what was applied.
+fn drain(engine: &mut StreamEngine, applied: &mut Vec<u64>) {
+    while let Some(e) = engine.next() {
+        let seq = e.seq;
+        applied.push(seq);
+        engine.mark_applied(seq);
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Deliver(usize),
+    Restart,
+    HandlerFails,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![8 => any::<usize>().prop_map(Step::Deliver), 1 => Just(Step::Restart), 1 => Just(Step::HandlerFails)]
+}
+
+proptest! {
+    /// Random interleavings of duplicates, reorders, gaps, handler failures and restarts
+    /// (from the durable cursor) still apply exactly the published sequence, once each,
+    /// after the transport finally resends from the cursor.
+    #[test]
+    fn applies_exactly_once_in_order(n in 1u64..120, sizes in proptest::collection::vec(1usize..9, 1..60), steps in proptest::collection::vec(step(), 0..80)) {
+        let all = events(n);
+        let segs = segments(&all, &sizes, 1);
+        let mut engine = fresh();
+        let mut applied = Vec::new();
+        for step in steps {
+            match step {
+                Step::Deliver(i) => {
+                    let _ = engine.offer(segs[i % segs.len()].clone());
+                    drain(&mut engine, &mut applied);
+                }
+                Step::Restart => engine = StreamEngine::new(&engine.cursor(0)),
+                Step::HandlerFails => {
+                    // The handler did not return Ok: nothing is marked, the event stays next.
+                    let before = engine.next().map(|e| e.seq);
+                    prop_assert_eq!(engine.next().map(|e| e.seq), before);
+                }
+            }
+        }
+        // The transport resubscribes from the cursor and delivers the rest in order.
+        let from = engine.fetch_after();
+        for seg in segs.iter().filter(|s| s.last_seq > from) {
+            let _ = engine.offer(seg.clone());
+            drain(&mut engine, &mut applied);
+        }
+        let expected: Vec<u64> = (1..=n).collect();
+        prop_assert_eq!(&applied, &expected);
+        let cursor = engine.cursor(0);
+        prop_assert_eq!(cursor.chain_hash, segs.last().unwrap().last_hash.to_vec());
+    }
+}
+
+#[test]
+fn a_gap_holds_later_events_and_asks_for_a_resubscribe() {
+    let segs = segments(&events(6), &[2, 2, 2], 1);
+    let mut engine = fresh();
+    let offer = engine.offer(segs[1].clone());
+    assert_eq!(offer.alerts, vec![Alert::Gap { cursor: 0, next_seen: 3 }]);
+    assert!(engine.next().is_none(), "never skip the missing 1..=2");
+    engine.offer(segs[0].clone());
+    let mut applied = Vec::new();
+    drain(&mut engine, &mut applied);
+    assert_eq!(applied, vec![1, 2, 3, 4]);
+}
+
+#[test]
+fn a_stale_cursor_rebootstraps_with_the_numbers() {
+    let segs = segments(&events(10), &[5, 5], 1);
+    let mut engine = StreamEngine::new(&StreamCursor { stream_id: STREAM.into(), epoch: 1, seq: 2, chain_hash: chain_through(&GENESIS, STREAM, &events(2)).to_vec(), updated_at_micros: 0 });
+    let info = StreamInfo { epoch: 1, head_seq: 10, oldest_seq: 6, head_hash: segs[1].last_hash };
+    let alerts = engine.observe(info);
+    match &alerts[..] {
+        [Alert::Rebootstrap(s)] => {
+            assert_eq!((s.requested, s.oldest_available, s.head, s.reason), (2, 5, 10, RebootstrapReason::StaleCursor as i32));
+        }
+        other => panic!("expected one rebootstrap, got {other:?}"),
+    }
+    assert_eq!(engine.fetch_after(), 5);
+    engine.offer(segs[1].clone());
+    let mut applied = Vec::new();
+    drain(&mut engine, &mut applied);
+    assert_eq!(applied, vec![6, 7, 8, 9, 10]);
+}
+
+#[test]
+fn a_cursor_ahead_of_the_head_holds_then_resumes_on_equal_chain() {
+    let all = events(8);
+    let segs = segments(&all, &[4, 4], 1);
+    let cursor = StreamCursor { stream_id: STREAM.into(), epoch: 1, seq: 6, chain_hash: chain_through(&GENESIS, STREAM, &all[..6]).to_vec(), updated_at_micros: 0 };
+    let mut engine = StreamEngine::new(&cursor);
+    let alerts = engine.observe(StreamInfo { epoch: 1, head_seq: 4, oldest_seq: 1, head_hash: segs[0].last_hash });
+    assert_eq!(alerts, vec![Alert::ServerBehind { cursor: 6, head: 4 }]);
+    assert!(engine.next().is_none());
+    // The mirror republishes 5..=8 with the same seqs and hashes.
+    engine.observe(StreamInfo { epoch: 1, head_seq: 8, oldest_seq: 1, head_hash: segs[1].last_hash });
+    let offer = engine.offer(segs[1].clone());
+    assert!(offer.alerts.contains(&Alert::Resumed { cursor: 6 }), "{offer:?}");
+    let mut applied = Vec::new();
+    drain(&mut engine, &mut applied);
+    assert_eq!(applied, vec![7, 8], "no double apply, no rebootstrap");
+}
+
+#[test]
+fn a_cursor_ahead_of_the_head_with_other_history_rebootstraps() {
+    let all = events(8);
+    let cursor = StreamCursor { stream_id: STREAM.into(), epoch: 1, seq: 6, chain_hash: chain_through(&GENESIS, STREAM, &all[..6]).to_vec(), updated_at_micros: 0 };
+    let mut engine = StreamEngine::new(&cursor);
+    let mut other = all.clone();
+    other[5].payload = b"different".to_vec();
+    let segs = segments(&other, &[4, 4], 1);
+    engine.observe(StreamInfo { epoch: 1, head_seq: 4, oldest_seq: 1, head_hash: segs[0].last_hash });
+    engine.observe(StreamInfo { epoch: 1, head_seq: 8, oldest_seq: 1, head_hash: segs[1].last_hash });
+    let offer = engine.offer(segs[1].clone());
+    assert!(matches!(&offer.alerts[..], [Alert::Rebootstrap(s)] if s.reason == RebootstrapReason::ChainMismatch as i32), "{offer:?}");
+    assert_eq!(engine.applied(), 0);
+    for seg in &segs {
+        engine.offer(seg.clone());
+    }
+    let mut applied = Vec::new();
+    drain(&mut engine, &mut applied);
+    assert_eq!(applied, (1..=8).collect::<Vec<_>>());
+}
+
+#[test]
+fn an_epoch_change_rebootstraps() {
+    let segs = segments(&events(3), &[3], 2);
+    let mut engine = StreamEngine::new(&StreamCursor { stream_id: STREAM.into(), epoch: 1, seq: 3, chain_hash: vec![7; 32], updated_at_micros: 0 });
+    let alerts = engine.observe(StreamInfo { epoch: 2, head_seq: 3, oldest_seq: 1, head_hash: segs[0].last_hash });
+    assert!(matches!(&alerts[..], [Alert::Rebootstrap(s)] if s.reason == RebootstrapReason::EpochChanged as i32));
+    engine.offer(segs[0].clone());
+    let mut applied = Vec::new();
+    drain(&mut engine, &mut applied);
+    assert_eq!(applied, vec![1, 2, 3]);
+}
+
+#[test]
+fn a_tampered_segment_is_refused_whole() {
+    let mut segs = segments(&events(4), &[4], 1);
+    segs[0].events[2].payload = b"tampered".to_vec();
+    let mut engine = fresh();
+    let offer = engine.offer(segs[0].clone());
+    assert_eq!(offer.accepted, 0);
+    assert!(engine.next().is_none());
+}

@@ -1,0 +1,82 @@
+//! Presence: who is connected. Each client sees only its own `connection` rows; admins
+//! see the connected count.
+
+use spacetimedb::{client_visibility_filter, reducer, table, ConnectionId, Filter, Identity, ReducerContext, Table, Timestamp};
+
+#[table(name = connection, public)]
+pub struct Connection {
+    #[primary_key]
+    pub connection_id: ConnectionId,
+    #[index(btree)]
+    pub identity: Identity,
+    pub connected_at: Timestamp,
+    /// Filled in by `hello`.
+    pub client_build: String,
+    pub protocol_version: u32,
+}
+
+/// A client sees only its own connections.
+#[client_visibility_filter]
+const CONNECTION_VISIBILITY: Filter = Filter::Sql("SELECT * FROM connection WHERE identity = :sender");
+
+/// The connected count; one row, `audience = "admin"`.
+#[table(name = presence, public)]
+pub struct Presence {
+    #[primary_key]
+    pub id: u8,
+    /// The role that may see this row; indexed for the RLS join.
+    #[index(btree)]
+    pub audience: String,
+    pub connected: u64,
+    pub updated_at: Timestamp,
+}
+
+/// Only identities holding the `admin` role see the count.
+#[client_visibility_filter]
+const PRESENCE_VISIBILITY: Filter = Filter::Sql(
+    "SELECT presence.* FROM identity_role JOIN presence ON identity_role.role = presence.audience \
+     WHERE identity_role.identity = :sender",
+);
+
+fn recount(ctx: &ReducerContext) {
+    let row = Presence { id: 0, audience: "admin".into(), connected: ctx.db.connection().count(), updated_at: ctx.timestamp };
+    if ctx.db.presence().id().find(0).is_some() {
+        ctx.db.presence().id().update(row);
+    } else {
+        ctx.db.presence().insert(row);
+    }
+}
+
+#[reducer(client_connected)]
+pub fn client_connected(ctx: &ReducerContext) {
+    if let Some(connection_id) = ctx.connection_id {
+        ctx.db.connection().connection_id().delete(connection_id);
+        ctx.db.connection().insert(Connection {
+            connection_id,
+            identity: ctx.sender,
+            connected_at: ctx.timestamp,
+            client_build: String::new(),
+            protocol_version: 0,
+        });
+        recount(ctx);
+    }
+}
+
+#[reducer(client_disconnected)]
+pub fn client_disconnected(ctx: &ReducerContext) {
+    if let Some(connection_id) = ctx.connection_id {
+        ctx.db.connection().connection_id().delete(connection_id);
+        recount(ctx);
+    }
+}
+
+/// Records what `hello` was told on the caller's connection row.
+pub fn record_hello(ctx: &ReducerContext, protocol_version: u32, client_build: String) {
+    if let Some(connection_id) = ctx.connection_id {
+        if let Some(mut row) = ctx.db.connection().connection_id().find(connection_id) {
+            row.client_build = client_build;
+            row.protocol_version = protocol_version;
+            ctx.db.connection().connection_id().update(row);
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Streams and their log, stored as segments.
+//!
+//! The log of a stream is a run of `stream_segment` rows, one per publish batch, each
+//! holding its events packed in `data` (format: `khala_proto::segment`). Measured on
+//! this engine, rows with a large var-len column go to the blob store and keep inserts
+//! flat as the table grows, while per-event rows slow down with table size
+//! (docs/SEGMENTS.md). Per-event lookups that must stay exact (idempotency) live in the
+//! fixed-size `event_key` table.
+
+use crate::access;
+use crate::{fail, ReducerResult};
+use khala_proto::hash::GENESIS;
+use khala_proto::ErrorCode;
+use spacetimedb::{client_visibility_filter, reducer, table, Filter, Identity, ReducerContext, Table, Timestamp};
+
+/// Longest stream id, in bytes.
+pub const MAX_STREAM_ID_LEN: usize = 128;
+
+/// One stream's head, retention floor and policy.
+#[table(name = stream, public)]
+#[derive(Clone)]
+pub struct Stream {
+    #[primary_key]
+    pub stream_id: String,
+    /// Starts at 1; a client that sees it change rebuilds the stream.
+    pub epoch: u32,
+    /// Seq of the newest event; 0 before the first publish.
+    pub head_seq: u64,
+    /// Lowest retained seq (`head_seq + 1` when nothing is retained). A client whose
+    /// cursor is below `oldest_seq - 1` is stale and must rebootstrap.
+    pub oldest_seq: u64,
+    /// Chain hash at `head_seq` (32 bytes).
+    pub head_hash: Vec<u8>,
+    /// Keep at least this many newest events; 0 = no count limit.
+    pub retain_max_events: u64,
+    /// Drop segments older than this; 0 = no age limit.
+    pub retain_max_age_secs: u64,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    /// Segments currently retained.
+    pub segment_count: u64,
+    /// Events skipped as idempotency duplicates, over the stream's life.
+    pub duplicates: u64,
+}
+
+/// A client sees a stream only while it holds a subscribe grant on it.
+///
+/// The grant table stands on the left of the join on purpose: `stream_grant` has an RLS
+/// rule of its own, and SpacetimeDB 1.2 expands a rule-bearing table on the right of a
+/// join into a filtered cross join, which subscriptions refuse ("Subscriptions require
+/// indexes on join columns"). On the left it stays an index join.
+#[client_visibility_filter]
+const STREAM_VISIBILITY: Filter = Filter::Sql(
+    "SELECT stream.* FROM stream_grant JOIN stream ON stream_grant.stream_id = stream.stream_id \
+     WHERE stream_grant.grantee = :sender AND stream_grant.subscribe = true",
+);
+
+/// One publish batch of one stream: events `first_seq..=last_seq`.
+#[table(name = stream_segment, public, index(name = by_stream_last, btree(columns = [stream_id, last_seq])))]
+#[derive(Clone)]
+pub struct StreamSegment {
+    #[primary_key]
+    #[auto_inc]
+    pub id: u64,
+    /// Indexed alone as well: the RLS join needs a single-column index.
+    #[index(btree)]
+    pub stream_id: String,
+    pub epoch: u32,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Chain hash at `first_seq - 1`, so a client can verify a segment on its own.
+    pub prev_hash: Vec<u8>,
+    /// Chain hash at `last_seq`.
+    pub last_hash: Vec<u8>,
+    pub published_at: Timestamp,
+    pub publisher: Identity,
+    /// `khala_proto::segment` encoding: a version byte, then the packed events.
+    pub data: Vec<u8>,
+}
+
+/// A client sees segments only of streams it holds a subscribe grant on.
+#[client_visibility_filter]
+const SEGMENT_VISIBILITY: Filter = Filter::Sql(
+    "SELECT stream_segment.* FROM stream_grant JOIN stream_segment ON stream_grant.stream_id = stream_segment.stream_id \
+     WHERE stream_grant.grantee = :sender AND stream_grant.subscribe = true",
+);
+
+/// The per-stream idempotency index: fixed-size columns only, so it stays fast as it
+/// grows. `key_hash` already includes the stream id (`khala_proto::hash::key_hash`).
+/// Rows are removed with their segment by the retention sweep. Private.
+#[table(name = event_key)]
+pub struct EventKey {
+    #[primary_key]
+    pub key_hash: u128,
+    pub seq: u64,
+    /// First 16 bytes of the payload hash.
+    pub payload_hash: u128,
+}
+
+/// Stream ids are 1..=128 bytes of `[A-Za-z0-9._:-]`, starting with a letter or digit.
+/// This keeps them safe in file names, logs and SQL literals (clients quote anyway).
+pub fn validate_stream_id(stream_id: &str) -> ReducerResult {
+    if stream_id.is_empty() {
+        return Err(fail(ErrorCode::InvalidArgument, "stream_id is empty"));
+    }
+    if stream_id.len() > MAX_STREAM_ID_LEN {
+        return Err(fail(ErrorCode::InvalidArgument, format!("stream_id is {} bytes; the limit is {MAX_STREAM_ID_LEN}", stream_id.len())));
+    }
+    let first_ok = stream_id.as_bytes()[0].is_ascii_alphanumeric();
+    let rest_ok = stream_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+    if !first_ok || !rest_ok {
+        return Err(fail(
+            ErrorCode::InvalidArgument,
+            format!("stream_id {stream_id:?} must start with a letter or digit and use only A-Z a-z 0-9 . _ : -"),
+        ));
+    }
+    Ok(())
+}
+
+/// A new, empty stream row.
+pub fn new_stream(ctx: &ReducerContext, stream_id: String) -> Stream {
+    Stream {
+        stream_id,
+        epoch: 1,
+        head_seq: 0,
+        oldest_seq: 1,
+        head_hash: GENESIS.to_vec(),
+        retain_max_events: 0,
+        retain_max_age_secs: 0,
+        created_at: ctx.timestamp,
+        updated_at: ctx.timestamp,
+        segment_count: 0,
+        duplicates: 0,
+    }
+}
+
+/// Creates a stream ahead of its first publish (admin only), with a retention policy.
+/// Publishing to an unknown stream also creates it, with no retention limit; creating a
+/// stream that exists only updates its policy.
+#[reducer]
+pub fn create_stream(ctx: &ReducerContext, stream_id: String, retain_max_events: u64, retain_max_age_secs: u64) -> ReducerResult {
+    access::require_admin(ctx)?;
+    validate_stream_id(&stream_id)?;
+    let existing = ctx.db.stream().stream_id().find(&stream_id);
+    let mut row = existing.clone().unwrap_or_else(|| new_stream(ctx, stream_id));
+    row.retain_max_events = retain_max_events;
+    row.retain_max_age_secs = retain_max_age_secs;
+    row.updated_at = ctx.timestamp;
+    if existing.is_some() {
+        ctx.db.stream().stream_id().update(row);
+    } else {
+        ctx.db.stream().insert(row);
+    }
+    Ok(())
+}
+
+/// Changes an existing stream's retention policy (admin only).
+#[reducer]
+pub fn set_retention(ctx: &ReducerContext, stream_id: String, retain_max_events: u64, retain_max_age_secs: u64) -> ReducerResult {
+    access::require_admin(ctx)?;
+    validate_stream_id(&stream_id)?;
+    let Some(mut row) = ctx.db.stream().stream_id().find(&stream_id) else {
+        return Err(fail(ErrorCode::UnknownStream, format!("no stream {stream_id:?}")));
+    };
+    row.retain_max_events = retain_max_events;
+    row.retain_max_age_secs = retain_max_age_secs;
+    row.updated_at = ctx.timestamp;
+    ctx.db.stream().stream_id().update(row);
+    Ok(())
+}

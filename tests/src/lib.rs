@@ -1,0 +1,177 @@
+//! The real-server test harness shared by Khala's integration tests.
+//!
+//! - One server per test binary ([`shared_server`]), on a free loopback port, in a temp
+//!   data dir; it is killed when the test process ends, however it ends.
+//! - [`TestServer::start`] gives a test its own server, for kill -9 / restart drills.
+//! - A fresh database per test ([`TestServer::new_database`]), from a module wasm that
+//!   is built once per run ([`module_wasm`]).
+//! - Identities are minted over HTTP; SDK clients connect as those non-owner identities
+//!   (the owner bypasses row-level security, so it would prove nothing).
+
+pub mod sdk;
+
+use khala_tools::api::{identity_arg, Api, Credentials, SqlRows};
+use khala_tools::engine::Engine;
+use khala_tools::server::{free_port, Lifetime, ServerDir, ServerProcess};
+use khala_tools::ToolError;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+/// How long a server may take to answer after a start or restart.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The pinned engine; panics with the fix when it is missing.
+pub fn engine() -> Engine {
+    match Engine::locate() {
+        Ok(engine) => engine,
+        Err(e) => panic!("{e} (the README's test command installs it)"),
+    }
+}
+
+/// The module wasm, built once per test run.
+pub fn module_wasm() -> &'static [u8] {
+    static WASM: OnceLock<Vec<u8>> = OnceLock::new();
+    WASM.get_or_init(|| {
+        let path = khala_tools::module_wasm::build_module().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    })
+}
+
+/// A server run by the tests, in its own temp data dir.
+pub struct TestServer {
+    process: Mutex<ServerProcess>,
+    engine: Engine,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+/// The server shared by every test of this test binary.
+pub fn shared_server() -> &'static TestServer {
+    static SERVER: OnceLock<TestServer> = OnceLock::new();
+    SERVER.get_or_init(TestServer::start)
+}
+
+impl TestServer {
+    /// Starts a server on a free port, tied to this process's life.
+    pub fn start() -> TestServer {
+        let _ = env_logger::builder().is_test(true).try_init();
+        let engine = engine();
+        let dir = tempfile::Builder::new().prefix("khala-test-").tempdir().expect("a temp dir");
+        let server_dir = ServerDir::open_or_create(dir.path()).expect("a fresh server dir");
+        let port = free_port().expect("a free port");
+        let process = ServerProcess::start(&engine, &server_dir, port, Lifetime::TiedToThisProcess, START_TIMEOUT)
+            .unwrap_or_else(|e| panic!("starting the test server: {e}"));
+        TestServer { url: process.url(), process: Mutex::new(process), engine, _dir: dir }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn api(&self) -> Api {
+        Api::new(&self.url)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self._dir.path().to_path_buf()
+    }
+
+    /// SIGKILL the server, as a crash would; its data dir stays.
+    pub fn kill9(&self) {
+        self.process.lock().unwrap().kill9();
+    }
+
+    /// Start the server again on the same data dir and port.
+    pub fn restart(&self) {
+        let mut process = self.process.lock().unwrap();
+        process.restart(&self.engine, Lifetime::TiedToThisProcess, START_TIMEOUT).unwrap_or_else(|e| panic!("restarting: {e}"));
+    }
+
+    /// Mints an identity.
+    pub fn new_identity(&self) -> Credentials {
+        self.api().new_identity().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Publishes the module to a new, uniquely named database owned by a new identity.
+    pub fn new_database(&self, label: &str) -> TestDb {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("t-{}-{}-{n}", label.replace('_', "-"), std::process::id());
+        let owner = self.new_identity();
+        self.api().publish_module(&name, module_wasm(), &owner.token, false).unwrap_or_else(|e| panic!("{e}"));
+        TestDb { name, owner, api: self.api(), url: self.url.clone() }
+    }
+}
+
+/// One database of a test, with its owner.
+pub struct TestDb {
+    pub name: String,
+    pub owner: Credentials,
+    pub api: Api,
+    pub url: String,
+}
+
+impl TestDb {
+    /// Calls a reducer as `who`.
+    pub fn call_as(&self, who: &Credentials, reducer: &str, args: Value) -> Result<(), ToolError> {
+        self.api.call(&self.name, reducer, args, &who.token)
+    }
+
+    /// Calls a reducer as the owner, panicking on failure.
+    pub fn call(&self, reducer: &str, args: Value) {
+        self.call_as(&self.owner.clone(), reducer, args).unwrap_or_else(|e| panic!("{reducer}: {e}"));
+    }
+
+    /// Runs SQL as the owner.
+    pub fn sql(&self, query: &str) -> SqlRows {
+        self.api.sql(&self.name, query, &self.owner.token).unwrap_or_else(|e| panic!("{query}: {e}"))
+    }
+
+    pub fn new_identity(&self) -> Credentials {
+        self.api.new_identity().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Grants `scopes` on `stream` to `who` for `ttl_secs`.
+    pub fn grant(&self, who: &Credentials, stream: &str, scopes: &[&str], ttl_secs: u64) {
+        self.call("grant", json!([who.identity_arg(), stream, scopes, ttl_secs]));
+    }
+
+    pub fn revoke(&self, who: &Credentials, stream: &str) {
+        self.call("revoke", json!([who.identity_arg(), stream]));
+    }
+
+    /// Gives `who` the publisher role and returns it.
+    pub fn publisher(&self) -> Credentials {
+        let who = self.new_identity();
+        self.call("set_role", json!([identity_arg(&who.identity), "publisher", true]));
+        who
+    }
+}
+
+/// Publish-event JSON for a reducer call: `(key, kind, payload, authority_seq)`.
+pub fn event_json(key: &str, kind: &str, payload: &[u8], authority_seq: Option<u64>) -> Value {
+    json!({
+        "idempotency_key": key,
+        "kind": kind,
+        "payload": khala_tools::api::bytes_arg(payload),
+        "authority_seq": khala_tools::api::option_arg(authority_seq.map(|s| json!(s))),
+        "occurred_at_micros": 0,
+    })
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if std::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

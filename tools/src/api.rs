@@ -1,0 +1,161 @@
+//! The server's HTTP API (`/v1/...`): identities, publishing a module, calling reducers
+//! and SQL. Used by `khala up`, the admin commands, the mirror and the test harness.
+
+use crate::error::{Result, ToolError};
+use khala_proto::CodedError;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// An identity and the token that proves it.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// 64 hex digits, no `0x`.
+    pub identity: String,
+    pub token: String,
+}
+
+impl Credentials {
+    /// The identity as a reducer argument in the server's JSON encoding.
+    pub fn identity_arg(&self) -> Value {
+        identity_arg(&self.identity)
+    }
+}
+
+/// An `Identity` reducer argument: `{"__identity__": "0x<hex>"}`.
+pub fn identity_arg(hex: &str) -> Value {
+    json!({ "__identity__": format!("0x{}", hex.trim_start_matches("0x")) })
+}
+
+/// Bytes as a reducer argument (the server reads `Vec<u8>` from a hex string).
+pub fn bytes_arg(bytes: &[u8]) -> Value {
+    Value::String(hex::encode(bytes))
+}
+
+/// An `Option<T>` reducer argument.
+pub fn option_arg(value: Option<Value>) -> Value {
+    match value {
+        Some(v) => json!({ "some": v }),
+        None => json!({ "none": [] }),
+    }
+}
+
+/// The rows of one SQL statement.
+#[derive(Debug, Clone)]
+pub struct SqlRows {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Value>>,
+}
+
+impl SqlRows {
+    /// The value of `column` in `row`.
+    pub fn get<'a>(&self, row: &'a [Value], column: &str) -> Option<&'a Value> {
+        self.columns.iter().position(|c| c == column).and_then(|i| row.get(i))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Api {
+    base: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Api {
+    pub fn new(base_url: &str) -> Api {
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .expect("a TLS-capable HTTP client builds");
+        Api { base: base_url.trim_end_matches('/').to_string(), http }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn http_error(what: &str, e: impl std::fmt::Display) -> ToolError {
+        ToolError::Http { what: what.into(), detail: e.to_string() }
+    }
+
+    fn check(what: &str, response: reqwest::blocking::Response) -> Result<String> {
+        let status = response.status();
+        let body = response.text().unwrap_or_default();
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(Self::http_error(what, format!("HTTP {status}: {}", body.trim())))
+        }
+    }
+
+    /// Mints a new identity (`POST /v1/identity`).
+    pub fn new_identity(&self) -> Result<Credentials> {
+        let what = "creating an identity";
+        let response = self.http.post(format!("{}/v1/identity", self.base)).send().map_err(|e| Self::http_error(what, e))?;
+        let body: Value = serde_json::from_str(&Self::check(what, response)?).map_err(|e| Self::http_error(what, e))?;
+        match (body["identity"].as_str(), body["token"].as_str()) {
+            (Some(identity), Some(token)) => Ok(Credentials { identity: identity.trim_start_matches("0x").to_string(), token: token.into() }),
+            _ => Err(Self::http_error(what, format!("unexpected reply {body}"))),
+        }
+    }
+
+    /// Creates or updates database `name` with `wasm`, as the identity behind `token`.
+    /// `clear` wipes its data first.
+    pub fn publish_module(&self, name: &str, wasm: &[u8], token: &str, clear: bool) -> Result<()> {
+        let what = format!("publishing the module to database {name}");
+        let response = self
+            .http
+            .put(format!("{}/v1/database/{name}", self.base))
+            .query(&[("clear", clear)])
+            .bearer_auth(token)
+            .header("content-type", "application/wasm")
+            .body(wasm.to_vec())
+            .send()
+            .map_err(|e| Self::http_error(&what, e))?;
+        Self::check(&what, response).map(|_| ())
+    }
+
+    /// Calls `reducer` with JSON `args` (an array). A reducer error comes back as
+    /// [`ToolError::Reducer`] with its parsed `code: message`.
+    pub fn call(&self, database: &str, reducer: &str, args: Value, token: &str) -> Result<()> {
+        let what = format!("calling {reducer} on {database}");
+        let response = self
+            .http
+            .post(format!("{}/v1/database/{database}/call/{reducer}", self.base))
+            .bearer_auth(token)
+            .json(&args)
+            .send()
+            .map_err(|e| Self::http_error(&what, e))?;
+        let status = response.status();
+        let body = response.text().unwrap_or_default();
+        if status.is_success() {
+            return Ok(());
+        }
+        // 530 is the server's "the reducer returned an error"; its body is our message.
+        if status.as_u16() == 530 {
+            return Err(ToolError::Reducer { reducer: reducer.into(), error: CodedError::parse(&body) });
+        }
+        Err(Self::http_error(&what, format!("HTTP {status}: {}", body.trim())))
+    }
+
+    /// Runs one SQL statement and returns its rows.
+    pub fn sql(&self, database: &str, query: &str, token: &str) -> Result<SqlRows> {
+        let what = format!("running SQL on {database}");
+        let response = self
+            .http
+            .post(format!("{}/v1/database/{database}/sql", self.base))
+            .bearer_auth(token)
+            .body(query.to_string())
+            .send()
+            .map_err(|e| Self::http_error(&what, e))?;
+        let body: Value = serde_json::from_str(&Self::check(&what, response)?).map_err(|e| Self::http_error(&what, e))?;
+        let statement = &body[0];
+        let columns = statement["schema"]["elements"]
+            .as_array()
+            .map(|els| els.iter().map(|e| e["name"]["some"].as_str().unwrap_or("").to_string()).collect())
+            .unwrap_or_default();
+        let rows = statement["rows"]
+            .as_array()
+            .map(|rows| rows.iter().map(|r| r.as_array().cloned().unwrap_or_default()).collect())
+            .unwrap_or_default();
+        Ok(SqlRows { columns, rows })
+    }
+}

@@ -1,0 +1,76 @@
+//! The subcommands: one file each, dispatched by one `match`.
+
+mod admin;
+mod down;
+mod setup;
+mod status;
+mod up;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "khala", version, about = "Khala: a sync lane on SpacetimeDB")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Install what Khala needs: the wasm32 target and SpacetimeDB 1.2.0 (skipped when present).
+    Setup,
+    /// Start the local server (or reuse it), build the module and publish it.
+    Up(up::UpArgs),
+    /// Stop the local server that `khala up` started.
+    Down(down::DownArgs),
+    /// Show the server, the database and its streams.
+    Status(status::StatusArgs),
+    /// Mint a new identity and print it with its token (JSON).
+    NewIdentity(Target),
+    /// Grant an identity scopes on a stream, with a lease.
+    Grant(admin::GrantArgs),
+    /// Take an identity's grant on a stream back.
+    Revoke(admin::RevokeArgs),
+    /// Give or take a role (admin, publisher).
+    Role(admin::RoleArgs),
+}
+
+/// Which server and database a command talks to, and as whom.
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// Server URL.
+    #[arg(long, env = "KHALA_SERVER_URL", default_value = "http://127.0.0.1:3000")]
+    pub server: String,
+    /// Database name.
+    #[arg(long, env = "KHALA_DATABASE", default_value = "khala-dev")]
+    pub database: String,
+    /// File holding the token to act with (the owner's, after `khala up`).
+    #[arg(long, env = "KHALA_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Target {
+    pub fn api(&self) -> khala_tools::api::Api {
+        khala_tools::api::Api::new(&self.server)
+    }
+
+    pub fn token(&self) -> anyhow::Result<String> {
+        let path = self.token_file.clone().ok_or_else(|| anyhow::anyhow!("no token: pass --token-file or set KHALA_TOKEN_FILE (run `khala up` first)"))?;
+        let token = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading the token file {}: {e}", path.display()))?;
+        Ok(token.trim().to_string())
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Setup => setup::run(),
+        Command::Up(args) => up::run(args),
+        Command::Down(args) => down::run(args),
+        Command::Status(args) => status::run(args),
+        Command::NewIdentity(target) => admin::new_identity(target),
+        Command::Grant(args) => admin::grant(args),
+        Command::Revoke(args) => admin::revoke(args),
+        Command::Role(args) => admin::role(args),
+    }
+}
