@@ -3,9 +3,14 @@
 
 use spacetimedb::{client_visibility_filter, reducer, table, ConnectionId, Filter, Identity, ReducerContext, Table, Timestamp};
 
+/// One live connection. Keyed by row id, not by `ConnectionId` alone: the Rust SDK uses
+/// one `ConnectionId` per process, so two identities connected from one process share it.
 #[table(name = connection, public)]
 pub struct Connection {
     #[primary_key]
+    #[auto_inc]
+    pub id: u64,
+    #[index(btree)]
     pub connection_id: ConnectionId,
     #[index(btree)]
     pub identity: Identity,
@@ -50,8 +55,8 @@ fn recount(ctx: &ReducerContext) {
 #[reducer(client_connected)]
 pub fn client_connected(ctx: &ReducerContext) {
     if let Some(connection_id) = ctx.connection_id {
-        ctx.db.connection().connection_id().delete(connection_id);
         ctx.db.connection().insert(Connection {
+            id: 0,
             connection_id,
             identity: ctx.sender,
             connected_at: ctx.timestamp,
@@ -62,21 +67,24 @@ pub fn client_connected(ctx: &ReducerContext) {
     }
 }
 
+/// The caller's own row for this connection.
+fn own_row(ctx: &ReducerContext, connection_id: ConnectionId) -> Option<Connection> {
+    ctx.db.connection().connection_id().filter(connection_id).find(|c| c.identity == ctx.sender)
+}
+
 #[reducer(client_disconnected)]
 pub fn client_disconnected(ctx: &ReducerContext) {
-    if let Some(connection_id) = ctx.connection_id {
-        ctx.db.connection().connection_id().delete(connection_id);
+    if let Some(row) = ctx.connection_id.and_then(|id| own_row(ctx, id)) {
+        ctx.db.connection().id().delete(row.id);
         recount(ctx);
     }
 }
 
 /// Records what `hello` was told on the caller's connection row.
 pub fn record_hello(ctx: &ReducerContext, protocol_version: u32, client_build: String) {
-    if let Some(connection_id) = ctx.connection_id {
-        if let Some(mut row) = ctx.db.connection().connection_id().find(connection_id) {
-            row.client_build = client_build;
-            row.protocol_version = protocol_version;
-            ctx.db.connection().connection_id().update(row);
-        }
+    if let Some(mut row) = ctx.connection_id.and_then(|id| own_row(ctx, id)) {
+        row.client_build = client_build;
+        row.protocol_version = protocol_version;
+        ctx.db.connection().id().update(row);
     }
 }

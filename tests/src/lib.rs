@@ -9,6 +9,7 @@
 //!   (the owner bypasses row-level security, so it would prove nothing).
 
 pub mod sdk;
+pub mod verify;
 
 use khala_tools::api::{identity_arg, Api, Credentials, SqlRows};
 use khala_tools::engine::Engine;

@@ -83,7 +83,7 @@ impl<'ctx> __sdk::Table for ConnectionTableHandle<'ctx> {
 #[doc(hidden)]
 pub(super) fn register_table(client_cache: &mut __sdk::ClientCache<super::RemoteModule>) {
     let _table = client_cache.get_or_make_table::<Connection>("connection");
-    _table.add_unique_constraint::<__sdk::ConnectionId>("connection_id", |row| &row.connection_id);
+    _table.add_unique_constraint::<u64>("id", |row| &row.id);
 }
 pub struct ConnectionUpdateCallbackId(__sdk::CallbackId);
 
@@ -113,34 +113,32 @@ pub(super) fn parse_table_update(
     })
 }
 
-/// Access to the `connection_id` unique index on the table `connection`,
+/// Access to the `id` unique index on the table `connection`,
 /// which allows point queries on the field of the same name
-/// via the [`ConnectionConnectionIdUnique::find`] method.
+/// via the [`ConnectionIdUnique::find`] method.
 ///
 /// Users are encouraged not to explicitly reference this type,
 /// but to directly chain method calls,
-/// like `ctx.db.connection().connection_id().find(...)`.
-pub struct ConnectionConnectionIdUnique<'ctx> {
-    imp: __sdk::UniqueConstraintHandle<Connection, __sdk::ConnectionId>,
+/// like `ctx.db.connection().id().find(...)`.
+pub struct ConnectionIdUnique<'ctx> {
+    imp: __sdk::UniqueConstraintHandle<Connection, u64>,
     phantom: std::marker::PhantomData<&'ctx super::RemoteTables>,
 }
 
 impl<'ctx> ConnectionTableHandle<'ctx> {
-    /// Get a handle on the `connection_id` unique index on the table `connection`.
-    pub fn connection_id(&self) -> ConnectionConnectionIdUnique<'ctx> {
-        ConnectionConnectionIdUnique {
-            imp: self
-                .imp
-                .get_unique_constraint::<__sdk::ConnectionId>("connection_id"),
+    /// Get a handle on the `id` unique index on the table `connection`.
+    pub fn id(&self) -> ConnectionIdUnique<'ctx> {
+        ConnectionIdUnique {
+            imp: self.imp.get_unique_constraint::<u64>("id"),
             phantom: std::marker::PhantomData,
         }
     }
 }
 
-impl<'ctx> ConnectionConnectionIdUnique<'ctx> {
-    /// Find the subscribed row whose `connection_id` column value is equal to `col_val`,
+impl<'ctx> ConnectionIdUnique<'ctx> {
+    /// Find the subscribed row whose `id` column value is equal to `col_val`,
     /// if such a row is present in the client cache.
-    pub fn find(&self, col_val: &__sdk::ConnectionId) -> Option<Connection> {
+    pub fn find(&self, col_val: &u64) -> Option<Connection> {
         self.imp.find(col_val)
     }
 }

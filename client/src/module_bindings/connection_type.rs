@@ -9,6 +9,7 @@ use spacetimedb_sdk::__codegen::{self as __sdk, __lib, __sats, __ws};
 #[derive(__lib::ser::Serialize, __lib::de::Deserialize, Clone, PartialEq, Debug)]
 #[sats(crate = __lib)]
 pub struct Connection {
+    pub id: u64,
     pub connection_id: __sdk::ConnectionId,
     pub identity: __sdk::Identity,
     pub connected_at: __sdk::Timestamp,

@@ -351,7 +351,7 @@ impl __sdk::DbUpdate for DbUpdate {
             .with_updates_by_pk(|row| &row.id);
         diff.connection = cache
             .apply_diff_to_table::<Connection>("connection", &self.connection)
-            .with_updates_by_pk(|row| &row.connection_id);
+            .with_updates_by_pk(|row| &row.id);
         diff.event_key = cache
             .apply_diff_to_table::<EventKey>("event_key", &self.event_key)
             .with_updates_by_pk(|row| &row.key_hash);

@@ -1,0 +1,280 @@
+//! The module on a real server, exercised as non-owner identities: roles and grants,
+//! row-level security (live delivery, eviction on revoke and on lease expiry), publish
+//! dedupe and sequence checks, the hash chain, acks, retention, bad input, republish.
+
+use khala_client::module_bindings::*;
+use khala_proto::hash::GENESIS;
+use khala_proto::ErrorCode;
+use khala_tests::verify::{count, segments, stream, verify_stream};
+use khala_tests::{event_json, sdk, shared_server, wait_for, TestDb};
+use khala_tools::api::{bytes_arg, Credentials};
+use khala_tools::ToolError;
+use serde_json::{json, Value};
+use spacetimedb_sdk::{DbContext, Table};
+use std::time::Duration;
+
+fn code(result: Result<(), ToolError>) -> ErrorCode {
+    match result {
+        Err(ToolError::Reducer { error, .. }) => error.code,
+        other => panic!("expected a reducer error, got {other:?}"),
+    }
+}
+
+fn message(result: Result<(), ToolError>) -> String {
+    match result {
+        Err(ToolError::Reducer { error, .. }) => error.message,
+        other => panic!("expected a reducer error, got {other:?}"),
+    }
+}
+
+/// A batch of `n` events with seqs `from..from+n` and keys `k<seq>`.
+fn batch(from: u64, n: u64) -> Value {
+    Value::Array((from..from + n).map(|s| event_json(&format!("k{s}"), "test.event", format!("{{\"n\":{s}}}").as_bytes(), Some(s))).collect())
+}
+
+fn publish(db: &TestDb, who: &Credentials, stream_id: &str, events: Value) -> Result<(), ToolError> {
+    db.call_as(who, "publish", json!([stream_id, events]))
+}
+
+#[test]
+fn unauthorised_calls_are_refused_with_their_code_and_write_nothing() {
+    let db = shared_server().new_database("unauth");
+    let stranger = db.new_identity();
+    let publisher = db.publisher();
+    publish(&db, &publisher, "s.a", batch(1, 1)).unwrap();
+
+    assert_eq!(code(publish(&db, &stranger, "s.a", batch(2, 1))), ErrorCode::Unauthorized);
+    assert_eq!(code(db.call_as(&stranger, "grant", json!([stranger.identity_arg(), "s.a", ["subscribe"], 60]))), ErrorCode::Unauthorized);
+    assert_eq!(code(db.call_as(&stranger, "revoke", json!([stranger.identity_arg(), "s.a"]))), ErrorCode::Unauthorized);
+    assert_eq!(code(db.call_as(&stranger, "create_stream", json!(["s.new", 0, 0]))), ErrorCode::Unauthorized);
+    assert_eq!(code(db.call_as(&stranger, "set_role", json!([stranger.identity_arg(), "admin", true]))), ErrorCode::Unauthorized);
+    assert_eq!(code(db.call_as(&publisher, "set_role", json!([publisher.identity_arg(), "admin", true]))), ErrorCode::Unauthorized);
+    let head_hash = stream(&db, "s.a").unwrap().head_hash;
+    assert_eq!(code(db.call_as(&stranger, "ack", json!(["s.a", 1, bytes_arg(&head_hash)]))), ErrorCode::ForbiddenStream);
+    // A subscribe-only grant does not allow acks.
+    db.grant(&stranger, "s.a", &["subscribe"], 60);
+    assert_eq!(code(db.call_as(&stranger, "ack", json!(["s.a", 1, bytes_arg(&head_hash)]))), ErrorCode::ForbiddenStream);
+
+    assert_eq!(stream(&db, "s.a").unwrap().head_seq, 1);
+    assert!(stream(&db, "s.new").is_none());
+    assert_eq!(count(&db, "stream_grant"), 1);
+    assert_eq!(count(&db, "client_ack"), 0);
+    // Scheduled reducers refuse outside callers, the owner included.
+    let sweep = json!([{ "scheduled_id": 1, "scheduled_at": { "Interval": { "__time_duration_micros__": 1000 } } }]);
+    assert_eq!(code(db.call_as(&db.owner.clone(), "sweep_retention", sweep.clone())), ErrorCode::Unauthorized);
+    assert_eq!(code(db.call_as(&db.owner.clone(), "sweep_grants", sweep)), ErrorCode::Unauthorized);
+}
+
+#[test]
+fn a_subscriber_sees_only_granted_streams_live_and_loses_them_on_revoke() {
+    let db = shared_server().new_database("rls");
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    db.grant(&reader, "s.a", &["subscribe"], 600);
+    db.grant(&reader, "s.sentinel", &["subscribe"], 600);
+    let conn = sdk::connect(&db, &reader);
+    sdk::subscribe(&conn, &["SELECT * FROM stream_segment", "SELECT * FROM stream", "SELECT * FROM stream_grant", "SELECT * FROM presence", "SELECT * FROM connection"]);
+
+    // B is published first: if B were visible, its rows would arrive before A's.
+    publish(&db, &publisher, "s.b", batch(1, 3)).unwrap();
+    publish(&db, &publisher, "s.a", batch(1, 2)).unwrap();
+    wait_for("A's segment", Duration::from_secs(10), || conn.db.stream_segment().iter().find(|s| s.stream_id == "s.a"));
+    assert!(conn.db.stream_segment().iter().all(|s| s.stream_id == "s.a"), "a segment of an ungranted stream was delivered");
+    assert!(conn.db.stream().iter().all(|s| s.stream_id == "s.a"));
+    // It sees its own grants only, no presence count (not an admin), its own connection only.
+    assert_eq!(conn.db.stream_grant().count(), 2);
+    assert_eq!(conn.db.presence().count(), 0);
+    assert!(conn.db.connection().iter().all(|c| c.identity.to_hex().to_string() == reader.identity));
+
+    db.revoke(&reader, "s.a");
+    wait_for("A's rows to be evicted", Duration::from_secs(10), || (conn.db.stream_segment().count() == 0 && conn.db.stream().count() == 0).then_some(()));
+    publish(&db, &publisher, "s.a", batch(3, 1)).unwrap();
+    publish(&db, &publisher, "s.sentinel", batch(1, 1)).unwrap();
+    wait_for("the sentinel", Duration::from_secs(10), || conn.db.stream_segment().iter().find(|s| s.stream_id == "s.sentinel"));
+    assert!(conn.db.stream_segment().iter().all(|s| s.stream_id != "s.a"), "events arrived after revoke");
+    let _ = conn.disconnect();
+}
+
+#[test]
+fn an_expired_lease_ends_delivery_like_a_revoke() {
+    let db = shared_server().new_database("lease");
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    publish(&db, &publisher, "s.a", batch(1, 1)).unwrap();
+    db.grant(&reader, "s.a", &["subscribe", "ack"], 2);
+    let conn = sdk::connect(&db, &reader);
+    sdk::subscribe(&conn, &["SELECT * FROM stream_segment", "SELECT * FROM stream"]);
+    assert_eq!(conn.db.stream_segment().count(), 1);
+    wait_for("the expired grant's rows to be evicted", Duration::from_secs(10), || (conn.db.stream_segment().count() == 0).then_some(()));
+    assert_eq!(count(&db, "stream_grant"), 0, "the sweep deleted the expired grant");
+    let head = stream(&db, "s.a").unwrap();
+    assert_eq!(code(db.call_as(&reader, "ack", json!(["s.a", 1, bytes_arg(&head.head_hash)]))), ErrorCode::ForbiddenStream);
+    let _ = conn.disconnect();
+}
+
+#[test]
+fn republishing_a_batch_adds_nothing_and_conflicts_are_named() {
+    let db = shared_server().new_database("dedupe");
+    let publisher = db.publisher();
+    publish(&db, &publisher, "s.a", batch(1, 5)).unwrap();
+    // The same batch again: every event is a duplicate, nothing is written.
+    let no_seq: Value = Value::Array((1..=5).map(|s| event_json(&format!("k{s}"), "test.event", format!("{{\"n\":{s}}}").as_bytes(), None)).collect());
+    publish(&db, &publisher, "s.a", no_seq).unwrap();
+    publish(&db, &publisher, "s.a", batch(1, 5)).unwrap();
+    let row = stream(&db, "s.a").unwrap();
+    assert_eq!((row.head_seq, row.segment_count, row.duplicates), (5, 1, 10));
+
+    // The same key with another payload.
+    let conflict = json!([event_json("k3", "test.event", b"{\"n\":999}", None)]);
+    let err = publish(&db, &publisher, "s.a", conflict);
+    assert_eq!(code(err), ErrorCode::IdempotencyConflict);
+
+    // A wrong authority_seq names both numbers.
+    let err = publish(&db, &publisher, "s.a", batch(9, 1)).unwrap_err();
+    let ToolError::Reducer { error, .. } = err else { panic!("{err}") };
+    assert_eq!(error.code, ErrorCode::SequenceConflict);
+    assert_eq!((error.field("expected"), error.field("actual")), (Some("6"), Some("9")));
+
+    // A failing batch writes nothing, even its valid first events.
+    let mixed = Value::Array(vec![event_json("k6", "test.event", b"{}", Some(6)), event_json("k7", "test.event", b"{}", Some(99))]);
+    assert_eq!(code(publish(&db, &publisher, "s.a", mixed)), ErrorCode::SequenceConflict);
+    assert_eq!(stream(&db, "s.a").unwrap().head_seq, 5);
+    assert_eq!(count(&db, "event_key"), 5);
+
+    // Keys are per stream: the same key on another stream is a new event.
+    publish(&db, &publisher, "s.b", batch(1, 1)).unwrap();
+    assert_eq!(stream(&db, "s.b").unwrap().head_seq, 1);
+}
+
+#[test]
+fn the_native_chain_equals_the_modules() {
+    let db = shared_server().new_database("chain");
+    let publisher = db.publisher();
+    for (from, n) in [(1, 1), (2, 7), (9, 3)] {
+        publish(&db, &publisher, "runtime.run.42.events", batch(from, n)).unwrap();
+    }
+    let seqs = verify_stream(&db, "runtime.run.42.events").unwrap();
+    assert_eq!(seqs, (1..=11).collect::<Vec<_>>());
+    let segs = segments(&db, "runtime.run.42.events");
+    assert_eq!(segs[0].prev_hash, GENESIS.to_vec());
+    assert_eq!(segs.len(), 3);
+}
+
+#[test]
+fn acks_are_monotonic_and_checked_against_the_chain() {
+    let db = shared_server().new_database("acks");
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    db.grant(&reader, "s.a", &["subscribe", "ack"], 600);
+    publish(&db, &publisher, "s.a", batch(1, 4)).unwrap();
+    publish(&db, &publisher, "s.a", batch(5, 4)).unwrap();
+    let segs = segments(&db, "s.a");
+    let chain_at = |seq: usize| {
+        let events: Vec<_> = segs.iter().flat_map(|s| s.events.clone()).take(seq).collect();
+        khala_proto::segment::chain_through(&GENESIS, "s.a", &events).to_vec()
+    };
+    let ack = |seq: u64, hash: &[u8]| db.call_as(&reader, "ack", json!(["s.a", seq, bytes_arg(hash)]));
+    ack(6, &chain_at(6)).unwrap();
+    // Lower acks are no-ops, not errors, and do not move the ack back.
+    ack(2, &chain_at(2)).unwrap();
+    let acked = db.sql("SELECT * FROM client_ack");
+    assert_eq!(acked.get(&acked.rows[0], "acked_seq"), Some(&json!(6)));
+    assert_eq!(code(ack(9, &chain_at(8))), ErrorCode::AckBeyondHead);
+    assert!(message(ack(9, &chain_at(8))).contains("head=8"));
+    assert_eq!(code(ack(7, &chain_at(6))), ErrorCode::ChainMismatch);
+    ack(8, &chain_at(8)).unwrap();
+    ack(4, &chain_at(4)).unwrap();
+    let acked = db.sql("SELECT * FROM client_ack");
+    assert_eq!(acked.get(&acked.rows[0], "acked_seq"), Some(&json!(8)));
+}
+
+#[test]
+fn the_retention_sweep_raises_the_floor_and_removes_rows() {
+    let db = shared_server().new_database("retention");
+    let publisher = db.publisher();
+    db.call("create_stream", json!(["s.r", 10, 0]));
+    for i in 0..6 {
+        publish(&db, &publisher, "s.r", batch(1 + i * 5, 5)).unwrap();
+    }
+    let row = wait_for("the sweep", Duration::from_secs(10), || stream(&db, "s.r").filter(|s| s.oldest_seq > 1));
+    assert_eq!((row.oldest_seq, row.head_seq, row.segment_count), (21, 30, 2));
+    assert_eq!(segments(&db, "s.r").first().map(|s| s.first_seq), Some(21));
+    assert_eq!(count(&db, "event_key"), 10, "trimmed events' keys are gone with them");
+    assert_eq!(verify_stream(&db, "s.r").unwrap(), (21..=30).collect::<Vec<_>>());
+    // An ack below the floor can no longer be checked.
+    let reader = db.new_identity();
+    db.grant(&reader, "s.r", &["ack"], 60);
+    assert_eq!(code(db.call_as(&reader, "ack", json!(["s.r", 5, bytes_arg(&[0; 32])]))), ErrorCode::StaleCursor);
+    // An unknown stream's retention cannot be set.
+    assert_eq!(code(db.call_as(&db.owner.clone(), "set_retention", json!(["s.none", 1, 0]))), ErrorCode::UnknownStream);
+}
+
+#[test]
+fn bad_input_gets_a_clear_code_and_never_traps() {
+    let db = shared_server().new_database("badinput");
+    let publisher = db.publisher();
+    db.call("set_limits", json!([64, 0, 0]));
+    let big = json!([event_json("k1", "test.event", &[b'x'; 65], Some(1))]);
+    assert_eq!(code(publish(&db, &publisher, "s.a", big)), ErrorCode::PayloadTooLarge);
+    for bad in ["", "has space", "'; DROP TABLE stream; --", ".leading-dot", &"x".repeat(129)] {
+        let err = publish(&db, &publisher, bad, batch(1, 1));
+        assert_eq!(code(err), ErrorCode::InvalidArgument, "stream id {bad:?}");
+    }
+    assert_eq!(code(publish(&db, &publisher, "s.a", json!([]))), ErrorCode::InvalidArgument);
+    assert_eq!(code(publish(&db, &publisher, "s.a", json!([event_json("", "k", b"{}", None)]))), ErrorCode::InvalidArgument);
+    assert_eq!(code(publish(&db, &publisher, "s.a", json!([event_json("k", "", b"{}", None)]))), ErrorCode::InvalidArgument);
+    db.call("set_limits", json!([0, 2, 0]));
+    assert_eq!(code(publish(&db, &publisher, "s.a", batch(1, 3))), ErrorCode::BatchTooLarge);
+    let owner = db.owner.clone();
+    assert_eq!(code(db.call_as(&owner, "grant", json!([publisher.identity_arg(), "s.a", ["write"], 60]))), ErrorCode::InvalidArgument);
+    assert_eq!(code(db.call_as(&owner, "grant", json!([publisher.identity_arg(), "s.a", ["subscribe"], 0]))), ErrorCode::InvalidArgument);
+    assert_eq!(code(db.call_as(&owner, "set_role", json!([owner.identity_arg(), "admin", false]))), ErrorCode::InvalidArgument);
+    assert_eq!(code(db.call_as(&owner, "set_role", json!([owner.identity_arg(), "root", true]))), ErrorCode::InvalidArgument);
+    assert_eq!(count(&db, "stream"), 0, "nothing was written");
+}
+
+#[test]
+fn hello_checks_the_compatibility_window_in_order() {
+    let db = shared_server().new_database("hello");
+    let client = db.new_identity();
+    let hello = |protocol: u32, build: &str| db.call_as(&client, "hello", json!([protocol, build]));
+    hello(khala_proto::PROTOCOL_VERSION, "0.1.0").unwrap();
+    assert_eq!(code(hello(1, "")), ErrorCode::InvalidArgument);
+    assert_eq!(code(hello(99, "0.1.0")), ErrorCode::UnsupportedProtocolVersion);
+    assert_eq!(code(hello(1, "not-a-version")), ErrorCode::InvalidArgument);
+    db.call("set_protocol_window", json!([1, 1, "2.0.0"]));
+    assert_eq!(code(hello(1, "1.9.9")), ErrorCode::UpgradeRequired);
+    hello(1, "2.0.1-beta").unwrap();
+}
+
+#[test]
+fn admins_see_the_connected_count() {
+    let db = shared_server().new_database("presence");
+    let admin = db.new_identity();
+    db.call("set_role", json!([admin.identity_arg(), "admin", true]));
+    let conn = sdk::connect(&db, &admin);
+    sdk::subscribe(&conn, &["SELECT * FROM presence"]);
+    let other = db.new_identity();
+    let other_conn = sdk::connect(&db, &other);
+    wait_for("two connected", Duration::from_secs(10), || conn.db.presence().iter().find(|p| p.connected >= 2));
+    let _ = other_conn.disconnect();
+    wait_for("one connected", Duration::from_secs(10), || conn.db.presence().iter().find(|p| p.connected == 1));
+    let _ = conn.disconnect();
+}
+
+#[test]
+fn republishing_the_module_keeps_the_data_and_connected_clients_keep_working() {
+    let server = shared_server();
+    let db = server.new_database("republish");
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    db.grant(&reader, "s.a", &["subscribe"], 600);
+    publish(&db, &publisher, "s.a", batch(1, 3)).unwrap();
+    let conn = sdk::connect(&db, &reader);
+    sdk::subscribe(&conn, &["SELECT * FROM stream_segment"]);
+    server.api().publish_module(&db.name, khala_tests::module_wasm(), &db.owner.token, false).unwrap();
+    assert_eq!(verify_stream(&db, "s.a").unwrap(), vec![1, 2, 3]);
+    publish(&db, &publisher, "s.a", batch(4, 1)).unwrap();
+    wait_for("the live update after republish", Duration::from_secs(10), || conn.db.stream_segment().iter().find(|s| s.last_seq == 4));
+    let _ = conn.disconnect();
+}
