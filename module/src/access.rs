@@ -186,6 +186,9 @@ pub fn grant(ctx: &ReducerContext, grantee: Identity, stream_id: String, scopes:
     let row = StreamGrant { id: 0, grantee, stream_id, subscribe, ack, expires_at, issued_by: ctx.sender, issued_at: ctx.timestamp };
     match ctx.db.stream_grant().grantee().filter(grantee).find(|g| g.stream_id == row.stream_id) {
         Some(existing) => {
+            if !row.subscribe {
+                crate::windows::close_all(ctx, grantee, &row.stream_id);
+            }
             ctx.db.stream_grant().id().update(StreamGrant { id: existing.id, ..row });
         }
         None => {
@@ -204,6 +207,7 @@ pub fn revoke(ctx: &ReducerContext, grantee: Identity, stream_id: String) -> Red
     for id in ids {
         ctx.db.stream_grant().id().delete(id);
     }
+    crate::windows::close_all(ctx, grantee, &stream_id);
     Ok(())
 }
 
@@ -213,9 +217,10 @@ pub fn sweep_grants(ctx: &ReducerContext, _schedule: GrantSweepSchedule) -> Redu
     if ctx.sender != ctx.identity() {
         return Err(fail(ErrorCode::Unauthorized, "sweep_grants is run by the scheduler only"));
     }
-    let expired: Vec<u64> = ctx.db.stream_grant().iter().filter(|g| g.expires_at <= ctx.timestamp).map(|g| g.id).collect();
-    for id in expired {
-        ctx.db.stream_grant().id().delete(id);
+    let expired: Vec<StreamGrant> = ctx.db.stream_grant().iter().filter(|g| g.expires_at <= ctx.timestamp).collect();
+    for g in expired {
+        ctx.db.stream_grant().id().delete(g.id);
+        crate::windows::close_all(ctx, g.grantee, &g.stream_id);
     }
     Ok(())
 }

@@ -65,6 +65,12 @@ pub fn set_limits(ctx: &ReducerContext, max_payload_bytes: u32, max_batch_events
     if max_payload_bytes > 0 {
         cfg.max_payload_bytes = max_payload_bytes;
     }
+    if max_batch_events as u64 > khala_proto::hash::WINDOW_EVENTS {
+        return Err(fail(
+            ErrorCode::InvalidArgument,
+            format!("max_batch_events {max_batch_events} is above the window size {}", khala_proto::hash::WINDOW_EVENTS),
+        ));
+    }
     if max_batch_events > 0 {
         cfg.max_batch_events = max_batch_events;
     }

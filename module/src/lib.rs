@@ -9,6 +9,7 @@
 //! - [`publish`]: the batch `publish` reducer: dedupe, `authority_seq`, seqs, hash chain.
 //! - [`ack`]: monotonic, chain-checked client acks.
 //! - [`retention`]: per-stream retention and the scheduled sweep that raises `oldest_seq`.
+//! - [`windows`]: the replay windows clients open; the segment RLS rule joins on them.
 //! - [`presence`]: `connection` rows and an admin-visible connected count.
 //!
 //! Every reducer error is `code: message` with `code` from `khala.sync.v1.ErrorCode`
@@ -22,6 +23,7 @@ pub mod presence;
 pub mod publish;
 pub mod retention;
 pub mod streams;
+pub mod windows;
 
 use khala_proto::{CodedError, ErrorCode};
 

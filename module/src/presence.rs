@@ -78,6 +78,10 @@ pub fn client_disconnected(ctx: &ReducerContext) {
         ctx.db.connection().id().delete(row.id);
         recount(ctx);
     }
+    // Windows are per identity; they go when its last connection does.
+    if ctx.db.connection().identity().filter(ctx.sender).next().is_none() {
+        crate::windows::close_all_of(ctx, ctx.sender);
+    }
 }
 
 /// Records what `hello` was told on the caller's connection row.

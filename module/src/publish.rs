@@ -4,7 +4,7 @@ use crate::access;
 use crate::config::config;
 use crate::streams::{event_key, new_stream, stream, stream_segment, validate_stream_id, EventKey, StreamSegment};
 use crate::{fail, ReducerResult};
-use khala_proto::hash::{chain_hash, from_slice, key_hash, payload_hash, truncate, GENESIS};
+use khala_proto::hash::{bucket, chain_hash, from_slice, key_hash, payload_hash, truncate, window_key, GENESIS};
 use khala_proto::{segment, ErrorCode, SegmentEvent};
 use spacetimedb::{reducer, ReducerContext, SpacetimeType, Table};
 
@@ -106,11 +106,13 @@ pub fn publish(ctx: &ReducerContext, stream_id: String, events: Vec<PublishEvent
     }
 
     if !packed.is_empty() {
+        let first_seq = row.head_seq + 1;
         ctx.db.stream_segment().insert(StreamSegment {
             id: 0,
+            window_key: window_key(&stream_id, bucket(first_seq)),
             stream_id: stream_id.clone(),
             epoch: row.epoch,
-            first_seq: row.head_seq + 1,
+            first_seq,
             last_seq: head,
             prev_hash: prev_hash.to_vec(),
             last_hash: chain.to_vec(),

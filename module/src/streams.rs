@@ -62,9 +62,11 @@ pub struct StreamSegment {
     #[primary_key]
     #[auto_inc]
     pub id: u64,
-    /// Indexed alone as well: the RLS join needs a single-column index.
     #[index(btree)]
     pub stream_id: String,
+    /// `window_key(stream_id, first_seq / WINDOW_EVENTS)`: the RLS join column.
+    #[index(btree)]
+    pub window_key: u128,
     pub epoch: u32,
     pub first_seq: u64,
     pub last_seq: u64,
@@ -78,11 +80,12 @@ pub struct StreamSegment {
     pub data: Vec<u8>,
 }
 
-/// A client sees segments only of streams it holds a subscribe grant on.
+/// A client sees the segments of the windows it opened (`windows.rs`); a window can only
+/// be opened, and stays open only, while the client holds a live subscribe grant.
 #[client_visibility_filter]
 const SEGMENT_VISIBILITY: Filter = Filter::Sql(
-    "SELECT stream_segment.* FROM stream_grant JOIN stream_segment ON stream_grant.stream_id = stream_segment.stream_id \
-     WHERE stream_grant.grantee = :sender AND stream_grant.subscribe = true",
+    "SELECT stream_segment.* FROM client_window JOIN stream_segment ON client_window.window_key = stream_segment.window_key \
+     WHERE client_window.grantee = :sender",
 );
 
 /// The per-stream idempotency index: fixed-size columns only, so it stays fast as it

@@ -44,6 +44,27 @@ pub fn key_hash(stream_id: &str, key: &str) -> u128 {
     truncate(&h.finalize().into())
 }
 
+/// Events per replay window bucket. A segment belongs to bucket `first_seq / WINDOW_EVENTS`;
+/// no batch may hold more events than this, so the segment holding seq `n` is always in
+/// bucket `n / WINDOW_EVENTS` or the one before.
+pub const WINDOW_EVENTS: u64 = 16_384;
+
+/// The window bucket of a seq.
+pub fn bucket(seq: u64) -> u64 {
+    seq / WINDOW_EVENTS
+}
+
+/// The key that ties a segment to the windows clients open on it: the first 16 bytes of
+/// `SHA-256("khala.window" ‖ u32be(len(stream_id)) ‖ stream_id ‖ u64be(bucket))`.
+pub fn window_key(stream_id: &str, bucket: u64) -> u128 {
+    let mut h = Sha256::new();
+    h.update(b"khala.window");
+    h.update((stream_id.len() as u32).to_be_bytes());
+    h.update(stream_id.as_bytes());
+    h.update(bucket.to_be_bytes());
+    truncate(&h.finalize().into())
+}
+
 /// The first 16 bytes of a digest as a big-endian `u128` (fixed-size index columns).
 pub fn truncate(hash: &Hash32) -> u128 {
     let mut first = [0u8; 16];
@@ -96,6 +117,15 @@ mod tests {
             let got = key_hash(v["stream_id"].as_str().unwrap(), v["key"].as_str().unwrap());
             assert_eq!(format!("{got:032x}"), v["key_hash"].as_str().unwrap());
         }
+    }
+
+    #[test]
+    fn window_key_vectors() {
+        for v in vectors()["window"].as_array().unwrap() {
+            let got = window_key(v["stream_id"].as_str().unwrap(), v["bucket"].as_u64().unwrap());
+            assert_eq!(format!("{got:032x}"), v["window_key"].as_str().unwrap());
+        }
+        assert_eq!((bucket(0), bucket(WINDOW_EVENTS - 1), bucket(WINDOW_EVENTS)), (0, 0, 1));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - Identities are minted over HTTP; SDK clients connect as those non-owner identities
 //!   (the owner bypasses row-level security, so it would prove nothing).
 
+pub mod client;
 pub mod sdk;
 pub mod verify;
 
@@ -140,6 +141,13 @@ impl TestDb {
         self.call("grant", json!([who.identity_arg(), stream, scopes, ttl_secs]));
     }
 
+    /// Opens `who`'s replay window on `bucket` of `stream` (segments are visible only
+    /// through open windows). Call it while `who` has an SDK connection: windows close
+    /// when an identity's last connection goes.
+    pub fn open_window(&self, who: &Credentials, stream: &str, bucket: u64) {
+        self.call_as(who, "open_window", json!([stream, bucket])).unwrap_or_else(|e| panic!("open_window: {e}"));
+    }
+
     pub fn revoke(&self, who: &Credentials, stream: &str) {
         self.call("revoke", json!([who.identity_arg(), stream]));
     }
@@ -174,5 +182,23 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
             panic!("timed out after {timeout:?} waiting for {what}");
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The payload of event `seq` in the test streams (deterministic, so a republish after a
+/// crash produces the same hashes).
+pub fn test_payload(stream_id: &str, seq: u64) -> Vec<u8> {
+    format!("{{\"stream\":\"{stream_id}\",\"seq\":{seq}}}").into_bytes()
+}
+
+/// Publishes events `from..from+n` of `stream_id` as `who`, in batches of `batch`, with
+/// keys `k<seq>`, `authority_seq = seq` and [`test_payload`] payloads.
+pub fn publish_range(db: &TestDb, who: &Credentials, stream_id: &str, from: u64, n: u64, batch: u64) {
+    let mut seq = from;
+    while seq < from + n {
+        let upto = (seq + batch).min(from + n);
+        let events: Vec<Value> = (seq..upto).map(|s| event_json(&format!("k{s}"), "test.event", &test_payload(stream_id, s), Some(s))).collect();
+        db.call_as(who, "publish", json!([stream_id, events])).unwrap_or_else(|e| panic!("publishing {stream_id} {seq}..{upto}: {e}"));
+        seq = upto;
     }
 }

@@ -17,6 +17,7 @@ fn a_publish_by_one_identity_reaches_another_through_a_subscription() {
 
     let conn = sdk::connect(&db, &reader);
     sdk::subscribe(&conn, &["SELECT * FROM stream_segment", "SELECT * FROM stream"]);
+    db.open_window(&reader, "demo.stream", 0);
     assert_eq!(conn.db.stream_segment().count(), 0);
 
     db.call_as(&publisher, "publish", json!(["demo.stream", [event_json("k1", "demo.hello", br#"{"hi":1}"#, Some(1))]]))

@@ -74,6 +74,10 @@ fn a_subscriber_sees_only_granted_streams_live_and_loses_them_on_revoke() {
     db.grant(&reader, "s.sentinel", &["subscribe"], 600);
     let conn = sdk::connect(&db, &reader);
     sdk::subscribe(&conn, &["SELECT * FROM stream_segment", "SELECT * FROM stream", "SELECT * FROM stream_grant", "SELECT * FROM presence", "SELECT * FROM connection"]);
+    db.open_window(&reader, "s.a", 0);
+    db.open_window(&reader, "s.sentinel", 0);
+    // No window can be opened on a stream without a subscribe grant.
+    assert_eq!(code(db.call_as(&reader, "open_window", json!(["s.b", 0]))), ErrorCode::ForbiddenStream);
 
     // B is published first: if B were visible, its rows would arrive before A's.
     publish(&db, &publisher, "s.b", batch(1, 3)).unwrap();
@@ -87,7 +91,10 @@ fn a_subscriber_sees_only_granted_streams_live_and_loses_them_on_revoke() {
     assert!(conn.db.connection().iter().all(|c| c.identity.to_hex().to_string() == reader.identity));
 
     db.revoke(&reader, "s.a");
-    wait_for("A's rows to be evicted", Duration::from_secs(10), || (conn.db.stream_segment().count() == 0 && conn.db.stream().count() == 0).then_some(()));
+    wait_for("A's rows to be evicted", Duration::from_secs(10), || {
+        (conn.db.stream_segment().iter().all(|s| s.stream_id != "s.a") && conn.db.stream().iter().all(|s| s.stream_id != "s.a")).then_some(())
+    });
+    assert_eq!(count(&db, "client_window"), 1, "revoke closed the windows on s.a");
     publish(&db, &publisher, "s.a", batch(3, 1)).unwrap();
     publish(&db, &publisher, "s.sentinel", batch(1, 1)).unwrap();
     wait_for("the sentinel", Duration::from_secs(10), || conn.db.stream_segment().iter().find(|s| s.stream_id == "s.sentinel"));
@@ -104,7 +111,8 @@ fn an_expired_lease_ends_delivery_like_a_revoke() {
     db.grant(&reader, "s.a", &["subscribe", "ack"], 2);
     let conn = sdk::connect(&db, &reader);
     sdk::subscribe(&conn, &["SELECT * FROM stream_segment", "SELECT * FROM stream"]);
-    assert_eq!(conn.db.stream_segment().count(), 1);
+    db.open_window(&reader, "s.a", 0);
+    wait_for("the segment", Duration::from_secs(5), || (conn.db.stream_segment().count() == 1).then_some(()));
     wait_for("the expired grant's rows to be evicted", Duration::from_secs(10), || (conn.db.stream_segment().count() == 0).then_some(()));
     assert_eq!(count(&db, "stream_grant"), 0, "the sweep deleted the expired grant");
     let head = stream(&db, "s.a").unwrap();
@@ -272,9 +280,37 @@ fn republishing_the_module_keeps_the_data_and_connected_clients_keep_working() {
     publish(&db, &publisher, "s.a", batch(1, 3)).unwrap();
     let conn = sdk::connect(&db, &reader);
     sdk::subscribe(&conn, &["SELECT * FROM stream_segment"]);
+    db.open_window(&reader, "s.a", 0);
     server.api().publish_module(&db.name, khala_tests::module_wasm(), &db.owner.token, false).unwrap();
     assert_eq!(verify_stream(&db, "s.a").unwrap(), vec![1, 2, 3]);
     publish(&db, &publisher, "s.a", batch(4, 1)).unwrap();
     wait_for("the live update after republish", Duration::from_secs(10), || conn.db.stream_segment().iter().find(|s| s.last_seq == 4));
+    let _ = conn.disconnect();
+}
+
+#[test]
+fn windows_need_a_grant_are_bounded_and_show_only_their_bucket() {
+    let db = shared_server().new_database("windows");
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    db.grant(&reader, "s.w", &["subscribe"], 600);
+    let w = khala_proto::hash::WINDOW_EVENTS;
+    // Segments starting in bucket 0 and in bucket 1.
+    khala_tests::publish_range(&db, &publisher, "s.w", 1, 10, 10);
+    khala_tests::publish_range(&db, &publisher, "s.w", 11, w - 10, 10_000);
+    khala_tests::publish_range(&db, &publisher, "s.w", w + 1, 5, 5);
+    let conn = sdk::connect(&db, &reader);
+    sdk::subscribe(&conn, &["SELECT * FROM stream_segment"]);
+    db.open_window(&reader, "s.w", 1);
+    wait_for("bucket 1", Duration::from_secs(10), || conn.db.stream_segment().iter().find(|s| s.first_seq == w + 1));
+    assert!(conn.db.stream_segment().iter().all(|s| s.first_seq / w == 1), "only bucket 1 is visible");
+    for b in 2..9 {
+        db.open_window(&reader, "s.w", b);
+    }
+    assert_eq!(code(db.call_as(&reader, "open_window", json!(["s.w", 20]))), ErrorCode::RateLimited);
+    db.call_as(&reader, "close_window", json!(["s.w", 1])).unwrap();
+    wait_for("bucket 1 to be evicted", Duration::from_secs(10), || (conn.db.stream_segment().count() == 0).then_some(()));
+    // A batch larger than a window cannot be allowed.
+    assert_eq!(code(db.call_as(&db.owner.clone(), "set_limits", json!([0, w + 1, 0]))), ErrorCode::InvalidArgument);
     let _ = conn.disconnect();
 }

@@ -136,12 +136,14 @@ impl StreamEngine {
         }
     }
 
-    /// The seq the transport should fetch from (exclusive): the cursor, or the floor
-    /// while rebootstrapping.
+    /// The seq the transport should fetch from (exclusive): the cursor; the floor while
+    /// rebootstrapping; one below the cursor while the server is behind, so that the
+    /// segment holding the cursor comes back and its chain hash can be compared.
     pub fn fetch_after(&self) -> u64 {
         match self.mode {
             StreamMode::Rebootstrapping { from } => from,
-            _ => self.applied,
+            StreamMode::ServerBehind { .. } => self.applied.saturating_sub(1),
+            StreamMode::Normal => self.applied,
         }
     }
 

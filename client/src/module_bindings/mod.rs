@@ -11,6 +11,9 @@ pub mod client_ack_table;
 pub mod client_ack_type;
 pub mod client_connected_reducer;
 pub mod client_disconnected_reducer;
+pub mod client_window_table;
+pub mod client_window_type;
+pub mod close_window_reducer;
 pub mod connection_table;
 pub mod connection_type;
 pub mod create_stream_reducer;
@@ -24,6 +27,7 @@ pub mod identity_role_table;
 pub mod identity_role_type;
 pub mod khala_config_table;
 pub mod khala_config_type;
+pub mod open_window_reducer;
 pub mod presence_table;
 pub mod presence_type;
 pub mod publish_event_type;
@@ -53,6 +57,9 @@ pub use client_connected_reducer::{
 pub use client_disconnected_reducer::{
     client_disconnected, set_flags_for_client_disconnected, ClientDisconnectedCallbackId,
 };
+pub use client_window_table::*;
+pub use client_window_type::ClientWindow;
+pub use close_window_reducer::{close_window, set_flags_for_close_window, CloseWindowCallbackId};
 pub use connection_table::*;
 pub use connection_type::Connection;
 pub use create_stream_reducer::{
@@ -68,6 +75,7 @@ pub use identity_role_table::*;
 pub use identity_role_type::IdentityRole;
 pub use khala_config_table::*;
 pub use khala_config_type::KhalaConfig;
+pub use open_window_reducer::{open_window, set_flags_for_open_window, OpenWindowCallbackId};
 pub use presence_table::*;
 pub use presence_type::Presence;
 pub use publish_event_type::PublishEvent;
@@ -109,6 +117,10 @@ pub enum Reducer {
     },
     ClientConnected,
     ClientDisconnected,
+    CloseWindow {
+        stream_id: String,
+        bucket: u64,
+    },
     CreateStream {
         stream_id: String,
         retain_max_events: u64,
@@ -123,6 +135,10 @@ pub enum Reducer {
     Hello {
         protocol_version: u32,
         client_build: String,
+    },
+    OpenWindow {
+        stream_id: String,
+        bucket: u64,
     },
     Publish {
         stream_id: String,
@@ -170,9 +186,11 @@ impl __sdk::Reducer for Reducer {
             Reducer::Ack { .. } => "ack",
             Reducer::ClientConnected => "client_connected",
             Reducer::ClientDisconnected => "client_disconnected",
+            Reducer::CloseWindow { .. } => "close_window",
             Reducer::CreateStream { .. } => "create_stream",
             Reducer::Grant { .. } => "grant",
             Reducer::Hello { .. } => "hello",
+            Reducer::OpenWindow { .. } => "open_window",
             Reducer::Publish { .. } => "publish",
             Reducer::Revoke { .. } => "revoke",
             Reducer::SetLimits { .. } => "set_limits",
@@ -199,6 +217,13 @@ impl TryFrom<__ws::ReducerCallInfo<__ws::BsatnFormat>> for Reducer {
                 client_disconnected_reducer::ClientDisconnectedArgs,
             >("client_disconnected", &value.args)?
             .into()),
+            "close_window" => Ok(
+                __sdk::parse_reducer_args::<close_window_reducer::CloseWindowArgs>(
+                    "close_window",
+                    &value.args,
+                )?
+                .into(),
+            ),
             "create_stream" => Ok(__sdk::parse_reducer_args::<
                 create_stream_reducer::CreateStreamArgs,
             >("create_stream", &value.args)?
@@ -213,6 +238,13 @@ impl TryFrom<__ws::ReducerCallInfo<__ws::BsatnFormat>> for Reducer {
                 &value.args,
             )?
             .into()),
+            "open_window" => Ok(
+                __sdk::parse_reducer_args::<open_window_reducer::OpenWindowArgs>(
+                    "open_window",
+                    &value.args,
+                )?
+                .into(),
+            ),
             "publish" => Ok(__sdk::parse_reducer_args::<publish_reducer::PublishArgs>(
                 "publish",
                 &value.args,
@@ -269,6 +301,7 @@ impl TryFrom<__ws::ReducerCallInfo<__ws::BsatnFormat>> for Reducer {
 #[doc(hidden)]
 pub struct DbUpdate {
     client_ack: __sdk::TableUpdate<ClientAck>,
+    client_window: __sdk::TableUpdate<ClientWindow>,
     connection: __sdk::TableUpdate<Connection>,
     event_key: __sdk::TableUpdate<EventKey>,
     grant_sweep_schedule: __sdk::TableUpdate<GrantSweepSchedule>,
@@ -290,6 +323,9 @@ impl TryFrom<__ws::DatabaseUpdate<__ws::BsatnFormat>> for DbUpdate {
                 "client_ack" => db_update
                     .client_ack
                     .append(client_ack_table::parse_table_update(table_update)?),
+                "client_window" => db_update
+                    .client_window
+                    .append(client_window_table::parse_table_update(table_update)?),
                 "connection" => db_update
                     .connection
                     .append(connection_table::parse_table_update(table_update)?),
@@ -349,6 +385,9 @@ impl __sdk::DbUpdate for DbUpdate {
         diff.client_ack = cache
             .apply_diff_to_table::<ClientAck>("client_ack", &self.client_ack)
             .with_updates_by_pk(|row| &row.id);
+        diff.client_window = cache
+            .apply_diff_to_table::<ClientWindow>("client_window", &self.client_window)
+            .with_updates_by_pk(|row| &row.id);
         diff.connection = cache
             .apply_diff_to_table::<Connection>("connection", &self.connection)
             .with_updates_by_pk(|row| &row.id);
@@ -395,6 +434,7 @@ impl __sdk::DbUpdate for DbUpdate {
 #[doc(hidden)]
 pub struct AppliedDiff<'r> {
     client_ack: __sdk::TableAppliedDiff<'r, ClientAck>,
+    client_window: __sdk::TableAppliedDiff<'r, ClientWindow>,
     connection: __sdk::TableAppliedDiff<'r, Connection>,
     event_key: __sdk::TableAppliedDiff<'r, EventKey>,
     grant_sweep_schedule: __sdk::TableAppliedDiff<'r, GrantSweepSchedule>,
@@ -418,6 +458,11 @@ impl<'r> __sdk::AppliedDiff<'r> for AppliedDiff<'r> {
         callbacks: &mut __sdk::DbCallbacks<RemoteModule>,
     ) {
         callbacks.invoke_table_row_callbacks::<ClientAck>("client_ack", &self.client_ack, event);
+        callbacks.invoke_table_row_callbacks::<ClientWindow>(
+            "client_window",
+            &self.client_window,
+            event,
+        );
         callbacks.invoke_table_row_callbacks::<Connection>("connection", &self.connection, event);
         callbacks.invoke_table_row_callbacks::<EventKey>("event_key", &self.event_key, event);
         callbacks.invoke_table_row_callbacks::<GrantSweepSchedule>(
@@ -1028,6 +1073,7 @@ impl __sdk::SpacetimeModule for RemoteModule {
 
     fn register_tables(client_cache: &mut __sdk::ClientCache<Self>) {
         client_ack_table::register_table(client_cache);
+        client_window_table::register_table(client_cache);
         connection_table::register_table(client_cache);
         event_key_table::register_table(client_cache);
         grant_sweep_schedule_table::register_table(client_cache);

@@ -11,6 +11,7 @@ use spacetimedb_sdk::__codegen::{self as __sdk, __lib, __sats, __ws};
 pub struct StreamSegment {
     pub id: u64,
     pub stream_id: String,
+    pub window_key: u128,
     pub epoch: u32,
     pub first_seq: u64,
     pub last_seq: u64,

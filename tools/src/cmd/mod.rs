@@ -4,6 +4,7 @@ mod admin;
 mod down;
 mod setup;
 mod status;
+mod tail;
 mod up;
 
 use clap::{Args, Parser, Subcommand};
@@ -34,6 +35,8 @@ pub enum Command {
     Revoke(admin::RevokeArgs),
     /// Give or take a role (admin, publisher).
     Role(admin::RoleArgs),
+    /// Follow streams as a Khala client: print applied events, checkpoint, ack, resume.
+    Tail(tail::TailArgs),
 }
 
 /// Which server and database a command talks to, and as whom.
@@ -72,5 +75,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Grant(args) => admin::grant(args),
         Command::Revoke(args) => admin::revoke(args),
         Command::Role(args) => admin::role(args),
+        Command::Tail(args) => tail::run(args),
     }
 }

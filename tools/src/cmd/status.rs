@@ -11,6 +11,10 @@ pub struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Show a client's health instead: the checkpoint file of a `khala tail` (or any
+    /// Khala client), whose health snapshot is written beside it.
+    #[arg(long)]
+    pub client: Option<std::path::PathBuf>,
 }
 
 fn as_u64(v: Option<&Value>) -> u64 {
@@ -18,6 +22,30 @@ fn as_u64(v: Option<&Value>) -> u64 {
 }
 
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    if let Some(checkpoint) = &args.client {
+        let mut path = checkpoint.clone().into_os_string();
+        path.push(".health.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading {}: {e}", std::path::Path::new(&path).display()))?;
+        let health: Value = serde_json::from_str(&text)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&health)?);
+        } else {
+            println!("client     {} (attempts {}, last error {})", health["state"].as_str().unwrap_or("?"), health["connect_attempts"], health["last_error"]);
+            for s in health["streams"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<48} {:<16} cursor {} / {} ({}%), lag {}, lease {} s",
+                    s["stream_id"].as_str().unwrap_or("?"),
+                    s["state"].as_str().unwrap_or("?"),
+                    s["cursor"],
+                    s["target"],
+                    s["progress_pct"],
+                    s["lag"],
+                    s["lease_secs_left"]
+                );
+            }
+        }
+        return Ok(());
+    }
     let server_up = khala_tools::server::answers(&args.target.server);
     let mut report = json!({ "server": args.target.server, "server_up": server_up, "database": args.target.database });
     if server_up {

@@ -1,0 +1,45 @@
+//! What a client needs to know to sync.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// e.g. `http://127.0.0.1:3000`.
+    pub server_url: String,
+    pub database: String,
+    /// Read at every connection attempt, so a refreshed token is picked up.
+    pub token_file: PathBuf,
+    /// The streams to sync, by exact id.
+    pub streams: Vec<String>,
+    /// The checkpoint file; the health snapshot is written beside it (`.health.json`).
+    pub checkpoint: PathBuf,
+    /// Sent in `hello`; checked against the module's minimum build.
+    pub client_build: String,
+    /// How long a stream may wait for the server to catch up with the checkpoint
+    /// (after a server crash) before it is reported.
+    pub server_behind_limit: Duration,
+    /// Send acks after each durable checkpoint (needs the `ack` scope).
+    pub ack: bool,
+}
+
+impl ClientConfig {
+    pub fn new(server_url: impl Into<String>, database: impl Into<String>, token_file: impl Into<PathBuf>, checkpoint: impl Into<PathBuf>) -> Self {
+        ClientConfig {
+            server_url: server_url.into(),
+            database: database.into(),
+            token_file: token_file.into(),
+            streams: Vec::new(),
+            checkpoint: checkpoint.into(),
+            client_build: env!("CARGO_PKG_VERSION").to_string(),
+            server_behind_limit: Duration::from_secs(60),
+            ack: true,
+        }
+    }
+
+    pub fn health_file(&self) -> PathBuf {
+        let mut p = self.checkpoint.clone().into_os_string();
+        p.push(".health.json");
+        PathBuf::from(p)
+    }
+}

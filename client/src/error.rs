@@ -1,0 +1,47 @@
+//! The client's errors, each with a stable code.
+
+use crate::checkpoint::CheckpointError;
+use khala_proto::CodedError;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server refused this client's protocol or build: retrying will not help.
+    #[error("{0}")]
+    Incompatible(CodedError),
+    /// The token was refused.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    #[error("connection failed: {0}")]
+    Connect(String),
+    #[error("disconnected: {0}")]
+    Disconnected(String),
+    #[error("subscription failed: {0}")]
+    Subscription(String),
+    #[error("reading the token: {0}")]
+    Token(String),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl ClientError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ClientError::Incompatible(e) => e.code.name(),
+            ClientError::Unauthorized(_) => "unauthorized",
+            ClientError::Connect(_) => "connect_failed",
+            ClientError::Disconnected(_) => "disconnected",
+            ClientError::Subscription(_) => "bad_subscription",
+            ClientError::Token(_) => "token_unreadable",
+            ClientError::Checkpoint(e) => e.code(),
+            ClientError::Config(_) => "invalid_argument",
+        }
+    }
+
+    /// Whether reconnecting could help.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ClientError::Unauthorized(_) | ClientError::Connect(_) | ClientError::Disconnected(_) | ClientError::Subscription(_) | ClientError::Token(_))
+    }
+}

@@ -1,0 +1,622 @@
+//! The sync loop: connect, `hello`, subscribe, replay in bounded windows, follow live,
+//! apply through the handler, checkpoint, ack; on any failure, back off and reconnect.
+//!
+//! Everything the SDK reports arrives as a [`Msg`] on one channel, so all state lives on
+//! this one thread and every decision about order is made by the pure
+//! [`StreamEngine`](crate::apply::StreamEngine).
+
+use crate::apply::{Alert, SegmentIn, StreamEngine, StreamInfo, StreamMode};
+use crate::backoff::Backoff;
+use crate::checkpoint::{CheckpointError, CheckpointFile};
+use crate::config::ClientConfig;
+use crate::error::ClientError;
+use crate::handler::Handler;
+use crate::health::{self, HealthHandle};
+use crate::module_bindings::{ack as _, close_window as _, hello as _, open_window as _, DbConnection};
+use crate::transport::{self, Msg};
+use khala_proto::hash::{from_slice, GENESIS};
+use khala_proto::v1::{ConnectionState, RebootstrapReason, StreamHealth};
+use khala_proto::{CodedError, ErrorCode, StaleCursor, StreamCursor};
+use khala_proto::hash::bucket;
+use spacetimedb_sdk::DbContext;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+/// The subscription tag of the stream and grant rows.
+const META: u64 = 0;
+const TICK: Duration = Duration::from_millis(100);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long events may wait behind a missing seq before the windows are reopened.
+const GAP_PATIENCE: Duration = Duration::from_secs(2);
+/// Least time between two checkpoint writes while events keep coming.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(20);
+
+/// The client's state for one stream.
+struct StreamState {
+    engine: StreamEngine,
+    /// Window buckets open on the server (from this identity's `client_window` rows).
+    open: BTreeSet<u64>,
+    /// Buckets asked for and not confirmed yet.
+    opening: BTreeSet<u64>,
+    /// Buckets asked to close and not confirmed yet.
+    closing: BTreeSet<u64>,
+    /// Close every window and reopen, so their rows are delivered again.
+    reset_windows: bool,
+    /// No `open_window` before this (after a refused call).
+    window_retry_at: Option<Instant>,
+    /// Whether windows can be opened at all (the owner sees every row without them).
+    windows_usable: bool,
+    /// Since when events wait behind a missing seq.
+    gap_since: Option<Instant>,
+    /// `None` until the grant rows are in; then whether a subscribe grant is held.
+    granted: Option<bool>,
+    /// Whether the server shows this client the stream's row (the owner sees it
+    /// without a grant: it bypasses row-level security).
+    row_visible: bool,
+    can_ack: bool,
+    lease_expires_micros: Option<i64>,
+    acked: u64,
+    ack_in_flight: bool,
+    behind_since: Option<Instant>,
+    behind_reported: bool,
+    rebootstrap_due: Option<StaleCursor>,
+    handler_backoff: Backoff,
+    handler_retry_at: Option<Instant>,
+}
+
+impl StreamState {
+    fn new(cursor: &StreamCursor) -> Self {
+        StreamState {
+            engine: StreamEngine::new(cursor),
+            open: BTreeSet::new(),
+            opening: BTreeSet::new(),
+            closing: BTreeSet::new(),
+            reset_windows: false,
+            window_retry_at: None,
+            windows_usable: true,
+            gap_since: None,
+            granted: None,
+            row_visible: false,
+            can_ack: true,
+            lease_expires_micros: None,
+            acked: 0,
+            ack_in_flight: false,
+            behind_since: None,
+            behind_reported: false,
+            rebootstrap_due: None,
+            handler_backoff: Backoff::default(),
+            handler_retry_at: None,
+        }
+    }
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
+/// A sync client for a set of streams, applying through `H`.
+pub struct SyncClient<H: Handler> {
+    config: ClientConfig,
+    handler: H,
+    health: HealthHandle,
+    checkpoint: CheckpointFile,
+    streams: BTreeMap<String, StreamState>,
+    backoff: Backoff,
+    dirty: bool,
+    /// This connection's identity: grant rows of other identities (visible to the owner)
+    /// are ignored.
+    me: Option<spacetimedb_sdk::Identity>,
+    last_checkpoint: Instant,
+    last_health_write: Instant,
+}
+
+impl<H: Handler> SyncClient<H> {
+    /// Loads the checkpoint. A corrupt checkpoint is reported, set aside, and every
+    /// stream is rebuilt from the server's floor (the handler is told first).
+    pub fn new(config: ClientConfig, handler: H) -> Result<Self, ClientError> {
+        if config.streams.is_empty() {
+            return Err(ClientError::Config("no streams to sync".into()));
+        }
+        let checkpoint = CheckpointFile::new(&config.checkpoint);
+        let health = HealthHandle::default();
+        let (stored, corrupt) = match checkpoint.load() {
+            Ok(stored) => (stored.unwrap_or_default(), None),
+            Err(CheckpointError::Corrupt { path, reason }) => {
+                let aside = checkpoint.set_aside()?;
+                log::error!("checkpoint {} is corrupt ({reason}); moved to {} and rebuilding every stream", path.display(), aside.display());
+                health.update(|h| h.last_error = format!("checkpoint_corrupt: {reason}; moved to {}", aside.display()));
+                (Vec::new(), Some(reason))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut streams = BTreeMap::new();
+        for id in &config.streams {
+            let cursor = stored
+                .iter()
+                .find(|c| &c.stream_id == id)
+                .cloned()
+                .unwrap_or_else(|| StreamCursor { stream_id: id.clone(), chain_hash: GENESIS.to_vec(), ..Default::default() });
+            let mut state = StreamState::new(&cursor);
+            if corrupt.is_some() {
+                state.rebootstrap_due = Some(StaleCursor {
+                    stream_id: id.clone(),
+                    reason: RebootstrapReason::CorruptCheckpoint as i32,
+                    ..Default::default()
+                });
+            }
+            streams.insert(id.clone(), state);
+        }
+        let past = Instant::now() - Duration::from_secs(1);
+        Ok(SyncClient { config, handler, health, checkpoint, streams, backoff: Backoff::default(), dirty: false, me: None, last_checkpoint: past, last_health_write: past })
+    }
+
+    pub fn health(&self) -> HealthHandle {
+        self.health.clone()
+    }
+
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    pub fn into_handler(self) -> H {
+        self.handler
+    }
+
+    /// The last applied seq of each stream.
+    pub fn cursors(&self) -> BTreeMap<String, u64> {
+        self.streams.iter().map(|(id, s)| (id.clone(), s.engine.applied())).collect()
+    }
+
+    /// Syncs until `shutdown` is set (returns `Ok`) or a failure retrying cannot fix.
+    pub fn run(&mut self, shutdown: &AtomicBool) -> Result<(), ClientError> {
+        loop {
+            if shutdown.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let attempts = self.backoff.attempts() + 1;
+            self.set_state(ConnectionState::Connecting, |h| h.connect_attempts = attempts);
+            let err = match self.session(shutdown) {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            log::warn!("session ended: {err}");
+            for s in self.streams.values_mut() {
+                // Window rows come back with the next subscription; calls in flight are lost.
+                s.open.clear();
+                s.opening.clear();
+                s.closing.clear();
+                s.ack_in_flight = false;
+            }
+            if !err.is_retryable() {
+                let state = match &err {
+                    ClientError::Incompatible(e) if e.code == ErrorCode::UpgradeRequired => ConnectionState::UpgradeRequired,
+                    ClientError::Incompatible(_) => ConnectionState::UpgradeRequired,
+                    _ => ConnectionState::Unspecified,
+                };
+                let text = format!("{}: {err}", err.code());
+                self.set_state(state, |h| h.last_error = text);
+                self.write_health(true);
+                return Err(err);
+            }
+            let delay = self.backoff.next_delay();
+            let state = if matches!(err, ClientError::Unauthorized(_)) { ConnectionState::Unauthorized } else { ConnectionState::Backoff };
+            let text = format!("{}: {err}", err.code());
+            self.set_state(state, |h| {
+                h.next_retry_ms = delay.as_millis() as u64;
+                h.last_error = text;
+            });
+            self.write_health(true);
+            let until = Instant::now() + delay;
+            while Instant::now() < until && !shutdown.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(20).min(until.saturating_duration_since(Instant::now())));
+            }
+        }
+    }
+
+    fn set_state(&self, state: ConnectionState, f: impl FnOnce(&mut khala_proto::v1::HealthSnapshot)) {
+        self.health.update(|h| {
+            h.state = state as i32;
+            f(h);
+        });
+    }
+
+    fn session(&mut self, shutdown: &AtomicBool) -> Result<(), ClientError> {
+        let token = std::fs::read_to_string(&self.config.token_file)
+            .map_err(|e| ClientError::Token(format!("{}: {e}", self.config.token_file.display())))?;
+        let (tx, rx) = mpsc::channel();
+        let conn = transport::connect(&self.config.server_url, &self.config.database, token.trim(), &tx)?;
+        let result = self.session_on(&conn, &tx, &rx, shutdown);
+        let _ = conn.disconnect();
+        result
+    }
+
+    fn handshake(&mut self, conn: &DbConnection, rx: &Receiver<Msg>) -> Result<(), ClientError> {
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let mut hello_sent = false;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Msg::Connected(identity)) if !hello_sent => {
+                    self.me = Some(identity);
+                    conn.reducers
+                        .hello(khala_proto::PROTOCOL_VERSION, self.config.client_build.clone())
+                        .map_err(|e| ClientError::Connect(e.to_string()))?;
+                    hello_sent = true;
+                }
+                Ok(Msg::Hello(Ok(()))) => return Ok(()),
+                Ok(Msg::Hello(Err(text))) => {
+                    let e = CodedError::parse(&text);
+                    return Err(match e.code {
+                        ErrorCode::UpgradeRequired | ErrorCode::UnsupportedProtocolVersion | ErrorCode::InvalidArgument => ClientError::Incompatible(e),
+                        ErrorCode::Unauthorized => ClientError::Unauthorized(e.message),
+                        _ => ClientError::Connect(text),
+                    });
+                }
+                Ok(Msg::Disconnected(e)) => return Err(ClientError::Disconnected(e.unwrap_or_else(|| "closed during handshake".into()))),
+                Ok(_) => {}
+                Err(_) => return Err(ClientError::Connect("no answer to hello within 15 s".into())),
+            }
+        }
+    }
+
+    fn session_on(&mut self, conn: &DbConnection, tx: &mpsc::Sender<Msg>, rx: &Receiver<Msg>, shutdown: &AtomicBool) -> Result<(), ClientError> {
+        self.handshake(conn, rx)?;
+        let _subscription = transport::subscribe(conn, META, transport::queries(), tx);
+        let mut meta_applied = false;
+        loop {
+            let wait = if self.dirty { CHECKPOINT_EVERY } else { TICK };
+            match rx.recv_timeout(wait) {
+                Ok(msg) => {
+                    meta_applied |= matches!(msg, Msg::Applied(META));
+                    self.handle(msg)?;
+                    while let Ok(msg) = rx.try_recv() {
+                        meta_applied |= matches!(msg, Msg::Applied(META));
+                        self.handle(msg)?;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err(ClientError::Disconnected("the connection thread ended".into())),
+            }
+            if meta_applied {
+                for s in self.streams.values_mut() {
+                    s.granted.get_or_insert(false);
+                }
+                self.pump(conn)?;
+            }
+            if shutdown.load(Ordering::Relaxed) {
+                self.store_checkpoint()?;
+                self.write_health(true);
+                return Ok(());
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) -> Result<(), ClientError> {
+        match msg {
+            Msg::Disconnected(e) => return Err(ClientError::Disconnected(e.unwrap_or_else(|| "the server closed the connection".into()))),
+            Msg::SubscriptionError(tag, e) => return Err(ClientError::Subscription(format!("subscription {tag}: {e}"))),
+            Msg::Segment(row) => {
+                let Some(state) = self.streams.get_mut(&row.stream_id) else { return Ok(()) };
+                let events = match khala_proto::segment::decode(&row.data) {
+                    Ok(events) => events,
+                    Err(e) => {
+                        log::error!("segment {} of {} does not decode: {e}", row.id, row.stream_id);
+                        return Ok(());
+                    }
+                };
+                let offer = state.engine.offer(SegmentIn {
+                    epoch: row.epoch,
+                    first_seq: row.first_seq,
+                    last_seq: row.last_seq,
+                    prev_hash: from_slice(&row.prev_hash).unwrap_or(GENESIS),
+                    last_hash: from_slice(&row.last_hash).unwrap_or(GENESIS),
+                    events,
+                });
+                self.alerts(&row.stream_id, offer.alerts);
+            }
+            Msg::Stream(row) => {
+                let Some(state) = self.streams.get_mut(&row.stream_id) else { return Ok(()) };
+                state.row_visible = true;
+                let alerts = state.engine.observe(StreamInfo {
+                    epoch: row.epoch,
+                    head_seq: row.head_seq,
+                    oldest_seq: row.oldest_seq,
+                    head_hash: from_slice(&row.head_hash).unwrap_or(GENESIS),
+                });
+                self.alerts(&row.stream_id, alerts);
+            }
+            Msg::StreamGone(id) => {
+                if let Some(state) = self.streams.get_mut(&id) {
+                    state.row_visible = false;
+                }
+            }
+            Msg::Grant(g) if Some(g.grantee) == self.me => {
+                if let Some(state) = self.streams.get_mut(&g.stream_id) {
+                    state.granted = Some(g.subscribe);
+                    state.can_ack = g.ack;
+                    state.lease_expires_micros = Some(g.expires_at.to_micros_since_unix_epoch());
+                }
+            }
+            Msg::GrantGone(g) if Some(g.grantee) == self.me => {
+                if let Some(state) = self.streams.get_mut(&g.stream_id) {
+                    log::warn!("the grant on {} is gone (revoked or expired)", g.stream_id);
+                    state.granted = Some(false);
+                    state.lease_expires_micros = None;
+                }
+            }
+            Msg::WindowOpen(w) if Some(w.grantee) == self.me => {
+                if let Some(state) = self.streams.get_mut(&w.stream_id) {
+                    state.opening.remove(&w.bucket);
+                    state.open.insert(w.bucket);
+                }
+            }
+            Msg::WindowClosed(w) if Some(w.grantee) == self.me => {
+                if let Some(state) = self.streams.get_mut(&w.stream_id) {
+                    state.closing.remove(&w.bucket);
+                    state.open.remove(&w.bucket);
+                }
+            }
+            Msg::WindowCall { stream_id, bucket, open, result: Err(text) } => {
+                if let Some(state) = self.streams.get_mut(&stream_id) {
+                    let e = CodedError::parse(&text);
+                    log::warn!("{stream_id}: {} window {bucket} failed: {e}", if open { "opening" } else { "closing" });
+                    state.opening.remove(&bucket);
+                    state.closing.remove(&bucket);
+                    state.window_retry_at = Some(Instant::now() + Duration::from_secs(1));
+                    if e.code == ErrorCode::ForbiddenStream && state.row_visible && state.granted != Some(true) {
+                        // Only the owner sees a stream without a grant; it sees every
+                        // segment without windows too.
+                        state.windows_usable = false;
+                    }
+                }
+            }
+            Msg::Applied(_) | Msg::WindowOpen(_) | Msg::WindowClosed(_) | Msg::WindowCall { .. } => {}
+            Msg::Acked { stream_id, seq, result } => {
+                if let Some(state) = self.streams.get_mut(&stream_id) {
+                    state.ack_in_flight = false;
+                    match result {
+                        Ok(()) => state.acked = state.acked.max(seq),
+                        Err(text) => {
+                            let e = CodedError::parse(&text);
+                            log::warn!("ack of {stream_id} at {seq} failed: {e}");
+                            if e.code == ErrorCode::ForbiddenStream {
+                                state.can_ack = false;
+                            }
+                        }
+                    }
+                }
+            }
+            Msg::Grant(_) | Msg::GrantGone(_) | Msg::Connected(_) | Msg::Hello(_) => {}
+        }
+        Ok(())
+    }
+
+    fn alerts(&mut self, stream_id: &str, alerts: Vec<Alert>) {
+        let Some(state) = self.streams.get_mut(stream_id) else { return };
+        for alert in alerts {
+            match alert {
+                Alert::Gap { cursor, next_seen } => {
+                    // Rows of one window may arrive in any order: wait; if the gap stays,
+                    // the windows are reopened (see `maintain_windows`).
+                    log::debug!("{stream_id}: waiting for seqs after {cursor} (next seen {next_seen})");
+                    state.gap_since.get_or_insert_with(Instant::now);
+                }
+                Alert::Rebootstrap(stale) => {
+                    log::warn!(
+                        "{stream_id}: rebootstrap ({:?}): requested {}, oldest available {}, head {}",
+                        RebootstrapReason::try_from(stale.reason).unwrap_or_default(),
+                        stale.requested,
+                        stale.oldest_available,
+                        stale.head
+                    );
+                    state.rebootstrap_due = Some(stale);
+                    state.reset_windows = true;
+                    state.acked = 0;
+                    self.dirty = true;
+                }
+                Alert::ServerBehind { cursor, head } => {
+                    log::warn!("{stream_id}: the server's head {head} is behind the checkpoint {cursor} (it lost commits in a crash); holding");
+                    state.behind_since = Some(Instant::now());
+                    state.reset_windows = true;
+                }
+                Alert::Resumed { cursor } => {
+                    log::info!("{stream_id}: the server caught up with the checkpoint {cursor}; resuming");
+                    state.behind_since = None;
+                    state.behind_reported = false;
+                }
+            }
+        }
+    }
+
+    /// Applies what is ready, checkpoints, acks, moves windows, updates health.
+    fn pump(&mut self, conn: &DbConnection) -> Result<(), ClientError> {
+        let now = Instant::now();
+        for (id, state) in self.streams.iter_mut() {
+            if let Some(stale) = state.rebootstrap_due.clone() {
+                if state.handler_retry_at.is_some_and(|t| t > now) {
+                    continue;
+                }
+                match self.handler.rebootstrap(&stale) {
+                    Ok(()) => {
+                        state.rebootstrap_due = None;
+                        state.handler_retry_at = None;
+                        state.handler_backoff.reset();
+                    }
+                    Err(e) => {
+                        log::warn!("{id}: handler failed on rebootstrap: {e}; retrying");
+                        state.handler_retry_at = Some(now + state.handler_backoff.next_delay());
+                        continue;
+                    }
+                }
+            }
+            while let Some(event) = state.engine.next() {
+                if state.handler_retry_at.is_some_and(|t| t > now) {
+                    break;
+                }
+                match self.handler.apply(event) {
+                    Ok(()) => {
+                        let seq = event.seq;
+                        state.engine.mark_applied(seq);
+                        state.gap_since = None;
+                        state.handler_retry_at = None;
+                        state.handler_backoff.reset();
+                        self.dirty = true;
+                    }
+                    Err(e) => {
+                        log::warn!("{id}: handler failed at seq {}: {e}; retrying from that seq", event.seq);
+                        state.handler_retry_at = Some(now + state.handler_backoff.next_delay());
+                        break;
+                    }
+                }
+            }
+        }
+        if self.dirty && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+            self.store_checkpoint()?;
+            self.send_acks(conn);
+        }
+        for (id, state) in self.streams.iter_mut() {
+            maintain_windows(id, state, conn);
+        }
+        self.update_health();
+        Ok(())
+    }
+
+    fn store_checkpoint(&mut self) -> Result<(), ClientError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let now = now_micros();
+        let cursors = self.streams.values().map(|s| s.engine.cursor(now)).collect();
+        self.checkpoint.store(cursors)?;
+        self.dirty = false;
+        self.last_checkpoint = Instant::now();
+        self.handler.checkpointed();
+        Ok(())
+    }
+
+    /// One ack in flight per stream, for the newest durable cursor (acks coalesce).
+    fn send_acks(&mut self, conn: &DbConnection) {
+        if !self.config.ack {
+            return;
+        }
+        for (id, state) in self.streams.iter_mut() {
+            let applied = state.engine.applied();
+            if state.granted == Some(true) && state.can_ack && !state.ack_in_flight && applied > state.acked && state.engine.mode() == &StreamMode::Normal {
+                let cursor = state.engine.cursor(0);
+                if conn.reducers.ack(id.clone(), applied, cursor.chain_hash).is_ok() {
+                    state.ack_in_flight = true;
+                }
+            }
+        }
+    }
+
+    fn update_health(&mut self) {
+        let now = now_micros();
+        let limit = self.config.server_behind_limit;
+        let mut overall = ConnectionState::Live;
+        let mut notes = Vec::new();
+        let mut streams = Vec::new();
+        for (id, s) in self.streams.iter_mut() {
+            let head = s.engine.info().map_or(0, |i| i.head_seq);
+            let applied = s.engine.applied();
+            let b0 = bucket(s.engine.fetch_after() + 1);
+            let live_window = !s.windows_usable || (s.open.contains(&b0) && s.open.contains(&(b0 + 1)));
+            let state = if s.granted == Some(false) && !s.row_visible {
+                ConnectionState::Forbidden
+            } else if let StreamMode::ServerBehind { head } = s.engine.mode() {
+                if let Some(since) = s.behind_since {
+                    if since.elapsed() > limit && !s.behind_reported {
+                        log::error!("{id}: the server has been behind the checkpoint for over {limit:?} (head {head}, checkpoint {applied})");
+                        s.behind_reported = true;
+                    }
+                    if s.behind_reported {
+                        notes.push(format!("{id}: server behind the checkpoint for {}s (head {head}, checkpoint {applied})", since.elapsed().as_secs()));
+                    }
+                }
+                ConnectionState::ServerBehind
+            } else if matches!(s.engine.mode(), StreamMode::Rebootstrapping { .. }) || s.rebootstrap_due.is_some() {
+                ConnectionState::Stale
+            } else if applied < head || !live_window {
+                ConnectionState::Replaying
+            } else {
+                ConnectionState::Live
+            };
+            if state != ConnectionState::Live && state != ConnectionState::Forbidden && overall == ConnectionState::Live {
+                overall = if state == ConnectionState::ServerBehind { ConnectionState::ServerBehind } else { ConnectionState::Replaying };
+            }
+            streams.push(StreamHealth {
+                stream_id: id.clone(),
+                state: state as i32,
+                cursor: applied,
+                target: head,
+                lag: head.saturating_sub(applied),
+                lease_secs_left: s.lease_expires_micros.map_or(-1, |t| (t - now) / 1_000_000),
+            });
+        }
+        if overall == ConnectionState::Live {
+            self.backoff.reset();
+        }
+        self.health.update(|h| {
+            h.state = overall as i32;
+            h.streams = streams;
+            h.next_retry_ms = 0;
+            if overall == ConnectionState::Live {
+                h.connect_attempts = 0;
+            }
+            if !notes.is_empty() {
+                h.last_error = notes.join("; ");
+            }
+        });
+        self.write_health(false);
+    }
+
+    fn write_health(&mut self, now: bool) {
+        if now || self.last_health_write.elapsed() >= Duration::from_millis(500) {
+            if let Err(e) = health::write_json(&self.config.health_file(), &self.health.get()) {
+                log::debug!("writing the health file: {e}");
+            }
+            self.last_health_write = Instant::now();
+        }
+    }
+}
+
+/// Keeps each stream's windows around its cursor: the bucket holding the next seq, the
+/// one before (it may hold the segment that starts before it) and the one after, so
+/// replay never waits on a round trip and memory stays bounded by three buckets.
+/// Windows are opened before old ones are closed; a gap that does not fill within
+/// [`GAP_PATIENCE`] reopens the windows so their rows are delivered again.
+fn maintain_windows(id: &str, state: &mut StreamState, conn: &DbConnection) {
+    if !state.windows_usable || state.granted != Some(true) {
+        return;
+    }
+    if state.gap_since.is_some_and(|t| t.elapsed() > GAP_PATIENCE) {
+        log::warn!("{id}: a gap after {} did not fill; reopening the windows", state.engine.applied());
+        state.reset_windows = true;
+        state.gap_since = None;
+    }
+    if state.reset_windows {
+        for b in state.open.iter().chain(state.opening.iter()) {
+            let _ = conn.reducers.close_window(id.to_string(), *b);
+        }
+        state.open.clear();
+        state.opening.clear();
+        state.reset_windows = false;
+    }
+    if state.window_retry_at.is_some_and(|t| t > Instant::now()) {
+        return;
+    }
+    let b0 = bucket(state.engine.fetch_after() + 1);
+    let want: BTreeSet<u64> = (b0.saturating_sub(1)..=b0 + 1).collect();
+    for b in &want {
+        if !state.open.contains(b) && !state.opening.contains(b) && conn.reducers.open_window(id.to_string(), *b).is_ok() {
+            state.opening.insert(*b);
+        }
+    }
+    for b in state.open.clone() {
+        if !want.contains(&b) && !state.closing.contains(&b) && conn.reducers.close_window(id.to_string(), b).is_ok() {
+            state.closing.insert(b);
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! The SDK side of the client: a new `DbConnection` per attempt (the 1.x SDK has no
+//! reconnect), and callbacks that forward everything into one channel for the sync loop.
+//!
+//! The client's subscription queries are fixed and unfiltered ([`queries`]); stream ids
+//! travel only as typed reducer arguments, never inside SQL text, so no stream id can
+//! change a query (fault 10 of the system Khala replaces escaped `"` but not `'`).
+
+use crate::error::ClientError;
+use crate::module_bindings::*;
+use khala_proto::CodedError;
+use spacetimedb_sdk::{DbContext, Status, Table, TableWithPrimaryKey};
+use std::sync::mpsc::Sender;
+
+/// Everything the connection reports, in the order it happened.
+#[derive(Debug)]
+pub enum Msg {
+    Connected(spacetimedb_sdk::Identity),
+    Disconnected(Option<String>),
+    Segment(StreamSegment),
+    Stream(Stream),
+    StreamGone(String),
+    Grant(StreamGrant),
+    GrantGone(StreamGrant),
+    WindowOpen(ClientWindow),
+    WindowClosed(ClientWindow),
+    /// The result of an `open_window` / `close_window` call.
+    WindowCall { stream_id: String, bucket: u64, open: bool, result: Result<(), String> },
+    Applied(u64),
+    SubscriptionError(u64, String),
+    Hello(Result<(), String>),
+    Acked { stream_id: String, seq: u64, result: Result<(), String> },
+}
+
+fn status(s: &Status) -> Result<(), String> {
+    match s {
+        Status::Committed => Ok(()),
+        Status::Failed(message) => Err(message.to_string()),
+        Status::OutOfEnergy => Err(CodedError::new(khala_proto::ErrorCode::RateLimited, "out of energy").to_string()),
+    }
+}
+
+/// The subscription queries of a client. They are unfiltered on purpose: row-level
+/// security already narrows them to the caller's grants and open windows, and 1.2 cannot
+/// plan a filter on a table whose RLS rule is a join (see `module/src/windows.rs`).
+pub fn queries() -> Vec<String> {
+    ["stream_grant", "stream", "client_window", "stream_segment"].iter().map(|t| format!("SELECT * FROM {t}")).collect()
+}
+
+/// Opens a connection and registers the callbacks that feed `tx`.
+pub fn connect(url: &str, database: &str, token: &str, tx: &Sender<Msg>) -> Result<DbConnection, ClientError> {
+    let on_connect = tx.clone();
+    let on_disconnect = tx.clone();
+    let conn = DbConnection::builder()
+        .with_uri(url)
+        .with_module_name(database)
+        .with_token(Some(token.to_string()))
+        .on_connect(move |_, identity, _| {
+            let _ = on_connect.send(Msg::Connected(identity));
+        })
+        .on_disconnect(move |_, err| {
+            let _ = on_disconnect.send(Msg::Disconnected(err.map(|e| e.to_string())));
+        })
+        .build()
+        .map_err(|e| {
+            let text = e.to_string();
+            if text.contains("401") || text.to_ascii_lowercase().contains("unauthorized") {
+                ClientError::Unauthorized(text)
+            } else {
+                ClientError::Connect(text)
+            }
+        })?;
+
+    let t = tx.clone();
+    conn.db.stream_segment().on_insert(move |_, row| {
+        let _ = t.send(Msg::Segment(row.clone()));
+    });
+    let t = tx.clone();
+    conn.db.stream().on_insert(move |_, row| {
+        let _ = t.send(Msg::Stream(row.clone()));
+    });
+    let t = tx.clone();
+    conn.db.stream().on_update(move |_, _, row| {
+        let _ = t.send(Msg::Stream(row.clone()));
+    });
+    let t = tx.clone();
+    conn.db.stream().on_delete(move |_, row| {
+        let _ = t.send(Msg::StreamGone(row.stream_id.clone()));
+    });
+    let t = tx.clone();
+    conn.db.stream_grant().on_insert(move |_, row| {
+        let _ = t.send(Msg::Grant(row.clone()));
+    });
+    let t = tx.clone();
+    conn.db.stream_grant().on_update(move |_, _, row| {
+        let _ = t.send(Msg::Grant(row.clone()));
+    });
+    let t = tx.clone();
+    conn.db.stream_grant().on_delete(move |_, row| {
+        let _ = t.send(Msg::GrantGone(row.clone()));
+    });
+    let t = tx.clone();
+    conn.db.client_window().on_insert(move |_, row| {
+        let _ = t.send(Msg::WindowOpen(row.clone()));
+    });
+    let t = tx.clone();
+    conn.db.client_window().on_delete(move |_, row| {
+        let _ = t.send(Msg::WindowClosed(row.clone()));
+    });
+    let t = tx.clone();
+    conn.reducers.on_open_window(move |ctx, stream_id, bucket| {
+        let _ = t.send(Msg::WindowCall { stream_id: stream_id.clone(), bucket: *bucket, open: true, result: status(&ctx.event.status) });
+    });
+    let t = tx.clone();
+    conn.reducers.on_close_window(move |ctx, stream_id, bucket| {
+        let _ = t.send(Msg::WindowCall { stream_id: stream_id.clone(), bucket: *bucket, open: false, result: status(&ctx.event.status) });
+    });
+    let t = tx.clone();
+    conn.reducers.on_hello(move |ctx, _, _| {
+        let _ = t.send(Msg::Hello(status(&ctx.event.status)));
+    });
+    let t = tx.clone();
+    conn.reducers.on_ack(move |ctx, stream_id, seq, _| {
+        let _ = t.send(Msg::Acked { stream_id: stream_id.clone(), seq: *seq, result: status(&ctx.event.status) });
+    });
+    conn.run_threaded();
+    Ok(conn)
+}
+
+/// Subscribes `queries` under `tag`; `Applied(tag)` or `SubscriptionError(tag, ..)` follows.
+pub fn subscribe(conn: &DbConnection, tag: u64, queries: Vec<String>, tx: &Sender<Msg>) -> SubscriptionHandle {
+    let applied = tx.clone();
+    let failed = tx.clone();
+    conn.subscription_builder()
+        .on_applied(move |_| {
+            let _ = applied.send(Msg::Applied(tag));
+        })
+        .on_error(move |_, e| {
+            let _ = failed.send(Msg::SubscriptionError(tag, e.to_string()));
+        })
+        .subscribe(queries)
+}

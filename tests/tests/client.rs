@@ -1,0 +1,176 @@
+//! The client on a real server: resume from the checkpoint, bounded replay windows,
+//! acks, handler retries, stale cursors, revocation, and corrupt checkpoints.
+
+use khala_proto::v1::{ConnectionState, RebootstrapReason};
+use khala_tests::client::{config, token_file, RunningClient};
+use khala_tests::{publish_range, shared_server, wait_for};
+use serde_json::json;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(20);
+
+#[test]
+fn a_restart_resumes_from_the_checkpoint_with_no_gap_and_no_double_apply() {
+    let db = shared_server().new_database("resume");
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    db.grant(&reader, "s.a", &["subscribe", "ack"], 600);
+    db.grant(&reader, "s.b", &["subscribe", "ack"], 600);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&db, &token_file(dir.path(), &reader), &dir.path().join("cp"), &["s.a", "s.b"]);
+
+    publish_range(&db, &publisher, "s.a", 1, 120, 7);
+    publish_range(&db, &publisher, "s.b", 1, 30, 30);
+    let first = RunningClient::start(cfg.clone(), None, 0);
+    first.wait_applied("s.a", 120, T);
+    first.wait_applied("s.b", 30, T);
+    // Live: events published now arrive through the live window.
+    publish_range(&db, &publisher, "s.a", 121, 10, 1);
+    first.wait_applied("s.a", 130, T);
+    first.wait_state("s.a", ConnectionState::Live, T);
+    assert_eq!(first.applied("s.a"), (1..=130).collect::<Vec<_>>());
+    // Acks reach the module after the checkpoint.
+    wait_for("the ack of s.a at 130", T, || {
+        let rows = db.sql("SELECT * FROM client_ack WHERE stream_id = 's.a'");
+        rows.rows.first().and_then(|r| rows.get(r, "acked_seq").cloned()).filter(|v| *v == json!(130))
+    });
+    first.stop().unwrap();
+
+    publish_range(&db, &publisher, "s.a", 131, 50, 10);
+    let second = RunningClient::start(cfg, None, 0);
+    second.wait_applied("s.a", 180, T);
+    assert_eq!(second.applied("s.a"), (131..=180).collect::<Vec<_>>(), "resumed exactly after the checkpoint");
+    assert!(second.applied("s.b").is_empty(), "nothing of s.b was applied twice");
+    assert!(second.seen.lock().unwrap().rebootstraps.is_empty());
+    second.stop().unwrap();
+}
+
+#[test]
+fn a_backlog_larger_than_the_window_replays_in_order() {
+    let db = shared_server().new_database("windows");
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    db.grant(&reader, "s.w", &["subscribe"], 600);
+    // Three window buckets and a bit: the client must move its windows to get them all.
+    let backlog = 3 * khala_proto::hash::WINDOW_EVENTS + 500;
+    publish_range(&db, &publisher, "s.w", 1, backlog, 1_000);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&db, &token_file(dir.path(), &reader), &dir.path().join("cp"), &["s.w"]);
+    cfg.ack = false;
+    let client = RunningClient::start(cfg, None, 0);
+    client.wait_applied("s.w", backlog, Duration::from_secs(60));
+    client.wait_state("s.w", ConnectionState::Live, T);
+    publish_range(&db, &publisher, "s.w", backlog + 1, 300, 1);
+    client.wait_applied("s.w", backlog + 300, T);
+    assert_eq!(client.applied("s.w"), (1..=backlog + 300).collect::<Vec<_>>());
+    // The windows follow the cursor: at most three stay open.
+    let windows = db.sql("SELECT * FROM client_window");
+    assert!(windows.rows.len() <= 3, "{} windows open", windows.rows.len());
+    client.stop().unwrap();
+}
+
+#[test]
+fn a_failing_handler_is_retried_from_the_same_seq_never_skipped() {
+    let db = shared_server().new_database("handler");
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    db.grant(&reader, "s.h", &["subscribe"], 600);
+    publish_range(&db, &publisher, "s.h", 1, 20, 20);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&db, &token_file(dir.path(), &reader), &dir.path().join("cp"), &["s.h"]);
+    let client = RunningClient::start(cfg, Some(7), 3);
+    client.wait_applied("s.h", 20, T);
+    assert_eq!(client.applied("s.h"), (1..=20).collect::<Vec<_>>());
+    assert_eq!(client.seen.lock().unwrap().failures, 3);
+    client.stop().unwrap();
+}
+
+#[test]
+fn retention_overtaking_the_cursor_rebootstraps_with_the_numbers() {
+    let db = shared_server().new_database("stale");
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    db.grant(&reader, "s.r", &["subscribe"], 600);
+    db.call("create_stream", json!(["s.r", 10, 0]));
+    publish_range(&db, &publisher, "s.r", 1, 10, 10);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&db, &token_file(dir.path(), &reader), &dir.path().join("cp"), &["s.r"]);
+    let client = RunningClient::start(cfg.clone(), None, 0);
+    client.wait_applied("s.r", 10, T);
+    client.stop().unwrap();
+
+    publish_range(&db, &publisher, "s.r", 11, 50, 5);
+    wait_for("the floor to pass the cursor", T, || {
+        khala_tests::verify::stream(&db, "s.r").filter(|s| s.oldest_seq > 11)
+    });
+    let floor = khala_tests::verify::stream(&db, "s.r").unwrap().oldest_seq;
+    let client = RunningClient::start(cfg, None, 0);
+    client.wait_applied("s.r", 60, T);
+    let seen = client.seen.lock().unwrap();
+    assert_eq!(seen.rebootstraps.len(), 1, "{:?}", seen.rebootstraps);
+    let stale = &seen.rebootstraps[0];
+    assert_eq!(stale.reason, RebootstrapReason::StaleCursor as i32);
+    assert_eq!((stale.requested, stale.oldest_available, stale.head), (10, floor - 1, 60));
+    let applied: Vec<u64> = seen.applied.iter().map(|(_, s)| *s).collect();
+    assert_eq!(applied, (floor..=60).collect::<Vec<_>>(), "rebuilt from the floor, deterministically");
+    drop(seen);
+    client.stop().unwrap();
+}
+
+#[test]
+fn a_revoked_stream_reports_forbidden() {
+    let db = shared_server().new_database("forbidden");
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    db.grant(&reader, "s.f", &["subscribe"], 600);
+    publish_range(&db, &publisher, "s.f", 1, 5, 5);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&db, &token_file(dir.path(), &reader), &dir.path().join("cp"), &["s.f"]);
+    let client = RunningClient::start(cfg, None, 0);
+    client.wait_applied("s.f", 5, T);
+    db.revoke(&reader, "s.f");
+    client.wait_state("s.f", ConnectionState::Forbidden, T);
+    publish_range(&db, &publisher, "s.f", 6, 5, 5);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(client.applied("s.f"), (1..=5).collect::<Vec<_>>(), "nothing arrives after the revoke");
+    client.stop().unwrap();
+}
+
+#[test]
+fn a_corrupt_checkpoint_is_reported_set_aside_and_recovered() {
+    let db = shared_server().new_database("corrupt");
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    db.grant(&reader, "s.c", &["subscribe"], 600);
+    publish_range(&db, &publisher, "s.c", 1, 8, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("cp");
+    std::fs::write(&checkpoint, b"KHCP\0\x01 this is not a checkpoint").unwrap();
+    let cfg = config(&db, &token_file(dir.path(), &reader), &checkpoint, &["s.c"]);
+    let client = RunningClient::start(cfg, None, 0);
+    client.wait_applied("s.c", 8, T);
+    assert_eq!(client.applied("s.c"), (1..=8).collect::<Vec<_>>());
+    let seen = client.seen.lock().unwrap();
+    assert_eq!(seen.rebootstraps.len(), 1);
+    assert_eq!(seen.rebootstraps[0].reason, RebootstrapReason::CorruptCheckpoint as i32);
+    drop(seen);
+    assert!(client.health.get().last_error.contains("checkpoint_corrupt"));
+    let aside: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("cp.corrupt-")).collect();
+    assert_eq!(aside.len(), 1, "the corrupt file was moved aside, not deleted");
+    client.stop().unwrap();
+    assert!(khala_client::checkpoint::CheckpointFile::new(&checkpoint).load().unwrap().is_some());
+}
+
+#[test]
+fn an_incompatible_client_stops_retrying() {
+    let db = shared_server().new_database("upgrade");
+    db.call("set_protocol_window", json!([1, 1, "9.0.0"]));
+    let reader = db.new_identity();
+    db.grant(&reader, "s.u", &["subscribe"], 600);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&db, &token_file(dir.path(), &reader), &dir.path().join("cp"), &["s.u"]);
+    let client = RunningClient::start(cfg, None, 0);
+    wait_for("the upgrade_required state", T, || (client.health.get().state == ConnectionState::UpgradeRequired as i32).then_some(()));
+    let err = client.stop().unwrap_err();
+    assert_eq!(err.code(), "upgrade_required");
+}

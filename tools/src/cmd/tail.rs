@@ -1,0 +1,167 @@
+//! `khala tail`: a Khala client that prints each applied event as a line, checkpoints,
+//! acks, and resumes from its checkpoint after a restart.
+
+use super::Target;
+use clap::Args;
+use khala_client::health;
+use khala_client::{ClientConfig, Event, Handler, HandlerError, SyncClient};
+use khala_proto::hash::{display, payload_hash};
+use khala_proto::v1::{ConnectionState, RebootstrapReason};
+use khala_proto::StaleCursor;
+use serde_json::json;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// A stream to follow (repeat for more).
+    #[arg(long = "stream", required = true)]
+    pub streams: Vec<String>,
+    /// The checkpoint file (default: one per database and stream set, under the user data dir).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Print JSON lines (stream_id, seq, kind, payload_hash, chain_hash).
+    #[arg(long)]
+    pub json: bool,
+    /// Print nothing per event (for measurements).
+    #[arg(long)]
+    pub quiet: bool,
+    /// Exit once every stream is live and caught up with its head.
+    #[arg(long)]
+    pub exit_when_live: bool,
+    /// Exit after this many events were applied.
+    #[arg(long)]
+    pub max_events: Option<u64>,
+    /// Print a JSON summary to stderr at exit: events, seconds, events/s, peak RSS.
+    #[arg(long)]
+    pub report: bool,
+    /// Do not ack (for identities without the ack scope).
+    #[arg(long)]
+    pub no_ack: bool,
+}
+
+/// Prints events; counts them; asks to stop after `max_events`.
+struct Printer {
+    json: bool,
+    quiet: bool,
+    applied: u64,
+    max_events: Option<u64>,
+    stop: Arc<AtomicBool>,
+    out: std::io::BufWriter<std::io::Stdout>,
+}
+
+impl Handler for Printer {
+    fn apply(&mut self, e: &Event) -> Result<(), HandlerError> {
+        if !self.quiet {
+            if self.json {
+                let line = json!({
+                    "stream_id": e.stream_id,
+                    "seq": e.seq,
+                    "kind": e.kind,
+                    "payload_hash": display(&payload_hash(&e.payload)),
+                    "chain_hash": display(&e.chain_hash),
+                });
+                writeln!(self.out, "{line}")?;
+            } else {
+                writeln!(self.out, "{} {} {} {}", e.stream_id, e.seq, e.kind, String::from_utf8_lossy(&e.payload))?;
+            }
+        }
+        self.applied += 1;
+        if self.max_events.is_some_and(|max| self.applied >= max) {
+            self.stop.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn rebootstrap(&mut self, s: &StaleCursor) -> Result<(), HandlerError> {
+        let reason = RebootstrapReason::try_from(s.reason).unwrap_or_default().as_str_name().trim_start_matches("REBOOTSTRAP_REASON_").to_ascii_lowercase();
+        let line = json!({ "rebootstrap": {
+            "stream_id": s.stream_id, "reason": reason, "requested": s.requested,
+            "oldest_available": s.oldest_available, "head": s.head, "epoch": s.epoch } });
+        writeln!(self.out, "{line}")?;
+        self.out.flush()?;
+        Ok(())
+    }
+
+    fn checkpointed(&mut self) {
+        // Lines reach stdout no later than their checkpoint reaches disk.
+        let _ = self.out.flush();
+    }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn default_checkpoint(database: &str, streams: &[String]) -> PathBuf {
+    let mut sorted = streams.to_vec();
+    sorted.sort();
+    let digest = khala_proto::hash::payload_hash(sorted.join("\n").as_bytes());
+    khala_tools::paths::data_home().join("khala").join("client").join(format!("{database}-{}.checkpoint", &hex::encode(digest)[..12]))
+}
+
+/// Peak resident set size of this process, in MiB (`VmHWM`).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|kb| kb.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+pub fn run(args: TailArgs) -> anyhow::Result<()> {
+    let token_file = args.target.token_file.clone().ok_or_else(|| anyhow::anyhow!("no token: pass --token-file or set KHALA_TOKEN_FILE"))?;
+    let checkpoint = args.checkpoint.clone().unwrap_or_else(|| default_checkpoint(&args.target.database, &args.streams));
+    let mut config = ClientConfig::new(&args.target.server, &args.target.database, token_file, &checkpoint);
+    config.streams = args.streams.clone();
+    config.ack = !args.no_ack;
+    let stop = Arc::new(AtomicBool::new(false));
+    let printer = Printer { json: args.json, quiet: args.quiet, applied: 0, max_events: args.max_events, stop: stop.clone(), out: std::io::BufWriter::new(std::io::stdout()) };
+    let mut client = SyncClient::new(config, printer)?;
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        signal(Signal::SIGINT, SigHandler::Handler(on_signal))?;
+        signal(Signal::SIGTERM, SigHandler::Handler(on_signal))?;
+    }
+    let health = client.health();
+    let watcher_stop = stop.clone();
+    let exit_when_live = args.exit_when_live;
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(20));
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            watcher_stop.store(true, Ordering::Relaxed);
+        }
+        let h = health.get();
+        let caught_up = h.state == ConnectionState::Live as i32 && h.streams.iter().all(|s| s.lag == 0);
+        if exit_when_live && caught_up {
+            watcher_stop.store(true, Ordering::Relaxed);
+        }
+        if watcher_stop.load(Ordering::Relaxed) {
+            return;
+        }
+    });
+    let started = Instant::now();
+    let result = client.run(&stop);
+    let secs = started.elapsed().as_secs_f64();
+    let applied = client.handler().applied;
+    if args.report {
+        let report = json!({
+            "applied": applied,
+            "secs": (secs * 1000.0).round() / 1000.0,
+            "events_per_sec": (applied as f64 / secs).round(),
+            "peak_rss_mib": (peak_rss_mib() * 10.0).round() / 10.0,
+            "cursors": client.cursors(),
+            "health": health::to_json(&client.health().get()),
+        });
+        eprintln!("{report}");
+    }
+    result?;
+    Ok(())
+}
