@@ -1,6 +1,7 @@
 //! The subcommands: one file each, dispatched by one `match`.
 
 mod admin;
+mod bench;
 mod down;
 mod setup;
 mod status;
@@ -37,6 +38,8 @@ pub enum Command {
     Role(admin::RoleArgs),
     /// Follow streams as a Khala client: print applied events, checkpoint, ack, resume.
     Tail(tail::TailArgs),
+    /// Measurements (against a private server): replay throughput and client memory.
+    Bench(bench::BenchArgs),
 }
 
 /// Which server and database a command talks to, and as whom.
@@ -76,5 +79,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Revoke(args) => admin::revoke(args),
         Command::Role(args) => admin::role(args),
         Command::Tail(args) => tail::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

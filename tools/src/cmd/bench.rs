@@ -1,0 +1,110 @@
+//! `khala bench`: measurements that print their figures and the command that made them.
+//! They run against a private server on a free loopback port, never the one `khala up`
+//! started, and are not part of the test suite.
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use khala_tools::api::{bytes_arg, option_arg, Api};
+use khala_tools::engine::Engine;
+use khala_tools::server::{free_port, Lifetime, ServerDir, ServerProcess};
+use rand::RngCore;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub which: Which,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Which {
+    /// Publish a backlog, then time a fresh client (`khala tail`) replaying it to live.
+    Replay(ReplayArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    /// Events in the backlog.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    /// Random payload bytes per event.
+    #[arg(long, default_value_t = 256)]
+    pub payload_bytes: usize,
+    /// Events per publish call (one segment each).
+    #[arg(long, default_value_t = 1_000)]
+    pub batch: u64,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.which {
+        Which::Replay(a) => replay(a),
+    }
+}
+
+/// A private server in a temp dir, killed when this process ends.
+fn private_server() -> anyhow::Result<(ServerProcess, tempfile::TempDir)> {
+    let engine = Engine::locate()?;
+    let dir = tempfile::Builder::new().prefix("khala-bench-").tempdir()?;
+    let server_dir = ServerDir::open_or_create(dir.path())?;
+    let server = ServerProcess::start(&engine, &server_dir, free_port()?, Lifetime::TiedToThisProcess, Duration::from_secs(60))?;
+    Ok((server, dir))
+}
+
+fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    let command = format!("khala bench replay --events {} --payload-bytes {} --batch {}", args.events, args.payload_bytes, args.batch);
+    let (server, dir) = private_server()?;
+    let api = Api::new(&server.url());
+    let owner = api.new_identity()?;
+    let wasm = std::fs::read(khala_tools::module_wasm::build_module()?)?;
+    api.publish_module("bench", &wasm, &owner.token, false)?;
+    let stream = "bench.replay";
+
+    let started = Instant::now();
+    let mut rng = rand::thread_rng();
+    let mut payload = vec![0u8; args.payload_bytes];
+    let mut seq = 1;
+    while seq <= args.events {
+        let upto = (seq + args.batch).min(args.events + 1);
+        let events: Vec<Value> = (seq..upto)
+            .map(|s| {
+                rng.fill_bytes(&mut payload);
+                json!({ "idempotency_key": format!("k{s}"), "kind": "bench", "payload": bytes_arg(&payload),
+                        "authority_seq": option_arg(Some(json!(s))), "occurred_at_micros": 0 })
+            })
+            .collect();
+        api.call("bench", "publish", json!([stream, events]), &owner.token)?;
+        seq = upto;
+    }
+    let publish_secs = started.elapsed().as_secs_f64();
+
+    let reader = api.new_identity()?;
+    api.call("bench", "grant", json!([reader.identity_arg(), stream, ["subscribe"], 3600]), &owner.token)?;
+    let token = dir.path().join("reader.token");
+    std::fs::write(&token, &reader.token)?;
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["tail", "--quiet", "--exit-when-live", "--report", "--no-ack", "--stream", stream])
+        .args(["--server", &server.url(), "--database", "bench"])
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--checkpoint")
+        .arg(dir.path().join("replay.checkpoint"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .context("running khala tail")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: Value = stderr.lines().rev().find_map(|l| serde_json::from_str(l).ok()).with_context(|| format!("no report from khala tail:\n{stderr}"))?;
+    let applied = report["applied"].as_u64().unwrap_or(0);
+    anyhow::ensure!(out.status.success() && applied == args.events, "the replay applied {applied} of {} events:\n{stderr}", args.events);
+    let result = json!({
+        "command": command,
+        "events": args.events,
+        "payload_bytes": args.payload_bytes,
+        "publish_events_per_sec": (args.events as f64 / publish_secs).round(),
+        "replay_secs": report["secs"],
+        "replay_events_per_sec": report["events_per_sec"],
+        "client_peak_rss_mib": report["peak_rss_mib"],
+    });
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}
