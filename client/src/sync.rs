@@ -5,7 +5,7 @@
 //! this one thread and every decision about order is made by the pure
 //! [`StreamEngine`](crate::apply::StreamEngine).
 
-use crate::apply::{Alert, SegmentIn, StreamEngine, StreamInfo, StreamMode};
+use crate::apply::{Alert, StreamEngine, StreamInfo, StreamMode};
 use crate::backoff::Backoff;
 use crate::checkpoint::{CheckpointError, CheckpointFile};
 use crate::config::ClientConfig;
@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 const META: u64 = 0;
 const TICK: Duration = Duration::from_millis(100);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Window buckets kept open ahead of the one holding the cursor.
+const PREFETCH_BUCKETS: u64 = 1;
 /// How long events may wait behind a missing seq before the windows are reopened.
 const GAP_PATIENCE: Duration = Duration::from_secs(2);
 /// Least time between two checkpoint writes while events keep coming.
@@ -226,7 +228,7 @@ impl<H: Handler> SyncClient<H> {
         let token = std::fs::read_to_string(&self.config.token_file)
             .map_err(|e| ClientError::Token(format!("{}: {e}", self.config.token_file.display())))?;
         let (tx, rx) = mpsc::channel();
-        let conn = transport::connect(&self.config.server_url, &self.config.database, token.trim(), &tx)?;
+        let conn = transport::connect(&self.config.server_url, &self.config.database, token.trim(), self.config.wants_compression(), &tx)?;
         let result = self.session_on(&conn, &tx, &rx, shutdown);
         let _ = conn.disconnect();
         result
@@ -297,24 +299,16 @@ impl<H: Handler> SyncClient<H> {
         match msg {
             Msg::Disconnected(e) => return Err(ClientError::Disconnected(e.unwrap_or_else(|| "the server closed the connection".into()))),
             Msg::SubscriptionError(tag, e) => return Err(ClientError::Subscription(format!("subscription {tag}: {e}"))),
-            Msg::Segment(row) => {
-                let Some(state) = self.streams.get_mut(&row.stream_id) else { return Ok(()) };
-                let events = match khala_proto::segment::decode(&row.data) {
-                    Ok(events) => events,
-                    Err(e) => {
-                        log::error!("segment {} of {} does not decode: {e}", row.id, row.stream_id);
-                        return Ok(());
+            Msg::Segment(stream_id, segment) => {
+                let Some(state) = self.streams.get_mut(&stream_id) else { return Ok(()) };
+                match segment {
+                    Ok(segment) => {
+                        let offer = state.engine.offer(segment);
+                        self.alerts(&stream_id, offer.alerts);
                     }
-                };
-                let offer = state.engine.offer(SegmentIn {
-                    epoch: row.epoch,
-                    first_seq: row.first_seq,
-                    last_seq: row.last_seq,
-                    prev_hash: from_slice(&row.prev_hash).unwrap_or(GENESIS),
-                    last_hash: from_slice(&row.last_hash).unwrap_or(GENESIS),
-                    events,
-                });
-                self.alerts(&row.stream_id, offer.alerts);
+                    // A gap follows, and the windows are reopened if it stays.
+                    Err(e) => log::error!("{e}"),
+                }
             }
             Msg::Stream(row) => {
                 let Some(state) = self.streams.get_mut(&row.stream_id) else { return Ok(()) };
@@ -583,8 +577,9 @@ impl<H: Handler> SyncClient<H> {
 }
 
 /// Keeps each stream's windows around its cursor: the bucket holding the next seq, the
-/// one before (it may hold the segment that starts before it) and the one after, so
-/// replay never waits on a round trip and memory stays bounded by three buckets.
+/// one before (it may hold the segment that starts before it) and [`PREFETCH_BUCKETS`]
+/// after it, so replay rarely waits on a round trip, and memory stays bounded by
+/// `PREFETCH_BUCKETS + 2` buckets of events.
 /// Windows are opened before old ones are closed; a gap that does not fill within
 /// [`GAP_PATIENCE`] reopens the windows so their rows are delivered again.
 fn maintain_windows(id: &str, state: &mut StreamState, conn: &DbConnection) {
@@ -608,7 +603,7 @@ fn maintain_windows(id: &str, state: &mut StreamState, conn: &DbConnection) {
         return;
     }
     let b0 = bucket(state.engine.fetch_after() + 1);
-    let want: BTreeSet<u64> = (b0.saturating_sub(1)..=b0 + 1).collect();
+    let want: BTreeSet<u64> = (b0.saturating_sub(1)..=b0 + PREFETCH_BUCKETS).collect();
     for b in &want {
         if !state.open.contains(b) && !state.opening.contains(b) && conn.reducers.open_window(id.to_string(), *b).is_ok() {
             state.opening.insert(*b);

@@ -5,7 +5,9 @@
 //! travel only as typed reducer arguments, never inside SQL text, so no stream id can
 //! change a query (fault 10 of the system Khala replaces escaped `"` but not `'`).
 
+use crate::apply::SegmentIn;
 use crate::error::ClientError;
+use khala_proto::hash::{from_slice, GENESIS};
 use crate::module_bindings::*;
 use khala_proto::CodedError;
 use spacetimedb_sdk::{DbContext, Status, Table, TableWithPrimaryKey};
@@ -16,7 +18,8 @@ use std::sync::mpsc::Sender;
 pub enum Msg {
     Connected(spacetimedb_sdk::Identity),
     Disconnected(Option<String>),
-    Segment(StreamSegment),
+    /// A segment, decoded and hashed on the SDK's thread.
+    Segment(String, Result<SegmentIn, String>),
     Stream(Stream),
     StreamGone(String),
     Grant(StreamGrant),
@@ -46,14 +49,32 @@ pub fn queries() -> Vec<String> {
     ["stream_grant", "stream", "client_window", "stream_segment"].iter().map(|t| format!("SELECT * FROM {t}")).collect()
 }
 
+/// Decodes a segment row and computes its chain hashes.
+fn segment_in(row: &StreamSegment) -> Result<SegmentIn, String> {
+    let events = khala_proto::segment::decode(&row.data).map_err(|e| format!("segment {} of {} does not decode: {e}", row.id, row.stream_id))?;
+    Ok(SegmentIn::new(
+        &row.stream_id,
+        row.epoch,
+        row.first_seq,
+        row.last_seq,
+        from_slice(&row.prev_hash).unwrap_or(GENESIS),
+        from_slice(&row.last_hash).unwrap_or(GENESIS),
+        events,
+    ))
+}
+
 /// Opens a connection and registers the callbacks that feed `tx`.
-pub fn connect(url: &str, database: &str, token: &str, tx: &Sender<Msg>) -> Result<DbConnection, ClientError> {
+pub fn connect(url: &str, database: &str, token: &str, compress: bool, tx: &Sender<Msg>) -> Result<DbConnection, ClientError> {
     let on_connect = tx.clone();
     let on_disconnect = tx.clone();
     let conn = DbConnection::builder()
         .with_uri(url)
         .with_module_name(database)
         .with_token(Some(token.to_string()))
+        .with_compression(if compress { spacetimedb_sdk::Compression::Gzip } else { spacetimedb_sdk::Compression::None })
+        // Light mode: no copy of other callers' reducer arguments (a whole publish batch)
+        // rides along with each update. Our own calls' results still arrive.
+        .with_light_mode(true)
         .on_connect(move |_, identity, _| {
             let _ = on_connect.send(Msg::Connected(identity));
         })
@@ -72,7 +93,7 @@ pub fn connect(url: &str, database: &str, token: &str, tx: &Sender<Msg>) -> Resu
 
     let t = tx.clone();
     conn.db.stream_segment().on_insert(move |_, row| {
-        let _ = t.send(Msg::Segment(row.clone()));
+        let _ = t.send(Msg::Segment(row.stream_id.clone(), segment_in(row)));
     });
     let t = tx.clone();
     conn.db.stream().on_insert(move |_, row| {

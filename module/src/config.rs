@@ -31,7 +31,7 @@ impl KhalaConfig {
         KhalaConfig {
             id: 0,
             max_payload_bytes: 256 * 1024,
-            max_batch_events: 10_000,
+            max_batch_events: 8_192,
             max_batch_bytes: 16 * 1024 * 1024,
             protocol_min: khala_proto::PROTOCOL_VERSION,
             protocol_max: khala_proto::PROTOCOL_VERSION,

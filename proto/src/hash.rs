@@ -47,7 +47,7 @@ pub fn key_hash(stream_id: &str, key: &str) -> u128 {
 /// Events per replay window bucket. A segment belongs to bucket `first_seq / WINDOW_EVENTS`;
 /// no batch may hold more events than this, so the segment holding seq `n` is always in
 /// bucket `n / WINDOW_EVENTS` or the one before.
-pub const WINDOW_EVENTS: u64 = 16_384;
+pub const WINDOW_EVENTS: u64 = 8_192;
 
 /// The window bucket of a seq.
 pub fn bucket(seq: u64) -> u64 {

@@ -63,9 +63,9 @@ fn a_backlog_larger_than_the_window_replays_in_order() {
     publish_range(&db, &publisher, "s.w", backlog + 1, 300, 1);
     client.wait_applied("s.w", backlog + 300, T);
     assert_eq!(client.applied("s.w"), (1..=backlog + 300).collect::<Vec<_>>());
-    // The windows follow the cursor: at most three stay open.
+    // The windows follow the cursor: at most five stay open (one behind, three ahead).
     let windows = db.sql("SELECT * FROM client_window");
-    assert!(windows.rows.len() <= 3, "{} windows open", windows.rows.len());
+    assert!(windows.rows.len() <= 5, "{} windows open", windows.rows.len());
     client.stop().unwrap();
 }
 

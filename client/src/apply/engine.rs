@@ -19,7 +19,9 @@ pub struct StreamInfo {
     pub head_hash: Hash32,
 }
 
-/// One segment as the transport received it.
+/// One segment as the transport received it, with the chain hash after each of its
+/// events computed by [`SegmentIn::new`] (which may run on another thread: hashing is
+/// the costly part of applying).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SegmentIn {
     pub epoch: u32,
@@ -28,6 +30,21 @@ pub struct SegmentIn {
     pub prev_hash: Hash32,
     pub last_hash: Hash32,
     pub events: Vec<SegmentEvent>,
+    chains: Vec<Hash32>,
+}
+
+impl SegmentIn {
+    pub fn new(stream_id: &str, epoch: u32, first_seq: u64, last_seq: u64, prev_hash: Hash32, last_hash: Hash32, events: Vec<SegmentEvent>) -> Self {
+        let mut chain = prev_hash;
+        let chains = events
+            .iter()
+            .map(|e| {
+                chain = event_chain(&chain, stream_id, e);
+                chain
+            })
+            .collect();
+        SegmentIn { epoch, first_seq, last_seq, prev_hash, last_hash, events, chains }
+    }
 }
 
 /// An event ready for the application, with the chain hash at its seq.
@@ -240,14 +257,13 @@ impl StreamEngine {
             }
         }
         // Verify the whole segment against its own hashes.
-        let mut chain = segment.prev_hash;
+        let mut prev = segment.prev_hash;
         let mut verified = Vec::with_capacity(segment.events.len());
-        for e in &segment.events {
-            let prev = chain;
-            chain = event_chain(&chain, &self.stream_id, e);
-            verified.push((prev, chain));
+        for chain in &segment.chains {
+            verified.push((prev, *chain));
+            prev = *chain;
         }
-        if chain != segment.last_hash {
+        if segment.chains.len() != segment.events.len() || prev != segment.last_hash {
             // A corrupt segment: refuse it whole; the transport will refetch.
             offer.alerts.push(Alert::Gap { cursor: self.applied, next_seen: segment.first_seq });
             return offer;

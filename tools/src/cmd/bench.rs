@@ -104,6 +104,7 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         "replay_secs": report["secs"],
         "replay_events_per_sec": report["events_per_sec"],
         "client_peak_rss_mib": report["peak_rss_mib"],
+        "client_cpu_secs": report["cpu_secs"],
     });
     println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(())

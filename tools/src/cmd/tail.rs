@@ -115,6 +115,17 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// CPU seconds (user + system) this process has used.
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage writes into the struct we pass and nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
 pub fn run(args: TailArgs) -> anyhow::Result<()> {
     let token_file = args.target.token_file.clone().ok_or_else(|| anyhow::anyhow!("no token: pass --token-file or set KHALA_TOKEN_FILE"))?;
     let checkpoint = args.checkpoint.clone().unwrap_or_else(|| default_checkpoint(&args.target.database, &args.streams));
@@ -157,6 +168,7 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
             "secs": (secs * 1000.0).round() / 1000.0,
             "events_per_sec": (applied as f64 / secs).round(),
             "peak_rss_mib": (peak_rss_mib() * 10.0).round() / 10.0,
+            "cpu_secs": (cpu_secs() * 1000.0).round() / 1000.0,
             "cursors": client.cursors(),
             "health": health::to_json(&client.health().get()),
         });
