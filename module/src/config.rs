@@ -24,6 +24,8 @@ pub struct KhalaConfig {
     pub min_client_build: String,
     /// Most segments one retention sweep deletes, so that a sweep stays short.
     pub retention_chunk_segments: u32,
+    /// Segments younger than this are not compacted (live clients have them by then).
+    pub compact_min_age_secs: u64,
 }
 
 impl KhalaConfig {
@@ -37,6 +39,7 @@ impl KhalaConfig {
             protocol_max: khala_proto::PROTOCOL_VERSION,
             min_client_build: "0.1.0".into(),
             retention_chunk_segments: 256,
+            compact_min_age_secs: 10,
         }
     }
 }
@@ -54,6 +57,7 @@ pub fn init(ctx: &ReducerContext) {
     access::add_role(ctx, ctx.sender, Role::Admin);
     access::add_role(ctx, ctx.sender, Role::Publisher);
     retention::schedule(ctx);
+    crate::compaction::schedule(ctx);
     access::schedule_grant_sweep(ctx);
 }
 
@@ -77,6 +81,16 @@ pub fn set_limits(ctx: &ReducerContext, max_payload_bytes: u32, max_batch_events
     if max_batch_bytes > 0 {
         cfg.max_batch_bytes = max_batch_bytes;
     }
+    ctx.db.khala_config().id().update(cfg);
+    Ok(())
+}
+
+/// Sets how old a small segment must be before compaction merges it (admin only).
+#[reducer]
+pub fn set_compaction(ctx: &ReducerContext, min_age_secs: u64) -> ReducerResult {
+    access::require_admin(ctx)?;
+    let mut cfg = config(ctx);
+    cfg.compact_min_age_secs = min_age_secs;
     ctx.db.khala_config().id().update(cfg);
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! - [`publish`]: the batch `publish` reducer: dedupe, `authority_seq`, seqs, hash chain.
 //! - [`ack`]: monotonic, chain-checked client acks.
 //! - [`retention`]: per-stream retention and the scheduled sweep that raises `oldest_seq`.
+//! - [`compaction`]: the scheduled merge of small segments into larger ones.
 //! - [`windows`]: the replay windows clients open; the segment RLS rule joins on them.
 //! - [`presence`]: `connection` rows and an admin-visible connected count.
 //!
@@ -18,6 +19,7 @@
 
 pub mod access;
 pub mod ack;
+pub mod compaction;
 pub mod config;
 pub mod presence;
 pub mod publish;

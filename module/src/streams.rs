@@ -41,6 +41,8 @@ pub struct Stream {
     pub segment_count: u64,
     /// Events skipped as idempotency duplicates, over the stream's life.
     pub duplicates: u64,
+    /// Compaction has examined the segments up to this seq (see `compaction.rs`).
+    pub compacted_through: u64,
 }
 
 /// A client sees a stream only while it holds a subscribe grant on it.
@@ -134,6 +136,7 @@ pub fn new_stream(ctx: &ReducerContext, stream_id: String) -> Stream {
         updated_at: ctx.timestamp,
         segment_count: 0,
         duplicates: 0,
+        compacted_through: 0,
     }
 }
 

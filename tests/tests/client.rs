@@ -174,3 +174,31 @@ fn an_incompatible_client_stops_retrying() {
     let err = client.stop().unwrap_err();
     assert_eq!(err.code(), "upgrade_required");
 }
+
+#[test]
+fn compaction_under_a_live_client_applies_nothing_twice() {
+    let db = shared_server().new_database("compaction");
+    db.call("set_compaction", json!([0]));
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    db.grant(&reader, "s.k", &["subscribe"], 600);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&db, &token_file(dir.path(), &reader), &dir.path().join("cp"), &["s.k"]);
+    cfg.ack = false;
+    let client = RunningClient::start(cfg.clone(), None, 0);
+    // Low-rate publishing: one event per call, one small segment each.
+    publish_range(&db, &publisher, "s.k", 1, 150, 1);
+    client.wait_applied("s.k", 150, T);
+    let compacted = wait_for("compaction", T, || khala_tests::verify::stream(&db, "s.k").filter(|s| s.segment_count < 10));
+    assert_eq!(khala_tests::verify::verify_stream(&db, "s.k").unwrap(), (1..=150).collect::<Vec<_>>());
+    publish_range(&db, &publisher, "s.k", 151, 10, 1);
+    client.wait_applied("s.k", 160, T);
+    assert_eq!(client.applied("s.k"), (1..=160).collect::<Vec<_>>(), "merged segments were not applied twice");
+    client.stop().unwrap();
+    eprintln!("150 one-event segments compacted to {}", compacted.segment_count);
+    // A fresh client replays the compacted log.
+    let fresh = RunningClient::start({ cfg.checkpoint = dir.path().join("cp2"); cfg }, None, 0);
+    fresh.wait_applied("s.k", 160, T);
+    assert_eq!(fresh.applied("s.k"), (1..=160).collect::<Vec<_>>());
+    fresh.stop().unwrap();
+}

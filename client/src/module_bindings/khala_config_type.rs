@@ -17,6 +17,7 @@ pub struct KhalaConfig {
     pub protocol_max: u32,
     pub min_client_build: String,
     pub retention_chunk_segments: u32,
+    pub compact_min_age_secs: u64,
 }
 
 impl __sdk::InModule for KhalaConfig {

@@ -14,6 +14,9 @@ pub mod client_disconnected_reducer;
 pub mod client_window_table;
 pub mod client_window_type;
 pub mod close_window_reducer;
+pub mod compact_segments_reducer;
+pub mod compaction_schedule_table;
+pub mod compaction_schedule_type;
 pub mod connection_table;
 pub mod connection_type;
 pub mod create_stream_reducer;
@@ -35,6 +38,7 @@ pub mod publish_reducer;
 pub mod retention_schedule_table;
 pub mod retention_schedule_type;
 pub mod revoke_reducer;
+pub mod set_compaction_reducer;
 pub mod set_limits_reducer;
 pub mod set_protocol_window_reducer;
 pub mod set_retention_reducer;
@@ -60,6 +64,11 @@ pub use client_disconnected_reducer::{
 pub use client_window_table::*;
 pub use client_window_type::ClientWindow;
 pub use close_window_reducer::{close_window, set_flags_for_close_window, CloseWindowCallbackId};
+pub use compact_segments_reducer::{
+    compact_segments, set_flags_for_compact_segments, CompactSegmentsCallbackId,
+};
+pub use compaction_schedule_table::*;
+pub use compaction_schedule_type::CompactionSchedule;
 pub use connection_table::*;
 pub use connection_type::Connection;
 pub use create_stream_reducer::{
@@ -83,6 +92,9 @@ pub use publish_reducer::{publish, set_flags_for_publish, PublishCallbackId};
 pub use retention_schedule_table::*;
 pub use retention_schedule_type::RetentionSchedule;
 pub use revoke_reducer::{revoke, set_flags_for_revoke, RevokeCallbackId};
+pub use set_compaction_reducer::{
+    set_compaction, set_flags_for_set_compaction, SetCompactionCallbackId,
+};
 pub use set_limits_reducer::{set_flags_for_set_limits, set_limits, SetLimitsCallbackId};
 pub use set_protocol_window_reducer::{
     set_flags_for_set_protocol_window, set_protocol_window, SetProtocolWindowCallbackId,
@@ -121,6 +133,9 @@ pub enum Reducer {
         stream_id: String,
         bucket: u64,
     },
+    CompactSegments {
+        schedule: CompactionSchedule,
+    },
     CreateStream {
         stream_id: String,
         retain_max_events: u64,
@@ -147,6 +162,9 @@ pub enum Reducer {
     Revoke {
         grantee: __sdk::Identity,
         stream_id: String,
+    },
+    SetCompaction {
+        min_age_secs: u64,
     },
     SetLimits {
         max_payload_bytes: u32,
@@ -187,12 +205,14 @@ impl __sdk::Reducer for Reducer {
             Reducer::ClientConnected => "client_connected",
             Reducer::ClientDisconnected => "client_disconnected",
             Reducer::CloseWindow { .. } => "close_window",
+            Reducer::CompactSegments { .. } => "compact_segments",
             Reducer::CreateStream { .. } => "create_stream",
             Reducer::Grant { .. } => "grant",
             Reducer::Hello { .. } => "hello",
             Reducer::OpenWindow { .. } => "open_window",
             Reducer::Publish { .. } => "publish",
             Reducer::Revoke { .. } => "revoke",
+            Reducer::SetCompaction { .. } => "set_compaction",
             Reducer::SetLimits { .. } => "set_limits",
             Reducer::SetProtocolWindow { .. } => "set_protocol_window",
             Reducer::SetRetention { .. } => "set_retention",
@@ -224,6 +244,10 @@ impl TryFrom<__ws::ReducerCallInfo<__ws::BsatnFormat>> for Reducer {
                 )?
                 .into(),
             ),
+            "compact_segments" => Ok(__sdk::parse_reducer_args::<
+                compact_segments_reducer::CompactSegmentsArgs,
+            >("compact_segments", &value.args)?
+            .into()),
             "create_stream" => Ok(__sdk::parse_reducer_args::<
                 create_stream_reducer::CreateStreamArgs,
             >("create_stream", &value.args)?
@@ -254,6 +278,10 @@ impl TryFrom<__ws::ReducerCallInfo<__ws::BsatnFormat>> for Reducer {
                 "revoke",
                 &value.args,
             )?
+            .into()),
+            "set_compaction" => Ok(__sdk::parse_reducer_args::<
+                set_compaction_reducer::SetCompactionArgs,
+            >("set_compaction", &value.args)?
             .into()),
             "set_limits" => Ok(
                 __sdk::parse_reducer_args::<set_limits_reducer::SetLimitsArgs>(
@@ -302,6 +330,7 @@ impl TryFrom<__ws::ReducerCallInfo<__ws::BsatnFormat>> for Reducer {
 pub struct DbUpdate {
     client_ack: __sdk::TableUpdate<ClientAck>,
     client_window: __sdk::TableUpdate<ClientWindow>,
+    compaction_schedule: __sdk::TableUpdate<CompactionSchedule>,
     connection: __sdk::TableUpdate<Connection>,
     event_key: __sdk::TableUpdate<EventKey>,
     grant_sweep_schedule: __sdk::TableUpdate<GrantSweepSchedule>,
@@ -326,6 +355,9 @@ impl TryFrom<__ws::DatabaseUpdate<__ws::BsatnFormat>> for DbUpdate {
                 "client_window" => db_update
                     .client_window
                     .append(client_window_table::parse_table_update(table_update)?),
+                "compaction_schedule" => db_update
+                    .compaction_schedule
+                    .append(compaction_schedule_table::parse_table_update(table_update)?),
                 "connection" => db_update
                     .connection
                     .append(connection_table::parse_table_update(table_update)?),
@@ -388,6 +420,12 @@ impl __sdk::DbUpdate for DbUpdate {
         diff.client_window = cache
             .apply_diff_to_table::<ClientWindow>("client_window", &self.client_window)
             .with_updates_by_pk(|row| &row.id);
+        diff.compaction_schedule = cache
+            .apply_diff_to_table::<CompactionSchedule>(
+                "compaction_schedule",
+                &self.compaction_schedule,
+            )
+            .with_updates_by_pk(|row| &row.scheduled_id);
         diff.connection = cache
             .apply_diff_to_table::<Connection>("connection", &self.connection)
             .with_updates_by_pk(|row| &row.id);
@@ -435,6 +473,7 @@ impl __sdk::DbUpdate for DbUpdate {
 pub struct AppliedDiff<'r> {
     client_ack: __sdk::TableAppliedDiff<'r, ClientAck>,
     client_window: __sdk::TableAppliedDiff<'r, ClientWindow>,
+    compaction_schedule: __sdk::TableAppliedDiff<'r, CompactionSchedule>,
     connection: __sdk::TableAppliedDiff<'r, Connection>,
     event_key: __sdk::TableAppliedDiff<'r, EventKey>,
     grant_sweep_schedule: __sdk::TableAppliedDiff<'r, GrantSweepSchedule>,
@@ -461,6 +500,11 @@ impl<'r> __sdk::AppliedDiff<'r> for AppliedDiff<'r> {
         callbacks.invoke_table_row_callbacks::<ClientWindow>(
             "client_window",
             &self.client_window,
+            event,
+        );
+        callbacks.invoke_table_row_callbacks::<CompactionSchedule>(
+            "compaction_schedule",
+            &self.compaction_schedule,
             event,
         );
         callbacks.invoke_table_row_callbacks::<Connection>("connection", &self.connection, event);
@@ -1074,6 +1118,7 @@ impl __sdk::SpacetimeModule for RemoteModule {
     fn register_tables(client_cache: &mut __sdk::ClientCache<Self>) {
         client_ack_table::register_table(client_cache);
         client_window_table::register_table(client_cache);
+        compaction_schedule_table::register_table(client_cache);
         connection_table::register_table(client_cache);
         event_key_table::register_table(client_cache);
         grant_sweep_schedule_table::register_table(client_cache);

@@ -20,6 +20,7 @@ pub struct Stream {
     pub updated_at: __sdk::Timestamp,
     pub segment_count: u64,
     pub duplicates: u64,
+    pub compacted_through: u64,
 }
 
 impl __sdk::InModule for Stream {
