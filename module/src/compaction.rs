@@ -23,7 +23,7 @@ pub const SMALL_SEGMENT_EVENTS: u64 = 64;
 pub const COMPACT_TARGET_EVENTS: u64 = 1_024;
 /// Most segments one sweep examines, so that a sweep stays short.
 pub const COMPACT_SCAN_SEGMENTS: usize = 4_096;
-pub const COMPACT_INTERVAL: Duration = Duration::from_secs(5);
+pub const COMPACT_INTERVAL: Duration = Duration::from_secs(1);
 
 #[table(name = compaction_schedule, scheduled(compact_segments))]
 pub struct CompactionSchedule {

@@ -21,6 +21,19 @@ pub struct BenchArgs {
 pub enum Which {
     /// Publish a backlog, then time a fresh client (`khala tail`) replaying it to live.
     Replay(ReplayArgs),
+    /// Low-rate publishing (one event per call): publish rate over time and segment
+    /// rows, with compaction on and off.
+    SmallSegments(SmallArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SmallArgs {
+    /// One-event publishes per run.
+    #[arg(long, default_value_t = 50_000)]
+    pub events: u64,
+    /// Publishing threads (one stream each).
+    #[arg(long, default_value_t = 4)]
+    pub threads: u64,
 }
 
 #[derive(Args, Debug)]
@@ -39,6 +52,7 @@ pub struct ReplayArgs {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.which {
         Which::Replay(a) => replay(a),
+        Which::SmallSegments(a) => small_segments(a),
     }
 }
 
@@ -107,5 +121,56 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         "client_cpu_secs": report["cpu_secs"],
     });
     println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}
+
+/// One run of `small_segments`: the publish rate of each tenth of the run and the
+/// segment rows left at the end.
+fn small_run(api: &Api, db: &str, token: &str, args: &SmallArgs) -> anyhow::Result<Value> {
+    let per_thread = args.events / args.threads;
+    let tenth = (per_thread / 10).max(1);
+    let rates: Vec<Vec<f64>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..args.threads)
+            .map(|t| {
+                scope.spawn(move || -> anyhow::Result<Vec<f64>> {
+                    let stream = format!("bench.small.{t}");
+                    let mut rates = Vec::new();
+                    let mut slice = Instant::now();
+                    for seq in 1..=per_thread {
+                        let event = json!({ "idempotency_key": format!("k{seq}"), "kind": "bench", "payload": bytes_arg(&[b'x'; 256]),
+                                            "authority_seq": option_arg(Some(json!(seq))), "occurred_at_micros": 0 });
+                        api.call(db, "publish", json!([stream, [event]]), token)?;
+                        if seq % tenth == 0 {
+                            rates.push(tenth as f64 / slice.elapsed().as_secs_f64());
+                            slice = Instant::now();
+                        }
+                    }
+                    Ok(rates)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("publisher thread")).collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    // Events/s of all threads together, per tenth of the run.
+    let slices = rates.iter().map(Vec::len).min().unwrap_or(0);
+    let per_slice: Vec<f64> = (0..slices).map(|i| rates.iter().map(|r| r[i]).sum::<f64>().round()).collect();
+    std::thread::sleep(Duration::from_secs(6));
+    let segments = api.sql(db, "SELECT id FROM stream_segment", token)?.rows.len();
+    Ok(json!({ "events_per_sec_by_tenth": per_slice, "segment_rows_at_end": segments }))
+}
+
+fn small_segments(args: SmallArgs) -> anyhow::Result<()> {
+    let command = format!("khala bench small-segments --events {} --threads {}", args.events, args.threads);
+    let (server, _dir) = private_server()?;
+    let api = Api::new(&server.url());
+    let owner = api.new_identity()?;
+    let wasm = std::fs::read(khala_tools::module_wasm::build_module()?)?;
+    let mut runs = serde_json::Map::new();
+    for (label, min_age) in [("compaction-off", u32::MAX as u64), ("compaction-on", 0)] {
+        api.publish_module(label, &wasm, &owner.token, false)?;
+        api.call(label, "set_compaction", json!([min_age]), &owner.token)?;
+        runs.insert(label.into(), small_run(&api, label, &owner.token, &args)?);
+    }
+    println!("{}", serde_json::to_string_pretty(&json!({ "command": command, "runs": runs }))?);
     Ok(())
 }
