@@ -283,5 +283,5 @@ fn is_our_server(pid: u32, dir: &ServerDir) -> bool {
     let stdb = dir.stdb_dir().to_string_lossy().into_owned();
     !is_zombie(pid)
         && args.first().is_some_and(|a| a.ends_with(crate::engine::STANDALONE))
-        && args.iter().any(|a| *a == stdb)
+        && args.contains(&stdb)
 }
