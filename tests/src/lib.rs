@@ -8,7 +8,9 @@
 //! - Identities are minted over HTTP; SDK clients connect as those non-owner identities
 //!   (the owner bypasses row-level security, so it would prove nothing).
 
+pub mod bin;
 pub mod client;
+pub mod pg;
 pub mod sdk;
 pub mod verify;
 

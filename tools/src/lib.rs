@@ -5,8 +5,11 @@
 //! - [`engine`]: find or install the pinned SpacetimeDB 1.2.0 binaries.
 //! - [`server`]: run `spacetimedb-standalone` on loopback; pid file; kill -9 and restart.
 //! - [`api`]: the server's HTTP API (identities, publish, reducer calls, SQL).
+//! - [`sdk_publish`]: `publish` calls over the SDK's WebSocket (BSATN).
 //! - [`module_wasm`]: build the module to wasm.
 //! - [`envfile`]: the `khala.env` file `khala up` writes.
+//! - [`mirror`]: `khala mirror`, authority events into the module (docs/MIRROR.md).
+//! - [`parity`]: authority vs module vs client logs, by seq and hash.
 //! - [`paths`]: default locations.
 //! - [`error`]: [`ToolError`] with stable codes.
 
@@ -14,8 +17,11 @@ pub mod api;
 pub mod engine;
 pub mod envfile;
 pub mod error;
+pub mod mirror;
 pub mod module_wasm;
+pub mod parity;
 pub mod paths;
+pub mod sdk_publish;
 pub mod server;
 
 pub use error::ToolError;

@@ -17,8 +17,21 @@ fn main() {
 
     let cli = cmd::Cli::parse();
     if let Err(err) = cmd::run(cli) {
-        let code = err.downcast_ref::<khala_tools::ToolError>().map_or("error", |e| e.code());
-        eprintln!("khala: {code}: {err:#}");
+        eprintln!("khala: {}: {err:#}", code_of(&err));
         std::process::exit(1);
     }
+}
+
+/// The stable code of a failure, from whichever library raised it.
+fn code_of(err: &anyhow::Error) -> &'static str {
+    if let Some(e) = err.downcast_ref::<khala_tools::ToolError>() {
+        return e.code();
+    }
+    if let Some(e) = err.downcast_ref::<khala_tools::mirror::MirrorError>() {
+        return e.code();
+    }
+    if let Some(e) = err.downcast_ref::<khala_client::ClientError>() {
+        return e.code();
+    }
+    "error"
 }

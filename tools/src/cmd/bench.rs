@@ -21,9 +21,26 @@ pub struct BenchArgs {
 pub enum Which {
     /// Publish a backlog, then time a fresh client (`khala tail`) replaying it to live.
     Replay(ReplayArgs),
+    /// Publish throughput through the `publish` reducer, over HTTP JSON and over the SDK.
+    Publish(PublishArgs),
     /// Low-rate publishing (one event per call): publish rate over time and segment
     /// rows, with compaction on and off.
     SmallSegments(SmallArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PublishArgs {
+    /// Events per run.
+    #[arg(long, default_value_t = 200_000)]
+    pub events: u64,
+    /// Events per call.
+    #[arg(long, default_value_t = 1_000)]
+    pub batch: u64,
+    /// Streams, each with one call in flight.
+    #[arg(long, default_value_t = 4)]
+    pub streams: u64,
+    #[arg(long, default_value_t = 256)]
+    pub payload_bytes: usize,
 }
 
 #[derive(Args, Debug)]
@@ -53,6 +70,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.which {
         Which::Replay(a) => replay(a),
         Which::SmallSegments(a) => small_segments(a),
+        Which::Publish(a) => publish(a),
     }
 }
 
@@ -172,5 +190,104 @@ fn small_segments(args: SmallArgs) -> anyhow::Result<()> {
         runs.insert(label.into(), small_run(&api, label, &owner.token, &args)?);
     }
     println!("{}", serde_json::to_string_pretty(&json!({ "command": command, "runs": runs }))?);
+    Ok(())
+}
+
+/// Random payloads, `n` events of stream `s` from `seq`.
+fn sdk_events(from: u64, n: u64, payload_bytes: usize, rng: &mut impl RngCore) -> Vec<khala_client::module_bindings::PublishEvent> {
+    (from..from + n)
+        .map(|seq| {
+            let mut payload = vec![0u8; payload_bytes];
+            rng.fill_bytes(&mut payload);
+            khala_client::module_bindings::PublishEvent {
+                idempotency_key: format!("k{seq}"),
+                kind: "bench".into(),
+                payload,
+                authority_seq: Some(seq),
+                occurred_at_micros: 0,
+            }
+        })
+        .collect()
+}
+
+fn publish_sdk(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow::Result<f64> {
+    use khala_tools::sdk_publish::{Outcome, SdkPublisher};
+    let publisher = SdkPublisher::connect(url, db, token)?;
+    let mut rng = rand::thread_rng();
+    let per_stream = args.events / args.streams;
+    let mut next: Vec<u64> = vec![1; args.streams as usize];
+    let started = Instant::now();
+    let mut in_flight = 0;
+    for (s, n) in next.iter_mut().enumerate() {
+        publisher.send(&format!("bench.pub.{s}"), sdk_events(*n, args.batch.min(per_stream), args.payload_bytes, &mut rng))?;
+        *n += args.batch.min(per_stream);
+        in_flight += 1;
+    }
+    while in_flight > 0 {
+        match publisher.next(Duration::from_secs(30)) {
+            Some(Outcome::Committed { stream_id }) => {
+                in_flight -= 1;
+                let s: usize = stream_id.rsplit('.').next().and_then(|n| n.parse().ok()).context("stream index")?;
+                if next[s] <= per_stream {
+                    let n = args.batch.min(per_stream - next[s] + 1);
+                    publisher.send(&stream_id, sdk_events(next[s], n, args.payload_bytes, &mut rng))?;
+                    next[s] += n;
+                    in_flight += 1;
+                }
+            }
+            Some(Outcome::Failed { stream_id, error }) => anyhow::bail!("publish on {stream_id} failed: {error}"),
+            Some(Outcome::Disconnected(e)) => anyhow::bail!("disconnected: {e}"),
+            None => anyhow::bail!("no publish result within 30 s"),
+        }
+    }
+    Ok((per_stream * args.streams) as f64 / started.elapsed().as_secs_f64())
+}
+
+fn publish_http(api: &Api, db: &str, token: &str, args: &PublishArgs) -> anyhow::Result<f64> {
+    let per_stream = args.events / args.streams;
+    let started = Instant::now();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let handles: Vec<_> = (0..args.streams)
+            .map(|s| {
+                scope.spawn(move || -> anyhow::Result<()> {
+                    let mut rng = rand::thread_rng();
+                    let mut seq = 1;
+                    while seq <= per_stream {
+                        let n = args.batch.min(per_stream - seq + 1);
+                        let events: Vec<Value> = sdk_events(seq, n, args.payload_bytes, &mut rng)
+                            .into_iter()
+                            .map(|e| json!({ "idempotency_key": e.idempotency_key, "kind": e.kind, "payload": bytes_arg(&e.payload),
+                                             "authority_seq": option_arg(e.authority_seq.map(|s| json!(s))), "occurred_at_micros": 0 }))
+                            .collect();
+                        api.call(db, "publish", json!([format!("bench.pub.{s}"), events]), token)?;
+                        seq += n;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("publisher thread")?;
+        }
+        Ok(())
+    })?;
+    Ok((per_stream * args.streams) as f64 / started.elapsed().as_secs_f64())
+}
+
+fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    let command = format!("khala bench publish --events {} --batch {} --streams {} --payload-bytes {}", args.events, args.batch, args.streams, args.payload_bytes);
+    let (server, _dir) = private_server()?;
+    let api = Api::new(&server.url());
+    let owner = api.new_identity()?;
+    let wasm = std::fs::read(khala_tools::module_wasm::build_module()?)?;
+    api.publish_module("pub-http", &wasm, &owner.token, false)?;
+    api.publish_module("pub-sdk", &wasm, &owner.token, false)?;
+    let http = publish_http(&api, "pub-http", &owner.token, &args)?;
+    let sdk = publish_sdk(&server.url(), "pub-sdk", &owner.token, &args)?;
+    println!("{}", serde_json::to_string_pretty(&json!({
+        "command": command,
+        "http_json_events_per_sec": http.round(),
+        "sdk_bsatn_events_per_sec": sdk.round(),
+    }))?);
     Ok(())
 }

@@ -2,7 +2,10 @@
 
 mod admin;
 mod bench;
+mod demo;
 mod down;
+mod mirror;
+mod parity;
 mod setup;
 mod status;
 mod tail;
@@ -38,8 +41,16 @@ pub enum Command {
     Role(admin::RoleArgs),
     /// Follow streams as a Khala client: print applied events, checkpoint, ack, resume.
     Tail(tail::TailArgs),
+    /// Mirror authority events (JSONL file, stdin or Postgres outbox) into the module.
+    Mirror(mirror::MirrorArgs),
+    /// Write synthetic authority events as JSONL to stdout (for measuring the mirror).
+    GenEvents(mirror::GenEventsArgs),
     /// Measurements (against a private server): replay throughput and client memory.
     Bench(bench::BenchArgs),
+    /// The main job end to end: up, mirror an authority log, replay it as a client, check parity.
+    Demo(demo::DemoArgs),
+    /// Compare the authority's log, the module's log and a client's applied log.
+    Parity(parity::ParityArgs),
 }
 
 /// Which server and database a command talks to, and as whom.
@@ -79,6 +90,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Revoke(args) => admin::revoke(args),
         Command::Role(args) => admin::role(args),
         Command::Tail(args) => tail::run(args),
+        Command::Mirror(args) => mirror::run(args),
+        Command::GenEvents(args) => mirror::gen_events(args),
         Command::Bench(args) => bench::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Parity(args) => parity::run(args),
     }
 }

@@ -1,0 +1,400 @@
+//! `khala mirror` as users run it (the real binary, a real server, a real PostgreSQL):
+//! SIGKILL of the mirror at random points, kill -9 of the server mid-run and right after
+//! a burst, bad input lines, and the Postgres outbox with LISTEN/NOTIFY and its cursor.
+//! Every scenario ends by checking the module holds exactly the input, per stream, in
+//! order, with no duplicates: seqs, chain, kinds, keys and payload bytes.
+
+use khala_proto::json::canonical_json;
+use khala_tests::bin::khala_bin;
+use khala_tests::pg::Postgres;
+use khala_tests::verify::{segments, verify_stream};
+use khala_tests::{shared_server, wait_for, TestDb, TestServer};
+use rand::Rng;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// One event the module must end up holding.
+#[derive(Debug, Clone)]
+struct Expected {
+    seq: u64,
+    kind: String,
+    key: String,
+    payload: Vec<u8>,
+}
+
+/// What the module must hold, by stream id.
+type Streams = BTreeMap<String, Vec<Expected>>;
+
+fn expect(streams: &mut Streams, stream: &str, topic: &str, seq: u64, kind: &str, payload: &Value) {
+    let key = format!("topic:{topic}:seq:{seq}:kind:{kind}");
+    streams.entry(stream.into()).or_default().push(Expected { seq, kind: kind.into(), key, payload: canonical_json(payload) });
+}
+
+/// `count` events over `topics` topics `run:<t>:events`, round-robin, as JSONL lines
+/// (keys in a non-canonical order, seq as a string every other line).
+fn generate(count: u64, topics: u64, pad: usize) -> (Vec<String>, Streams) {
+    let mut lines = Vec::new();
+    let mut streams = Streams::new();
+    for i in 0..count {
+        let (t, seq) = (i % topics, i / topics + 1);
+        let topic = format!("run:{t}:events");
+        let payload = json!({ "n": i, "pad": "p".repeat(pad), "at": { "z": seq, "a": t } });
+        let seq_json = if i % 2 == 0 { json!(seq.to_string()) } else { json!(seq) };
+        lines.push(json!({ "payload": payload, "seq": seq_json, "kind": "run.step", "topic": topic }).to_string());
+        expect(&mut streams, &format!("runtime.run.{t}.events"), &topic, seq, "run.step", &payload);
+    }
+    (lines, streams)
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    std::fs::write(path, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+}
+
+/// The module holds exactly `expected`: every stream verifies, seqs are 1..=n, and each
+/// stored event has the input's kind, key and payload bytes.
+fn assert_module_holds(db: &TestDb, expected: &Streams) {
+    for (stream, events) in expected {
+        let seqs = verify_stream(db, stream).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>(), "{stream}: stored seqs");
+        let stored: Vec<_> = segments(db, stream).into_iter().flat_map(|s| s.events).collect();
+        for (want, got) in events.iter().zip(&stored) {
+            assert_eq!((got.seq, got.kind.as_str(), got.idempotency_key.as_str()), (want.seq, want.kind.as_str(), want.key.as_str()), "{stream}");
+            assert_eq!(got.payload, want.payload, "{stream} seq {}: payload bytes", want.seq);
+        }
+    }
+    let mut stored: Vec<String> = khala_tests::verify::streams(db).into_iter().map(|s| s.stream_id).collect();
+    stored.sort();
+    assert_eq!(stored, expected.keys().cloned().collect::<Vec<_>>(), "streams in the module");
+}
+
+/// A token file for `db`'s owner, in `dir`.
+fn token_file(db: &TestDb, dir: &Path) -> PathBuf {
+    let path = dir.join("owner.token");
+    std::fs::write(&path, &db.owner.token).unwrap();
+    path
+}
+
+/// `khala mirror` against `db`, with the user's own settings kept out.
+fn mirror<S: AsRef<std::ffi::OsStr>>(db: &TestDb, dir: &Path, args: impl IntoIterator<Item = S>) -> Command {
+    let mut command = Command::new(khala_bin());
+    command
+        .arg("mirror")
+        .args(["--server", &db.url, "--database", &db.name, "--token-file"])
+        .arg(token_file(db, dir))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(args)
+        .env("KHALA_ENV_FILE", dir.join("none.env"))
+        .env_remove("KHALA_SERVER_URL")
+        .env_remove("KHALA_DATABASE")
+        .env_remove("KHALA_TOKEN_FILE")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    command
+}
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+/// The JSON summary the mirror prints as its last stdout line.
+fn summary(output: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_else(|| panic!("no summary:\n{}", text(output)));
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("summary {last:?}: {e}"))
+}
+
+fn run_ok(mut command: Command) -> Value {
+    let output = command.output().expect("running khala mirror");
+    assert!(output.status.success(), "khala mirror failed:\n{}", text(&output));
+    summary(&output)
+}
+
+/// The sum of the stream heads, or `None` while the server does not answer.
+fn heads_total(db: &TestDb) -> Option<u64> {
+    let rows = db.api.sql(&db.name, "SELECT head_seq FROM stream", &db.owner.token).ok()?;
+    Some(rows.rows.iter().filter_map(|r| r.first().and_then(Value::as_u64)).sum())
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> Output {
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the mirror did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    Output { status: child.wait().unwrap(), stdout: stdout.into_bytes(), stderr: stderr.into_bytes() }
+}
+
+/// Kills the mirror with SIGKILL `kills` times at random points (a run lives `life_ms`
+/// at most), then lets a last run finish; the module must hold exactly the input.
+fn sigkill_drill(label: &str, events: u64, kills: usize, batch: &str, life_ms: std::ops::Range<u64>) {
+    let db = shared_server().new_database(label);
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let (lines, expected) = generate(events, 3, 100);
+    write_lines(&input, &lines);
+    let input = input.to_string_lossy();
+    let args = ["--input", &input, "--batch-events", batch, "--batch-ms", "5", "--durable-after-ms", "700", "--parallel", "1"];
+    let mut rng = rand::thread_rng();
+    let mut mid_run = 0;
+    for round in 1..=kills {
+        let mut child = mirror(&db, dir.path(), args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(rng.gen_range(life_ms.clone())));
+        let before = heads_total(&db);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        mid_run += usize::from(before.is_some_and(|n| n < events));
+        let cursor: Value = std::fs::read_to_string(dir.path().join("state").join("cursor.json")).map_or(Value::Null, |t| serde_json::from_str(&t).unwrap());
+        eprintln!("kill {round}: module heads total {before:?}; durable cursor at line {}", cursor["line"]);
+    }
+    assert!(mid_run >= 1, "no kill landed while the mirror was publishing");
+    let done = run_ok(mirror(&db, dir.path(), args));
+    eprintln!("{mid_run} of {kills} kills landed mid-publish; final run: {done}");
+    assert_eq!(done["durable_line"], json!(events));
+    assert_module_holds(&db, &expected);
+}
+
+#[test]
+fn sigkill_of_the_mirror_at_random_points_loses_and_doubles_nothing() {
+    // Small batches, one call in flight: a run takes seconds, so the kills land mid-run.
+    sigkill_drill("mirror-kill", 5000, 5, "4", 200..900);
+}
+
+/// The larger drill for the record (not in the default run):
+/// `KHALA_DRILL_EVENTS=50000 KHALA_DRILL_KILLS=20 KHALA_DRILL_BATCH=5 cargo test -p khala-tests --test mirror -- --ignored`.
+#[test]
+#[ignore]
+fn sigkill_drill_large() {
+    let env = |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let batch = env("KHALA_DRILL_BATCH", 5).to_string();
+    sigkill_drill("mirror-kill-large", env("KHALA_DRILL_EVENTS", 50_000), env("KHALA_DRILL_KILLS", 20) as usize, &batch, 200..1500);
+}
+
+#[test]
+fn kill_9_of_the_server_mid_run_and_after_a_burst_loses_and_doubles_nothing() {
+    let server = TestServer::start();
+    let db = server.new_database("mirror-crash");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let total = 30_000;
+    let (lines, expected) = generate(total, 3, 200);
+    write_lines(&input, &lines);
+    let mut child = mirror(&db, dir.path(), ["--input", &input.to_string_lossy(), "--batch-events", "50", "--durable-after-ms", "3000", "--parallel", "3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Mid-run.
+    wait_for("a third of the input in the module", Duration::from_secs(60), || heads_total(&db).filter(|n| *n >= total / 3));
+    server.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    server.restart();
+    eprintln!("after the mid-run kill -9: heads total {:?}", heads_total(&db));
+
+    // Right after the burst: everything acknowledged, nothing yet confirmed durable.
+    wait_for("the whole input acknowledged", Duration::from_secs(120), || heads_total(&db).filter(|n| *n == total));
+    server.kill9();
+    server.restart();
+    eprintln!("after the kill -9 right after the burst: heads total {:?} of {total}", heads_total(&db));
+
+    let output = wait_exit(&mut child, Duration::from_secs(120));
+    assert!(output.status.success(), "{}", text(&output));
+    let done = summary(&output);
+    eprintln!("mirror: {done}");
+    assert!(done["reconciles"].as_u64().unwrap() >= 1, "the mirror noticed neither crash: {done}");
+    assert_eq!(done["durable_line"], json!(total));
+    assert_module_holds(&db, &expected);
+}
+
+#[test]
+fn acknowledged_events_the_server_loses_are_found_and_republished() {
+    // Every event is acknowledged, then the database is wiped before any of them can count
+    // as durable: what a crash does to unsynced commits, made certain. The mirror must see
+    // the heads fall below its acknowledgements, rewind and publish everything again.
+    let db = shared_server().new_database("mirror-loss");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let (lines, expected) = generate(3000, 3, 50);
+    write_lines(&input, &lines);
+    let mut child = mirror(&db, dir.path(), ["--input", &input.to_string_lossy(), "--batch-events", "100", "--durable-after-ms", "5000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("every event acknowledged", Duration::from_secs(30), || heads_total(&db).filter(|n| *n == 3000));
+    db.api.publish_module(&db.name, khala_tests::module_wasm(), &db.owner.token, true).unwrap();
+    assert_eq!(heads_total(&db), Some(0));
+    let output = wait_exit(&mut child, Duration::from_secs(60));
+    assert!(output.status.success(), "{}", text(&output));
+    let done = summary(&output);
+    assert_eq!((done["lost_and_republished"].as_u64(), done["published"].as_u64()), (Some(3000), Some(6000)), "{done}");
+    assert!(done["reconciles"].as_u64().unwrap() >= 1, "{done}");
+    assert_module_holds(&db, &expected);
+}
+
+#[test]
+fn stdin_is_spooled_and_the_next_run_goes_on_from_the_spool() {
+    let db = shared_server().new_database("mirror-stdin");
+    let dir = tempfile::tempdir().unwrap();
+    let (lines, expected) = generate(600, 3, 20);
+    for part in lines.chunks(300) {
+        let mut child = mirror(&db, dir.path(), ["--durable-after-ms", "700"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, part.iter().map(|l| format!("{l}\n")).collect::<String>().as_bytes()).unwrap();
+        drop(stdin);
+        let output = wait_exit(&mut child, Duration::from_secs(60));
+        assert!(output.status.success(), "{}", text(&output));
+        assert_eq!(summary(&output)["events_read"], json!(300));
+    }
+    assert_module_holds(&db, &expected);
+    // Segments the durable cursor has passed are gone; at most the last one and the
+    // (empty) one a run starts with stay.
+    let spool: Vec<_> = std::fs::read_dir(dir.path().join("state").join("spool")).unwrap().collect();
+    assert!(spool.len() <= 2, "{spool:?}");
+}
+
+#[test]
+fn bad_lines_are_dead_lettered_with_line_and_reason_and_the_rest_goes_on() {
+    let db = shared_server().new_database("mirror-bad");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let event = |topic: &str, seq: u64, payload: Value| json!({ "topic": topic, "seq": seq, "kind": "k", "payload": payload }).to_string();
+    let big = json!({ "blob": "x".repeat(2000) });
+    let lines = vec![
+        event("run:a:events", 1, json!(1)),
+        "this is not json".to_string(),
+        event("run:a:events", 2, json!(2)),
+        json!({ "topic": "run:b:events", "kind": "k", "payload": {} }).to_string(),
+        event("run:b:events", 1, json!("b1")),
+        event("run:b:events", 2, big),
+        event("run:b:events", 3, json!("b3")),
+        event("run:a:events", 3, json!(3)),
+        event("worker:c:lifecycle", 1, json!({ "up": true })),
+    ];
+    write_lines(&input, &lines);
+    let dead_letter = dir.path().join("dead.jsonl");
+    let args = |extra: &[&str]| {
+        let mut args = vec!["--input".to_string(), input.to_string_lossy().into(), "--max-payload-bytes".into(), "1024".into(), "--durable-after-ms".into(), "700".into()];
+        args.extend(["--dead-letter".to_string(), dead_letter.to_string_lossy().into()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+
+    // Hold (the default): stream b stops before its refused event; a and c go on.
+    let output = mirror(&db, dir.path(), args(&[])).output().unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(text(&output).contains("khala: streams_held:") && text(&output).contains("runtime.run.b.events"), "{}", text(&output));
+    let records: Vec<Value> = std::fs::read_to_string(&dead_letter).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let seen: Vec<(u64, &str)> = records.iter().map(|r| (r["line"].as_u64().unwrap(), r["reason"].as_str().unwrap())).collect();
+    assert_eq!(seen, vec![(2, "not_json"), (4, "invalid_seq"), (6, "payload_too_large")]);
+    assert_eq!(records[0]["raw"], json!("this is not json"));
+    assert_eq!(records[2]["raw"].as_str(), Some(lines[5].as_str()));
+    let mut expected = Streams::new();
+    for seq in 1..=3 {
+        expect(&mut expected, "runtime.run.a.events", "run:a:events", seq, "k", &json!(seq));
+    }
+    expect(&mut expected, "runtime.run.b.events", "run:b:events", 1, "k", &json!("b1"));
+    expect(&mut expected, "runtime.worker.c.lifecycle", "worker:c:lifecycle", 1, "k", &json!({ "up": true }));
+    assert_module_holds(&db, &expected);
+
+    // Skip: a marker takes the refused event's seq and b goes on; no dead letter twice.
+    let done = run_ok(mirror(&db, dir.path(), args(&["--on-gap", "skip"])));
+    assert_eq!(done["durable_line"], json!(9), "{done}");
+    assert_eq!(std::fs::read_to_string(&dead_letter).unwrap().lines().count(), 3);
+    let marker = json!({ "reason": "payload_too_large", "seq": 2, "topic": "run:b:events" });
+    expect(&mut expected, "runtime.run.b.events", "run:b:events", 2, "khala.gap", &marker);
+    expect(&mut expected, "runtime.run.b.events", "run:b:events", 3, "k", &json!("b3"));
+    let b = expected.get_mut("runtime.run.b.events").unwrap();
+    b.sort_by_key(|e| e.seq);
+    assert_module_holds(&db, &expected);
+}
+
+/// `count` outbox rows per topic `run:<t>:events` (t < topics) with seqs `from..from+count`.
+fn insert_rows(pg: &Postgres, topics: u64, from: u64, count: u64) {
+    pg.psql(&format!(
+        "INSERT INTO khala_outbox (topic, seq, kind, payload, occurred_at) \
+         SELECT 'run:' || t || ':events', s, 'pg.event', jsonb_build_object('t', t, 's', s, 'pad', repeat('x', 50)), now() \
+         FROM generate_series({from}, {}) s, generate_series(0, {}) t ORDER BY s, t",
+        from + count - 1,
+        topics - 1
+    ));
+}
+
+fn outbox_expected(topics: u64, through: u64) -> Streams {
+    let mut streams = Streams::new();
+    for t in 0..topics {
+        for s in 1..=through {
+            let payload = json!({ "t": t, "s": s, "pad": "x".repeat(50) });
+            expect(&mut streams, &format!("runtime.run.{t}.events"), &format!("run:{t}:events"), s, "pg.event", &payload);
+        }
+    }
+    streams
+}
+
+#[test]
+fn the_postgres_outbox_is_mirrored_resumed_and_followed() {
+    let pg = Postgres::start();
+    let db = shared_server().new_database("mirror-pg");
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg.url();
+    let pg_args = |extra: &[&str]| -> Vec<String> { ["--postgres", url.as_str(), "--durable-after-ms", "700"].iter().chain(extra).map(|s| s.to_string()).collect() };
+
+    // The migration applies once, then is a no-op.
+    for expected in ["applied 0001_outbox", "the outbox schema is up to date"] {
+        let output = mirror(&db, dir.path(), ["--postgres", &url, "--migrate"]).output().unwrap();
+        assert!(output.status.success() && text(&output).contains(expected), "{}", text(&output));
+    }
+
+    insert_rows(&pg, 3, 1, 200);
+    pg.psql("INSERT INTO khala_outbox (topic, seq, kind, payload) VALUES ('run:9:events', 0, 'pg.event', '{}')");
+    let once = pg_args(&["--once"]);
+    let first = run_ok(mirror(&db, dir.path(), &once));
+    assert_eq!((first["events_read"].as_u64(), first["published"].as_u64(), first["dead_lettered"].as_u64()), (Some(601), Some(600), Some(1)), "{first}");
+    assert_module_holds(&db, &outbox_expected(3, 200));
+    let max_id = pg.psql("SELECT max(id) FROM khala_outbox");
+    assert_eq!(pg.psql(&format!("SELECT last_id FROM khala_mirror_cursor WHERE name = '{}'", db.name)), max_id);
+
+    // A restart resumes at the cursor: only the new rows are read.
+    insert_rows(&pg, 3, 201, 20);
+    let second = run_ok(mirror(&db, dir.path(), &once));
+    assert_eq!((second["events_read"].as_u64(), second["duplicates"].as_u64()), (Some(60), Some(0)), "{second}");
+    assert_module_holds(&db, &outbox_expected(3, 220));
+
+    // Following: a NOTIFY wakes the mirror long before its (60 s) poll; Ctrl-C stops it
+    // cleanly with the cursor saved; the metrics endpoint answers meanwhile.
+    let port = khala_tools::server::free_port().unwrap();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let follow = pg_args(&["--poll-ms", "60000", "--metrics-addr", &metrics_addr]);
+    let mut child = mirror(&db, dir.path(), &follow).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let metrics = || {
+        let mut stream = std::net::TcpStream::connect(&metrics_addr).ok()?;
+        std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut body).ok()?;
+        Some(body)
+    };
+    wait_for("the metrics endpoint", Duration::from_secs(10), metrics);
+    std::thread::sleep(Duration::from_millis(500));
+    insert_rows(&pg, 3, 221, 10);
+    wait_for("the notified rows in the module", Duration::from_secs(15), || heads_total(&db).filter(|n| *n == 3 * 230));
+    let published = |body: &str| body.lines().find_map(|l| l.strip_prefix("khala_mirror_published_total ")).and_then(|n| n.trim().parse::<f64>().ok());
+    let body = wait_for("published events in the metrics", Duration::from_secs(5), || metrics().filter(|b| published(b).is_some_and(|n| n >= 30.0)));
+    assert!(body.contains("khala_mirror_lag_events") && body.contains("khala_mirror_spool_depth"), "{body}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let output = wait_exit(&mut child, Duration::from_secs(30));
+    assert!(output.status.success(), "{}", text(&output));
+    assert_module_holds(&db, &outbox_expected(3, 230));
+    let max_id = pg.psql("SELECT max(id) FROM khala_outbox");
+    assert_eq!(pg.psql(&format!("SELECT last_id FROM khala_mirror_cursor WHERE name = '{}'", db.name)), max_id);
+}

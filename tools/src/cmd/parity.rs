@@ -1,0 +1,35 @@
+//! `khala parity`: compare the authority's JSONL log, the module's log and (optionally) a
+//! client's applied log (`khala tail --json` output) by seq and hash.
+
+use super::Target;
+use clap::Args;
+use khala_tools::parity;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct ParityArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// The authority's events (JSONL, the mirror's input format).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// A client's applied log, as `khala tail --json` printed it.
+    #[arg(long)]
+    pub client_log: Option<PathBuf>,
+}
+
+pub fn run(args: ParityArgs) -> anyhow::Result<()> {
+    let authority = parity::authority_log(&args.input)?;
+    let streams: Vec<String> = authority.keys().cloned().collect();
+    let module = parity::module_log(&args.target.api(), &args.target.database, &args.target.token()?, &streams)?;
+    let mut diffs = parity::compare("authority", &authority, "module", &module);
+    if let Some(path) = &args.client_log {
+        diffs.extend(parity::compare("module", &module, "client", &parity::client_log(path)?));
+    }
+    for d in &diffs {
+        println!("{d}");
+    }
+    println!("{} streams, {} authority events: {}", streams.len(), parity::total(&authority), if diffs.is_empty() { "parity ok" } else { "parity FAILED" });
+    anyhow::ensure!(diffs.is_empty(), "{} differences", diffs.len());
+    Ok(())
+}

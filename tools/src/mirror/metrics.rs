@@ -1,0 +1,185 @@
+//! What the mirror counts: kept in [`Stats`] for the summary printed on exit, and sent to
+//! the `metrics` facade, which `--metrics-addr` exposes as Prometheus text.
+//!
+//! | metric | kind | meaning |
+//! |---|---|---|
+//! | `khala_mirror_events_read_total` | counter | records read from the source (re-reads after a rewind included) |
+//! | `khala_mirror_published_total` | counter | events in batches the module committed |
+//! | `khala_mirror_duplicates_total` | counter | events skipped because the module already held their seq |
+//! | `khala_mirror_dead_lettered_total` | counter | records written to the dead-letter file |
+//! | `khala_mirror_failures_total{class}` | counter | failed publishes and head reads, by class |
+//! | `khala_mirror_reconciles_total` | counter | rewinds to the durable cursor after a failure or loss |
+//! | `khala_mirror_lost_total` | counter | acknowledged events found missing after a server crash (then republished) |
+//! | `khala_mirror_spool_depth` | gauge | records read but not yet behind the durable cursor (what a rewind replays) |
+//! | `khala_mirror_lag_events` | gauge | source head minus the durable position, in events |
+//! | `khala_mirror_held_streams` | gauge | streams held by `--on-gap hold` |
+//! | `khala_mirror_durable_position` | gauge | the durable cursor (line or outbox id) |
+
+use super::error::{MirrorError, Result};
+use super::source::Mark;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Serves `/metrics` (any path, in fact) as Prometheus text on `addr`.
+pub fn serve(addr: SocketAddr) -> Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| MirrorError::Usage(format!("cannot serve metrics on {addr}: {e}")))
+}
+
+/// The mirror's counters.
+#[derive(Debug)]
+pub struct Stats {
+    started: Instant,
+    pub read: u64,
+    pub published: u64,
+    pub duplicates: u64,
+    pub dead_lettered: u64,
+    pub failures: BTreeMap<&'static str, u64>,
+    pub reconciles: u64,
+    pub lost: u64,
+    /// When the module committed the last batch.
+    pub last_commit: Option<Instant>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            started: Instant::now(),
+            read: 0,
+            published: 0,
+            duplicates: 0,
+            dead_lettered: 0,
+            failures: BTreeMap::new(),
+            reconciles: 0,
+            lost: 0,
+            last_commit: None,
+        }
+    }
+}
+
+impl Stats {
+    pub fn read(&mut self, n: u64) {
+        self.read += n;
+        metrics::counter!("khala_mirror_events_read_total").increment(n);
+    }
+
+    pub fn published(&mut self, n: u64, at: Instant) {
+        self.published += n;
+        self.last_commit = Some(at);
+        metrics::counter!("khala_mirror_published_total").increment(n);
+    }
+
+    pub fn duplicate(&mut self) {
+        self.duplicates += 1;
+        metrics::counter!("khala_mirror_duplicates_total").increment(1);
+    }
+
+    pub fn dead_lettered(&mut self) {
+        self.dead_lettered += 1;
+        metrics::counter!("khala_mirror_dead_lettered_total").increment(1);
+    }
+
+    pub fn failure(&mut self, class: &'static str) {
+        *self.failures.entry(class).or_default() += 1;
+        metrics::counter!("khala_mirror_failures_total", "class" => class).increment(1);
+    }
+
+    pub fn reconciled(&mut self) {
+        self.reconciles += 1;
+        metrics::counter!("khala_mirror_reconciles_total").increment(1);
+    }
+
+    pub fn lost(&mut self, n: u64) {
+        self.lost += n;
+        metrics::counter!("khala_mirror_lost_total").increment(n);
+    }
+
+    /// Sets the gauges.
+    pub fn gauges(&self, spool_depth: usize, lag: u64, held: usize, durable: Mark) {
+        metrics::gauge!("khala_mirror_spool_depth").set(spool_depth as f64);
+        metrics::gauge!("khala_mirror_lag_events").set(lag as f64);
+        metrics::gauge!("khala_mirror_held_streams").set(held as f64);
+        metrics::gauge!("khala_mirror_durable_position").set(durable.line as f64);
+    }
+
+    /// The summary at the end of a run.
+    pub fn summary(&self, source: String, durable: Mark, held: Vec<(String, String)>, dead_letter_file: String) -> Summary {
+        let elapsed = self.started.elapsed();
+        let publishing = self.last_commit.map_or(Duration::ZERO, |t| t.duration_since(self.started));
+        let rate = |secs: f64| if secs > 0.0 { (self.published as f64 / secs).round() } else { 0.0 };
+        Summary {
+            source,
+            events_read: self.read,
+            published: self.published,
+            duplicates: self.duplicates,
+            dead_lettered: self.dead_lettered,
+            dead_letter_file,
+            failures: self.failures.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            reconciles: self.reconciles,
+            lost_and_republished: self.lost,
+            durable_line: durable.line,
+            durable_segment: durable.segment,
+            durable_offset: durable.offset,
+            held_streams: held.into_iter().map(|(stream, why)| format!("{stream}: {why}")).collect(),
+            elapsed_secs: elapsed.as_secs_f64(),
+            publish_secs: publishing.as_secs_f64(),
+            events_per_sec: rate(publishing.as_secs_f64()),
+        }
+    }
+}
+
+/// Printed on exit: as text on stderr, and as one JSON line on stdout for scripts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub source: String,
+    pub events_read: u64,
+    pub published: u64,
+    pub duplicates: u64,
+    pub dead_lettered: u64,
+    pub dead_letter_file: String,
+    pub failures: BTreeMap<String, u64>,
+    pub reconciles: u64,
+    pub lost_and_republished: u64,
+    /// The durable cursor: line (or outbox id), and for files the segment and byte offset.
+    pub durable_line: u64,
+    pub durable_segment: u64,
+    pub durable_offset: u64,
+    pub held_streams: Vec<String>,
+    pub elapsed_secs: f64,
+    /// From the start to the last committed batch.
+    pub publish_secs: f64,
+    /// `published / publish_secs`.
+    pub events_per_sec: f64,
+}
+
+impl Summary {
+    /// The human-readable form.
+    pub fn text(&self) -> String {
+        let failures = if self.failures.is_empty() { "none".to_string() } else { self.failures.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ") };
+        let mut text = format!(
+            "khala mirror: {}\n  read {} · published {} · duplicates {} · dead-lettered {} ({})\n  failures: {failures} · reconciles {} · lost and republished {}\n  durable position: line {} (segment {}, offset {})\n  elapsed {:.2} s · {:.0} events/s over {:.2} s of publishing",
+            self.source,
+            self.events_read,
+            self.published,
+            self.duplicates,
+            self.dead_lettered,
+            self.dead_letter_file,
+            self.reconciles,
+            self.lost_and_republished,
+            self.durable_line,
+            self.durable_segment,
+            self.durable_offset,
+            self.elapsed_secs,
+            self.events_per_sec,
+            self.publish_secs,
+        );
+        for held in &self.held_streams {
+            text.push_str(&format!("\n  HELD {held}"));
+        }
+        text
+    }
+}

@@ -1,0 +1,287 @@
+//! The Postgres outbox source: the runtime inserts its events into `khala_outbox` in the
+//! same transaction as the state change they describe; the mirror reads them by keyset
+//! (`id > cursor ORDER BY id`), wakes on `NOTIFY khala_outbox` and polls as a fallback,
+//! and stores its durable position in `khala_mirror_cursor`, so a restart resumes exactly
+//! there. The schema and its triggers are `tools/migrations/*.sql` ([`migrate`]).
+//!
+//! `tokio-postgres` is async; the source owns a current-thread Tokio runtime and blocks
+//! on it, so the rest of the mirror stays synchronous. Any Postgres error drops the
+//! connection and is reported as [`MirrorError::Postgres`], which the mirror treats as
+//! transient: it backs off, rewinds to the durable cursor and reconnects.
+
+use super::error::{MirrorError, Result};
+use super::event::{build, Bad, Limits};
+use super::source::{Mark, Origin, Read, Record, Source};
+use khala_proto::json::canonical_json;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+/// The migrations, in order: `(version, name, sql)`.
+pub const MIGRATIONS: [(i32, &str, &str); 1] = [(1, "0001_outbox", include_str!("../../migrations/0001_outbox.sql"))];
+
+/// The advisory lock that keeps two `--migrate` runs apart.
+const MIGRATE_LOCK: i64 = 7_104_202_500;
+
+const READ_ROWS: &str = "SELECT id, topic, seq, kind, payload::text, (extract(epoch FROM occurred_at) * 1000000)::bigint \
+                         FROM khala_outbox WHERE id > $1 ORDER BY id LIMIT $2";
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| MirrorError::io("starting a Tokio runtime", e))
+}
+
+async fn connect(url: &str) -> Result<(Client, UnboundedReceiver<()>)> {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await.map_err(|e| MirrorError::postgres("connecting", e))?;
+    let (tx, rx) = unbounded_channel();
+    // The connection task delivers query results and forwards notifications.
+    tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            match message {
+                Ok(AsyncMessage::Notification(_)) => {
+                    let _ = tx.send(());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    log::warn!("postgres connection closed: {e}");
+                    return;
+                }
+            }
+        }
+    });
+    Ok((client, rx))
+}
+
+/// Applies the migrations not yet applied, in one transaction; returns their names.
+pub fn migrate(url: &str) -> Result<Vec<String>> {
+    runtime()?.block_on(async {
+        let pg = |what: &'static str| move |e: tokio_postgres::Error| MirrorError::postgres(what, e);
+        let (mut client, _notes) = connect(url).await?;
+        let tx = client.transaction().await.map_err(pg("starting the migration"))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK]).await.map_err(pg("locking"))?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS khala_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+            .await
+            .map_err(pg("creating khala_migrations"))?;
+        let mut applied = Vec::new();
+        for (version, name, sql) in MIGRATIONS {
+            let done = tx.query_opt("SELECT 1 FROM khala_migrations WHERE version = $1", &[&version]).await.map_err(pg("reading khala_migrations"))?;
+            if done.is_some() {
+                continue;
+            }
+            tx.batch_execute(sql).await.map_err(|e| MirrorError::postgres(format!("applying {name}"), e))?;
+            tx.execute("INSERT INTO khala_migrations (version, name) VALUES ($1, $2)", &[&version, &name]).await.map_err(pg("recording the migration"))?;
+            applied.push(name.to_string());
+        }
+        tx.commit().await.map_err(pg("committing the migration"))?;
+        Ok(applied)
+    })
+}
+
+/// The outbox as a [`Source`].
+pub struct Outbox {
+    rt: tokio::runtime::Runtime,
+    url: String,
+    conn: Option<(Client, UnboundedReceiver<()>)>,
+    name: String,
+    start: Mark,
+    /// The last id read.
+    read_id: i64,
+    /// The highest id known to exist (for the lag gauge).
+    head_id: i64,
+    follow: bool,
+    poll: Duration,
+    last_empty_poll: Option<Instant>,
+    limits: Limits,
+}
+
+fn mark(id: i64) -> Mark {
+    Mark { segment: 0, offset: id as u64, line: id as u64 }
+}
+
+/// One outbox row as a record.
+fn record(id: i64, topic: String, seq: i64, kind: String, payload: &str, occurred: Option<i64>, limits: Limits) -> Record {
+    let origin = Origin::OutboxId(id);
+    let parsed_payload = serde_json::from_str::<Value>(payload);
+    let raw_payload = parsed_payload.as_ref().map_or_else(|_| Value::String(payload.into()), Clone::clone);
+    let raw = json!({ "id": id, "topic": topic, "seq": seq, "kind": kind, "payload": raw_payload, "occurred_at_micros": occurred }).to_string();
+    let kind = if kind.is_empty() { Err(Bad { reason: "missing_kind", detail: "kind is empty".into(), topic: None, stream_id: None, seq: None }) } else { Ok(kind) };
+    let parsed = match parsed_payload {
+        _ if seq <= 0 => Err(Bad { reason: "invalid_seq", detail: format!("seq {seq}: seqs start at 1"), topic: Some(topic), stream_id: None, seq: None }),
+        Ok(payload) => build(topic, seq as u64, kind, canonical_json(&payload), Ok(occurred.unwrap_or(0)), origin, limits),
+        // jsonb can hold numbers serde_json cannot read (beyond f64, in builds without
+        // arbitrary_precision): refuse them rather than change them.
+        Err(e) => {
+            let bad = Bad { reason: "invalid_payload", detail: format!("the payload does not fit Khala's JSON numbers: {e}"), topic: None, stream_id: None, seq: None };
+            build(topic, seq as u64, Err(bad), Vec::new(), Ok(0), origin, limits)
+        }
+    };
+    Record { end: mark(id), origin, parsed: parsed.map_err(|bad| (bad, raw)) }
+}
+
+impl Outbox {
+    /// Connects and loads the cursor named `name` (0 when there is none).
+    pub fn open(url: &str, name: &str, follow: bool, poll: Duration, limits: Limits) -> Result<Outbox> {
+        let mut outbox = Outbox {
+            rt: runtime()?,
+            url: url.into(),
+            conn: None,
+            name: name.into(),
+            start: Mark::default(),
+            read_id: 0,
+            head_id: 0,
+            follow,
+            poll,
+            last_empty_poll: None,
+            limits,
+        };
+        outbox.connect().map_err(with_hint)?;
+        let client = &outbox.conn.as_ref().expect("connected").0;
+        let cursor = outbox.rt.block_on(client.query_opt("SELECT last_id FROM khala_mirror_cursor WHERE name = $1", &[&name]));
+        let cursor = cursor.map_err(|e| with_hint(MirrorError::postgres("reading the cursor", e)))?.map_or(0, |row| row.get::<_, i64>(0));
+        outbox.start = mark(cursor);
+        outbox.read_id = cursor;
+        outbox.refresh_head()?;
+        Ok(outbox)
+    }
+
+    fn connect(&mut self) -> Result<()> {
+        if self.conn.is_none() {
+            let conn = self.rt.block_on(connect(&self.url))?;
+            self.rt.block_on(conn.0.batch_execute("LISTEN khala_outbox")).map_err(|e| MirrorError::postgres("listening", e))?;
+            self.conn = Some(conn);
+        }
+        Ok(())
+    }
+
+    /// Drops the connection after an error, so the next call reconnects.
+    fn failed(&mut self, what: &str, e: tokio_postgres::Error) -> MirrorError {
+        self.conn = None;
+        MirrorError::postgres(what, e)
+    }
+
+    fn refresh_head(&mut self) -> Result<()> {
+        self.connect()?;
+        let client = &self.conn.as_ref().expect("connected").0;
+        match self.rt.block_on(client.query_one("SELECT coalesce(max(id), 0) FROM khala_outbox", &[])) {
+            Ok(row) => {
+                self.head_id = self.head_id.max(row.get::<_, i64>(0));
+                Ok(())
+            }
+            Err(e) => Err(self.failed("reading the outbox head", e)),
+        }
+    }
+
+    /// Waits up to `wait` for a notification; returns whether one came.
+    fn wait_for_notification(&mut self, wait: Duration) -> bool {
+        let Some((_, notes)) = self.conn.as_mut() else { return false };
+        let mut notified = false;
+        while notes.try_recv().is_ok() {
+            notified = true;
+        }
+        if notified || wait.is_zero() {
+            return notified;
+        }
+        matches!(self.rt.block_on(async { tokio::time::timeout(wait, notes.recv()).await }), Ok(Some(())))
+    }
+}
+
+impl Source for Outbox {
+    fn describe(&self) -> String {
+        format!("postgres outbox (cursor {:?})", self.name)
+    }
+
+    fn start(&self) -> Mark {
+        self.start
+    }
+
+    fn read(&mut self, max: usize, wait: Duration) -> Result<Read> {
+        self.connect()?;
+        // Between polls, only a notification makes it worth asking again.
+        if let Some(last) = self.last_empty_poll {
+            let until_poll = self.poll.saturating_sub(last.elapsed());
+            if !until_poll.is_zero() && !self.wait_for_notification(wait.min(until_poll)) {
+                return Ok(Read::Idle);
+            }
+        }
+        let client = &self.conn.as_ref().expect("connected").0;
+        let limit = max as i64;
+        let rows = match self.rt.block_on(client.query(READ_ROWS, &[&self.read_id, &limit])) {
+            Ok(rows) => rows,
+            Err(e) => return Err(self.failed("reading the outbox", e)),
+        };
+        if rows.is_empty() {
+            if !self.follow {
+                return Ok(Read::End);
+            }
+            self.last_empty_poll = Some(Instant::now());
+            return Ok(Read::Idle);
+        }
+        self.last_empty_poll = None;
+        let records: Vec<Record> = rows
+            .iter()
+            .map(|row| {
+                let payload: String = row.get(4);
+                record(row.get(0), row.get(1), row.get(2), row.get(3), &payload, row.get(5), self.limits)
+            })
+            .collect();
+        self.read_id = rows.last().map_or(self.read_id, |row| row.get(0));
+        self.head_id = self.head_id.max(self.read_id);
+        Ok(Read::Records(records))
+    }
+
+    fn rewind(&mut self, to: Mark) -> Result<()> {
+        self.read_id = to.offset as i64;
+        self.last_empty_poll = None;
+        self.connect()
+    }
+
+    fn persist(&mut self, durable: Mark) -> Result<()> {
+        self.connect()?;
+        let client = &self.conn.as_ref().expect("connected").0;
+        let last_id = durable.offset as i64;
+        let upsert = "INSERT INTO khala_mirror_cursor (name, last_id) VALUES ($1, $2) \
+                      ON CONFLICT (name) DO UPDATE SET last_id = EXCLUDED.last_id, updated_at = now()";
+        if let Err(e) = self.rt.block_on(client.execute(upsert, &[&self.name, &last_id])) {
+            return Err(self.failed("saving the cursor", e));
+        }
+        self.refresh_head()
+    }
+
+    fn head(&self) -> u64 {
+        self.head_id.max(0) as u64
+    }
+}
+
+/// A missing table means the migration was never applied: say so.
+fn with_hint(error: MirrorError) -> MirrorError {
+    match error {
+        MirrorError::Postgres { what, detail } if detail.contains("does not exist") => {
+            MirrorError::Postgres { what, detail: format!("{detail} (apply the schema first: khala mirror --postgres URL --migrate)") }
+        }
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits { max_payload_bytes: 32 };
+
+    #[test]
+    fn rows_become_records_or_dead_letters() {
+        let good = record(5, "run:1:events".into(), 2, "run.step".into(), r#"{"b": 1, "a": 2}"#, Some(7), LIMITS);
+        let event = good.parsed.unwrap();
+        assert_eq!((event.stream_id.as_str(), event.seq, event.payload.as_slice(), event.occurred_at_micros), ("runtime.run.1.events", 2, br#"{"a":2,"b":1}"#.as_slice(), 7));
+        assert_eq!((good.end.offset, good.origin), (5, Origin::OutboxId(5)));
+        let (bad, raw) = record(6, "t".into(), 0, "k".into(), "{}", None, LIMITS).parsed.unwrap_err();
+        assert_eq!(bad.reason, "invalid_seq");
+        assert!(raw.contains("\"id\":6"));
+        let (bad, _) = record(7, "t".into(), 1, "k".into(), &format!("\"{}\"", "x".repeat(40)), None, LIMITS).parsed.unwrap_err();
+        assert_eq!((bad.reason, bad.seq), ("payload_too_large", Some(1)));
+        // A payload serde_json cannot read is refused, never turned into null.
+        let (bad, raw) = record(8, "t".into(), 1, "k".into(), r#"{"n": tru"#, None, LIMITS).parsed.unwrap_err();
+        assert_eq!((bad.reason, bad.stream_id.as_deref()), ("invalid_payload", Some("runtime.topic.t")));
+        assert!(raw.contains("tru"), "{raw}");
+    }
+}

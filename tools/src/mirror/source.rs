@@ -1,0 +1,270 @@
+//! Where authority events come from, behind one interface: read in order, rewind to the
+//! durable cursor, persist the durable cursor. Rewinding is what makes the mirror
+//! lossless: after any failure it reads again from the last position known durable in
+//! the module, so every source must be replayable from there (a file is; stdin is made
+//! so by the spool in [`super::spool`]; the outbox keeps its rows).
+//!
+//! This file holds the interface and the JSONL file source.
+
+use super::cursor::{tail_check, CursorFile, Saved};
+use super::error::{MirrorError, Result};
+use super::event::{parse_line, Bad, Event, Limits};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A position in a source: everything before it has been read. Ordered.
+///
+/// Files: `segment` 0, `offset` the byte offset, `line` the lines read. The stdin spool:
+/// the segment file number, the byte offset in it, and the lines read over all
+/// segments. The outbox: `offset` and `line` are both the last outbox id read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Mark {
+    pub segment: u64,
+    pub offset: u64,
+    pub line: u64,
+}
+
+/// Where a record came from, as the dead-letter file names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// 1-based line number (of the file, or of the stdin spool).
+    Line(u64),
+    OutboxId(i64),
+}
+
+/// One input event, checked, or refused with the raw text it came from.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The position right after this record.
+    pub end: Mark,
+    pub origin: Origin,
+    pub parsed: Result<Event, (Bad, String)>,
+}
+
+/// What a read gave.
+#[derive(Debug)]
+pub enum Read {
+    Records(Vec<Record>),
+    /// Nothing new yet (a followed source).
+    Idle,
+    /// The input has ended and everything was read.
+    End,
+}
+
+/// A replayable, ordered source of authority events.
+pub trait Source {
+    /// A name for logs and the summary.
+    fn describe(&self) -> String;
+    /// The durable cursor found when the source was opened.
+    fn start(&self) -> Mark;
+    /// Up to `max` records after the read position; waits at most `wait` for new ones.
+    fn read(&mut self, max: usize, wait: Duration) -> Result<Read>;
+    /// Moves the read position back to `to` (a durable cursor).
+    fn rewind(&mut self, to: Mark) -> Result<()>;
+    /// Records `durable` as the durable cursor; everything before it may be dropped.
+    fn persist(&mut self, durable: Mark) -> Result<()>;
+    /// The source's head in the unit of `Mark::line`, for the lag gauge.
+    fn head(&self) -> u64;
+}
+
+/// Reads whole lines of one file from a byte offset, counting them.
+pub struct LineReader {
+    path: PathBuf,
+    reader: BufReader<File>,
+    pub pos: Mark,
+    buf: Vec<u8>,
+}
+
+/// One step of a [`LineReader`].
+pub enum Step {
+    Line(Record),
+    /// A fragment without its newline at `limit` (or at the end of the file).
+    Partial,
+    AtEnd,
+}
+
+impl LineReader {
+    pub fn open(path: &Path, pos: Mark) -> Result<LineReader> {
+        let file = File::open(path).map_err(|e| MirrorError::io(format!("opening {}", path.display()), e))?;
+        let mut reader = LineReader { path: path.into(), reader: BufReader::with_capacity(1 << 20, file), pos, buf: Vec::new() };
+        reader.seek(pos)?;
+        Ok(reader)
+    }
+
+    pub fn seek(&mut self, pos: Mark) -> Result<()> {
+        self.reader.seek(SeekFrom::Start(pos.offset)).map_err(|e| MirrorError::io(format!("seeking in {}", self.path.display()), e))?;
+        self.pos = pos;
+        Ok(())
+    }
+
+    pub fn file(&self) -> &File {
+        self.reader.get_ref()
+    }
+
+    /// The next line ending before `limit` bytes (`None`: the end of the file).
+    /// `accept_partial` takes a last line without a newline as a line.
+    pub fn next(&mut self, limit: Option<u64>, accept_partial: bool, limits: Limits) -> Result<Step> {
+        loop {
+            if limit.is_some_and(|l| self.pos.offset >= l) {
+                return Ok(Step::AtEnd);
+            }
+            self.buf.clear();
+            let n = self.reader.read_until(b'\n', &mut self.buf).map_err(|e| MirrorError::io(format!("reading {}", self.path.display()), e))?;
+            if n == 0 {
+                return Ok(Step::AtEnd);
+            }
+            let complete = self.buf.last() == Some(&b'\n');
+            let past_limit = limit.is_some_and(|l| self.pos.offset + n as u64 > l);
+            if (!complete && !accept_partial) || past_limit {
+                self.seek(self.pos)?;
+                return Ok(Step::Partial);
+            }
+            self.pos.offset += n as u64;
+            self.pos.line += 1;
+            let text = trim_line(&self.buf);
+            if text.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let origin = Origin::Line(self.pos.line);
+            let parsed = parse_line(text, origin, limits).map_err(|bad| (bad, String::from_utf8_lossy(text).into_owned()));
+            return Ok(Step::Line(Record { end: self.pos, origin, parsed }));
+        }
+    }
+}
+
+fn trim_line(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// A JSONL file, read in place; with `follow`, lines appended later are read too.
+pub struct FileSource {
+    id: String,
+    reader: LineReader,
+    cursor: CursorFile,
+    start: Mark,
+    follow: bool,
+    limits: Limits,
+}
+
+impl FileSource {
+    /// Opens `path`, resuming at the cursor in `state_dir` after checking that it belongs
+    /// to this file and that the bytes before it are unchanged.
+    pub fn open(path: &Path, state_dir: &Path, follow: bool, limits: Limits) -> Result<FileSource> {
+        let abs = std::fs::canonicalize(path).map_err(|e| MirrorError::io(format!("opening the input {}", path.display()), e))?;
+        let id = format!("file:{}", abs.display());
+        let cursor = CursorFile::new(state_dir);
+        let saved = cursor.load()?;
+        if let Some(saved) = saved.as_ref().filter(|s| s.source != id) {
+            return Err(MirrorError::CursorMismatch { path: cursor.path().into(), expected: id, found: saved.source.clone() });
+        }
+        let start = saved.as_ref().map(|s| s.mark).unwrap_or_default();
+        let reader = LineReader::open(&abs, start)?;
+        let len = reader.file().metadata().map(|m| m.len()).unwrap_or(0);
+        if let Some(saved) = saved {
+            let changed = |detail: String| MirrorError::InputChanged { path: abs.clone(), offset: start.offset, detail };
+            if len < start.offset {
+                return Err(changed(format!("the file now has {len} bytes")));
+            }
+            if tail_check(reader.file(), start.offset).map_err(|e| MirrorError::io("reading the input", e))? != saved.check {
+                return Err(changed("the bytes before it differ".into()));
+            }
+        }
+        Ok(FileSource { id, reader, cursor, start, follow, limits })
+    }
+}
+
+impl Source for FileSource {
+    fn describe(&self) -> String {
+        self.id.clone()
+    }
+
+    fn start(&self) -> Mark {
+        self.start
+    }
+
+    fn read(&mut self, max: usize, wait: Duration) -> Result<Read> {
+        let mut records = Vec::new();
+        while records.len() < max {
+            match self.reader.next(None, !self.follow, self.limits)? {
+                Step::Line(record) => records.push(record),
+                Step::Partial | Step::AtEnd => break,
+            }
+        }
+        if !records.is_empty() {
+            return Ok(Read::Records(records));
+        }
+        if !self.follow {
+            return Ok(Read::End);
+        }
+        std::thread::sleep(wait.min(Duration::from_millis(100)));
+        Ok(Read::Idle)
+    }
+
+    fn rewind(&mut self, to: Mark) -> Result<()> {
+        self.reader.seek(to)
+    }
+
+    fn persist(&mut self, durable: Mark) -> Result<()> {
+        let check = tail_check(self.reader.file(), durable.offset).map_err(|e| MirrorError::io("reading the input", e))?;
+        self.cursor.save(&Saved { source: self.id.clone(), mark: durable, check })
+    }
+
+    fn head(&self) -> u64 {
+        self.reader.pos.line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits { max_payload_bytes: 1024 };
+
+    fn lines(source: &mut dyn Source) -> Vec<(u64, bool)> {
+        match source.read(100, Duration::ZERO).unwrap() {
+            Read::Records(r) => r.iter().map(|r| (r.end.line, r.parsed.is_ok())).collect(),
+            _ => vec![],
+        }
+    }
+
+    #[test]
+    fn reads_resumes_and_refuses_another_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.jsonl");
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::write(&input, "{\"topic\":\"t\",\"seq\":1,\"kind\":\"k\"}\n\nnope\n{\"topic\":\"t\",\"seq\":2,\"kind\":\"k\"}").unwrap();
+        let mut source = FileSource::open(&input, &state, false, LIMITS).unwrap();
+        assert_eq!(lines(&mut source), vec![(1, true), (3, false), (4, true)]);
+        assert!(matches!(source.read(10, Duration::ZERO).unwrap(), Read::End));
+        source.persist(Mark { segment: 0, offset: 33, line: 1 }).unwrap();
+        source.rewind(Mark { segment: 0, offset: 33, line: 1 }).unwrap();
+        assert_eq!(lines(&mut source), vec![(3, false), (4, true)]);
+
+        let mut again = FileSource::open(&input, &state, false, LIMITS).unwrap();
+        assert_eq!(again.start().line, 1);
+        assert_eq!(lines(&mut again), vec![(3, false), (4, true)]);
+
+        let other = dir.path().join("other.jsonl");
+        std::fs::write(&other, "").unwrap();
+        assert!(matches!(FileSource::open(&other, &state, false, LIMITS), Err(MirrorError::CursorMismatch { .. })));
+        std::fs::write(&input, "{\"topic\":\"X\",\"seq\":1,\"kind\":\"k\"}\n").unwrap();
+        assert!(matches!(FileSource::open(&input, &state, false, LIMITS), Err(MirrorError::InputChanged { .. })));
+    }
+
+    #[test]
+    fn a_followed_file_waits_for_the_end_of_a_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.jsonl");
+        std::fs::write(&input, "{\"topic\":\"t\",\"seq\":1,\"kind\":\"k\"}\n{\"topic\":\"t\",").unwrap();
+        let mut source = FileSource::open(&input, dir.path(), true, LIMITS).unwrap();
+        assert_eq!(lines(&mut source), vec![(1, true)]);
+        assert!(matches!(source.read(10, Duration::ZERO).unwrap(), Read::Idle));
+        let mut file = std::fs::OpenOptions::new().append(true).open(&input).unwrap();
+        std::io::Write::write_all(&mut file, b"\"seq\":2,\"kind\":\"k\"}\n").unwrap();
+        assert_eq!(lines(&mut source), vec![(2, true)]);
+    }
+}

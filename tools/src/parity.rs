@@ -1,0 +1,154 @@
+//! Parity: the authority's log, the module's log and a client's applied log, compared by
+//! `(stream_id, seq)` and hash. After reconciliation all three must agree exactly.
+
+use crate::api::Api;
+use crate::error::{Result, ToolError};
+use crate::mirror::mapping::topic_to_stream;
+use khala_proto::hash::{display, payload_hash, GENESIS};
+use khala_proto::json::canonical_json;
+use khala_proto::segment;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::Path;
+
+/// One event as a log holds it: seq, `sha256:<hex>` payload hash, and chain hash where
+/// the log has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub seq: u64,
+    pub payload_hash: String,
+    pub chain_hash: Option<String>,
+}
+
+/// Per stream, its entries in the order the log holds them.
+pub type Log = BTreeMap<String, Vec<Entry>>;
+
+fn io(what: &str, e: std::io::Error) -> ToolError {
+    ToolError::io(what, e)
+}
+
+/// The authority's log from a JSONL input (lines that do not parse are skipped: the
+/// mirror dead-letters them).
+pub fn authority_log(path: &Path) -> Result<Log> {
+    let file = std::fs::File::open(path).map_err(|e| io(&format!("opening {}", path.display()), e))?;
+    let mut log = Log::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.map_err(|e| io("reading the authority log", e))?;
+        let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+        let seq = v["seq"].as_u64().or_else(|| v["seq"].as_str().and_then(|s| s.parse().ok()));
+        let (Some(topic), Some(seq)) = (v["topic"].as_str(), seq) else { continue };
+        let Ok(stream) = topic_to_stream(topic) else { continue };
+        let hash = display(&payload_hash(&canonical_json(&v["payload"])));
+        log.entry(stream).or_default().push(Entry { seq, payload_hash: hash, chain_hash: None });
+    }
+    Ok(log)
+}
+
+/// The module's log of `streams`, read with SQL as `token` (the owner sees every row),
+/// with the chain recomputed from the stored segments.
+pub fn module_log(api: &Api, database: &str, token: &str, streams: &[String]) -> Result<Log> {
+    let mut log = Log::new();
+    for stream in streams {
+        let rows = api.sql(database, &format!("SELECT * FROM stream_segment WHERE stream_id = '{}'", stream.replace('\'', "''")), token)?;
+        let mut segments: Vec<(u64, Vec<u8>, Vec<u8>)> = rows
+            .rows
+            .iter()
+            .map(|r| {
+                let bytes = |c: &str| rows.get(r, c).and_then(Value::as_str).and_then(|h| hex::decode(h).ok()).unwrap_or_default();
+                (rows.get(r, "first_seq").and_then(Value::as_u64).unwrap_or(0), bytes("prev_hash"), bytes("data"))
+            })
+            .collect();
+        segments.sort_by_key(|s| s.0);
+        let entries = log.entry(stream.clone()).or_default();
+        for (_, prev, data) in segments {
+            let events = segment::decode(&data).map_err(|e| ToolError::Http { what: format!("segment of {stream}"), detail: e.to_string() })?;
+            let mut chain = khala_proto::hash::from_slice(&prev).unwrap_or(GENESIS);
+            for e in events {
+                chain = segment::event_chain(&chain, stream, &e);
+                entries.push(Entry { seq: e.seq, payload_hash: display(&payload_hash(&e.payload)), chain_hash: Some(display(&chain)) });
+            }
+        }
+    }
+    Ok(log)
+}
+
+/// A client's applied log: the JSON lines `khala tail --json` prints.
+pub fn client_log(path: &Path) -> Result<Log> {
+    let file = std::fs::File::open(path).map_err(|e| io(&format!("opening {}", path.display()), e))?;
+    let mut log = Log::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.map_err(|e| io("reading the client log", e))?;
+        let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+        let (Some(stream), Some(seq), Some(hash)) = (v["stream_id"].as_str(), v["seq"].as_u64(), v["payload_hash"].as_str()) else { continue };
+        log.entry(stream.to_string()).or_default().push(Entry {
+            seq,
+            payload_hash: hash.to_string(),
+            chain_hash: v["chain_hash"].as_str().map(String::from),
+        });
+    }
+    Ok(log)
+}
+
+/// The differences between two logs, as readable lines (empty when they agree):
+/// missing or extra streams, seqs out of order or repeated, different hashes.
+pub fn compare(left_name: &str, left: &Log, right_name: &str, right: &Log) -> Vec<String> {
+    let mut diffs = Vec::new();
+    for stream in left.keys().chain(right.keys()).collect::<std::collections::BTreeSet<_>>() {
+        let (a, b) = (left.get(stream), right.get(stream));
+        let (Some(a), Some(b)) = (a, b) else {
+            diffs.push(format!("{stream}: only in {}", if a.is_some() { left_name } else { right_name }));
+            continue;
+        };
+        if a.len() != b.len() {
+            diffs.push(format!("{stream}: {left_name} has {} events, {right_name} has {}", a.len(), b.len()));
+        }
+        for (x, y) in a.iter().zip(b) {
+            let chains_differ = matches!((&x.chain_hash, &y.chain_hash), (Some(p), Some(q)) if p != q);
+            if x.seq != y.seq || x.payload_hash != y.payload_hash || chains_differ {
+                diffs.push(format!("{stream}: {left_name} has seq {} ({}), {right_name} has seq {} ({})", x.seq, x.payload_hash, y.seq, y.payload_hash));
+                break;
+            }
+        }
+    }
+    diffs
+}
+
+/// Events across all streams.
+pub fn total(log: &Log) -> usize {
+    log.values().map(Vec::len).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(seq: u64, h: &str) -> Entry {
+        Entry { seq, payload_hash: h.into(), chain_hash: None }
+    }
+
+    #[test]
+    fn finds_every_kind_of_difference() {
+        let a: Log = [("s".to_string(), vec![entry(1, "a"), entry(2, "b")])].into();
+        assert!(compare("x", &a, "y", &a).is_empty());
+        let shorter: Log = [("s".to_string(), vec![entry(1, "a")])].into();
+        assert_eq!(compare("x", &a, "y", &shorter), vec!["s: x has 2 events, y has 1"]);
+        let other: Log = [("s".to_string(), vec![entry(1, "a"), entry(2, "c")])].into();
+        assert_eq!(compare("x", &a, "y", &other).len(), 1);
+        let doubled: Log = [("s".to_string(), vec![entry(1, "a"), entry(1, "a")])].into();
+        assert!(!compare("x", &a, "y", &doubled).is_empty());
+        let elsewhere: Log = [("t".to_string(), vec![entry(1, "a")])].into();
+        assert_eq!(compare("x", &a, "y", &elsewhere).len(), 2);
+    }
+
+    #[test]
+    fn reads_the_authority_log_as_the_mirror_maps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        std::fs::write(&path, "{\"topic\":\"run:7:events\",\"seq\":\"1\",\"kind\":\"k\",\"payload\":{\"b\":1, \"a\":2}}\nnot json\n").unwrap();
+        let log = authority_log(&path).unwrap();
+        let e = &log["runtime.run.7.events"][0];
+        assert_eq!(e.seq, 1);
+        assert_eq!(e.payload_hash, display(&payload_hash(br#"{"a":2,"b":1}"#)));
+    }
+}

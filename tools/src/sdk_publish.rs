@@ -1,0 +1,77 @@
+//! Publishing through the SDK's WebSocket (BSATN) instead of HTTP JSON: the same
+//! `publish` reducer, without hex-encoding every payload and one HTTP request per call.
+//! Results come back by callback; with at most one call in flight per stream, the
+//! stream id names the call a result belongs to.
+
+use crate::error::{Result, ToolError};
+use khala_client::module_bindings::{publish as _, DbConnection, PublishEvent};
+use khala_proto::CodedError;
+use spacetimedb_sdk::{DbContext, Status};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::Duration;
+
+/// What a publish call came to.
+#[derive(Debug)]
+pub enum Outcome {
+    Committed { stream_id: String },
+    Failed { stream_id: String, error: CodedError },
+    Disconnected(String),
+}
+
+/// One SDK connection used for `publish` calls.
+pub struct SdkPublisher {
+    conn: DbConnection,
+    results: Receiver<Outcome>,
+}
+
+impl SdkPublisher {
+    pub fn connect(url: &str, database: &str, token: &str) -> Result<SdkPublisher> {
+        let (tx, results) = mpsc::channel();
+        let on_disconnect = tx.clone();
+        let conn = DbConnection::builder()
+            .with_uri(url)
+            .with_module_name(database)
+            .with_token(Some(token.to_string()))
+            .with_compression(spacetimedb_sdk::Compression::None)
+            .with_light_mode(true)
+            .on_disconnect(move |_, e| {
+                let _ = on_disconnect.send(Outcome::Disconnected(e.map_or_else(|| "closed".to_string(), |e| e.to_string())));
+            })
+            .build()
+            .map_err(|e| ToolError::Http { what: "connecting the SDK publisher".into(), detail: e.to_string() })?;
+        conn.reducers.on_publish(move |ctx, stream_id, _| {
+            let outcome = match &ctx.event.status {
+                Status::Committed => Outcome::Committed { stream_id: stream_id.clone() },
+                Status::Failed(m) => Outcome::Failed { stream_id: stream_id.clone(), error: CodedError::parse(m) },
+                Status::OutOfEnergy => Outcome::Failed { stream_id: stream_id.clone(), error: CodedError::parse("rate_limited: out of energy") },
+            };
+            let _ = tx.send(outcome);
+        });
+        conn.run_threaded();
+        Ok(SdkPublisher { conn, results })
+    }
+
+    /// Sends one `publish` call; its [`Outcome`] arrives through [`SdkPublisher::next`].
+    pub fn send(&self, stream_id: &str, events: Vec<PublishEvent>) -> Result<()> {
+        use khala_client::module_bindings::publish;
+        self.conn
+            .reducers
+            .publish(stream_id.to_string(), events)
+            .map_err(|e| ToolError::Http { what: format!("sending publish for {stream_id}"), detail: e.to_string() })
+    }
+
+    /// The next outcome, waiting at most `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<Outcome> {
+        match self.results.recv_timeout(timeout) {
+            Ok(o) => Some(o),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => Some(Outcome::Disconnected("the connection thread ended".into())),
+        }
+    }
+}
+
+impl Drop for SdkPublisher {
+    fn drop(&mut self) {
+        let _ = self.conn.disconnect();
+    }
+}
