@@ -1,7 +1,9 @@
 //! Canonical JSON: the byte form of a JSON payload that Khala stores and hashes.
 //!
 //! Objects have their keys sorted by byte order, there is no insignificant whitespace,
-//! and strings and numbers are written as serde_json writes them. Two authority events
+//! strings are written as serde_json writes them, and numbers keep the digits they were
+//! written with (serde_json's `arbitrary_precision`, which this crate's `json` feature
+//! turns on, so `0.10` stays `0.10` in every build). Two authority events
 //! whose payloads are equal as JSON values therefore get the same payload hash.
 
 use serde_json::Value;
@@ -21,6 +23,12 @@ mod tests {
     fn sorts_keys_and_drops_whitespace() {
         let v: Value = serde_json::from_str(r#"{ "b": [1, {"z": null, "a": true}], "a": "x" }"#).unwrap();
         assert_eq!(canonical_json(&v), br#"{"a":"x","b":[1,{"a":true,"z":null}]}"#);
+    }
+
+    #[test]
+    fn numbers_keep_their_digits() {
+        let v: Value = serde_json::from_str(r#"{"a":0.10,"b":12345678901234567890123,"c":-0}"#).unwrap();
+        assert_eq!(canonical_json(&v), br#"{"a":0.10,"b":12345678901234567890123,"c":-0}"#);
     }
 
     #[test]
