@@ -174,3 +174,33 @@ pub fn set_retention(ctx: &ReducerContext, stream_id: String, retain_max_events:
     ctx.db.stream().stream_id().update(row);
     Ok(())
 }
+
+/// Starts a stream's history over (admin only): its segments and idempotency keys are
+/// deleted, its head goes back to 0 and its epoch goes up by one. Clients see the new
+/// epoch and rebuild the stream (`epoch_changed`); acks keep the epoch they were made in.
+#[reducer]
+pub fn reset_stream(ctx: &ReducerContext, stream_id: String) -> ReducerResult {
+    access::require_admin(ctx)?;
+    validate_stream_id(&stream_id)?;
+    let Some(mut row) = ctx.db.stream().stream_id().find(&stream_id) else {
+        return Err(fail(ErrorCode::UnknownStream, format!("no stream {stream_id:?}")));
+    };
+    let segments: Vec<StreamSegment> = ctx.db.stream_segment().by_stream_last().filter((stream_id.as_str(), 0u64..)).collect();
+    for seg in segments {
+        if let Ok(events) = khala_proto::segment::decode(&seg.data) {
+            for e in events {
+                ctx.db.event_key().key_hash().delete(khala_proto::hash::key_hash(&stream_id, &e.idempotency_key));
+            }
+        }
+        ctx.db.stream_segment().id().delete(seg.id);
+    }
+    row.epoch = row.epoch.saturating_add(1);
+    row.head_seq = 0;
+    row.oldest_seq = 1;
+    row.head_hash = GENESIS.to_vec();
+    row.segment_count = 0;
+    row.compacted_through = 0;
+    row.updated_at = ctx.timestamp;
+    ctx.db.stream().stream_id().update(row);
+    Ok(())
+}

@@ -202,3 +202,29 @@ fn compaction_under_a_live_client_applies_nothing_twice() {
     assert_eq!(fresh.applied("s.k"), (1..=160).collect::<Vec<_>>());
     fresh.stop().unwrap();
 }
+
+#[test]
+fn an_epoch_change_rebootstraps_the_stream() {
+    let db = shared_server().new_database("epoch");
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    db.grant(&reader, "s.e", &["subscribe"], 600);
+    publish_range(&db, &publisher, "s.e", 1, 20, 10);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&db, &token_file(dir.path(), &reader), &dir.path().join("cp"), &["s.e"]);
+    cfg.ack = false;
+    let client = RunningClient::start(cfg, None, 0);
+    client.wait_applied("s.e", 20, T);
+    db.call("reset_stream", json!(["s.e"]));
+    assert_eq!(khala_tests::verify::stream(&db, "s.e").map(|s| (s.epoch, s.head_seq)), Some((2, 0)));
+    publish_range(&db, &publisher, "s.e", 1, 5, 5);
+    wait_for("the rebootstrap", T, || (!client.seen.lock().unwrap().rebootstraps.is_empty()).then_some(()));
+    wait_for("the new history", T, || (client.applied("s.e").len() == 25).then_some(()));
+    let seen = client.seen.lock().unwrap();
+    assert_eq!(seen.rebootstraps[0].reason, RebootstrapReason::EpochChanged as i32);
+    assert_eq!(seen.rebootstraps[0].epoch, 2);
+    let applied: Vec<u64> = seen.applied.iter().map(|(_, s)| *s).collect();
+    assert_eq!(applied, (1..=20).chain(1..=5).collect::<Vec<_>>());
+    drop(seen);
+    client.stop().unwrap();
+}

@@ -47,6 +47,8 @@ fn unauthorised_calls_are_refused_with_their_code_and_write_nothing() {
     assert_eq!(code(db.call_as(&stranger, "grant", json!([stranger.identity_arg(), "s.a", ["subscribe"], 60]))), ErrorCode::Unauthorized);
     assert_eq!(code(db.call_as(&stranger, "revoke", json!([stranger.identity_arg(), "s.a"]))), ErrorCode::Unauthorized);
     assert_eq!(code(db.call_as(&stranger, "create_stream", json!(["s.new", 0, 0]))), ErrorCode::Unauthorized);
+    assert_eq!(code(db.call_as(&stranger, "reset_stream", json!(["s.a"]))), ErrorCode::Unauthorized);
+    assert_eq!(code(db.call_as(&stranger, "set_compaction", json!([0]))), ErrorCode::Unauthorized);
     assert_eq!(code(db.call_as(&stranger, "set_role", json!([stranger.identity_arg(), "admin", true]))), ErrorCode::Unauthorized);
     assert_eq!(code(db.call_as(&publisher, "set_role", json!([publisher.identity_arg(), "admin", true]))), ErrorCode::Unauthorized);
     let head_hash = stream(&db, "s.a").unwrap().head_hash;

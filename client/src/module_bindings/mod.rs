@@ -35,6 +35,7 @@ pub mod presence_table;
 pub mod presence_type;
 pub mod publish_event_type;
 pub mod publish_reducer;
+pub mod reset_stream_reducer;
 pub mod retention_schedule_table;
 pub mod retention_schedule_type;
 pub mod revoke_reducer;
@@ -89,6 +90,7 @@ pub use presence_table::*;
 pub use presence_type::Presence;
 pub use publish_event_type::PublishEvent;
 pub use publish_reducer::{publish, set_flags_for_publish, PublishCallbackId};
+pub use reset_stream_reducer::{reset_stream, set_flags_for_reset_stream, ResetStreamCallbackId};
 pub use retention_schedule_table::*;
 pub use retention_schedule_type::RetentionSchedule;
 pub use revoke_reducer::{revoke, set_flags_for_revoke, RevokeCallbackId};
@@ -159,6 +161,9 @@ pub enum Reducer {
         stream_id: String,
         events: Vec<PublishEvent>,
     },
+    ResetStream {
+        stream_id: String,
+    },
     Revoke {
         grantee: __sdk::Identity,
         stream_id: String,
@@ -211,6 +216,7 @@ impl __sdk::Reducer for Reducer {
             Reducer::Hello { .. } => "hello",
             Reducer::OpenWindow { .. } => "open_window",
             Reducer::Publish { .. } => "publish",
+            Reducer::ResetStream { .. } => "reset_stream",
             Reducer::Revoke { .. } => "revoke",
             Reducer::SetCompaction { .. } => "set_compaction",
             Reducer::SetLimits { .. } => "set_limits",
@@ -274,6 +280,13 @@ impl TryFrom<__ws::ReducerCallInfo<__ws::BsatnFormat>> for Reducer {
                 &value.args,
             )?
             .into()),
+            "reset_stream" => Ok(
+                __sdk::parse_reducer_args::<reset_stream_reducer::ResetStreamArgs>(
+                    "reset_stream",
+                    &value.args,
+                )?
+                .into(),
+            ),
             "revoke" => Ok(__sdk::parse_reducer_args::<revoke_reducer::RevokeArgs>(
                 "revoke",
                 &value.args,
