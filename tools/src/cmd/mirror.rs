@@ -56,6 +56,14 @@ pub struct MirrorArgs {
     /// Largest canonical payload accepted, in bytes (the module's default limit).
     #[arg(long, default_value_t = 262_144)]
     pub max_payload_bytes: usize,
+    /// A topic → stream rule, `TOPIC_PREFIX*TOPIC_SUFFIX=STREAM_PREFIX*STREAM_SUFFIX`
+    /// (e.g. `run:*:events=runtime.run.*.events`); repeat for more. Given any, they
+    /// replace the default rules (docs/MIRROR.md).
+    #[arg(long = "map")]
+    pub map: Vec<String>,
+    /// Stream prefix of topics no rule matches (`:` and `.` swapped after it).
+    #[arg(long, default_value = "runtime.topic.")]
+    pub general_prefix: String,
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9464.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
@@ -106,6 +114,13 @@ pub fn run(args: MirrorArgs) -> anyhow::Result<()> {
         (None, Some(path)) => Input::File(path.clone()),
         (None, None) => Input::Stdin,
     };
+    let mapping: &'static mirror::mapping::Mapping = if args.map.is_empty() && args.general_prefix == "runtime.topic." {
+        &mirror::mapping::DEFAULT_MAPPING
+    } else {
+        let rules = args.map.iter().map(|r| mirror::mapping::Rule::parse(r)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+        let rules = if rules.is_empty() { mirror::mapping::DEFAULT_MAPPING.rules().to_vec() } else { rules };
+        Box::leak(Box::new(mirror::mapping::Mapping::new(rules, &args.general_prefix).map_err(anyhow::Error::msg)?))
+    };
     let config = Config {
         server: args.target.server.clone(),
         database: args.target.database.clone(),
@@ -122,6 +137,7 @@ pub fn run(args: MirrorArgs) -> anyhow::Result<()> {
             GapPolicy::Skip => OnGap::Skip,
         },
         max_payload_bytes: args.max_payload_bytes,
+        mapping,
         metrics_addr: args.metrics_addr,
         parallel: args.parallel,
         poll_interval: Duration::from_millis(args.poll_ms),

@@ -6,7 +6,7 @@
 //! stored as its canonical JSON ([`khala_proto::json::canonical_json`]), so equal JSON
 //! values always hash the same.
 
-use super::mapping::topic_to_stream;
+use super::mapping::Mapping;
 use super::source::Origin;
 use khala_proto::json::canonical_json;
 use serde::Deserialize;
@@ -87,6 +87,8 @@ impl Bad {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_payload_bytes: usize,
+    /// How topics name streams.
+    pub mapping: &'static Mapping,
 }
 
 #[derive(Deserialize)]
@@ -148,7 +150,7 @@ pub fn parse_line(line: &[u8], origin: Origin, limits: Limits) -> Result<Event, 
 
 /// Builds a checked event from fields read elsewhere (the Postgres outbox).
 pub fn build(topic: String, seq: u64, kind: Result<String, Bad>, payload: Vec<u8>, occurred_at: Result<i64, Bad>, origin: Origin, limits: Limits) -> Result<Event, Bad> {
-    let stream_id = topic_to_stream(&topic).map_err(|e| Bad { topic: Some(topic.clone()), seq: Some(seq), ..Bad::new("unmappable_topic", e.0) })?;
+    let stream_id = limits.mapping.topic_to_stream(&topic).map_err(|e| Bad { topic: Some(topic.clone()), seq: Some(seq), ..Bad::new("unmappable_topic", e.0) })?;
     let known = |mut bad: Bad| {
         bad.topic = Some(topic.clone());
         bad.stream_id = Some(stream_id.clone());
@@ -189,7 +191,7 @@ fn kind_name(value: &Value) -> &'static str {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { max_payload_bytes: 64 };
+    const LIMITS: Limits = Limits { max_payload_bytes: 64, mapping: &crate::mirror::mapping::DEFAULT_MAPPING };
 
     fn reason(line: &str) -> &'static str {
         parse_line(line.as_bytes(), Origin::Line(1), LIMITS).unwrap_err().reason

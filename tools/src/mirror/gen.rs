@@ -70,7 +70,7 @@ mod tests {
     fn events_parse_with_the_asked_payload_size() {
         let mut out = Vec::new();
         write_events(&mut out, 7, 256, 3, 1).unwrap();
-        let events: Vec<_> = out.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| parse_line(l, Origin::Line(1), Limits { max_payload_bytes: 1024 }).unwrap()).collect();
+        let events: Vec<_> = out.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| parse_line(l, Origin::Line(1), Limits { max_payload_bytes: 1024, mapping: &crate::mirror::mapping::DEFAULT_MAPPING }).unwrap()).collect();
         assert_eq!(events.len(), 7);
         assert!(events.iter().all(|e| e.payload.len() == 256));
         assert_eq!((events[4].topic.as_str(), events[4].seq), ("run:1:events", 2));

@@ -26,22 +26,124 @@
 /// Longest stream id the module accepts, in bytes.
 pub const MAX_STREAM_ID_LEN: usize = 128;
 
-/// One named rule: `topic_prefix <id> topic_suffix` ↔ `stream_prefix <id> stream_suffix`.
-struct Rule {
-    topic_prefix: &'static str,
-    topic_suffix: &'static str,
-    stream_prefix: &'static str,
-    stream_suffix: &'static str,
+use std::borrow::Cow;
+
+/// One named rule: `topic_prefix <id> topic_suffix` ↔ `stream_prefix <id> stream_suffix`,
+/// written `topic_prefix*topic_suffix=stream_prefix*stream_suffix` on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    topic_prefix: Cow<'static, str>,
+    topic_suffix: Cow<'static, str>,
+    stream_prefix: Cow<'static, str>,
+    stream_suffix: Cow<'static, str>,
 }
 
-const RULES: [Rule; 3] = [
-    Rule { topic_prefix: "run:", topic_suffix: ":events", stream_prefix: "runtime.run.", stream_suffix: ".events" },
-    Rule { topic_prefix: "worker:", topic_suffix: ":lifecycle", stream_prefix: "runtime.worker.", stream_suffix: ".lifecycle" },
-    Rule { topic_prefix: "fleet:user:", topic_suffix: ":workers", stream_prefix: "runtime.fleet.user.", stream_suffix: ".workers" },
-];
+const fn rule(topic_prefix: &'static str, topic_suffix: &'static str, stream_prefix: &'static str, stream_suffix: &'static str) -> Rule {
+    Rule {
+        topic_prefix: Cow::Borrowed(topic_prefix),
+        topic_suffix: Cow::Borrowed(topic_suffix),
+        stream_prefix: Cow::Borrowed(stream_prefix),
+        stream_suffix: Cow::Borrowed(stream_suffix),
+    }
+}
 
-/// The prefix of streams made by the general rule.
-const GENERAL_PREFIX: &str = "runtime.topic.";
+impl Rule {
+    /// Parses `topic_prefix*topic_suffix=stream_prefix*stream_suffix`, e.g.
+    /// `run:*:events=runtime.run.*.events`.
+    pub fn parse(spec: &str) -> Result<Rule, String> {
+        let bad = || format!("mapping rule {spec:?} is not of the form TOPIC_PREFIX*TOPIC_SUFFIX=STREAM_PREFIX*STREAM_SUFFIX");
+        let (topic, stream) = spec.split_once('=').ok_or_else(bad)?;
+        let (tp, ts) = topic.split_once('*').ok_or_else(bad)?;
+        let (sp, ss) = stream.split_once('*').ok_or_else(bad)?;
+        if [tp, ts, sp, ss].iter().any(|part| part.contains('*') || !part.bytes().all(allowed)) {
+            return Err(format!("mapping rule {spec:?}: one `*` per side, and only A-Z a-z 0-9 . _ : -"));
+        }
+        if sp.is_empty() || !sp.as_bytes()[0].is_ascii_alphanumeric() {
+            return Err(format!("mapping rule {spec:?}: a stream prefix must start with a letter or digit"));
+        }
+        Ok(Rule {
+            topic_prefix: Cow::Owned(tp.into()),
+            topic_suffix: Cow::Owned(ts.into()),
+            stream_prefix: Cow::Owned(sp.into()),
+            stream_suffix: Cow::Owned(ss.into()),
+        })
+    }
+}
+
+/// A set of named rules tried in order, then the general rule under `general_prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    rules: Cow<'static, [Rule]>,
+    general_prefix: Cow<'static, str>,
+}
+
+/// The documented default mapping (the table above).
+pub static DEFAULT_MAPPING: Mapping = Mapping {
+    rules: Cow::Borrowed(&[
+        rule("run:", ":events", "runtime.run.", ".events"),
+        rule("worker:", ":lifecycle", "runtime.worker.", ".lifecycle"),
+        rule("fleet:user:", ":workers", "runtime.fleet.user.", ".workers"),
+    ]),
+    general_prefix: Cow::Borrowed("runtime.topic."),
+};
+
+impl Mapping {
+    /// A mapping with its own rules. It stays reversible because no stream prefix (the
+    /// general one included) may be a prefix of another: a stream id then names its rule.
+    pub fn new(rules: Vec<Rule>, general_prefix: &str) -> Result<Mapping, String> {
+        if general_prefix.is_empty() || !general_prefix.as_bytes()[0].is_ascii_alphanumeric() || !general_prefix.bytes().all(allowed) {
+            return Err(format!("general prefix {general_prefix:?} must start with a letter or digit and use only A-Z a-z 0-9 . _ : -"));
+        }
+        let prefixes: Vec<&str> = rules.iter().map(|r| r.stream_prefix.as_ref()).chain([general_prefix]).collect();
+        for (i, a) in prefixes.iter().enumerate() {
+            for b in prefixes.iter().skip(i + 1) {
+                if a.starts_with(b) || b.starts_with(a) {
+                    return Err(format!("stream prefixes {a:?} and {b:?} overlap, so stream ids would not name their rule"));
+                }
+            }
+        }
+        Ok(Mapping { rules: Cow::Owned(rules), general_prefix: Cow::Owned(general_prefix.into()) })
+    }
+
+    /// The named rules, in the order they are tried.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The stream id of `topic`, or why it has none.
+    pub fn topic_to_stream(&self, topic: &str) -> Result<String, Unmappable> {
+        if topic.is_empty() {
+            return Err(Unmappable("the topic is empty".into()));
+        }
+        if let Some(bad) = topic.bytes().find(|b| !allowed(*b)) {
+            return Err(Unmappable(format!("topic {topic:?} holds byte 0x{bad:02x}; topics use only A-Z a-z 0-9 . _ : -")));
+        }
+        let stream = self
+            .rules
+            .iter()
+            .find_map(|rule| strip(topic, &rule.topic_prefix, &rule.topic_suffix).map(|id| format!("{}{id}{}", rule.stream_prefix, rule.stream_suffix)))
+            .unwrap_or_else(|| format!("{}{}", self.general_prefix, swap_separators(topic)));
+        if stream.len() > MAX_STREAM_ID_LEN {
+            return Err(Unmappable(format!("topic {topic:?} maps to a stream id of {} bytes; the limit is {MAX_STREAM_ID_LEN}", stream.len())));
+        }
+        if !valid_stream_id(&stream) {
+            return Err(Unmappable(format!("topic {topic:?} maps to {stream:?}, which is not a valid stream id")));
+        }
+        Ok(stream)
+    }
+
+    /// The topic whose stream id is `stream_id`, or `None` when no topic maps to it.
+    pub fn stream_to_topic(&self, stream_id: &str) -> Option<String> {
+        let candidate = self
+            .rules
+            .iter()
+            .find_map(|rule| strip(stream_id, &rule.stream_prefix, &rule.stream_suffix).map(|id| format!("{}{id}{}", rule.topic_prefix, rule.topic_suffix)))
+            .or_else(|| stream_id.strip_prefix(self.general_prefix.as_ref()).filter(|rest| !rest.is_empty()).map(swap_separators))?;
+        // Only ids the forward mapping makes have a topic: e.g. `runtime.topic.run.1.events`
+        // is not one, since `run:1:events` takes the named rule.
+        (self.topic_to_stream(&candidate).ok()? == stream_id).then_some(candidate)
+    }
+}
 
 /// Why a topic has no stream id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,34 +182,14 @@ fn strip<'a>(text: &'a str, prefix: &str, suffix: &str) -> Option<&'a str> {
     (!id.is_empty()).then_some(id)
 }
 
-/// The stream id of `topic`, or why it has none.
+/// The stream id of `topic` under the default mapping.
 pub fn topic_to_stream(topic: &str) -> Result<String, Unmappable> {
-    if topic.is_empty() {
-        return Err(Unmappable("the topic is empty".into()));
-    }
-    if let Some(bad) = topic.bytes().find(|b| !allowed(*b)) {
-        return Err(Unmappable(format!("topic {topic:?} holds byte 0x{bad:02x}; topics use only A-Z a-z 0-9 . _ : -")));
-    }
-    let stream = RULES
-        .iter()
-        .find_map(|rule| strip(topic, rule.topic_prefix, rule.topic_suffix).map(|id| format!("{}{id}{}", rule.stream_prefix, rule.stream_suffix)))
-        .unwrap_or_else(|| format!("{GENERAL_PREFIX}{}", swap_separators(topic)));
-    if stream.len() > MAX_STREAM_ID_LEN {
-        return Err(Unmappable(format!("topic {topic:?} maps to a stream id of {} bytes; the limit is {MAX_STREAM_ID_LEN}", stream.len())));
-    }
-    debug_assert!(valid_stream_id(&stream));
-    Ok(stream)
+    DEFAULT_MAPPING.topic_to_stream(topic)
 }
 
-/// The topic whose stream id is `stream_id`, or `None` when no topic maps to it.
+/// The topic of `stream_id` under the default mapping.
 pub fn stream_to_topic(stream_id: &str) -> Option<String> {
-    let candidate = RULES
-        .iter()
-        .find_map(|rule| strip(stream_id, rule.stream_prefix, rule.stream_suffix).map(|id| format!("{}{id}{}", rule.topic_prefix, rule.topic_suffix)))
-        .or_else(|| stream_id.strip_prefix(GENERAL_PREFIX).filter(|rest| !rest.is_empty()).map(swap_separators))?;
-    // Only ids the forward mapping makes have a topic: e.g. `runtime.topic.run.1.events`
-    // is not one, since `run:1:events` takes the named rule.
-    (topic_to_stream(&candidate).ok()? == stream_id).then_some(candidate)
+    DEFAULT_MAPPING.stream_to_topic(stream_id)
 }
 
 #[cfg(test)]
@@ -136,13 +218,30 @@ mod tests {
     }
 
     #[test]
+    fn configured_rules_parse_validate_and_round_trip() {
+        let rules = vec![Rule::parse("job:*:log=jobs.*.log").unwrap(), Rule::parse("*:audit=audit.*").unwrap()];
+        let m = Mapping::new(rules, "other.").unwrap();
+        assert_eq!(m.topic_to_stream("job:7:log").as_deref(), Ok("jobs.7.log"));
+        assert_eq!(m.topic_to_stream("x:audit").as_deref(), Ok("audit.x"));
+        assert_eq!(m.topic_to_stream("run:1:events").as_deref(), Ok("other.run.1.events"));
+        for stream in ["jobs.7.log", "audit.x", "other.run.1.events"] {
+            let topic = m.stream_to_topic(stream).unwrap();
+            assert_eq!(m.topic_to_stream(&topic).as_deref(), Ok(stream));
+        }
+        assert!(Rule::parse("no-star=x.*").is_err());
+        assert!(Rule::parse("a*b=*x").is_err(), "a stream prefix must start with a letter or digit");
+        assert!(Mapping::new(vec![Rule::parse("a:*=runtime.*").unwrap()], "runtime.topic.").is_err(), "overlapping prefixes");
+        assert_eq!(Mapping::new(DEFAULT_MAPPING.rules.to_vec(), "runtime.topic.").unwrap(), DEFAULT_MAPPING);
+    }
+
+    #[test]
     fn refuses_what_cannot_be_a_stream() {
         assert!(topic_to_stream("").is_err());
         assert!(topic_to_stream("run:4 2:events").is_err());
         assert!(topic_to_stream("tenant/7").is_err());
         assert!(topic_to_stream("é").is_err());
-        assert!(topic_to_stream(&"x".repeat(MAX_STREAM_ID_LEN - GENERAL_PREFIX.len())).is_ok());
-        assert!(topic_to_stream(&"x".repeat(MAX_STREAM_ID_LEN - GENERAL_PREFIX.len() + 1)).is_err());
+        assert!(topic_to_stream(&"x".repeat(MAX_STREAM_ID_LEN - DEFAULT_MAPPING.general_prefix.len())).is_ok());
+        assert!(topic_to_stream(&"x".repeat(MAX_STREAM_ID_LEN - DEFAULT_MAPPING.general_prefix.len() + 1)).is_err());
     }
 
     #[test]
@@ -170,7 +269,7 @@ mod tests {
                 prop_assert!(valid_stream_id(&stream), "{stream}");
                 prop_assert_eq!(stream_to_topic(&stream), Some(topic.clone()));
             } else {
-                prop_assert!(topic.len() + GENERAL_PREFIX.len() > MAX_STREAM_ID_LEN);
+                prop_assert!(topic.len() + DEFAULT_MAPPING.general_prefix.len() > MAX_STREAM_ID_LEN);
             }
         }
 

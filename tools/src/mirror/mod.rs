@@ -73,6 +73,8 @@ pub struct Config {
     pub dead_letter: Option<PathBuf>,
     pub on_gap: OnGap,
     pub max_payload_bytes: usize,
+    /// How topics name streams (`mapping::DEFAULT_MAPPING` unless configured).
+    pub mapping: &'static mapping::Mapping,
     pub metrics_addr: Option<SocketAddr>,
     pub parallel: usize,
     pub poll_interval: Duration,
@@ -122,7 +124,7 @@ pub fn run(config: Config) -> Result<Report> {
     if let Some(addr) = config.metrics_addr {
         metrics::serve(addr)?;
     }
-    let limits = Limits { max_payload_bytes: config.max_payload_bytes };
+    let limits = Limits { max_payload_bytes: config.max_payload_bytes, mapping: config.mapping };
     let (source, dead_letter_id): (Box<dyn source::Source>, String) = match &config.input {
         Input::Stdin => {
             // The spool thread reads its own copy of fd 0, unbuffered, so that polling the

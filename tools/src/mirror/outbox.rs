@@ -266,7 +266,7 @@ fn with_hint(error: MirrorError) -> MirrorError {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { max_payload_bytes: 32 };
+    const LIMITS: Limits = Limits { max_payload_bytes: 32, mapping: &crate::mirror::mapping::DEFAULT_MAPPING };
 
     #[test]
     fn rows_become_records_or_dead_letters() {

@@ -221,7 +221,7 @@ impl Source for FileSource {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { max_payload_bytes: 1024 };
+    const LIMITS: Limits = Limits { max_payload_bytes: 1024, mapping: &crate::mirror::mapping::DEFAULT_MAPPING };
 
     fn lines(source: &mut dyn Source) -> Vec<(u64, bool)> {
         match source.read(100, Duration::ZERO).unwrap() {

@@ -321,7 +321,7 @@ impl Writer {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { max_payload_bytes: 1024 };
+    const LIMITS: Limits = Limits { max_payload_bytes: 1024, mapping: &crate::mirror::mapping::DEFAULT_MAPPING };
 
     fn read_all(source: &mut SpoolSource) -> Vec<u64> {
         let mut seqs = Vec::new();
