@@ -8,9 +8,9 @@
 //! - [`batcher`]: per-stream lanes and batches; [`publisher`]: the publish calls.
 //! - [`durability`]: acknowledgements → durable cursor; [`cursor`]: the cursor file.
 //! - [`deadletter`]: refused events; [`metrics`]: counters, gauges, the summary.
-//! - [`run`]: the loop that ties them together; [`backoff`], [`error`], [`gen`].
+//! - [`run`]: the loop that ties them together (its retry backoff is the client's,
+//!   `khala_client::backoff`); [`error`], [`gen`].
 
-pub mod backoff;
 pub mod batcher;
 pub mod cursor;
 pub mod deadletter;

@@ -8,7 +8,7 @@
 //! `authority_seq` make a republish harmless, so the only way to lose an event would be
 //! to move the cursor past one that is not durable, which [`Durability`] prevents.
 
-use super::backoff::Backoff;
+use khala_client::backoff::Backoff;
 use super::batcher::Lanes;
 use super::deadletter::DeadLetters;
 use super::durability::{Durability, Need, Observation};
