@@ -52,6 +52,12 @@ struct StreamState {
     windows_usable: bool,
     /// Since when events wait behind a missing seq.
     gap_since: Option<Instant>,
+    /// Buckets this process opened (another process of the same identity may hold
+    /// others; it is not ours to close them).
+    mine: BTreeSet<u64>,
+    /// The cursor last written to the checkpoint file. While a rebootstrap is pending it
+    /// stays what it was, so a restart tells the handler again.
+    durable: StreamCursor,
     /// `None` until the grant rows are in; then whether a subscribe grant is held.
     granted: Option<bool>,
     /// Whether the server shows this client the stream's row (the owner sees it
@@ -79,6 +85,8 @@ impl StreamState {
             window_retry_at: None,
             windows_usable: true,
             gap_since: None,
+            mine: BTreeSet::new(),
+            durable: cursor.clone(),
             granted: None,
             row_visible: false,
             can_ack: true,
@@ -107,6 +115,11 @@ pub struct SyncClient<H: Handler> {
     streams: BTreeMap<String, StreamState>,
     backoff: Backoff,
     dirty: bool,
+    /// The corrupt checkpoint's reason, until every handler rebootstrap it caused has
+    /// succeeded; the file stays in place (and nothing is written) until then.
+    corrupt: Option<String>,
+    /// Cursors of streams this client does not sync now, kept as they were.
+    other_cursors: Vec<StreamCursor>,
     /// This connection's identity: grant rows of other identities (visible to the owner)
     /// are ignored.
     me: Option<spacetimedb_sdk::Identity>,
@@ -115,8 +128,9 @@ pub struct SyncClient<H: Handler> {
 }
 
 impl<H: Handler> SyncClient<H> {
-    /// Loads the checkpoint. A corrupt checkpoint is reported, set aside, and every
-    /// stream is rebuilt from the server's floor (the handler is told first).
+    /// Loads the checkpoint. A corrupt checkpoint is reported and every stream is rebuilt
+    /// from the server's floor; once the handler has been told (for every stream) the
+    /// file is moved aside and a fresh checkpoint written.
     pub fn new(config: ClientConfig, handler: H) -> Result<Self, ClientError> {
         if config.streams.is_empty() {
             return Err(ClientError::Config("no streams to sync".into()));
@@ -126,9 +140,8 @@ impl<H: Handler> SyncClient<H> {
         let (stored, corrupt) = match checkpoint.load() {
             Ok(stored) => (stored.unwrap_or_default(), None),
             Err(CheckpointError::Corrupt { path, reason }) => {
-                let aside = checkpoint.set_aside()?;
-                log::error!("checkpoint {} is corrupt ({reason}); moved to {} and rebuilding every stream", path.display(), aside.display());
-                health.update(|h| h.last_error = format!("checkpoint_corrupt: {reason}; moved to {}", aside.display()));
+                log::error!("checkpoint {} is corrupt ({reason}); rebuilding every stream", path.display());
+                health.update(|h| h.last_error = format!("checkpoint_corrupt: {reason}"));
                 (Vec::new(), Some(reason))
             }
             Err(e) => return Err(e.into()),
@@ -150,8 +163,22 @@ impl<H: Handler> SyncClient<H> {
             }
             streams.insert(id.clone(), state);
         }
+        let other_cursors = stored.into_iter().filter(|c| !streams.contains_key(&c.stream_id)).collect();
         let past = Instant::now() - Duration::from_secs(1);
-        Ok(SyncClient { config, handler, health, checkpoint, streams, backoff: Backoff::default(), dirty: false, me: None, last_checkpoint: past, last_health_write: past })
+        Ok(SyncClient {
+            config,
+            handler,
+            health,
+            checkpoint,
+            streams,
+            backoff: Backoff::default(),
+            dirty: false,
+            corrupt,
+            other_cursors,
+            me: None,
+            last_checkpoint: past,
+            last_health_write: past,
+        })
     }
 
     pub fn health(&self) -> HealthHandle {
@@ -184,6 +211,9 @@ impl<H: Handler> SyncClient<H> {
                 Err(e) => e,
             };
             log::warn!("session ended: {err}");
+            // What was applied before the session ended is made durable now, so that
+            // neither a retry nor a stop applies it again.
+            self.store_checkpoint()?;
             for s in self.streams.values_mut() {
                 // Window rows come back with the next subscription; calls in flight are lost.
                 s.open.clear();
@@ -265,6 +295,10 @@ impl<H: Handler> SyncClient<H> {
 
     fn session_on(&mut self, conn: &DbConnection, tx: &mpsc::Sender<Msg>, rx: &Receiver<Msg>, shutdown: &AtomicBool) -> Result<(), ClientError> {
         self.handshake(conn, rx)?;
+        for s in self.streams.values_mut() {
+            // Buffered events may come from a history the server no longer has.
+            s.engine.clear_pending();
+        }
         let _subscription = transport::subscribe(conn, META, transport::queries(), tx);
         let mut meta_applied = false;
         loop {
@@ -350,6 +384,7 @@ impl<H: Handler> SyncClient<H> {
                 if let Some(state) = self.streams.get_mut(&w.stream_id) {
                     state.closing.remove(&w.bucket);
                     state.open.remove(&w.bucket);
+                    state.mine.remove(&w.bucket);
                 }
             }
             Msg::WindowCall { stream_id, bucket, open, result: Err(text) } => {
@@ -371,7 +406,9 @@ impl<H: Handler> SyncClient<H> {
                 if let Some(state) = self.streams.get_mut(&stream_id) {
                     state.ack_in_flight = false;
                     match result {
-                        Ok(()) => state.acked = state.acked.max(seq),
+                        // A reply from before a rebootstrap does not move the new ack.
+                        Ok(()) if seq <= state.durable.seq => state.acked = state.acked.max(seq),
+                        Ok(()) => {}
                         Err(text) => {
                             let e = CodedError::parse(&text);
                             log::warn!("ack of {stream_id} at {seq} failed: {e}");
@@ -416,9 +453,11 @@ impl<H: Handler> SyncClient<H> {
                     state.reset_windows = true;
                 }
                 Alert::Resumed { cursor } => {
-                    log::info!("{stream_id}: the server caught up with the checkpoint {cursor}; resuming");
+                    log::info!("{stream_id}: applying again from {cursor}");
                     state.behind_since = None;
                     state.behind_reported = false;
+                    // Segments after the cursor that arrived while held were not kept.
+                    state.reset_windows = true;
                 }
             }
         }
@@ -466,10 +505,24 @@ impl<H: Handler> SyncClient<H> {
                 }
             }
         }
+        let mut rechecked = Vec::new();
+        for (id, state) in self.streams.iter_mut() {
+            if state.engine.starved() {
+                // Nothing applicable is here although the head is further on: the floor
+                // may have passed the cursor, or rows were dropped; wait, then refetch.
+                rechecked.push((id.clone(), state.engine.recheck()));
+                if state.opening.is_empty() {
+                    state.gap_since.get_or_insert(now);
+                }
+            }
+        }
+        for (id, alerts) in rechecked {
+            self.alerts(&id, alerts);
+        }
         if self.dirty && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
             self.store_checkpoint()?;
-            self.send_acks(conn);
         }
+        self.send_acks(conn);
         for (id, state) in self.streams.iter_mut() {
             maintain_windows(id, state, conn);
         }
@@ -481,8 +534,24 @@ impl<H: Handler> SyncClient<H> {
         if !self.dirty {
             return Ok(());
         }
+        if self.corrupt.is_some() {
+            if self.streams.values().any(|s| s.rebootstrap_due.is_some()) {
+                // The corrupt file stays until the handler has dropped every stream.
+                return Ok(());
+            }
+            let aside = self.checkpoint.set_aside()?;
+            log::warn!("the corrupt checkpoint was moved to {}", aside.display());
+            let reason = self.corrupt.take().unwrap_or_default();
+            self.health.update(|h| h.last_error = format!("checkpoint_corrupt: {reason}; moved to {}", aside.display()));
+        }
         let now = now_micros();
-        let cursors = self.streams.values().map(|s| s.engine.cursor(now)).collect();
+        for s in self.streams.values_mut() {
+            let rebuilding = s.rebootstrap_due.is_some() || matches!(s.engine.mode(), StreamMode::Rebootstrapping { .. });
+            if !rebuilding {
+                s.durable = s.engine.cursor(now);
+            }
+        }
+        let cursors = self.streams.values().map(|s| s.durable.clone()).chain(self.other_cursors.iter().cloned()).collect();
         self.checkpoint.store(cursors)?;
         self.dirty = false;
         self.last_checkpoint = Instant::now();
@@ -496,10 +565,9 @@ impl<H: Handler> SyncClient<H> {
             return;
         }
         for (id, state) in self.streams.iter_mut() {
-            let applied = state.engine.applied();
-            if state.granted == Some(true) && state.can_ack && !state.ack_in_flight && applied > state.acked && state.engine.mode() == &StreamMode::Normal {
-                let cursor = state.engine.cursor(0);
-                if conn.reducers.ack(id.clone(), applied, cursor.chain_hash).is_ok() {
+            let durable = &state.durable;
+            if state.granted == Some(true) && state.can_ack && !state.ack_in_flight && durable.seq > state.acked && state.engine.mode() == &StreamMode::Normal {
+                if conn.reducers.ack(id.clone(), durable.seq, durable.chain_hash.clone()).is_ok() {
                     state.ack_in_flight = true;
                 }
             }
@@ -592,11 +660,15 @@ fn maintain_windows(id: &str, state: &mut StreamState, conn: &DbConnection) {
         state.gap_since = None;
     }
     if state.reset_windows {
+        // Close and reopen (in that order on the one connection) so that the rows of
+        // every bucket are delivered again; another process's windows are left alone
+        // and simply reopened as ours.
         for b in state.open.iter().chain(state.opening.iter()) {
             let _ = conn.reducers.close_window(id.to_string(), *b);
         }
         state.open.clear();
         state.opening.clear();
+        state.mine.clear();
         state.reset_windows = false;
     }
     if state.window_retry_at.is_some_and(|t| t > Instant::now()) {
@@ -607,11 +679,13 @@ fn maintain_windows(id: &str, state: &mut StreamState, conn: &DbConnection) {
     for b in &want {
         if !state.open.contains(b) && !state.opening.contains(b) && conn.reducers.open_window(id.to_string(), *b).is_ok() {
             state.opening.insert(*b);
+            state.mine.insert(*b);
         }
     }
-    for b in state.open.clone() {
-        if !want.contains(&b) && !state.closing.contains(&b) && conn.reducers.close_window(id.to_string(), b).is_ok() {
+    for b in state.mine.clone() {
+        if !want.contains(&b) && state.open.contains(&b) && !state.closing.contains(&b) && conn.reducers.close_window(id.to_string(), b).is_ok() {
             state.closing.insert(b);
+            state.mine.remove(&b);
         }
     }
 }

@@ -180,6 +180,11 @@ impl StreamEngine {
             self.applied = 0;
             self.chain = GENESIS;
             self.mode = StreamMode::Normal;
+        } else if from == info.head_seq {
+            // Everything was trimmed: there is no floor segment to wait for.
+            self.applied = from;
+            self.chain = info.head_hash;
+            self.mode = StreamMode::Normal;
         } else {
             self.mode = StreamMode::Rebootstrapping { from };
         }
@@ -209,6 +214,8 @@ impl StreamEngine {
         if self.applied > info.head_seq {
             if self.mode == StreamMode::Normal {
                 alerts.push(Alert::ServerBehind { cursor: self.applied, head: info.head_seq });
+                // What was buffered came from the history the server lost.
+                self.pending.clear();
             }
             self.mode = StreamMode::ServerBehind { head: info.head_seq };
             return alerts;
@@ -243,20 +250,7 @@ impl StreamEngine {
         if segment.events.is_empty() || segment.events[0].seq != segment.first_seq {
             return offer;
         }
-        if let StreamMode::Rebootstrapping { from } = self.mode {
-            if segment.first_seq > from + 1 || segment.last_seq <= from {
-                return offer;
-            }
-            // The floor segment is trusted as the new start of the chain.
-            if segment.first_seq == from + 1 {
-                self.applied = from;
-                self.chain = segment.prev_hash;
-                self.mode = StreamMode::Normal;
-            } else {
-                return offer;
-            }
-        }
-        // Verify the whole segment against its own hashes.
+        // Verify the whole segment against its own hashes first.
         let mut prev = segment.prev_hash;
         let mut verified = Vec::with_capacity(segment.events.len());
         for chain in &segment.chains {
@@ -267,6 +261,17 @@ impl StreamEngine {
             // A corrupt segment: refuse it whole; the transport will refetch.
             offer.alerts.push(Alert::Gap { cursor: self.applied, next_seen: segment.first_seq });
             return offer;
+        }
+        if let StreamMode::Rebootstrapping { from } = self.mode {
+            if segment.first_seq != from + 1 {
+                // Only the floor segment can restart the chain; the rest comes again
+                // once the windows are reset (`Alert::Resumed`).
+                return offer;
+            }
+            self.applied = from;
+            self.chain = segment.prev_hash;
+            self.mode = StreamMode::Normal;
+            offer.alerts.push(Alert::Resumed { cursor: from });
         }
         // The chain at the cursor, where this segment covers it, must equal ours.
         let at_cursor = if self.applied + 1 == segment.first_seq {
@@ -287,14 +292,14 @@ impl StreamEngine {
                 offer.alerts.push(Alert::Resumed { cursor: self.applied });
             }
         }
-        // Where this segment meets buffered events, the hashes must agree as well.
+        // Where this segment meets buffered events, the hashes must agree as well. If
+        // they do not, the buffer holds another history (the server lost and re-took
+        // commits): drop it; the cursor itself was checked above.
         let joins_before = segment.first_seq > self.applied + 1
             && self.pending.get(&(segment.first_seq - 1)).is_some_and(|p| p.chain_hash != segment.prev_hash);
         let joins_after = self.pending.get(&(segment.last_seq + 1)).is_some_and(|n| n.prev_chain != segment.last_hash);
         if joins_before || joins_after {
-            let info = self.info.clone().unwrap_or(StreamInfo { epoch: self.epoch, head_seq: segment.last_seq, oldest_seq: 1, head_hash: segment.last_hash });
-            offer.alerts.push(self.rebootstrap(&info, RebootstrapReason::ChainMismatch));
-            return offer;
+            self.pending.clear();
         }
         if let StreamMode::ServerBehind { .. } = self.mode {
             // Nothing beyond the cursor may be applied before the cursor is confirmed.
@@ -306,9 +311,14 @@ impl StreamEngine {
                 offer.duplicates += 1;
                 continue;
             }
-            if self.pending.contains_key(&e.seq) {
-                offer.duplicates += 1;
-                continue;
+            if let Some(buffered) = self.pending.get(&e.seq) {
+                if buffered.chain_hash == hash {
+                    offer.duplicates += 1;
+                    continue;
+                }
+                // Two histories disagree (the server lost and re-took commits): keep
+                // only what this newer delivery says.
+                self.pending.clear();
             }
             if self.pending.len() >= MAX_PENDING && e.seq > self.applied + 1 {
                 continue;
@@ -336,13 +346,42 @@ impl StreamEngine {
         offer
     }
 
-    /// The next event the application may apply, if it is here. Every buffered event's
-    /// chain was checked against its neighbours when it was offered, so this is O(1).
-    pub fn next(&self) -> Option<&Event> {
+    /// The next event the application may apply, if it is here and its chain follows
+    /// from the cursor's (buffered events were checked against their neighbours when
+    /// offered, so this is O(1)). A buffered event from another history is dropped with
+    /// everything buffered, to be fetched again.
+    pub fn next(&mut self) -> Option<&Event> {
         if self.mode != StreamMode::Normal {
             return None;
         }
-        self.pending.get(&(self.applied + 1))
+        let seq = self.applied + 1;
+        if self.pending.get(&seq).is_some_and(|e| e.prev_chain != self.chain) {
+            self.pending.clear();
+        }
+        self.pending.get(&seq)
+    }
+
+    /// Drops everything buffered (after a reconnect: it may come from a history the
+    /// server no longer has).
+    pub fn clear_pending(&mut self) {
+        self.pending.clear();
+    }
+
+    /// Checks the last server view again (a stale cursor is found even when no new
+    /// `stream` row arrives).
+    pub fn recheck(&mut self) -> Vec<Alert> {
+        match self.info.clone() {
+            Some(info) => self.observe(info),
+            None => Vec::new(),
+        }
+    }
+
+    /// Whether the stream waits for events the server has: nothing applicable is
+    /// buffered, yet the head is past the cursor.
+    pub fn starved(&self) -> bool {
+        self.mode == StreamMode::Normal
+            && !self.pending.contains_key(&(self.applied + 1))
+            && self.info.as_ref().is_some_and(|i| i.head_seq > self.applied)
     }
 
     /// Records that the application applied `seq` (its handler returned Ok).

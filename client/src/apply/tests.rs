@@ -117,6 +117,7 @@ fn a_gap_holds_later_events_and_asks_for_a_resubscribe() {
 fn a_stale_cursor_rebootstraps_with_the_numbers() {
     let segs = segments(&events(10), &[5, 5], 1);
     let mut engine = StreamEngine::new(&StreamCursor { stream_id: STREAM.into(), epoch: 1, seq: 2, chain_hash: chain_through(&GENESIS, STREAM, &events(2)).to_vec(), updated_at_micros: 0 });
+    assert!(engine.recheck().is_empty(), "no server view yet");
     let info = StreamInfo { epoch: 1, head_seq: 10, oldest_seq: 6, head_hash: segs[1].last_hash };
     let alerts = engine.observe(info);
     match &alerts[..] {
@@ -193,4 +194,57 @@ fn a_tampered_segment_is_refused_whole() {
     let offer = engine.offer(tampered);
     assert_eq!(offer.accepted, 0);
     assert!(engine.next().is_none());
+}
+
+#[test]
+fn a_fully_trimmed_stream_needs_no_floor_segment() {
+    let all = events(10);
+    let head_hash = chain_through(&GENESIS, STREAM, &all);
+    let mut engine = StreamEngine::new(&StreamCursor { stream_id: STREAM.into(), epoch: 1, seq: 2, chain_hash: chain_through(&GENESIS, STREAM, &all[..2]).to_vec(), updated_at_micros: 0 });
+    let alerts = engine.observe(StreamInfo { epoch: 1, head_seq: 10, oldest_seq: 11, head_hash });
+    assert!(matches!(&alerts[..], [Alert::Rebootstrap(_)]));
+    assert_eq!((engine.mode(), engine.applied()), (&StreamMode::Normal, 10));
+    assert!(!engine.starved());
+}
+
+#[test]
+fn a_buffered_event_from_another_history_is_dropped_not_applied() {
+    let all = events(6);
+    let segs = segments(&all, &[2, 2, 2], 1);
+    let mut other = all.clone();
+    other[2].payload = b"other".to_vec();
+    let others = segments(&other, &[2, 2, 2], 1);
+    let mut engine = fresh();
+    engine.offer(segs[0].clone());
+    let mut applied = Vec::new();
+    drain(&mut engine, &mut applied);
+    // 5..=6 of the old history are buffered, then 3..=4 of a new one arrive.
+    engine.offer(segs[2].clone());
+    engine.offer(others[1].clone());
+    drain(&mut engine, &mut applied);
+    assert_eq!(applied, vec![1, 2, 3, 4], "the old 5..=6 do not follow the new 4");
+    assert_eq!(engine.pending_len(), 0);
+    engine.offer(others[2].clone());
+    drain(&mut engine, &mut applied);
+    assert_eq!(applied, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(engine.cursor(0).chain_hash, others[2].last_hash.to_vec());
+}
+
+#[test]
+fn a_rebootstrap_resumes_from_the_floor_segment_and_asks_for_the_rest() {
+    let segs = segments(&events(9), &[3, 3, 3], 1);
+    let mut engine = StreamEngine::new(&StreamCursor { stream_id: STREAM.into(), epoch: 1, seq: 1, chain_hash: chain_through(&GENESIS, STREAM, &events(1)).to_vec(), updated_at_micros: 0 });
+    engine.observe(StreamInfo { epoch: 1, head_seq: 9, oldest_seq: 4, head_hash: segs[2].last_hash });
+    // A later segment arrives before the floor: it is not kept...
+    assert_eq!(engine.offer(segs[2].clone()).accepted, 0);
+    let offer = engine.offer(segs[1].clone());
+    assert!(offer.alerts.contains(&Alert::Resumed { cursor: 3 }), "{offer:?}");
+    let mut applied = Vec::new();
+    drain(&mut engine, &mut applied);
+    assert_eq!(applied, vec![4, 5, 6]);
+    // ...and the engine says it is starved, so the driver fetches it again.
+    assert!(engine.starved());
+    engine.offer(segs[2].clone());
+    drain(&mut engine, &mut applied);
+    assert_eq!(applied, vec![4, 5, 6, 7, 8, 9]);
 }
