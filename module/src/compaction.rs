@@ -113,8 +113,14 @@ fn compact_stream(ctx: &ReducerContext, mut row: Stream, budget: usize) -> usize
             run.push(s.clone());
         }
     }
+    // A trailing run that is still small may grow with the next segments: merge what is
+    // here, and look at it again next sweep (at low rates runs arrive one at a time).
+    let trailing = run.first().map(|f| (f.first_seq, run.iter().map(events_in).sum::<u64>()));
     flush(&mut run);
-    row.compacted_through = scanned.last().map_or(row.compacted_through, |s| s.last_seq);
+    row.compacted_through = match trailing {
+        Some((first_seq, events)) if events < SMALL_SEGMENT_EVENTS => first_seq - 1,
+        _ => scanned.last().map_or(row.compacted_through, |s| s.last_seq),
+    };
     row.segment_count = row.segment_count.saturating_sub(merged_away);
     ctx.db.stream().stream_id().update(row);
     scanned.len()
