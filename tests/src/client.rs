@@ -22,11 +22,13 @@ pub struct Seen {
     pub failures: u64,
 }
 
-/// Records everything; optionally fails the first `fail_times` attempts at `fail_at`.
+/// Records everything; optionally fails the first `fail_times` attempts at `fail_at`,
+/// and every rebootstrap while `fail_rebootstraps` is set.
 pub struct Recorder {
     pub seen: Arc<Mutex<Seen>>,
     pub fail_at: Option<u64>,
     pub fail_times: u64,
+    pub fail_rebootstraps: bool,
 }
 
 impl Handler for Recorder {
@@ -41,7 +43,12 @@ impl Handler for Recorder {
     }
 
     fn rebootstrap(&mut self, stale: &StaleCursor) -> Result<(), HandlerError> {
-        self.seen.lock().unwrap().rebootstraps.push(stale.clone());
+        let mut seen = self.seen.lock().unwrap();
+        if self.fail_rebootstraps {
+            seen.failures += 1;
+            return Err("injected rebootstrap failure".into());
+        }
+        seen.rebootstraps.push(stale.clone());
         Ok(())
     }
 }
@@ -70,8 +77,11 @@ pub fn config(db: &TestDb, token: &Path, checkpoint: &Path, streams: &[&str]) ->
 
 impl RunningClient {
     pub fn start(config: ClientConfig, fail_at: Option<u64>, fail_times: u64) -> RunningClient {
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let recorder = Recorder { seen: seen.clone(), fail_at, fail_times };
+        Self::start_with(config, Recorder { seen: Arc::default(), fail_at, fail_times, fail_rebootstraps: false })
+    }
+
+    pub fn start_with(config: ClientConfig, recorder: Recorder) -> RunningClient {
+        let seen = recorder.seen.clone();
         let mut client = SyncClient::new(config, recorder).expect("a client");
         let health = client.health();
         let stop = Arc::new(AtomicBool::new(false));

@@ -118,6 +118,38 @@ fn retention_overtaking_the_cursor_rebootstraps_with_the_numbers() {
 }
 
 #[test]
+fn a_rebootstrap_the_handler_has_not_taken_is_not_checkpointed() {
+    let db = shared_server().new_database("stale-durable");
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    db.grant(&reader, "s.d", &["subscribe"], 600);
+    db.call("create_stream", json!(["s.d", 10, 0]));
+    publish_range(&db, &publisher, "s.d", 1, 10, 10);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&db, &token_file(dir.path(), &reader), &dir.path().join("cp"), &["s.d"]);
+    cfg.ack = false;
+    let client = RunningClient::start(cfg.clone(), None, 0);
+    client.wait_applied("s.d", 10, T);
+    client.stop().unwrap();
+    publish_range(&db, &publisher, "s.d", 11, 50, 5);
+    wait_for("the floor to pass the cursor", T, || khala_tests::verify::stream(&db, "s.d").filter(|s| s.oldest_seq > 11));
+
+    // The handler refuses the rebootstrap; the process stops before it ever succeeds.
+    let recorder = khala_tests::client::Recorder { seen: Default::default(), fail_at: None, fail_times: 0, fail_rebootstraps: true };
+    let refusing = RunningClient::start_with(cfg.clone(), recorder);
+    wait_for("a refused rebootstrap", T, || (refusing.seen.lock().unwrap().failures > 0).then_some(()));
+    refusing.stop().unwrap();
+    let stored = khala_client::checkpoint::CheckpointFile::new(&cfg.checkpoint).load().unwrap().unwrap();
+    assert_eq!(stored[0].seq, 10, "the old cursor stays until the handler has dropped the stream");
+
+    // The next run is told again, and rebuilds.
+    let client = RunningClient::start(cfg, None, 0);
+    client.wait_applied("s.d", 60, T);
+    assert_eq!(client.seen.lock().unwrap().rebootstraps.len(), 1);
+    client.stop().unwrap();
+}
+
+#[test]
 fn a_revoked_stream_reports_forbidden() {
     let db = shared_server().new_database("forbidden");
     let publisher = db.publisher();
