@@ -350,7 +350,7 @@ impl StreamEngine {
     /// from the cursor's (buffered events were checked against their neighbours when
     /// offered, so this is O(1)). A buffered event from another history is dropped with
     /// everything buffered, to be fetched again.
-    pub fn next(&mut self) -> Option<&Event> {
+    pub fn next_ready(&mut self) -> Option<&Event> {
         if self.mode != StreamMode::Normal {
             return None;
         }

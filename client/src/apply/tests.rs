@@ -45,7 +45,7 @@ fn fresh() -> StreamEngine {
 
 /// Applies everything ready, as a driver would, recording what was applied.
 fn drain(engine: &mut StreamEngine, applied: &mut Vec<u64>) {
-    while let Some(e) = engine.next() {
+    while let Some(e) = engine.next_ready() {
         let seq = e.seq;
         applied.push(seq);
         engine.mark_applied(seq);
@@ -82,8 +82,8 @@ proptest! {
                 Step::Restart => engine = StreamEngine::new(&engine.cursor(0)),
                 Step::HandlerFails => {
                     // The handler did not return Ok: nothing is marked, the event stays next.
-                    let before = engine.next().map(|e| e.seq);
-                    prop_assert_eq!(engine.next().map(|e| e.seq), before);
+                    let before = engine.next_ready().map(|e| e.seq);
+                    prop_assert_eq!(engine.next_ready().map(|e| e.seq), before);
                 }
             }
         }
@@ -106,7 +106,7 @@ fn a_gap_holds_later_events_and_asks_for_a_resubscribe() {
     let mut engine = fresh();
     let offer = engine.offer(segs[1].clone());
     assert_eq!(offer.alerts, vec![Alert::Gap { cursor: 0, next_seen: 3 }]);
-    assert!(engine.next().is_none(), "never skip the missing 1..=2");
+    assert!(engine.next_ready().is_none(), "never skip the missing 1..=2");
     engine.offer(segs[0].clone());
     let mut applied = Vec::new();
     drain(&mut engine, &mut applied);
@@ -141,7 +141,7 @@ fn a_cursor_ahead_of_the_head_holds_then_resumes_on_equal_chain() {
     let mut engine = StreamEngine::new(&cursor);
     let alerts = engine.observe(StreamInfo { epoch: 1, head_seq: 4, oldest_seq: 1, head_hash: segs[0].last_hash });
     assert_eq!(alerts, vec![Alert::ServerBehind { cursor: 6, head: 4 }]);
-    assert!(engine.next().is_none());
+    assert!(engine.next_ready().is_none());
     // The mirror republishes 5..=8 with the same seqs and hashes.
     engine.observe(StreamInfo { epoch: 1, head_seq: 8, oldest_seq: 1, head_hash: segs[1].last_hash });
     let offer = engine.offer(segs[1].clone());
@@ -193,7 +193,7 @@ fn a_tampered_segment_is_refused_whole() {
     let mut engine = fresh();
     let offer = engine.offer(tampered);
     assert_eq!(offer.accepted, 0);
-    assert!(engine.next().is_none());
+    assert!(engine.next_ready().is_none());
 }
 
 #[test]

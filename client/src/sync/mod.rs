@@ -1,23 +1,30 @@
 //! The sync loop: connect, `hello`, subscribe, replay in bounded windows, follow live,
 //! apply through the handler, checkpoint, ack; on any failure, back off and reconnect.
 //!
+//! Files: this one (the loop, applying, checkpoints, acks), `handle.rs` (each message and
+//! each engine alert), `windows.rs` (which buckets stay open), `health_report.rs`.
+//!
 //! Everything the SDK reports arrives as a [`Msg`] on one channel, so all state lives on
 //! this one thread and every decision about order is made by the pure
 //! [`StreamEngine`](crate::apply::StreamEngine).
 
-use crate::apply::{Alert, StreamEngine, StreamInfo, StreamMode};
+use crate::apply::{StreamEngine, StreamMode};
 use crate::backoff::Backoff;
 use crate::checkpoint::{CheckpointError, CheckpointFile};
 use crate::config::ClientConfig;
 use crate::error::ClientError;
 use crate::handler::Handler;
-use crate::health::{self, HealthHandle};
-use crate::module_bindings::{ack as _, close_window as _, hello as _, open_window as _, DbConnection};
+use crate::health::HealthHandle;
+use crate::module_bindings::{ack as _, hello as _, DbConnection};
 use crate::transport::{self, Msg};
-use khala_proto::hash::{from_slice, GENESIS};
-use khala_proto::v1::{ConnectionState, RebootstrapReason, StreamHealth};
+use windows::maintain_windows;
+
+mod handle;
+mod health_report;
+mod windows;
+use khala_proto::hash::GENESIS;
+use khala_proto::v1::{ConnectionState, RebootstrapReason};
 use khala_proto::{CodedError, ErrorCode, StaleCursor, StreamCursor};
-use khala_proto::hash::bucket;
 use spacetimedb_sdk::DbContext;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,10 +35,6 @@ use std::time::{Duration, Instant};
 const META: u64 = 0;
 const TICK: Duration = Duration::from_millis(100);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
-/// Window buckets kept open ahead of the one holding the cursor.
-const PREFETCH_BUCKETS: u64 = 1;
-/// How long events may wait behind a missing seq before the windows are reopened.
-const GAP_PATIENCE: Duration = Duration::from_secs(2);
 /// Least time between two checkpoint writes while events keep coming.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(20);
 
@@ -329,140 +332,6 @@ impl<H: Handler> SyncClient<H> {
         }
     }
 
-    fn handle(&mut self, msg: Msg) -> Result<(), ClientError> {
-        match msg {
-            Msg::Disconnected(e) => return Err(ClientError::Disconnected(e.unwrap_or_else(|| "the server closed the connection".into()))),
-            Msg::SubscriptionError(tag, e) => return Err(ClientError::Subscription(format!("subscription {tag}: {e}"))),
-            Msg::Segment(stream_id, segment) => {
-                let Some(state) = self.streams.get_mut(&stream_id) else { return Ok(()) };
-                match segment {
-                    Ok(segment) => {
-                        let offer = state.engine.offer(segment);
-                        self.alerts(&stream_id, offer.alerts);
-                    }
-                    // A gap follows, and the windows are reopened if it stays.
-                    Err(e) => log::error!("{e}"),
-                }
-            }
-            Msg::Stream(row) => {
-                let Some(state) = self.streams.get_mut(&row.stream_id) else { return Ok(()) };
-                state.row_visible = true;
-                let alerts = state.engine.observe(StreamInfo {
-                    epoch: row.epoch,
-                    head_seq: row.head_seq,
-                    oldest_seq: row.oldest_seq,
-                    head_hash: from_slice(&row.head_hash).unwrap_or(GENESIS),
-                });
-                self.alerts(&row.stream_id, alerts);
-            }
-            Msg::StreamGone(id) => {
-                if let Some(state) = self.streams.get_mut(&id) {
-                    state.row_visible = false;
-                }
-            }
-            Msg::Grant(g) if Some(g.grantee) == self.me => {
-                if let Some(state) = self.streams.get_mut(&g.stream_id) {
-                    state.granted = Some(g.subscribe);
-                    state.can_ack = g.ack;
-                    state.lease_expires_micros = Some(g.expires_at.to_micros_since_unix_epoch());
-                }
-            }
-            Msg::GrantGone(g) if Some(g.grantee) == self.me => {
-                if let Some(state) = self.streams.get_mut(&g.stream_id) {
-                    log::warn!("the grant on {} is gone (revoked or expired)", g.stream_id);
-                    state.granted = Some(false);
-                    state.lease_expires_micros = None;
-                }
-            }
-            Msg::WindowOpen(w) if Some(w.grantee) == self.me => {
-                if let Some(state) = self.streams.get_mut(&w.stream_id) {
-                    state.opening.remove(&w.bucket);
-                    state.open.insert(w.bucket);
-                }
-            }
-            Msg::WindowClosed(w) if Some(w.grantee) == self.me => {
-                if let Some(state) = self.streams.get_mut(&w.stream_id) {
-                    state.closing.remove(&w.bucket);
-                    state.open.remove(&w.bucket);
-                    state.mine.remove(&w.bucket);
-                }
-            }
-            Msg::WindowCall { stream_id, bucket, open, result: Err(text) } => {
-                if let Some(state) = self.streams.get_mut(&stream_id) {
-                    let e = CodedError::parse(&text);
-                    log::warn!("{stream_id}: {} window {bucket} failed: {e}", if open { "opening" } else { "closing" });
-                    state.opening.remove(&bucket);
-                    state.closing.remove(&bucket);
-                    state.window_retry_at = Some(Instant::now() + Duration::from_secs(1));
-                    if e.code == ErrorCode::ForbiddenStream && state.row_visible && state.granted != Some(true) {
-                        // Only the owner sees a stream without a grant; it sees every
-                        // segment without windows too.
-                        state.windows_usable = false;
-                    }
-                }
-            }
-            Msg::Applied(_) | Msg::WindowOpen(_) | Msg::WindowClosed(_) | Msg::WindowCall { .. } => {}
-            Msg::Acked { stream_id, seq, result } => {
-                if let Some(state) = self.streams.get_mut(&stream_id) {
-                    state.ack_in_flight = false;
-                    match result {
-                        // A reply from before a rebootstrap does not move the new ack.
-                        Ok(()) if seq <= state.durable.seq => state.acked = state.acked.max(seq),
-                        Ok(()) => {}
-                        Err(text) => {
-                            let e = CodedError::parse(&text);
-                            log::warn!("ack of {stream_id} at {seq} failed: {e}");
-                            if e.code == ErrorCode::ForbiddenStream {
-                                state.can_ack = false;
-                            }
-                        }
-                    }
-                }
-            }
-            Msg::Grant(_) | Msg::GrantGone(_) | Msg::Connected(_) | Msg::Hello(_) => {}
-        }
-        Ok(())
-    }
-
-    fn alerts(&mut self, stream_id: &str, alerts: Vec<Alert>) {
-        let Some(state) = self.streams.get_mut(stream_id) else { return };
-        for alert in alerts {
-            match alert {
-                Alert::Gap { cursor, next_seen } => {
-                    // Rows of one window may arrive in any order: wait; if the gap stays,
-                    // the windows are reopened (see `maintain_windows`).
-                    log::debug!("{stream_id}: waiting for seqs after {cursor} (next seen {next_seen})");
-                    state.gap_since.get_or_insert_with(Instant::now);
-                }
-                Alert::Rebootstrap(stale) => {
-                    log::warn!(
-                        "{stream_id}: rebootstrap ({:?}): requested {}, oldest available {}, head {}",
-                        RebootstrapReason::try_from(stale.reason).unwrap_or_default(),
-                        stale.requested,
-                        stale.oldest_available,
-                        stale.head
-                    );
-                    state.rebootstrap_due = Some(stale);
-                    state.reset_windows = true;
-                    state.acked = 0;
-                    self.dirty = true;
-                }
-                Alert::ServerBehind { cursor, head } => {
-                    log::warn!("{stream_id}: the server's head {head} is behind the checkpoint {cursor} (it lost commits in a crash); holding");
-                    state.behind_since = Some(Instant::now());
-                    state.reset_windows = true;
-                }
-                Alert::Resumed { cursor } => {
-                    log::info!("{stream_id}: applying again from {cursor}");
-                    state.behind_since = None;
-                    state.behind_reported = false;
-                    // Segments after the cursor that arrived while held were not kept.
-                    state.reset_windows = true;
-                }
-            }
-        }
-    }
-
     /// Applies what is ready, checkpoints, acks, moves windows, updates health.
     fn pump(&mut self, conn: &DbConnection) -> Result<(), ClientError> {
         let now = Instant::now();
@@ -484,7 +353,7 @@ impl<H: Handler> SyncClient<H> {
                     }
                 }
             }
-            while let Some(event) = state.engine.next() {
+            while let Some(event) = state.engine.next_ready() {
                 if state.handler_retry_at.is_some_and(|t| t > now) {
                     break;
                 }
@@ -566,126 +435,11 @@ impl<H: Handler> SyncClient<H> {
         }
         for (id, state) in self.streams.iter_mut() {
             let durable = &state.durable;
-            if state.granted == Some(true) && state.can_ack && !state.ack_in_flight && durable.seq > state.acked && state.engine.mode() == &StreamMode::Normal {
-                if conn.reducers.ack(id.clone(), durable.seq, durable.chain_hash.clone()).is_ok() {
-                    state.ack_in_flight = true;
-                }
+            let due = state.granted == Some(true) && state.can_ack && !state.ack_in_flight && durable.seq > state.acked;
+            if due && state.engine.mode() == &StreamMode::Normal && conn.reducers.ack(id.clone(), durable.seq, durable.chain_hash.clone()).is_ok() {
+                state.ack_in_flight = true;
             }
         }
     }
 
-    fn update_health(&mut self) {
-        let now = now_micros();
-        let limit = self.config.server_behind_limit;
-        let mut overall = ConnectionState::Live;
-        let mut notes = Vec::new();
-        let mut streams = Vec::new();
-        for (id, s) in self.streams.iter_mut() {
-            let head = s.engine.info().map_or(0, |i| i.head_seq);
-            let applied = s.engine.applied();
-            let b0 = bucket(s.engine.fetch_after() + 1);
-            let live_window = !s.windows_usable || (s.open.contains(&b0) && s.open.contains(&(b0 + 1)));
-            let state = if s.granted == Some(false) && !s.row_visible {
-                ConnectionState::Forbidden
-            } else if let StreamMode::ServerBehind { head } = s.engine.mode() {
-                if let Some(since) = s.behind_since {
-                    if since.elapsed() > limit && !s.behind_reported {
-                        log::error!("{id}: the server has been behind the checkpoint for over {limit:?} (head {head}, checkpoint {applied})");
-                        s.behind_reported = true;
-                    }
-                    if s.behind_reported {
-                        notes.push(format!("{id}: server behind the checkpoint for {}s (head {head}, checkpoint {applied})", since.elapsed().as_secs()));
-                    }
-                }
-                ConnectionState::ServerBehind
-            } else if matches!(s.engine.mode(), StreamMode::Rebootstrapping { .. }) || s.rebootstrap_due.is_some() {
-                ConnectionState::Stale
-            } else if applied < head || !live_window {
-                ConnectionState::Replaying
-            } else {
-                ConnectionState::Live
-            };
-            if state != ConnectionState::Live && state != ConnectionState::Forbidden && overall == ConnectionState::Live {
-                overall = if state == ConnectionState::ServerBehind { ConnectionState::ServerBehind } else { ConnectionState::Replaying };
-            }
-            streams.push(StreamHealth {
-                stream_id: id.clone(),
-                state: state as i32,
-                cursor: applied,
-                target: head,
-                lag: head.saturating_sub(applied),
-                lease_secs_left: s.lease_expires_micros.map_or(-1, |t| (t - now) / 1_000_000),
-            });
-        }
-        if overall == ConnectionState::Live {
-            self.backoff.reset();
-        }
-        self.health.update(|h| {
-            h.state = overall as i32;
-            h.streams = streams;
-            h.next_retry_ms = 0;
-            if overall == ConnectionState::Live {
-                h.connect_attempts = 0;
-            }
-            if !notes.is_empty() {
-                h.last_error = notes.join("; ");
-            }
-        });
-        self.write_health(false);
-    }
-
-    fn write_health(&mut self, now: bool) {
-        if now || self.last_health_write.elapsed() >= Duration::from_millis(500) {
-            if let Err(e) = health::write_json(&self.config.health_file(), &self.health.get()) {
-                log::debug!("writing the health file: {e}");
-            }
-            self.last_health_write = Instant::now();
-        }
-    }
-}
-
-/// Keeps each stream's windows around its cursor: the bucket holding the next seq, the
-/// one before (it may hold the segment that starts before it) and [`PREFETCH_BUCKETS`]
-/// after it, so replay rarely waits on a round trip, and memory stays bounded by
-/// `PREFETCH_BUCKETS + 2` buckets of events.
-/// Windows are opened before old ones are closed; a gap that does not fill within
-/// [`GAP_PATIENCE`] reopens the windows so their rows are delivered again.
-fn maintain_windows(id: &str, state: &mut StreamState, conn: &DbConnection) {
-    if !state.windows_usable || state.granted != Some(true) {
-        return;
-    }
-    if state.gap_since.is_some_and(|t| t.elapsed() > GAP_PATIENCE) {
-        log::warn!("{id}: a gap after {} did not fill; reopening the windows", state.engine.applied());
-        state.reset_windows = true;
-        state.gap_since = None;
-    }
-    if state.reset_windows {
-        // Close and reopen (in that order on the one connection) so that the rows of
-        // every bucket are delivered again; another process's windows are left alone
-        // and simply reopened as ours.
-        for b in state.open.iter().chain(state.opening.iter()) {
-            let _ = conn.reducers.close_window(id.to_string(), *b);
-        }
-        state.open.clear();
-        state.opening.clear();
-        state.mine.clear();
-        state.reset_windows = false;
-    }
-    if state.window_retry_at.is_some_and(|t| t > Instant::now()) {
-        return;
-    }
-    let b0 = bucket(state.engine.fetch_after() + 1);
-    let want: BTreeSet<u64> = (b0.saturating_sub(1)..=b0 + PREFETCH_BUCKETS).collect();
-    for b in &want {
-        if !state.open.contains(b) && !state.opening.contains(b) && conn.reducers.open_window(id.to_string(), *b).is_ok() {
-            state.opening.insert(*b);
-            state.mine.insert(*b);
-        }
-    }
-    for b in state.mine.clone() {
-        if !want.contains(&b) && state.open.contains(&b) && !state.closing.contains(&b) && conn.reducers.close_window(id.to_string(), b).is_ok() {
-            state.closing.insert(b);
-            state.mine.remove(&b);
-        }
-    }
 }
