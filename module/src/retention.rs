@@ -76,8 +76,11 @@ pub fn sweep_retention(ctx: &ReducerContext, _schedule: RetentionSchedule) -> Re
         return Err(fail(ErrorCode::Unauthorized, "sweep_retention is run by the scheduler only"));
     }
     let mut budget = config(ctx).retention_chunk_segments as usize;
-    let with_policy: Vec<Stream> =
+    let mut with_policy: Vec<Stream> =
         ctx.db.stream().iter().filter(|s| s.retain_max_events > 0 || s.retain_max_age_secs > 0).collect();
+    // Least recently changed first: a trimmed (or busy) stream moves to the back, so one
+    // stream cannot take every sweep's budget.
+    with_policy.sort_by_key(|s| s.updated_at);
     for row in with_policy {
         if budget == 0 {
             break;
