@@ -16,6 +16,10 @@ pub trait Handler {
     /// was built from this stream; the events that follow rebuild it.
     fn rebootstrap(&mut self, stale: &StaleCursor) -> Result<(), HandlerError>;
 
-    /// Called after each batch has been applied and checkpointed (optional).
-    fn checkpointed(&mut self) {}
+    /// Makes the effects of the events applied so far durable. Called before each
+    /// checkpoint write, so the checkpoint never runs ahead of what the handler kept; an
+    /// error postpones the checkpoint (nothing is lost, the write is tried again).
+    fn persist(&mut self) -> Result<(), HandlerError> {
+        Ok(())
+    }
 }

@@ -413,6 +413,10 @@ impl<H: Handler> SyncClient<H> {
             let reason = self.corrupt.take().unwrap_or_default();
             self.health.update(|h| h.last_error = format!("checkpoint_corrupt: {reason}; moved to {}", aside.display()));
         }
+        if let Err(e) = self.handler.persist() {
+            log::warn!("the handler could not persist its effects ({e}); the checkpoint waits");
+            return Ok(());
+        }
         let now = now_micros();
         for s in self.streams.values_mut() {
             let rebuilding = s.rebootstrap_due.is_some() || matches!(s.engine.mode(), StreamMode::Rebootstrapping { .. });
@@ -424,7 +428,6 @@ impl<H: Handler> SyncClient<H> {
         self.checkpoint.store(cursors)?;
         self.dirty = false;
         self.last_checkpoint = Instant::now();
-        self.handler.checkpointed();
         Ok(())
     }
 

@@ -75,7 +75,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// A private server in a temp dir, killed when this process ends.
-fn private_server() -> anyhow::Result<(ServerProcess, tempfile::TempDir)> {
+pub(super) fn private_server() -> anyhow::Result<(ServerProcess, tempfile::TempDir)> {
     let engine = Engine::locate()?;
     let dir = tempfile::Builder::new().prefix("khala-bench-").tempdir()?;
     let server_dir = ServerDir::open_or_create(dir.path())?;

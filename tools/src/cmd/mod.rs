@@ -2,6 +2,7 @@
 
 mod admin;
 mod bench;
+mod chaos;
 mod demo;
 mod down;
 mod mirror;
@@ -51,6 +52,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Compare the authority's log, the module's log and a client's applied log.
     Parity(parity::ParityArgs),
+    /// Failure drills against a private server, checked by parity (SUMMARY.md, results.jsonl).
+    Chaos(chaos::ChaosArgs),
 }
 
 /// Which server and database a command talks to, and as whom.
@@ -95,5 +98,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Parity(args) => parity::run(args),
+        Command::Chaos(args) => chaos::run(args),
     }
 }

@@ -88,9 +88,10 @@ impl Handler for Printer {
         Ok(())
     }
 
-    fn checkpointed(&mut self) {
-        // Lines reach stdout no later than their checkpoint reaches disk.
-        let _ = self.out.flush();
+    fn persist(&mut self) -> Result<(), HandlerError> {
+        // Lines reach stdout before their checkpoint reaches disk.
+        self.out.flush()?;
+        Ok(())
     }
 }
 
