@@ -35,6 +35,8 @@ use std::time::{Duration, Instant};
 const META: u64 = 0;
 const TICK: Duration = Duration::from_millis(100);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Most events applied per stream between two looks at the clock and the channel.
+const APPLY_PER_PUMP: usize = 2_048;
 /// Least time between two checkpoint writes while events keep coming.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(20);
 
@@ -304,8 +306,15 @@ impl<H: Handler> SyncClient<H> {
         }
         let _subscription = transport::subscribe(conn, META, transport::queries(), tx);
         let mut meta_applied = false;
+        let mut more_ready = false;
         loop {
-            let wait = if self.dirty { CHECKPOINT_EVERY } else { TICK };
+            let wait = if more_ready {
+                Duration::ZERO
+            } else if self.dirty {
+                CHECKPOINT_EVERY
+            } else {
+                TICK
+            };
             match rx.recv_timeout(wait) {
                 Ok(msg) => {
                     meta_applied |= matches!(msg, Msg::Applied(META));
@@ -322,7 +331,7 @@ impl<H: Handler> SyncClient<H> {
                 for s in self.streams.values_mut() {
                     s.granted.get_or_insert(false);
                 }
-                self.pump(conn)?;
+                more_ready = self.pump(conn)?;
             }
             if shutdown.load(Ordering::Relaxed) {
                 self.store_checkpoint()?;
@@ -332,9 +341,12 @@ impl<H: Handler> SyncClient<H> {
         }
     }
 
-    /// Applies what is ready, checkpoints, acks, moves windows, updates health.
-    fn pump(&mut self, conn: &DbConnection) -> Result<(), ClientError> {
+    /// Applies what is ready (at most [`APPLY_PER_PUMP`] events per stream, so that
+    /// checkpoints keep up during a replay), checkpoints, acks, moves windows, updates
+    /// health. Returns whether more events are ready.
+    fn pump(&mut self, conn: &DbConnection) -> Result<bool, ClientError> {
         let now = Instant::now();
+        let mut more_ready = false;
         for (id, state) in self.streams.iter_mut() {
             if let Some(stale) = state.rebootstrap_due.clone() {
                 if state.handler_retry_at.is_some_and(|t| t > now) {
@@ -353,10 +365,16 @@ impl<H: Handler> SyncClient<H> {
                     }
                 }
             }
+            let mut budget = APPLY_PER_PUMP;
             while let Some(event) = state.engine.next_ready() {
                 if state.handler_retry_at.is_some_and(|t| t > now) {
                     break;
                 }
+                if budget == 0 {
+                    more_ready = true;
+                    break;
+                }
+                budget -= 1;
                 match self.handler.apply(event) {
                     Ok(()) => {
                         let seq = event.seq;
@@ -396,7 +414,7 @@ impl<H: Handler> SyncClient<H> {
             maintain_windows(id, state, conn);
         }
         self.update_health();
-        Ok(())
+        Ok(more_ready)
     }
 
     fn store_checkpoint(&mut self) -> Result<(), ClientError> {
