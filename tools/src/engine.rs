@@ -72,7 +72,7 @@ fn has_wasm_target() -> bool {
 }
 
 /// Installs whatever is missing; each step is skipped when already done.
-/// The first engine install compiles two large crates (about 13 minutes on 2 cores);
+/// The first engine install compiles two large crates (13–18 minutes on 2 cores);
 /// cargo's own progress lines are shown throughout.
 pub fn install() -> Result<Engine> {
     if has_wasm_target() {
@@ -86,7 +86,7 @@ pub fn install() -> Result<Engine> {
     }
     let root = install_root();
     std::fs::create_dir_all(&root).map_err(|e| ToolError::io(format!("creating {}", root.display()), e))?;
-    eprintln!("khala setup: installing SpacetimeDB {ENGINE_VERSION} into {} (about 13 minutes on 2 cores, once)", root.display());
+    eprintln!("khala setup: installing SpacetimeDB {ENGINE_VERSION} into {} (13–18 minutes on 2 cores, once)", root.display());
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
     run_step(
         &format!("cargo install --locked {STANDALONE}@{ENGINE_VERSION} {CLI}@{ENGINE_VERSION}"),
