@@ -164,13 +164,7 @@ impl TestDb {
 
 /// Publish-event JSON for a reducer call: `(key, kind, payload, authority_seq)`.
 pub fn event_json(key: &str, kind: &str, payload: &[u8], authority_seq: Option<u64>) -> Value {
-    json!({
-        "idempotency_key": key,
-        "kind": kind,
-        "payload": khala_tools::api::bytes_arg(payload),
-        "authority_seq": khala_tools::api::option_arg(authority_seq.map(|s| json!(s))),
-        "occurred_at_micros": 0,
-    })
+    khala_tools::api::publish_event_arg(key, kind, payload, authority_seq, 0)
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, or panics after `timeout`.

@@ -39,6 +39,17 @@ pub fn option_arg(value: Option<Value>) -> Value {
     }
 }
 
+/// One `PublishEvent` reducer argument (the module's `publish_event_type`).
+pub fn publish_event_arg(idempotency_key: &str, kind: &str, payload: &[u8], authority_seq: Option<u64>, occurred_at_micros: i64) -> Value {
+    json!({
+        "idempotency_key": idempotency_key,
+        "kind": kind,
+        "payload": bytes_arg(payload),
+        "authority_seq": option_arg(authority_seq.map(|s| json!(s))),
+        "occurred_at_micros": occurred_at_micros,
+    })
+}
+
 /// The rows of one SQL statement.
 #[derive(Debug, Clone)]
 pub struct SqlRows {

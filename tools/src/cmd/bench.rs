@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use khala_tools::api::{bytes_arg, option_arg, Api};
+use khala_tools::api::{publish_event_arg, Api};
 use khala_tools::engine::Engine;
 use khala_tools::server::{free_port, Lifetime, ServerDir, ServerProcess};
 use rand::RngCore;
@@ -101,8 +101,7 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         let events: Vec<Value> = (seq..upto)
             .map(|s| {
                 rng.fill_bytes(&mut payload);
-                json!({ "idempotency_key": format!("k{s}"), "kind": "bench", "payload": bytes_arg(&payload),
-                        "authority_seq": option_arg(Some(json!(s))), "occurred_at_micros": 0 })
+                publish_event_arg(&format!("k{s}"), "bench", &payload, Some(s), 0)
             })
             .collect();
         api.call("bench", "publish", json!([stream, events]), &owner.token)?;
@@ -155,8 +154,7 @@ fn small_run(api: &Api, db: &str, token: &str, args: &SmallArgs) -> anyhow::Resu
                     let mut rates = Vec::new();
                     let mut slice = Instant::now();
                     for seq in 1..=per_thread {
-                        let event = json!({ "idempotency_key": format!("k{seq}"), "kind": "bench", "payload": bytes_arg(&[b'x'; 256]),
-                                            "authority_seq": option_arg(Some(json!(seq))), "occurred_at_micros": 0 });
+                        let event = publish_event_arg(&format!("k{seq}"), "bench", &[b'x'; 256], Some(seq), 0);
                         api.call(db, "publish", json!([stream, [event]]), token)?;
                         if seq % tenth == 0 {
                             rates.push(tenth as f64 / slice.elapsed().as_secs_f64());
@@ -193,7 +191,7 @@ fn small_segments(args: SmallArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Random payloads, `n` events of stream `s` from `seq`.
+/// `n` events with random payloads, seqs from `from`.
 fn sdk_events(from: u64, n: u64, payload_bytes: usize, rng: &mut impl RngCore) -> Vec<khala_client::module_bindings::PublishEvent> {
     (from..from + n)
         .map(|seq| {
@@ -256,8 +254,7 @@ fn publish_http(api: &Api, db: &str, token: &str, args: &PublishArgs) -> anyhow:
                         let n = args.batch.min(per_stream - seq + 1);
                         let events: Vec<Value> = sdk_events(seq, n, args.payload_bytes, &mut rng)
                             .into_iter()
-                            .map(|e| json!({ "idempotency_key": e.idempotency_key, "kind": e.kind, "payload": bytes_arg(&e.payload),
-                                             "authority_seq": option_arg(e.authority_seq.map(|s| json!(s))), "occurred_at_micros": 0 }))
+                            .map(|e| publish_event_arg(&e.idempotency_key, &e.kind, &e.payload, e.authority_seq, 0))
                             .collect();
                         api.call(db, "publish", json!([format!("bench.pub.{s}"), events]), token)?;
                         seq += n;

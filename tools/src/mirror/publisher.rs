@@ -6,7 +6,7 @@
 //! add parallelism across streams, never reorder a stream.
 
 use super::event::Event;
-use crate::api::{bytes_arg, option_arg, Api};
+use crate::api::{publish_event_arg, Api};
 use crate::ToolError;
 use khala_proto::ErrorCode;
 use serde_json::{json, Value};
@@ -53,15 +53,7 @@ pub struct Done {
 pub fn publish_args(stream_id: &str, events: &[Event]) -> Value {
     let events: Vec<Value> = events
         .iter()
-        .map(|e| {
-            json!({
-                "idempotency_key": e.idempotency_key(),
-                "kind": e.kind,
-                "payload": bytes_arg(&e.payload),
-                "authority_seq": option_arg(Some(json!(e.seq))),
-                "occurred_at_micros": e.occurred_at_micros,
-            })
-        })
+        .map(|e| publish_event_arg(&e.idempotency_key(), &e.kind, &e.payload, Some(e.seq), e.occurred_at_micros))
         .collect();
     json!([stream_id, events])
 }
