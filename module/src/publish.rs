@@ -63,7 +63,9 @@ pub fn publish(ctx: &ReducerContext, stream_id: String, events: Vec<PublishEvent
         return Err(fail(ErrorCode::BatchTooLarge, format!("{batch_bytes} payload bytes in one batch; the limit is {}", cfg.max_batch_bytes)));
     }
 
-    let mut row = ctx.db.stream().stream_id().find(&stream_id).unwrap_or_else(|| new_stream(ctx, stream_id.clone()));
+    let existing = ctx.db.stream().stream_id().find(&stream_id);
+    let existed = existing.is_some();
+    let mut row = existing.unwrap_or_else(|| new_stream(ctx, stream_id.clone()));
     let prev_hash = from_slice(&row.head_hash).unwrap_or(GENESIS);
     let mut chain = prev_hash;
     let mut head = row.head_seq;
@@ -130,7 +132,7 @@ pub fn publish(ctx: &ReducerContext, stream_id: String, events: Vec<PublishEvent
     }
     row.duplicates += duplicates;
     row.updated_at = ctx.timestamp;
-    if ctx.db.stream().stream_id().find(&stream_id).is_some() {
+    if existed {
         ctx.db.stream().stream_id().update(row);
     } else {
         ctx.db.stream().insert(row);
