@@ -102,6 +102,9 @@ pub fn set_protocol_window(ctx: &ReducerContext, protocol_min: u32, protocol_max
     if protocol_min > protocol_max {
         return Err(fail(ErrorCode::InvalidArgument, format!("protocol_min {protocol_min} is above protocol_max {protocol_max}")));
     }
+    if min_client_build.len() > MAX_CLIENT_BUILD_LEN {
+        return Err(fail(ErrorCode::InvalidArgument, format!("min_client_build is {} bytes; the limit is {MAX_CLIENT_BUILD_LEN}", min_client_build.len())));
+    }
     parse_build(&min_client_build)?;
     let mut cfg = config(ctx);
     cfg.protocol_min = protocol_min;
@@ -110,6 +113,9 @@ pub fn set_protocol_window(ctx: &ReducerContext, protocol_min: u32, protocol_max
     ctx.db.khala_config().id().update(cfg);
     Ok(())
 }
+
+/// Longest `client_build` that `hello` stores, in bytes.
+pub const MAX_CLIENT_BUILD_LEN: usize = 64;
 
 /// Parses a build id such as `1.4.2` or `1.4.2-beta+abc` into its numeric parts.
 pub fn parse_build(build: &str) -> Result<Vec<u64>, String> {
@@ -129,6 +135,9 @@ pub fn hello(ctx: &ReducerContext, protocol_version: u32, client_build: String) 
     let cfg = config(ctx);
     if client_build.trim().is_empty() {
         return Err(fail(ErrorCode::InvalidArgument, "client_build is required"));
+    }
+    if client_build.len() > MAX_CLIENT_BUILD_LEN {
+        return Err(fail(ErrorCode::InvalidArgument, format!("client_build is {} bytes; the limit is {MAX_CLIENT_BUILD_LEN}", client_build.len())));
     }
     if protocol_version < cfg.protocol_min || protocol_version > cfg.protocol_max {
         return Err(fail(

@@ -41,7 +41,9 @@ fn validate_event(index: usize, event: &PublishEvent, max_payload: u32) -> Reduc
     Ok(())
 }
 
-/// Appends `events` to `stream_id` (publisher role). Creates the stream on first publish.
+/// Appends `events` to `stream_id`. Needs the publisher role and a live publish grant
+/// reaching the stream, checked before anything else (`forbidden_stream` otherwise, the
+/// same whether or not the stream exists). Creates the stream on first publish.
 ///
 /// Per event: a key already published with the same payload hash is skipped and counted
 /// as a duplicate; the same key with another payload is `idempotency_conflict`; an
@@ -49,8 +51,8 @@ fn validate_event(index: usize, event: &PublishEvent, max_payload: u32) -> Reduc
 /// Any error rolls the whole batch back. The new events form one segment row.
 #[reducer]
 pub fn publish(ctx: &ReducerContext, stream_id: String, events: Vec<PublishEvent>) -> ReducerResult {
-    access::require_publisher(ctx)?;
     validate_stream_id(&stream_id)?;
+    access::require_publish(ctx, &stream_id)?;
     let cfg = config(ctx);
     if events.is_empty() {
         return Err(fail(ErrorCode::InvalidArgument, "a publish batch needs at least one event"));
@@ -136,6 +138,7 @@ pub fn publish(ctx: &ReducerContext, stream_id: String, events: Vec<PublishEvent
         ctx.db.stream().stream_id().update(row);
     } else {
         ctx.db.stream().insert(row);
+        access::on_stream_created(ctx, &stream_id);
     }
     Ok(())
 }

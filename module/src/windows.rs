@@ -19,6 +19,51 @@ use spacetimedb::{client_visibility_filter, reducer, table, Filter, Identity, Re
 /// Most windows one identity may hold open on one stream.
 pub const MAX_WINDOWS_PER_STREAM: usize = 8;
 
+/// Window churn per identity: each open or close that changes something takes a token;
+/// the bucket holds [`CHURN_BURST`] and refills at [`CHURN_PER_SEC`]. Every open or close
+/// re-evaluates the segment RLS rule for the caller's subscriptions, so unbounded churn
+/// would make the server re-send whole buckets in a loop. An honest client replaying
+/// 1M events at 600k events/s opens about 75 windows a second.
+pub const CHURN_BURST: u64 = 512;
+pub const CHURN_PER_SEC: u64 = 128;
+
+/// One identity's window-churn token bucket. Private.
+#[table(name = window_churn)]
+pub struct WindowChurn {
+    #[primary_key]
+    pub identity: Identity,
+    /// Tokens left at `refilled_at`, in thousandths (so partial refills are kept).
+    pub milli_tokens: u64,
+    pub refilled_at: Timestamp,
+}
+
+/// Takes one churn token from the caller, or fails with `rate_limited retry_after_ms=..`.
+fn take_churn_token(ctx: &ReducerContext) -> ReducerResult {
+    let full = CHURN_BURST * 1000;
+    let row = ctx.db.window_churn().identity().find(ctx.sender);
+    let tokens = match &row {
+        None => full,
+        Some(r) => {
+            let elapsed_ms = ctx.timestamp.duration_since(r.refilled_at).map_or(0, |d| d.as_millis() as u64);
+            r.milli_tokens.saturating_add(elapsed_ms.saturating_mul(CHURN_PER_SEC)).min(full)
+        }
+    };
+    if tokens < 1000 {
+        let retry_after_ms = (1000 - tokens).div_ceil(CHURN_PER_SEC);
+        return Err(fail(
+            ErrorCode::RateLimited,
+            format!("window churn above {CHURN_PER_SEC}/s (burst {CHURN_BURST}) retry_after_ms={retry_after_ms}"),
+        ));
+    }
+    let next = WindowChurn { identity: ctx.sender, milli_tokens: tokens - 1000, refilled_at: ctx.timestamp };
+    if row.is_some() {
+        ctx.db.window_churn().identity().update(next);
+    } else {
+        ctx.db.window_churn().insert(next);
+    }
+    Ok(())
+}
+
 /// One open window: `grantee` sees the segments of `stream_id` whose
 /// `first_seq / WINDOW_EVENTS == bucket`.
 #[table(name = client_window, public)]
@@ -60,6 +105,7 @@ pub fn open_window(ctx: &ReducerContext, stream_id: String, bucket: u64) -> Redu
     if open.len() >= MAX_WINDOWS_PER_STREAM {
         return Err(fail(ErrorCode::RateLimited, format!("at most {MAX_WINDOWS_PER_STREAM} windows per stream; close one first")));
     }
+    take_churn_token(ctx)?;
     ctx.db.client_window().insert(ClientWindow {
         id: 0,
         grantee: ctx.sender,
@@ -72,10 +118,16 @@ pub fn open_window(ctx: &ReducerContext, stream_id: String, bucket: u64) -> Redu
 }
 
 /// Closes the caller's window on `bucket` of `stream_id` (a no-op if it is not open).
+/// Closing takes a churn token too, so open/close loops are bounded either way.
 #[reducer]
 pub fn close_window(ctx: &ReducerContext, stream_id: String, bucket: u64) -> ReducerResult {
     validate_stream_id(&stream_id)?;
-    for w in windows_of(ctx, ctx.sender, &stream_id).into_iter().filter(|w| w.bucket == bucket) {
+    let closing: Vec<ClientWindow> = windows_of(ctx, ctx.sender, &stream_id).into_iter().filter(|w| w.bucket == bucket).collect();
+    if closing.is_empty() {
+        return Ok(());
+    }
+    take_churn_token(ctx)?;
+    for w in closing {
         ctx.db.client_window().id().delete(w.id);
     }
     Ok(())

@@ -29,6 +29,7 @@ impl ErrorCode {
             ErrorCode::UnknownStream => "unknown_stream",
             ErrorCode::BatchTooLarge => "batch_too_large",
             ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::AuthorityDivergence => "authority_divergence",
         }
     }
 
@@ -94,7 +95,7 @@ impl CodedError {
 }
 
 /// Every code a reducer may return, for lookups.
-pub const ALL_CODES: [ErrorCode; 17] = [
+pub const ALL_CODES: [ErrorCode; 18] = [
     ErrorCode::Unauthorized,
     ErrorCode::ForbiddenStream,
     ErrorCode::BadSubscription,
@@ -112,6 +113,7 @@ pub const ALL_CODES: [ErrorCode; 17] = [
     ErrorCode::UnknownStream,
     ErrorCode::BatchTooLarge,
     ErrorCode::SlowConsumer,
+    ErrorCode::AuthorityDivergence,
 ];
 
 #[cfg(test)]

@@ -154,10 +154,20 @@ impl TestDb {
         self.call("revoke", json!([who.identity_arg(), stream]));
     }
 
-    /// Gives `who` the publisher role and returns it.
+    /// A new identity with the publisher role and a publish grant on every stream
+    /// (`*`), for tests about something other than publish scopes.
     pub fn publisher(&self) -> Credentials {
+        self.publisher_for(&["*"])
+    }
+
+    /// A new identity with the publisher role and publish grants on `patterns` (stream
+    /// ids, or prefixes ending in `*`).
+    pub fn publisher_for(&self, patterns: &[&str]) -> Credentials {
         let who = self.new_identity();
         self.call("set_role", json!([identity_arg(&who.identity), "publisher", true]));
+        for pattern in patterns {
+            self.grant(&who, pattern, &["publish"], 24 * 3600);
+        }
         who
     }
 }

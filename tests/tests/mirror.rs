@@ -70,10 +70,15 @@ fn assert_module_holds(db: &TestDb, expected: &Streams) {
     assert_eq!(stored, expected.keys().cloned().collect::<Vec<_>>(), "streams in the module");
 }
 
-/// A token file for `db`'s owner, in `dir`.
+/// The token file of `db`'s mirror identity in `dir`: a publisher granted `runtime.*`
+/// (what `khala up` makes), minted on first use. The mirror refuses the owner's token.
 fn token_file(db: &TestDb, dir: &Path) -> PathBuf {
-    let path = dir.join("owner.token");
-    std::fs::write(&path, &db.owner.token).unwrap();
+    let path = dir.join("mirror.token");
+    if !path.exists() {
+        let mirror = db.publisher_for(&["runtime.*"]);
+        std::fs::write(dir.join("mirror.identity"), &mirror.identity).unwrap();
+        std::fs::write(&path, &mirror.token).unwrap();
+    }
     path
 }
 
@@ -234,6 +239,9 @@ fn acknowledged_events_the_server_loses_are_found_and_republished() {
         .unwrap();
     wait_for("every event acknowledged", Duration::from_secs(30), || heads_total(&db).filter(|n| *n == 3000));
     db.api.publish_module(&db.name, khala_tests::module_wasm(), &db.owner.token, true).unwrap();
+    // The wipe took the mirror's grants too; an operator restoring a database grants again.
+    let mirror_identity = std::fs::read_to_string(dir.path().join("mirror.identity")).unwrap();
+    khala_tools::grants::make_publisher(&db.api, &db.name, &db.owner.token, &mirror_identity, &["runtime.*"], 3600).unwrap();
     assert_eq!(heads_total(&db), Some(0));
     let output = wait_exit(&mut child, Duration::from_secs(60));
     assert!(output.status.success(), "{}", text(&output));

@@ -43,7 +43,7 @@ fn unauthorised_calls_are_refused_with_their_code_and_write_nothing() {
     let publisher = db.publisher();
     publish(&db, &publisher, "s.a", batch(1, 1)).unwrap();
 
-    assert_eq!(code(publish(&db, &stranger, "s.a", batch(2, 1))), ErrorCode::Unauthorized);
+    assert_eq!(code(publish(&db, &stranger, "s.a", batch(2, 1))), ErrorCode::ForbiddenStream);
     assert_eq!(code(db.call_as(&stranger, "grant", json!([stranger.identity_arg(), "s.a", ["subscribe"], 60]))), ErrorCode::Unauthorized);
     assert_eq!(code(db.call_as(&stranger, "revoke", json!([stranger.identity_arg(), "s.a"]))), ErrorCode::Unauthorized);
     assert_eq!(code(db.call_as(&stranger, "create_stream", json!(["s.new", 0, 0]))), ErrorCode::Unauthorized);

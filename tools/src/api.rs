@@ -6,6 +6,7 @@ use khala_proto::CodedError;
 use serde_json::{json, Value};
 use std::time::Duration;
 
+
 /// An identity and the token that proves it.
 #[derive(Debug, Clone)]
 pub struct Credentials {
@@ -19,6 +20,22 @@ impl Credentials {
     pub fn identity_arg(&self) -> Value {
         identity_arg(&self.identity)
     }
+}
+
+/// The identity a token speaks for: the `hex_identity` claim of the JWT the server
+/// minted (64 hex digits, no `0x`). `None` if the token is not such a JWT.
+pub fn token_identity(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let claims = token.trim().split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(claims.trim_end_matches('=')).ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    Some(claims["hex_identity"].as_str()?.trim_start_matches("0x").to_ascii_lowercase())
+}
+
+/// Reads an identity the server wrote either as a hex string or as `{"__identity__": "0x.."}`.
+fn identity_value(value: &Value) -> Option<String> {
+    let text = value.as_str().or_else(|| value["__identity__"].as_str())?;
+    Some(text.trim_start_matches("0x").to_ascii_lowercase())
 }
 
 /// An `Identity` reducer argument: `{"__identity__": "0x<hex>"}`.
@@ -147,6 +164,14 @@ impl Api {
         Err(Self::http_error(&what, format!("HTTP {status}: {}", body.trim())))
     }
 
+    /// The identity that owns database `name` (`GET /v1/database/NAME`).
+    pub fn database_owner(&self, name: &str) -> Result<String> {
+        let what = format!("reading database {name}");
+        let response = self.http.get(format!("{}/v1/database/{name}", self.base)).send().map_err(|e| Self::http_error(&what, e))?;
+        let body: Value = serde_json::from_str(&Self::check(&what, response)?).map_err(|e| Self::http_error(&what, e))?;
+        identity_value(&body["owner_identity"]).ok_or_else(|| Self::http_error(&what, format!("no owner_identity in {body}")))
+    }
+
     /// Runs one SQL statement and returns its rows.
     pub fn sql(&self, database: &str, query: &str, token: &str) -> Result<SqlRows> {
         let what = format!("running SQL on {database}");
@@ -168,5 +193,20 @@ impl Api {
             .map(|rows| rows.iter().map(|r| r.as_array().cloned().unwrap_or_default()).collect())
             .unwrap_or_default();
         Ok(SqlRows { columns, rows })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_identity_claim_of_a_token() {
+        use base64::Engine as _;
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"hex_identity":"C2009ABC","sub":"x"}"#);
+        assert_eq!(token_identity(&format!("e30.{claims}.sig")).as_deref(), Some("c2009abc"));
+        assert_eq!(token_identity("not-a-jwt"), None);
+        assert_eq!(identity_value(&json!({"__identity__": "0xAB"})).as_deref(), Some("ab"));
+        assert_eq!(identity_value(&json!("0xab")).as_deref(), Some("ab"));
     }
 }

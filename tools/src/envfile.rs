@@ -8,6 +8,8 @@ pub const SERVER_URL: &str = "KHALA_SERVER_URL";
 pub const DATABASE: &str = "KHALA_DATABASE";
 pub const TOKEN_FILE: &str = "KHALA_TOKEN_FILE";
 pub const DATA_DIR: &str = "KHALA_DATA_DIR";
+/// The runtime mirror's token: a publisher identity with publish grants, not the owner.
+pub const MIRROR_TOKEN_FILE: &str = "KHALA_MIRROR_TOKEN_FILE";
 
 /// Writes `pairs` as `KEY=value` lines, replacing the file atomically.
 pub fn write(path: &Path, pairs: &[(&str, String)]) -> Result<()> {

@@ -16,7 +16,9 @@
 pub mod api;
 pub mod engine;
 pub mod envfile;
+pub mod grants;
 pub mod error;
+pub mod inspect;
 pub mod mirror;
 pub mod module_wasm;
 pub mod parity;

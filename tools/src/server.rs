@@ -64,6 +64,10 @@ impl ServerDir {
     pub fn token_file(&self) -> PathBuf {
         self.root.join("owner.token")
     }
+    /// The runtime mirror identity's token (a publisher, not the owner).
+    pub fn mirror_token_file(&self) -> PathBuf {
+        self.root.join("mirror.token")
+    }
     pub fn env_file(&self) -> PathBuf {
         self.root.join("khala.env")
     }

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use khala_tools::api::{publish_event_arg, Api};
 use khala_tools::engine::Engine;
+use khala_tools::grants;
 use khala_tools::server::{free_port, Lifetime, ServerDir, ServerProcess};
 use rand::RngCore;
 use serde_json::{json, Value};
@@ -91,6 +92,7 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let wasm = std::fs::read(khala_tools::module_wasm::build_module()?)?;
     api.publish_module("bench", &wasm, &owner.token, false)?;
     let stream = "bench.replay";
+    grants::make_publisher(&api, "bench", &owner.token, &owner.identity, &[stream], 24 * 3600)?;
 
     let started = Instant::now();
     let mut rng = rand::thread_rng();
@@ -185,6 +187,7 @@ fn small_segments(args: SmallArgs) -> anyhow::Result<()> {
     for (label, min_age) in [("compaction-off", u32::MAX as u64), ("compaction-on", 0)] {
         api.publish_module(label, &wasm, &owner.token, false)?;
         api.call(label, "set_compaction", json!([min_age]), &owner.token)?;
+        grants::make_publisher(&api, label, &owner.token, &owner.identity, &["bench.*"], 24 * 3600)?;
         runs.insert(label.into(), small_run(&api, label, &owner.token, &args)?);
     }
     println!("{}", serde_json::to_string_pretty(&json!({ "command": command, "runs": runs }))?);
@@ -279,6 +282,9 @@ fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let wasm = std::fs::read(khala_tools::module_wasm::build_module()?)?;
     api.publish_module("pub-http", &wasm, &owner.token, false)?;
     api.publish_module("pub-sdk", &wasm, &owner.token, false)?;
+    for db in ["pub-http", "pub-sdk"] {
+        grants::make_publisher(&api, db, &owner.token, &owner.identity, &["bench.*"], 24 * 3600)?;
+    }
     let http = publish_http(&api, "pub-http", &owner.token, &args)?;
     let sdk = publish_sdk(&server.url(), "pub-sdk", &owner.token, &args)?;
     println!("{}", serde_json::to_string_pretty(&json!({

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use khala_tools::api::{identity_arg, Api, Credentials};
 use khala_tools::engine::Engine;
+use khala_tools::grants;
 use khala_tools::mirror::mapping::topic_to_stream;
 use khala_tools::parity;
 use khala_tools::server::{Lifetime, ServerProcess};
@@ -33,7 +34,9 @@ struct Rig {
     engine: Engine,
     api: Api,
     owner: Credentials,
-    owner_token_file: PathBuf,
+    /// The mirror's publisher identity (granted `runtime.*` on every drill database).
+    mirror: Credentials,
+    mirror_token_file: PathBuf,
     dir: PathBuf,
     wasm: Vec<u8>,
 }
@@ -43,6 +46,7 @@ const TOPICS: u32 = 3;
 impl Rig {
     fn database(&self, name: &str) -> anyhow::Result<()> {
         self.api.publish_module(name, &self.wasm, &self.owner.token, false)?;
+        grants::make_publisher(&self.api, name, &self.owner.token, &self.mirror.identity, &[grants::MIRROR_PATTERN], 24 * 3600)?;
         Ok(())
     }
 
@@ -56,7 +60,7 @@ impl Rig {
     fn mirror(&self, database: &str, input: &Path, state: &str) -> anyhow::Result<Child> {
         let mut c = self.base(database)?;
         c.arg("mirror").arg("--input").arg(input).arg("--state-dir").arg(self.dir.join(state));
-        c.arg("--token-file").arg(&self.owner_token_file).stdout(Stdio::null()).stderr(Stdio::null());
+        c.arg("--token-file").arg(&self.mirror_token_file).stdout(Stdio::null()).stderr(Stdio::null());
         Ok(c.spawn()?)
     }
 
@@ -195,10 +199,11 @@ pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let (server, tmp) = private_server()?;
     let api = Api::new(&server.url());
     let owner = api.new_identity()?;
-    let owner_token_file = tmp.path().join("owner.token");
-    std::fs::write(&owner_token_file, &owner.token)?;
+    let mirror = api.new_identity()?;
+    let mirror_token_file = tmp.path().join("mirror.token");
+    std::fs::write(&mirror_token_file, &mirror.token)?;
     let wasm = std::fs::read(khala_tools::module_wasm::build_module()?)?;
-    let mut rig = Rig { server, engine: Engine::locate()?, api, owner, owner_token_file, dir: tmp.path().to_path_buf(), wasm };
+    let mut rig = Rig { server, engine: Engine::locate()?, api, owner, mirror, mirror_token_file, dir: tmp.path().to_path_buf(), wasm };
     type Drill = fn(&mut Rig, u64) -> anyhow::Result<Value>;
     let drills: [(&str, Drill); 3] =
         [("server_kill_mid_mirror", server_kill_mid_mirror), ("client_kill_mid_apply", client_kill_mid_apply), ("duplicated_mirror_input", duplicated_mirror_input)];

@@ -67,7 +67,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!("\n== authority log: {} events over {} topics in {}", args.events, args.topics, authority.display());
 
-    // 2. The mirror publishes it through the `publish` reducer.
+    // 2. The mirror publishes it through the `publish` reducer, as the publisher identity
+    //    `khala up` made (granted `runtime.*`), not the owner.
     println!("== mirror");
     let status = khala()?
         .arg("mirror")
@@ -75,7 +76,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .arg(&authority)
         .args(["--server", &url, "--database", &database])
         .arg("--token-file")
-        .arg(&owner_token_file)
+        .arg(server_dir.mirror_token_file())
         .arg("--state-dir")
         .arg(demo.join("mirror"))
         .env("RUST_LOG", "warn")

@@ -4,7 +4,7 @@
 
 use super::Target;
 use clap::{Args, ValueEnum};
-use khala_tools::mirror::{self, Config, Input, OnGap};
+use khala_tools::mirror::{self, Config, Input, OnDivergence, OnGap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +13,7 @@ use std::time::Duration;
 #[derive(Args, Debug)]
 pub struct MirrorArgs {
     #[command(flatten)]
-    pub target: Target,
+    pub target: MirrorTarget,
     /// A JSONL file of AuthorityEvents to mirror (default: stdin, spooled to the state dir).
     #[arg(long, conflicts_with = "postgres")]
     pub input: Option<PathBuf>,
@@ -53,6 +53,14 @@ pub struct MirrorArgs {
     /// What a hole in a stream's seqs does: hold the stream, or skip it with a marker event.
     #[arg(long, value_enum, default_value_t = GapPolicy::Hold)]
     pub on_gap: GapPolicy,
+    /// What an event the module holds that differs from the authority's does: hold the
+    /// stream, or end the run.
+    #[arg(long, value_enum, default_value_t = DivergencePolicy::Hold)]
+    pub on_divergence: DivergencePolicy,
+    /// Run with the database owner's token. The mirror is meant to run as a publisher
+    /// identity with publish grants (least privilege); the owner can replace the module.
+    #[arg(long)]
+    pub allow_owner: bool,
     /// Largest canonical payload accepted, in bytes (the module's default limit).
     #[arg(long, default_value_t = 262_144)]
     pub max_payload_bytes: usize,
@@ -75,10 +83,38 @@ pub struct MirrorArgs {
     pub poll_ms: u64,
 }
 
+/// Where the mirror publishes, and as whom: the mirror's own publisher identity (`khala up`
+/// writes its token file to `KHALA_MIRROR_TOKEN_FILE`), never the owner by default.
+#[derive(Args, Debug, Clone)]
+pub struct MirrorTarget {
+    /// Server URL.
+    #[arg(long, env = "KHALA_SERVER_URL", default_value = "http://127.0.0.1:3000")]
+    pub server: String,
+    /// Database name.
+    #[arg(long, env = "KHALA_DATABASE", default_value = "khala-dev")]
+    pub database: String,
+    /// File holding the mirror identity's token.
+    #[arg(long, env = "KHALA_MIRROR_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl MirrorTarget {
+    fn token(&self) -> anyhow::Result<String> {
+        let target = Target { server: self.server.clone(), database: self.database.clone(), token_file: self.token_file.clone() };
+        target.token().map_err(|_| anyhow::anyhow!("no mirror token: pass --token-file or set KHALA_MIRROR_TOKEN_FILE (`khala up` makes a mirror identity)"))
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum GapPolicy {
     Hold,
     Skip,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DivergencePolicy {
+    Hold,
+    Fail,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -136,6 +172,11 @@ pub fn run(args: MirrorArgs) -> anyhow::Result<()> {
             GapPolicy::Hold => OnGap::Hold,
             GapPolicy::Skip => OnGap::Skip,
         },
+        on_divergence: match args.on_divergence {
+            DivergencePolicy::Hold => OnDivergence::Hold,
+            DivergencePolicy::Fail => OnDivergence::Fail,
+        },
+        allow_owner: args.allow_owner,
         max_payload_bytes: args.max_payload_bytes,
         mapping,
         metrics_addr: args.metrics_addr,

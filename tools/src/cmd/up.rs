@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::Args;
 use khala_tools::api::{Api, Credentials};
 use khala_tools::engine::{self, Engine};
-use khala_tools::envfile;
+use khala_tools::{envfile, grants};
 use khala_tools::server::{Lifetime, ServerDir, ServerProcess};
 use sha2::{Digest, Sha256};
 use std::io::Write;
@@ -37,15 +37,23 @@ pub struct UpArgs {
 
 /// The owner's credentials, minted once and kept in the data dir (token mode 0600).
 fn owner_credentials(api: &Api, dir: &ServerDir) -> anyhow::Result<Credentials> {
-    let token_file = dir.token_file();
-    let identity_file = dir.root.join("owner.identity");
-    if let (Ok(token), Ok(identity)) = (std::fs::read_to_string(&token_file), std::fs::read_to_string(&identity_file)) {
+    stored_credentials(api, &dir.token_file(), &dir.root.join("owner.identity"))
+}
+
+/// The runtime mirror's credentials, kept beside the owner's.
+pub fn mirror_credentials(api: &Api, dir: &ServerDir) -> anyhow::Result<Credentials> {
+    stored_credentials(api, &dir.mirror_token_file(), &dir.root.join("mirror.identity"))
+}
+
+/// Credentials kept in `token_file` (mode 0600) and `identity_file`, minted on first use.
+fn stored_credentials(api: &Api, token_file: &Path, identity_file: &Path) -> anyhow::Result<Credentials> {
+    if let (Ok(token), Ok(identity)) = (std::fs::read_to_string(token_file), std::fs::read_to_string(identity_file)) {
         return Ok(Credentials { identity: identity.trim().into(), token: token.trim().into() });
     }
     let creds = api.new_identity()?;
-    let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&token_file)?;
+    let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(token_file)?;
     file.write_all(creds.token.as_bytes())?;
-    std::fs::write(&identity_file, &creds.identity)?;
+    std::fs::write(identity_file, &creds.identity)?;
     Ok(creds)
 }
 
@@ -96,18 +104,24 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let owner = owner_credentials(&api, &dir)?;
     let wasm = wasm_path(&args)?;
     let published = publish_if_changed(&api, &dir, &args.database, &wasm, &owner)?;
+    // The runtime mirror runs as its own publisher identity, granted the runtime streams
+    // only; each `up` renews its lease.
+    let mirror = mirror_credentials(&api, &dir)?;
+    grants::make_publisher(&api, &args.database, &owner.token, &mirror.identity, &[grants::MIRROR_PATTERN], grants::STANDING_TTL_SECS)?;
     envfile::write(
         &dir.env_file(),
         &[
             (envfile::SERVER_URL, server.url()),
             (envfile::DATABASE, args.database.clone()),
             (envfile::TOKEN_FILE, dir.token_file().display().to_string()),
+            (envfile::MIRROR_TOKEN_FILE, dir.mirror_token_file().display().to_string()),
             (envfile::DATA_DIR, dir.root.display().to_string()),
         ],
     )?;
     println!("server    {} (pid {}, data {})", server.url(), server.pid, dir.root.display());
     println!("database  {} ({})", args.database, if published { "module published" } else { "module unchanged" });
     println!("owner     {} (token in {})", owner.identity, dir.token_file().display());
+    println!("mirror    {} (token in {}, may publish {})", mirror.identity, dir.mirror_token_file().display(), grants::MIRROR_PATTERN);
     println!("env file  {}", dir.env_file().display());
     println!("try       {} sql --server {} {} \"SELECT * FROM stream\"", engine.cli.display(), server.url(), args.database);
     Ok(())

@@ -23,6 +23,9 @@ pub enum Need {
     Nothing,
     /// Event `seq` of lane `lane` durable in the module.
     Durable { lane: usize, seq: u64 },
+    /// Check `ticket` of lane `lane` (an event the module already held) agreed with the
+    /// module (`verify.rs`).
+    Verified { lane: usize, ticket: u64 },
 }
 
 /// What a head read revealed about one lane.
@@ -38,6 +41,8 @@ struct Lane {
     /// Acknowledged seqs not yet known durable, with when the acknowledgement arrived.
     acks: VecDeque<(u64, Instant)>,
     durable: u64,
+    /// Checks up to this ticket agreed.
+    verified: u64,
 }
 
 /// Acknowledgements, confirmations and the ordered queue behind the durable cursor.
@@ -80,6 +85,12 @@ impl Durability {
         }
     }
 
+    /// Checks of `lane` up to `ticket` agreed with the module.
+    pub fn verified(&mut self, lane: usize, ticket: u64) {
+        let state = &mut self.lanes[lane];
+        state.verified = state.verified.max(ticket);
+    }
+
     /// Whether a head read now could confirm something.
     pub fn check_due(&self, now: Instant) -> bool {
         self.lanes.iter().any(|l| l.acks.front().is_some_and(|(_, at)| *at + self.after <= now))
@@ -119,6 +130,7 @@ impl Durability {
             let met = match need {
                 Need::Nothing => true,
                 Need::Durable { lane, seq } => self.lanes[lane].durable >= seq,
+                Need::Verified { lane, ticket } => self.lanes[lane].verified >= ticket,
             };
             if !met {
                 break;
@@ -142,7 +154,7 @@ impl Durability {
     /// The lane the oldest waiting record belongs to, if any.
     pub fn blocking_lane(&self) -> Option<usize> {
         self.queue.iter().find_map(|(_, need)| match need {
-            Need::Durable { lane, .. } => Some(*lane),
+            Need::Durable { lane, .. } | Need::Verified { lane, .. } => Some(*lane),
             Need::Nothing => None,
         })
     }
@@ -213,5 +225,19 @@ mod tests {
         assert_eq!(d.pending(), 0);
         d.reset();
         assert_eq!(d.cursor(), mark(2));
+    }
+
+    #[test]
+    fn an_unchecked_duplicate_blocks_the_cursor_until_it_agrees() {
+        let mut d = Durability::new(Duration::ZERO, Mark::default());
+        let lane = d.add_lane();
+        d.push(mark(1), Need::Verified { lane, ticket: 1 });
+        d.push(mark(2), Need::Verified { lane, ticket: 2 });
+        assert_eq!(d.advance(), None);
+        d.verified(lane, 1);
+        assert_eq!(d.advance(), Some(mark(1)));
+        assert_eq!(d.blocking_lane(), Some(lane));
+        d.verified(lane, 2);
+        assert_eq!(d.advance(), Some(mark(2)));
     }
 }

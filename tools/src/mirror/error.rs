@@ -25,8 +25,12 @@ pub enum MirrorError {
     Postgres { what: String, detail: String },
     #[error("the server refused the mirror: {0}")]
     Server(ToolError),
-    #[error("stream {stream} stays invisible to the mirror's identity after publishing; reconciliation reads every stream head, so run the mirror with the database owner's token (see docs/MIRROR.md)")]
+    #[error("stream {stream} stays invisible to the mirror's identity after publishing; reconciliation reads the heads of the streams it may publish, so grant it `publish` on the stream or a prefix of it (see docs/MIRROR.md)")]
     HeadsHidden { stream: String },
+    #[error("the token is the database owner's ({identity}); run the mirror as a publisher identity with publish grants (`khala up` makes one), or pass --allow-owner")]
+    OwnerToken { identity: String },
+    #[error("authority_divergence: stream={stream} {fields}: the module holds another event at this seq than the authority")]
+    AuthorityDivergence { stream: String, fields: String },
     #[error("held streams (the durable cursor stops before their first unpublished event): {}", streams.join("; "))]
     StreamsHeld { streams: Vec<String> },
     #[error("internal: {0}")]
@@ -46,6 +50,8 @@ impl MirrorError {
             MirrorError::Postgres { .. } => "postgres_error",
             MirrorError::Server(e) => e.code(),
             MirrorError::HeadsHidden { .. } => "heads_not_visible",
+            MirrorError::OwnerToken { .. } => "owner_token",
+            MirrorError::AuthorityDivergence { .. } => "authority_divergence",
             MirrorError::StreamsHeld { .. } => "streams_held",
             MirrorError::Internal(_) => "internal",
         }

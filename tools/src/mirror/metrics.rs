@@ -10,6 +10,8 @@
 //! | `khala_mirror_failures_total{class}` | counter | failed publishes and head reads, by class |
 //! | `khala_mirror_reconciles_total` | counter | rewinds to the durable cursor after a failure or loss |
 //! | `khala_mirror_lost_total` | counter | acknowledged events found missing after a server crash (then republished) |
+//! | `khala_mirror_verified_total` | counter | events the module already held, checked equal to the authority's |
+//! | `khala_mirror_divergences_total` | counter | `authority_divergence`: an event the module holds differs from the authority's |
 //! | `khala_mirror_spool_depth` | gauge | records read but not yet behind the durable cursor (what a rewind replays) |
 //! | `khala_mirror_lag_events` | gauge | source head minus the durable position, in events |
 //! | `khala_mirror_held_streams` | gauge | streams held by `--on-gap hold` |
@@ -41,6 +43,9 @@ pub struct Stats {
     pub failures: BTreeMap<&'static str, u64>,
     pub reconciles: u64,
     pub lost: u64,
+    pub verified: u64,
+    pub below_floor: u64,
+    pub divergences: Vec<String>,
     /// When the module committed the last batch.
     pub last_commit: Option<Instant>,
 }
@@ -56,6 +61,9 @@ impl Default for Stats {
             failures: BTreeMap::new(),
             reconciles: 0,
             lost: 0,
+            verified: 0,
+            below_floor: 0,
+            divergences: Vec::new(),
             last_commit: None,
         }
     }
@@ -98,6 +106,19 @@ impl Stats {
         metrics::counter!("khala_mirror_lost_total").increment(n);
     }
 
+    /// Events found equal to the module's (`agreed`), of which `below_floor` could not be
+    /// compared because retention had removed them.
+    pub fn verified(&mut self, agreed: u64, below_floor: u64) {
+        self.verified += agreed - below_floor;
+        self.below_floor += below_floor;
+        metrics::counter!("khala_mirror_verified_total").increment(agreed - below_floor);
+    }
+
+    pub fn diverged(&mut self, what: String) {
+        self.divergences.push(what);
+        metrics::counter!("khala_mirror_divergences_total").increment(1);
+    }
+
     /// Sets the gauges.
     pub fn gauges(&self, spool_depth: usize, lag: u64, held: usize, durable: Mark) {
         metrics::gauge!("khala_mirror_spool_depth").set(spool_depth as f64);
@@ -121,6 +142,9 @@ impl Stats {
             failures: self.failures.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             reconciles: self.reconciles,
             lost_and_republished: self.lost,
+            verified: self.verified,
+            unverifiable_below_floor: self.below_floor,
+            divergences: self.divergences.clone(),
             durable_line: durable.line,
             durable_segment: durable.segment,
             durable_offset: durable.offset,
@@ -144,6 +168,11 @@ pub struct Summary {
     pub failures: BTreeMap<String, u64>,
     pub reconciles: u64,
     pub lost_and_republished: u64,
+    /// Duplicates checked equal to the module's events; below the retention floor.
+    pub verified: u64,
+    pub unverifiable_below_floor: u64,
+    /// `authority_divergence` findings: `stream=.. seq=.. authority=.. module=..`.
+    pub divergences: Vec<String>,
     /// The durable cursor: line (or outbox id), and for files the segment and byte offset.
     pub durable_line: u64,
     pub durable_segment: u64,
@@ -177,6 +206,10 @@ impl Summary {
             self.events_per_sec,
             self.publish_secs,
         );
+        text.push_str(&format!("\n  duplicates checked against the module: {} equal, {} below the retention floor", self.verified, self.unverifiable_below_floor));
+        for d in &self.divergences {
+            text.push_str(&format!("\n  DIVERGED {d}"));
+        }
         for held in &self.held_streams {
             text.push_str(&format!("\n  HELD {held}"));
         }

@@ -25,6 +25,7 @@ pub mod publisher;
 pub mod run;
 pub mod source;
 pub mod spool;
+pub mod verify;
 
 pub use error::{MirrorError, Result};
 pub use metrics::Summary;
@@ -58,6 +59,16 @@ pub enum OnGap {
     Skip,
 }
 
+/// What to do when an event the module holds differs from the authority's
+/// (`authority_divergence`, docs/MIRROR.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDivergence {
+    /// Stop publishing the stream and report it (the default); the cursor stays before it.
+    Hold,
+    /// End the run with the error.
+    Fail,
+}
+
 /// Everything a run needs.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -72,6 +83,9 @@ pub struct Config {
     pub durable_after: Duration,
     pub dead_letter: Option<PathBuf>,
     pub on_gap: OnGap,
+    pub on_divergence: OnDivergence,
+    /// Run even with the database owner's token.
+    pub allow_owner: bool,
     pub max_payload_bytes: usize,
     /// How topics name streams (`mapping::DEFAULT_MAPPING` unless configured).
     pub mapping: &'static mapping::Mapping,
@@ -155,6 +169,8 @@ pub fn run(config: Config) -> Result<Report> {
         batch_wait: config.batch_wait,
         durable_after: config.durable_after,
         on_gap: config.on_gap,
+        on_divergence: config.on_divergence,
+        allow_owner: config.allow_owner,
         parallel: config.parallel,
         stop: config.stop,
     };

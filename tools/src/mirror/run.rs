@@ -15,9 +15,10 @@ use super::durability::{Durability, Need, Observation};
 use super::error::{MirrorError, Result};
 use super::event::{Bad, Event, GAP_KIND};
 use super::metrics::Stats;
+use super::verify::{self, Fingerprint, ModuleRange, Stop};
 use super::publisher::{http_status, transient, Done, Job, Outcome, Publisher};
 use super::source::{Origin, Read, Record, Source};
-use super::OnGap;
+use super::{OnDivergence, OnGap};
 use crate::api::Api;
 use crate::ToolError;
 use khala_proto::ErrorCode;
@@ -38,6 +39,10 @@ const CHECK_EVERY: Duration = Duration::from_millis(250);
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Consecutive head reads missing an acknowledged stream before giving up.
 const HIDDEN_STRIKES: u32 = 3;
+/// Divergence checks waiting on one lane that trigger a read of its segments at once.
+const CHECK_BATCH: usize = 4096;
+/// Longest a divergence check waits for more to batch with.
+const CHECK_WAIT: Duration = Duration::from_millis(100);
 
 /// Settings of the loop.
 pub struct Settings {
@@ -45,6 +50,9 @@ pub struct Settings {
     pub batch_wait: Duration,
     pub durable_after: Duration,
     pub on_gap: OnGap,
+    pub on_divergence: OnDivergence,
+    /// Run even with the database owner's token.
+    pub allow_owner: bool,
     pub parallel: usize,
     pub stop: &'static AtomicBool,
 }
@@ -60,6 +68,8 @@ pub struct Mirror {
     publisher: Publisher,
     lanes: Lanes,
     durability: Durability,
+    checks: verify::Pending,
+    checks_since: Option<Instant>,
     heads: HashMap<String, u64>,
     heads_at: Instant,
     pub stats: Stats,
@@ -99,6 +109,8 @@ impl Mirror {
             publisher,
             lanes: Lanes::default(),
             durability,
+            checks: verify::Pending::default(),
+            checks_since: None,
             heads: HashMap::new(),
             heads_at: now,
             stats: Stats::default(),
@@ -160,6 +172,7 @@ impl Mirror {
                 continue;
             }
             progressed |= self.read_some()?;
+            self.check_duplicates()?;
             self.dispatch();
             self.check_heads()?;
             self.persist(false)?;
@@ -178,7 +191,7 @@ impl Mirror {
     }
 
     fn finished(&self) -> bool {
-        let drained = self.lanes.queued() == 0 && self.publisher.in_flight() == 0 && !self.durability.unconfirmed();
+        let drained = self.lanes.queued() == 0 && self.publisher.in_flight() == 0 && !self.durability.unconfirmed() && self.checks.is_empty();
         let stop_overdue = self.stopping_since.is_some_and(|t| t.elapsed() > self.settings.durable_after + STOP_GRACE);
         ((self.source_ended || self.stopping_since.is_some()) && drained) || stop_overdue
     }
@@ -231,6 +244,9 @@ impl Mirror {
             self.pause_before_reconcile = true;
             match self.read_heads() {
                 Ok(heads) => {
+                    if self.first_reconcile && !self.settings.allow_owner {
+                        self.refuse_owner()?;
+                    }
                     self.heads = heads;
                     self.heads_at = Instant::now();
                 }
@@ -253,6 +269,8 @@ impl Mirror {
         }
         self.lanes.clear();
         self.durability.reset();
+        self.checks.clear();
+        self.checks_since = None;
         self.source_ended = false;
         self.need_reconcile = false;
         self.pause_before_reconcile = false;
@@ -321,6 +339,7 @@ impl Mirror {
         if head > 0 {
             // What the module holds counts as acknowledged when the heads were read.
             self.durability.ack(lane, head, self.heads_at);
+            self.checks.module_holds(lane, head);
         }
         lane
     }
@@ -331,7 +350,13 @@ impl Mirror {
         let state = self.lanes.lane(lane);
         if event.seq < state.next {
             self.stats.duplicate();
-            return need;
+            if state.held.is_some() {
+                return need;
+            }
+            // Already in the module: it must be this very event (verify.rs).
+            let ticket = self.checks.expect(lane, Fingerprint::of(event.seq, &event.kind, &event.payload));
+            self.checks_since.get_or_insert_with(Instant::now);
+            return Need::Verified { lane, ticket };
         }
         if state.held.is_some() || (event.seq > state.next && !self.fill_gap(lane, event.seq, event.origin)) {
             return need;
@@ -400,6 +425,7 @@ impl Mirror {
             Outcome::Committed => {
                 let last = done.events.last().map_or(0, |e| e.seq);
                 self.durability.ack(lane, last, done.at);
+                self.checks.module_holds(lane, last);
                 self.stats.published(done.events.len() as u64, done.at);
                 self.backoff.reset();
             }
@@ -452,6 +478,94 @@ impl Mirror {
             }
         }
         Ok(())
+    }
+
+    /// The mirror holds the least power it needs: a publisher identity, never the owner
+    /// (who could replace the module or read every row), unless `--allow-owner`.
+    fn refuse_owner(&self) -> Result<()> {
+        let Some(me) = crate::api::token_identity(&self.token) else {
+            return Ok(());
+        };
+        let owner = self.api.database_owner(&self.database).map_err(MirrorError::Server)?;
+        if owner == me {
+            return Err(MirrorError::OwnerToken { identity: me });
+        }
+        Ok(())
+    }
+
+    /// Checks the duplicates waiting on each lane against the module's segments, when a
+    /// lane has [`CHECK_BATCH`] of them, when the oldest has waited [`CHECK_WAIT`], or when
+    /// the input is drained.
+    fn check_duplicates(&mut self) -> Result<()> {
+        let Some(since) = self.checks_since else { return Ok(()) };
+        let all_due = since.elapsed() >= CHECK_WAIT || self.source_ended || self.stopping_since.is_some();
+        for (lane, waiting) in self.checks.waiting() {
+            if all_due || waiting >= CHECK_BATCH {
+                self.check_lane(lane)?;
+                if self.need_reconcile {
+                    return Ok(());
+                }
+            }
+        }
+        self.checks_since = if self.checks.is_empty() { None } else { Some(Instant::now()) };
+        Ok(())
+    }
+
+    fn check_lane(&mut self, lane: usize) -> Result<()> {
+        let expected = self.checks.ready(lane);
+        let (Some(from), Some(to)) = (expected.iter().map(|f| f.seq).min(), expected.iter().map(|f| f.seq).max()) else {
+            return Ok(());
+        };
+        let stream_id = self.lanes.lane(lane).stream_id.clone();
+        let module = match self.module_range(&stream_id, from, to) {
+            Ok(module) => module,
+            Err(MirrorError::Server(e)) if transient(&e) => {
+                self.transient("unavailable", &e.to_string());
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let verdict = verify::compare(&expected, &module);
+        self.stats.verified(verdict.agreed as u64, verdict.below_floor);
+        if let Some(ticket) = self.checks.settle(lane, verdict.agreed) {
+            self.durability.verified(lane, ticket);
+        }
+        match verdict.stop {
+            None => {}
+            Some(Stop::Missing { seq }) => {
+                log::warn!("{stream_id}: the module no longer holds seq {seq}: a server crash lost commits; reconciling");
+                self.need_reconcile = true;
+            }
+            Some(Stop::Diverged(d)) => {
+                let what = format!("stream={stream_id} {}", d.fields());
+                log::error!("authority_divergence: {what}");
+                self.stats.diverged(what.clone());
+                match self.settings.on_divergence {
+                    OnDivergence::Fail => return Err(MirrorError::AuthorityDivergence { stream: stream_id, fields: d.fields() }),
+                    OnDivergence::Hold => {
+                        self.checks.abandon(lane);
+                        self.hold(lane, format!("authority_divergence: {what}"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The module's events of `stream_id` in `from..=to`, with its floor and head.
+    fn module_range(&self, stream_id: &str, from: u64, to: u64) -> Result<ModuleRange> {
+        let Some(stream) = crate::inspect::stream(&self.api, &self.database, &self.token, stream_id).map_err(MirrorError::Server)? else {
+            return Ok(ModuleRange::default());
+        };
+        let mut range = ModuleRange { events: Default::default(), oldest_seq: stream.oldest_seq, head_seq: stream.head_seq };
+        for seg in crate::inspect::segments(&self.api, &self.database, &self.token, stream_id, from, to).map_err(MirrorError::Server)? {
+            let events = khala_proto::segment::decode(&seg.data)
+                .map_err(|e| MirrorError::Internal(format!("a segment of {stream_id} at seq {} does not decode: {e}", seg.first_seq)))?;
+            for event in events.iter().filter(|e| (from..=to).contains(&e.seq)) {
+                range.events.insert(event.seq, Fingerprint::of_segment_event(event));
+            }
+        }
+        Ok(range)
     }
 
     /// Reads the heads when an acknowledgement is old enough to be confirmed durable.
