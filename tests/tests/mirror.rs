@@ -73,6 +73,7 @@ fn assert_module_holds(db: &TestDb, expected: &Streams) {
 /// The token file of `db`'s mirror identity in `dir`: a publisher granted `runtime.*`
 /// (what `khala up` makes), minted on first use. The mirror refuses the owner's token.
 fn token_file(db: &TestDb, dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("mirror.token");
     if !path.exists() {
         let mirror = db.publisher_for(&["runtime.*"]);
@@ -84,11 +85,16 @@ fn token_file(db: &TestDb, dir: &Path) -> PathBuf {
 
 /// `khala mirror` against `db`, with the user's own settings kept out.
 fn mirror<S: AsRef<std::ffi::OsStr>>(db: &TestDb, dir: &Path, args: impl IntoIterator<Item = S>) -> Command {
+    mirror_as(db, dir, &token_file(db, dir), args)
+}
+
+/// `khala mirror` against `db` with the token in `token`.
+fn mirror_as<S: AsRef<std::ffi::OsStr>>(db: &TestDb, dir: &Path, token: &Path, args: impl IntoIterator<Item = S>) -> Command {
     let mut command = Command::new(khala_bin());
     command
         .arg("mirror")
         .args(["--server", &db.url, "--database", &db.name, "--token-file"])
-        .arg(token_file(db, dir))
+        .arg(token)
         .arg("--state-dir")
         .arg(dir.join("state"))
         .args(args)
@@ -405,4 +411,88 @@ fn the_postgres_outbox_is_mirrored_resumed_and_followed() {
     assert_module_holds(&db, &outbox_expected(3, 230));
     let max_id = pg.psql("SELECT max(id) FROM khala_outbox");
     assert_eq!(pg.psql(&format!("SELECT last_id FROM khala_mirror_cursor WHERE name = '{}'", db.name)), max_id);
+}
+
+#[test]
+fn the_mirror_refuses_the_owner_token_unless_allowed() {
+    let db = shared_server().new_database("mirror-owner");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let (lines, expected) = generate(30, 3, 10);
+    write_lines(&input, &lines);
+    let owner_token = dir.path().join("owner.token");
+    std::fs::write(&owner_token, &db.owner.token).unwrap();
+    let with_owner = |extra: &[&str]| {
+        let mut command = mirror_as(&db, dir.path(), &owner_token, ["--input", &input.to_string_lossy()]);
+        command.args(extra).output().unwrap()
+    };
+    let refused = with_owner(&[]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("khala: owner_token: "), "{}", text(&refused));
+    assert_eq!(heads_total(&db), Some(0), "nothing was published with the owner's token");
+    // The owner needs a publish grant like anyone else; then --allow-owner runs.
+    khala_tools::grants::make_publisher(&db.api, &db.name, &db.owner.token, &db.owner.identity, &["runtime.*"], 3600).unwrap();
+    let allowed = with_owner(&["--allow-owner"]);
+    assert!(allowed.status.success(), "{}", text(&allowed));
+    assert_module_holds(&db, &expected);
+}
+
+/// A rogue publisher wrote seqs 1..=3 of a stream before the mirror got there. The mirror
+/// must not take them for the authority's events: it compares, names the divergence,
+/// holds that stream (its cursor stays before it), and publishes the other streams.
+#[test]
+fn a_rogue_write_under_the_mirror_is_found_named_and_held() {
+    let db = shared_server().new_database("mirror-rogue");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let (lines, expected) = generate(300, 3, 10);
+    write_lines(&input, &lines);
+    let rogue = db.publisher_for(&["runtime.run.0.*"]);
+    let forged: Vec<Value> = (1..=3).map(|s| khala_tests::event_json(&format!("forged{s}"), "run.step", format!("{{\"forged\":{s}}}").as_bytes(), Some(s))).collect();
+    db.call_as(&rogue, "publish", json!(["runtime.run.0.events", forged])).unwrap();
+
+    let output = mirror(&db, dir.path(), ["--input", &input.to_string_lossy()]).output().unwrap();
+    assert!(!output.status.success(), "a divergence must not pass for success:\n{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("khala: streams_held: ") && stderr.contains("authority_divergence"), "{stderr}");
+    let done = summary(&output);
+    let divergences: Vec<&str> = done["divergences"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert_eq!(divergences.len(), 1, "{done}");
+    assert!(divergences[0].starts_with("stream=runtime.run.0.events seq=1 authority=run.step/sha256:"), "{done}");
+    assert!(divergences[0].contains(" module=run.step/sha256:"), "{done}");
+    // The forged events stay (the mirror never writes over the log) and nothing follows them.
+    assert_eq!(khala_tests::verify::stream(&db, "runtime.run.0.events").unwrap().head_seq, 3, "{}", text(&output));
+    // The other streams are mirrored in full.
+    for (stream, events) in expected.iter().filter(|(s, _)| *s != "runtime.run.0.events") {
+        assert_eq!(khala_tests::verify::stream(&db, stream).unwrap().head_seq, events.len() as u64, "{stream}");
+    }
+    // A rerun finds it again: the cursor never passed the unchecked event.
+    let again = mirror(&db, dir.path(), ["--input", &input.to_string_lossy(), "--on-divergence", "fail"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&again.stderr).contains("khala: authority_divergence: stream=runtime.run.0.events seq=1 "), "{}", text(&again));
+}
+
+/// The authority changed an event after it was mirrored (drill 10's fault): a fresh
+/// pass over the changed log finds it; an unchanged log checks clean.
+#[test]
+fn an_authority_event_changed_after_publishing_is_found() {
+    let db = shared_server().new_database("mirror-changed");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let (mut lines, _) = generate(90, 3, 10);
+    write_lines(&input, &lines);
+    run_ok(mirror(&db, dir.path(), ["--input", &input.to_string_lossy()]));
+    // The same log from the start (new state dir): every event is a checked duplicate.
+    let clean = run_ok(mirror(&db, &dir.path().join("second"), ["--input", &input.to_string_lossy()]));
+    assert_eq!((clean["duplicates"].as_u64(), clean["verified"].as_u64(), clean["published"].as_u64()), (Some(90), Some(90), Some(0)), "{clean}");
+    // Line 40 is seq 14 of run:1:events; the authority rewrites its payload.
+    let mut changed: Value = serde_json::from_str(&lines[40]).unwrap();
+    changed["payload"] = json!({ "rewritten": true });
+    lines[40] = changed.to_string();
+    let edited = dir.path().join("edited.jsonl");
+    write_lines(&edited, &lines);
+    let output = mirror(&db, &dir.path().join("third"), ["--input", &edited.to_string_lossy()]).output().unwrap();
+    assert!(!output.status.success());
+    let done = summary(&output);
+    assert_eq!(done["divergences"].as_array().unwrap().len(), 1, "{done}");
+    assert!(done["divergences"][0].as_str().unwrap().starts_with("stream=runtime.run.1.events seq=14 "), "{done}");
 }

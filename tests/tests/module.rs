@@ -213,8 +213,17 @@ fn the_retention_sweep_raises_the_floor_and_removes_rows() {
     assert_eq!(verify_stream(&db, "s.r").unwrap(), (21..=30).collect::<Vec<_>>());
     // An ack below the floor can no longer be checked.
     let reader = db.new_identity();
-    db.grant(&reader, "s.r", &["ack"], 60);
+    db.grant(&reader, "s.r", &["subscribe", "ack"], 60);
     assert_eq!(code(db.call_as(&reader, "ack", json!(["s.r", 5, bytes_arg(&[0; 32])]))), ErrorCode::StaleCursor);
+    // An ack-only grantee may not read the stream: it learns neither the floor nor the head.
+    let acker = db.new_identity();
+    db.grant(&acker, "s.r", &["ack"], 60);
+    for seq in [5, 31] {
+        let refused = db.call_as(&acker, "ack", json!(["s.r", seq, bytes_arg(&[0; 32])]));
+        assert_eq!(message(refused), format!("stream s.r seq={seq}: not a position of this stream"));
+    }
+    let head_hash = stream(&db, "s.r").unwrap().head_hash;
+    db.call_as(&acker, "ack", json!(["s.r", 30, bytes_arg(&head_hash)])).unwrap();
     // An unknown stream's retention cannot be set.
     assert_eq!(code(db.call_as(&db.owner.clone(), "set_retention", json!(["s.none", 1, 0]))), ErrorCode::UnknownStream);
 }
@@ -314,5 +323,81 @@ fn windows_need_a_grant_are_bounded_and_show_only_their_bucket() {
     wait_for("bucket 1 to be evicted", Duration::from_secs(10), || (conn.db.stream_segment().count() == 0).then_some(()));
     // A batch larger than a window cannot be allowed.
     assert_eq!(code(db.call_as(&db.owner.clone(), "set_limits", json!([0, w + 1, 0]))), ErrorCode::InvalidArgument);
+    let _ = conn.disconnect();
+}
+
+/// Server time of a `Timestamp` column as the SQL endpoint writes it (`[micros]`).
+fn micros(value: &Value) -> i64 {
+    value[0].as_i64().unwrap_or_else(|| panic!("not a timestamp: {value}"))
+}
+
+/// RLS rules cannot read the clock, so each grant schedules its own removal at
+/// `expires_at`. Measured here: how long after `expires_at` a subscriber still receives
+/// segments, while one publisher writes single events to its stream as fast as it can and
+/// another keeps the database busy with 1000-event batches. The bound goes in
+/// docs/SECURITY.md.
+#[test]
+fn a_lease_ends_for_reads_on_time_under_load() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    let db = shared_server().new_database("lease-time");
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    publish(&db, &publisher, "s.live", Value::Array(vec![event_json("first", "k", b"{}", None)])).unwrap();
+    db.grant(&reader, "s.live", &["subscribe"], 3);
+    let expires_at = micros(&db.sql("SELECT expires_at FROM stream_grant").rows[0][0]);
+    let conn = sdk::connect(&db, &reader);
+    let delivered: Arc<Mutex<Vec<i64>>> = Arc::default();
+    let sink = delivered.clone();
+    conn.db.stream_segment().on_insert(move |_, s| sink.lock().unwrap().push(s.published_at.to_micros_since_unix_epoch()));
+    sdk::subscribe(&conn, &["SELECT * FROM stream_segment"]);
+    db.open_window(&reader, "s.live", 0);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let published_after = Arc::new(AtomicU64::new(0));
+    let live = {
+        let (db_name, api, token, stop, after) = (db.name.clone(), db.api.clone(), publisher.token.clone(), stop.clone(), published_after.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let event = event_json(&format!("live{n}"), "k", b"{}", None);
+                api.call(&db_name, "publish", json!(["s.live", [event]]), &token).unwrap();
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+                if now > expires_at {
+                    after.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let load = {
+        let (db_name, api, token, stop) = (db.name.clone(), db.api.clone(), publisher.token.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let payload = vec![7u8; 256];
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let events: Vec<Value> = (0..1000).map(|i| event_json(&format!("load{n}.{i}"), "k", &payload, None)).collect();
+                api.call(&db_name, "publish", json!(["s.load", events]), &token).unwrap();
+                n += 1;
+            }
+        })
+    };
+    let wait_until = Duration::from_micros((expires_at + 2_000_000 - std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64).max(0) as u64);
+    std::thread::sleep(wait_until);
+    stop.store(true, Ordering::Relaxed);
+    live.join().unwrap();
+    load.join().unwrap();
+
+    let delivered = delivered.lock().unwrap().clone();
+    let before = delivered.iter().filter(|t| **t <= expires_at).count();
+    let last = delivered.iter().copied().max().unwrap_or(0);
+    let total = delivered.len();
+    let late_ms = (last - expires_at) as f64 / 1000.0;
+    let after = published_after.load(Ordering::Relaxed);
+    eprintln!("lease end: {total} segments delivered ({before} published before expiry), {after} events published after expiry; last delivered segment published {late_ms:.1} ms after expires_at");
+    assert!(before >= 10, "the reader received too little before expiry to measure anything ({before})");
+    assert!(after >= 10, "publishing did not go on past expiry ({after} events)");
+    assert!(late_ms < 250.0, "delivery went on {late_ms:.1} ms past the lease");
+    assert_eq!(count(&db, "stream_grant"), 0, "the expired grant is gone");
     let _ = conn.disconnect();
 }

@@ -18,9 +18,10 @@ pub struct GrantArgs {
     /// The grantee's identity (hex).
     #[arg(long)]
     pub identity: String,
+    /// A stream id, or a prefix ending in `*` (`runtime.run.*`; publish scope only).
     #[arg(long)]
     pub stream: String,
-    /// Comma-separated scopes: subscribe, ack.
+    /// Comma-separated scopes: subscribe, ack, publish (publish needs the publisher role).
     #[arg(long, default_value = "subscribe,ack", value_delimiter = ',')]
     pub scopes: Vec<String>,
     /// Lease length in seconds; grant again before it ends to renew it.

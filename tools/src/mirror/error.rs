@@ -29,7 +29,7 @@ pub enum MirrorError {
     HeadsHidden { stream: String },
     #[error("the token is the database owner's ({identity}); run the mirror as a publisher identity with publish grants (`khala up` makes one), or pass --allow-owner")]
     OwnerToken { identity: String },
-    #[error("authority_divergence: stream={stream} {fields}: the module holds another event at this seq than the authority")]
+    #[error("stream={stream} {fields}: the module holds another event at this seq than the authority")]
     AuthorityDivergence { stream: String, fields: String },
     #[error("held streams (the durable cursor stops before their first unpublished event): {}", streams.join("; "))]
     StreamsHeld { streams: Vec<String> },

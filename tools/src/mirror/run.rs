@@ -411,6 +411,9 @@ impl Mirror {
             if self.publisher.in_flight() >= self.settings.parallel {
                 break;
             }
+            if self.checks.blocks(lane) {
+                continue;
+            }
             let events = self.lanes.take_batch(lane, self.settings.batch_events, now);
             let state = self.lanes.lane_mut(lane);
             state.in_flight = true;
@@ -507,7 +510,12 @@ impl Mirror {
                 }
             }
         }
-        self.checks_since = if self.checks.is_empty() { None } else { Some(Instant::now()) };
+        if self.checks.is_empty() {
+            self.checks_since = None;
+        } else if all_due {
+            // What is left waits for its batch to commit; start a new wait for it.
+            self.checks_since = Some(Instant::now());
+        }
         Ok(())
     }
 
@@ -543,7 +551,9 @@ impl Mirror {
                 match self.settings.on_divergence {
                     OnDivergence::Fail => return Err(MirrorError::AuthorityDivergence { stream: stream_id, fields: d.fields() }),
                     OnDivergence::Hold => {
+                        // Nothing more goes onto a log that is not the authority's.
                         self.checks.abandon(lane);
+                        self.lanes.drop_queue(lane);
                         self.hold(lane, format!("authority_divergence: {what}"));
                     }
                 }

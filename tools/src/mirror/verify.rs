@@ -150,6 +150,12 @@ impl Pending {
         self.lanes.iter().enumerate().filter(|(_, c)| !c.waiting.is_empty()).map(|(i, c)| (i, c.waiting.len())).collect()
     }
 
+    /// Whether `lane` has checks waiting: it publishes nothing more until they agree, so
+    /// the authority's events are never chained onto an event that is not theirs.
+    pub fn blocks(&self, lane: usize) -> bool {
+        self.lanes.get(lane).is_some_and(|c| !c.waiting.is_empty())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.lanes.iter().all(|c| c.waiting.is_empty())
     }
