@@ -25,6 +25,7 @@ pub mod presence;
 pub mod publish;
 pub mod retention;
 pub mod streams;
+pub mod system_tables;
 pub mod windows;
 
 use khala_proto::{CodedError, ErrorCode};
