@@ -255,7 +255,8 @@ pub fn live_grant(ctx: &ReducerContext, who: Identity, stream_id: &str) -> Optio
 }
 
 /// Gives (`enabled = true`) or takes back a role. Admin only; an admin cannot drop its
-/// own admin role, so a database never loses its last admin by accident.
+/// own admin role, so a database never loses its last admin by accident. Taking the
+/// `publisher` role back also revokes the identity's publish grants.
 #[reducer]
 pub fn set_role(ctx: &ReducerContext, identity: Identity, role: String, enabled: bool) -> ReducerResult {
     require_admin(ctx)?;
@@ -269,6 +270,14 @@ pub fn set_role(ctx: &ReducerContext, identity: Identity, role: String, enabled:
     }
     for row in ctx.db.identity_role().identity().filter(identity).filter(|r| r.role == role.name()) {
         ctx.db.identity_role().id().delete(row.id);
+    }
+    if role == Role::Publisher {
+        // Publish grants also let their holder read the streams they reach; without the
+        // role they would keep that read access, so they go with it.
+        let grants: Vec<u64> = ctx.db.publish_grant().grantee().filter(identity).map(|g| g.id).collect();
+        for id in grants {
+            delete_publish_grant(ctx, id);
+        }
     }
     Ok(())
 }

@@ -1290,17 +1290,15 @@ fn management_endpoints_refuse_the_attackers() {
 }
 
 // ------------------------------------------------------------------------------------
-// Known open hole.
+// A hole this suite found, now closed.
 // ------------------------------------------------------------------------------------
 
-/// Taking the `publisher` role away stops `publish` but not reads: the role is not part
-/// of the stream and segment RLS rules, which join only `stream_publisher`, and
-/// `set_role(.., "publisher", false)` leaves the identity's publish grants and their
-/// reach rows in place. A demoted publisher (say, a leaked mirror token) keeps reading
-/// the heads and the full segments (payloads) of every stream its grants reach, live,
-/// until the grants are revoked or expire.
+/// Taking the `publisher` role away must stop reads as well as `publish`: the stream
+/// and segment RLS rules join only `stream_publisher`, so `set_role(.., "publisher",
+/// false)` revokes the identity's publish grants and their reach rows. Before that fix a
+/// demoted publisher (say, a leaked mirror token) kept reading the heads and the full
+/// segments of every stream its grants reached, live, until the grants expired.
 #[test]
-#[ignore = "open hole: a demoted publisher keeps reading the streams its publish grants reach (set_role does not drop them; fix in access.rs)"]
 fn a_demoted_publisher_reads_nothing_more() {
     let w = world("demoted");
     let db = &w.db;
