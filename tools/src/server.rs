@@ -183,7 +183,21 @@ impl ServerProcess {
             .stdout(log)
             .stderr(log_err);
         let child = match lifetime {
-            Lifetime::Detached => command.process_group(0).spawn(),
+            Lifetime::Detached => {
+                // A server that outlives `khala up` must not keep the descriptors it was
+                // started with (a lock file held by whoever ran `khala up`, a pipe a
+                // caller waits on to close): mark all but stdio close-on-exec in the child
+                // (CLOSE_RANGE_CLOEXEC; on kernels without it, nothing changes).
+                // SAFETY: close_range is a raw syscall, async-signal-safe.
+                unsafe {
+                    command.pre_exec(|| {
+                        const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+                        libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC);
+                        Ok(())
+                    });
+                }
+                command.process_group(0).spawn()
+            }
             Lifetime::TiedToThisProcess => spawn_tied(command),
         }
         .map_err(|e| ToolError::io(format!("starting {}", engine.standalone.display()), e))?;
