@@ -4,26 +4,43 @@
 //! the per-event rows that slow this engine's inserts down as the table grows
 //! (docs/SEGMENTS.md). A scheduled sweep merges runs of adjacent small segments of one
 //! stream, once they are older than `compact_min_age_secs` (default 10 s; live clients
-//! have them by then),
-//! into one segment of up to `COMPACT_TARGET_EVENTS` events. Seqs, chain hashes and
-//! idempotency keys are unchanged; a merged segment stays in the window bucket of its
-//! first event, and never holds more than a window's worth of events. A client that
-//! sees the merged segment skips the events it already applied.
+//! have them by then), into one segment of at most [`COMPACT_TARGET_EVENTS`] events and
+//! [`COMPACT_MAX_BYTES`] bytes. Seqs, chain hashes and idempotency keys are unchanged; a
+//! merged segment stays in the window bucket of its first event. A client that sees the
+//! merged segment skips the events it already applied.
+//!
+//! A run loads at most [`COMPACT_SCAN_SEGMENTS`] segments and [`COMPACT_SCAN_BYTES`]
+//! bytes (plus the one segment that crosses the limit), holds only the run it is
+//! building, visits streams in turn from where the last run stopped, and skips streams
+//! whose hints say there is nothing to merge yet (`sweep.rs`). A run that used its whole
+//! budget asks for another one [`CATCH_UP_DELAY`] later.
 
 use crate::streams::{stream, stream_segment, Stream, StreamSegment};
+use crate::sweep::{self, Budget, StreamSweep, Sweep, Walk};
 use crate::{fail, ReducerResult};
 use khala_proto::hash::{bucket, window_key};
 use khala_proto::{segment, ErrorCode};
-use spacetimedb::{reducer, table, ReducerContext, ScheduleAt, Table, TimeDuration};
+use spacetimedb::{reducer, table, ReducerContext, ScheduleAt, Table, TimeDuration, Timestamp};
+use std::collections::HashMap;
 use std::time::Duration;
 
-/// Segments with fewer events than this are small.
+/// Segments with fewer events than this are small...
 pub const SMALL_SEGMENT_EVENTS: u64 = 64;
-/// A merged segment holds at most this many events.
+/// ...unless they hold this many bytes or more: at least four small segments fit in one
+/// merged segment, so a merge always saves rows.
+pub const SMALL_SEGMENT_BYTES: u64 = COMPACT_MAX_BYTES / 4;
+/// A merged segment holds at most this many events...
 pub const COMPACT_TARGET_EVENTS: u64 = 1_024;
-/// Most segments one sweep examines, so that a sweep stays short.
-pub const COMPACT_SCAN_SEGMENTS: usize = 4_096;
+/// ...and at most this many bytes of `data`: a client holds a whole segment to check its
+/// chain, and a run holds one merged segment at a time.
+pub const COMPACT_MAX_BYTES: u64 = 1024 * 1024;
+/// Most segments one run loads.
+pub const COMPACT_SCAN_SEGMENTS: u64 = 4_096;
+/// Most bytes of segment `data` one run loads.
+pub const COMPACT_SCAN_BYTES: u64 = 8 * 1024 * 1024;
 pub const COMPACT_INTERVAL: Duration = Duration::from_secs(1);
+/// How soon a run that used its whole budget runs again.
+pub const CATCH_UP_DELAY: Duration = Duration::from_millis(100);
 
 #[table(name = compaction_schedule, scheduled(compact_segments))]
 pub struct CompactionSchedule {
@@ -42,6 +59,52 @@ pub fn schedule(ctx: &ReducerContext) {
 
 fn events_in(s: &StreamSegment) -> u64 {
     s.last_seq - s.first_seq + 1
+}
+
+fn is_small(s: &StreamSegment) -> bool {
+    events_in(s) < SMALL_SEGMENT_EVENTS && (s.data.len() as u64) < SMALL_SEGMENT_BYTES
+}
+
+/// Adjacent small segments that will become one.
+#[derive(Default)]
+struct Run {
+    segments: Vec<StreamSegment>,
+    bytes: u64,
+}
+
+impl Run {
+    /// Whether `s` can join: small, same bucket and epoch, and the merged segment stays
+    /// within both caps.
+    fn accepts(&self, s: &StreamSegment) -> bool {
+        self.segments.first().is_some_and(|f| {
+            is_small(s)
+                && bucket(f.first_seq) == bucket(s.first_seq)
+                && s.epoch == f.epoch
+                && s.last_seq - f.first_seq < COMPACT_TARGET_EVENTS
+                && self.bytes + s.data.len() as u64 <= COMPACT_MAX_BYTES
+        })
+    }
+
+    fn push(&mut self, s: StreamSegment) {
+        self.bytes += s.data.len() as u64;
+        self.segments.push(s);
+    }
+
+    /// Whether the merged segment would itself be small (so later segments may join it).
+    fn still_small(&self) -> bool {
+        let events = self.segments.iter().map(events_in).sum::<u64>();
+        !self.segments.is_empty() && events < SMALL_SEGMENT_EVENTS && self.bytes < SMALL_SEGMENT_BYTES
+    }
+
+    /// Merges the run if it has two segments or more; returns how many rows went.
+    fn flush(&mut self, ctx: &ReducerContext) -> u64 {
+        let run = std::mem::take(self);
+        if run.segments.len() >= 2 && merge(ctx, &run.segments) {
+            run.segments.len() as u64 - 1
+        } else {
+            0
+        }
+    }
 }
 
 /// Merges one run of adjacent segments into one. Returns false (and changes nothing)
@@ -78,68 +141,107 @@ fn merge(ctx: &ReducerContext, run: &[StreamSegment]) -> bool {
     true
 }
 
-/// Compacts one stream from where the last sweep stopped; returns segments examined.
-fn compact_stream(ctx: &ReducerContext, mut row: Stream, budget: usize) -> usize {
-    let min_age = Duration::from_secs(crate::config::config(ctx).compact_min_age_secs);
-    let old_enough = |s: &StreamSegment| ctx.timestamp.duration_since(s.published_at).is_some_and(|age| age >= min_age);
-    let scanned: Vec<StreamSegment> = ctx
-        .db
-        .stream_segment()
-        .by_stream_last()
-        .filter((row.stream_id.as_str(), row.compacted_through + 1..))
-        .take(budget)
-        .take_while(|s| old_enough(s))
-        .collect();
-    if scanned.is_empty() {
-        return 0;
-    }
-    let mut merged_away = 0u64;
-    let mut run: Vec<StreamSegment> = Vec::new();
-    let mut flush = |run: &mut Vec<StreamSegment>| {
-        if run.len() >= 2 && merge(ctx, run) {
-            merged_away += run.len() as u64 - 1;
-        }
-        run.clear();
-    };
-    for s in &scanned {
-        let small = events_in(s) < SMALL_SEGMENT_EVENTS;
-        let fits = run.first().is_some_and(|f| {
-            bucket(f.first_seq) == bucket(s.first_seq) && s.last_seq - f.first_seq < COMPACT_TARGET_EVENTS && s.epoch == f.epoch
-        });
-        if !small || !fits {
-            flush(&mut run);
-        }
-        if small {
-            run.push(s.clone());
-        }
-    }
-    // A trailing run that is still small may grow with the next segments: merge what is
-    // here, and look at it again next sweep (at low rates runs arrive one at a time).
-    let trailing = run.first().map(|f| (f.first_seq, run.iter().map(events_in).sum::<u64>()));
-    flush(&mut run);
-    row.compacted_through = match trailing {
-        Some((first_seq, events)) if events < SMALL_SEGMENT_EVENTS => first_seq - 1,
-        _ => scanned.last().map_or(row.compacted_through, |s| s.last_seq),
-    };
-    row.segment_count = row.segment_count.saturating_sub(merged_away);
-    ctx.db.stream().stream_id().update(row);
-    scanned.len()
+/// Whether a segment published at `at` is old enough to merge.
+fn old_enough(ctx: &ReducerContext, at: Timestamp, min_age: Duration) -> bool {
+    ctx.timestamp.duration_since(at).is_some_and(|age| age >= min_age)
 }
 
-/// Merges small segments of every stream, examining at most `COMPACT_SCAN_SEGMENTS`
-/// segments per run. Only the scheduler may call it.
+/// Whether the hints say a visit would find nothing to merge: only an unchanged trailing
+/// run is left, or the next segment is still too young.
+fn nothing_to_do(ctx: &ReducerContext, row: &Stream, hint: &StreamSweep, min_age: Duration) -> bool {
+    let unchanged_tail = hint.compact_seen_head != 0 && hint.compact_seen_head == row.head_seq;
+    let still_young = hint.compact_young_at != Timestamp::UNIX_EPOCH && !old_enough(ctx, hint.compact_young_at, min_age);
+    unchanged_tail || still_young
+}
+
+/// Compacts one stream from where the last visit stopped, within `budget`; returns how
+/// its walk ended.
+fn compact_stream(
+    ctx: &ReducerContext,
+    mut row: Stream,
+    budget: &mut Budget,
+    min_age: Duration,
+    mut hint: StreamSweep,
+    hints: &HashMap<String, StreamSweep>,
+) -> Walk {
+    let stream_id = row.stream_id.clone();
+    let from = row.compacted_through.saturating_add(1).max(row.oldest_seq);
+    let (mut run, mut merged_away, mut examined_through, mut young_at) = (Run::default(), 0u64, None, None);
+    let walk = sweep::walk(ctx, &stream_id, from, row.head_seq, budget, |s| {
+        if !old_enough(ctx, s.published_at, min_age) {
+            young_at = Some(s.published_at);
+            return false;
+        }
+        examined_through = Some(s.last_seq);
+        if !run.accepts(&s) {
+            merged_away += run.flush(ctx);
+        }
+        if is_small(&s) {
+            run.push(s);
+        }
+        true
+    });
+    // A trailing run that is still small may grow with the next segments: merge what is
+    // here, and look at it again on a later visit (at low rates runs arrive one at a time).
+    let trailing = run.still_small().then(|| run.segments[0].first_seq);
+    merged_away += run.flush(ctx);
+    let compacted_through = match (trailing, examined_through) {
+        (Some(first_seq), _) => first_seq - 1,
+        (None, Some(through)) => through,
+        (None, None) => row.compacted_through,
+    };
+    if compacted_through != row.compacted_through || merged_away > 0 {
+        row.compacted_through = compacted_through;
+        row.segment_count = row.segment_count.saturating_sub(merged_away);
+        ctx.db.stream().stream_id().update(row.clone());
+    }
+    hint.compact_seen_head = if walk == Walk::End && compacted_through < row.head_seq { row.head_seq } else { 0 };
+    hint.compact_young_at = young_at.unwrap_or(Timestamp::UNIX_EPOCH);
+    sweep::save_hint(ctx, hints, hint);
+    walk
+}
+
+/// Asks for one more run soon, unless one is already pending.
+fn catch_up(ctx: &ReducerContext, running: u64) {
+    let pending = ctx.db.compaction_schedule().iter().any(|s| s.scheduled_id != running && matches!(s.scheduled_at, ScheduleAt::Time(_)));
+    if !pending {
+        let at = ctx.timestamp.checked_add_duration(CATCH_UP_DELAY).unwrap_or(ctx.timestamp);
+        ctx.db.compaction_schedule().insert(CompactionSchedule { scheduled_id: 0, scheduled_at: ScheduleAt::Time(at) });
+    }
+}
+
+/// Merges small segments, one budget per run, visiting streams in turn. Only the
+/// scheduler may call it.
 #[reducer]
-pub fn compact_segments(ctx: &ReducerContext, _schedule: CompactionSchedule) -> ReducerResult {
+pub fn compact_segments(ctx: &ReducerContext, schedule: CompactionSchedule) -> ReducerResult {
     if ctx.sender != ctx.identity() {
         return Err(fail(ErrorCode::Unauthorized, "compact_segments is run by the scheduler only"));
     }
-    let mut budget = COMPACT_SCAN_SEGMENTS;
+    let min_age = Duration::from_secs(crate::config::config(ctx).compact_min_age_secs);
+    // Events cost nothing until decoded, and only small segments are decoded: bytes bound that.
+    let mut budget = Budget::new(COMPACT_SCAN_SEGMENTS, u64::MAX, COMPACT_SCAN_BYTES);
+    let hints = sweep::hints(ctx);
     let candidates: Vec<Stream> = ctx.db.stream().iter().filter(|s| s.head_seq > s.compacted_through).collect();
-    for row in candidates {
-        if budget == 0 {
+    let mut turns = sweep::Turns::default();
+    for row in sweep::in_turn(ctx, Sweep::Compaction, candidates) {
+        if !budget.has_room() {
             break;
         }
-        budget = budget.saturating_sub(compact_stream(ctx, row, budget));
+        let stream_id = row.stream_id.clone();
+        let hint = sweep::hint_for(&hints, &row);
+        if nothing_to_do(ctx, &row, &hint, min_age) {
+            turns.done(&stream_id);
+            continue;
+        }
+        if compact_stream(ctx, row, &mut budget, min_age, hint, &hints) == Walk::OutOfBudget {
+            turns.cut_off(&stream_id);
+            break;
+        }
+        turns.done(&stream_id);
+    }
+    turns.save(ctx, Sweep::Compaction, &budget);
+    if !budget.has_room() {
+        catch_up(ctx, schedule.scheduled_id);
     }
     Ok(())
 }

@@ -10,6 +10,8 @@
 //! - [`ack`]: monotonic, chain-checked client acks.
 //! - [`retention`]: per-stream retention and the scheduled sweep that raises `oldest_seq`.
 //! - [`compaction`]: the scheduled merge of small segments into larger ones.
+//! - [`sweep`]: what both sweeps share: per-run budgets, bounded segment walks, the
+//!   round-robin cursor and per-stream hints.
 //! - [`windows`]: the replay windows clients open; the segment RLS rule joins on them.
 //! - [`presence`]: `connection` rows and an admin-visible connected count.
 //!
@@ -25,6 +27,7 @@ pub mod presence;
 pub mod publish;
 pub mod retention;
 pub mod streams;
+pub mod sweep;
 pub mod system_tables;
 pub mod windows;
 

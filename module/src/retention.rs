@@ -1,8 +1,17 @@
-//! Retention: a scheduled sweep trims whole segments in bounded chunks and raises each
+//! Retention: a scheduled sweep trims whole segments, oldest first, and raises each
 //! stream's `oldest_seq`, which is how clients learn that a cursor has gone stale.
+//!
+//! A run loads at most one [`budget`] of segments (`retention_chunk_segments` segments,
+//! [`RETENTION_EVENTS`] events, [`RETENTION_BYTES`] of `data`, plus the one segment that
+//! crosses the limit), visits the streams that have a policy in turn from where the last
+//! run stopped, and skips a stream whose oldest segment it has already seen unexpired
+//! (`sweep.rs`). A run that used its whole budget asks for another run
+//! [`CATCH_UP_DELAY`] later, so a backlog drains at several budgets a second while each
+//! transaction stays short. `reset_stream` deletes through the same [`trim_oldest`].
 
 use crate::config::config;
-use crate::streams::{event_key, stream, stream_segment, Stream};
+use crate::streams::{event_key, stream, stream_segment, Stream, StreamSegment};
+use crate::sweep::{self, Budget, Sweep, Walk};
 use crate::{fail, ReducerResult};
 use khala_proto::hash::key_hash;
 use khala_proto::{segment, ErrorCode};
@@ -11,6 +20,12 @@ use std::time::Duration;
 
 /// How often the sweep runs.
 pub const RETENTION_INTERVAL: Duration = Duration::from_secs(1);
+/// Most events one run loads: each costs an `event_key` delete.
+pub const RETENTION_EVENTS: u64 = 65_536;
+/// Most bytes of segment `data` one run loads (it decodes them for their keys).
+pub const RETENTION_BYTES: u64 = 8 * 1024 * 1024;
+/// How soon a run that used its whole budget runs again.
+pub const CATCH_UP_DELAY: Duration = Duration::from_millis(100);
 
 #[table(name = retention_schedule, scheduled(sweep_retention))]
 pub struct RetentionSchedule {
@@ -27,65 +42,134 @@ pub fn schedule(ctx: &ReducerContext) {
     });
 }
 
-/// Whether a segment may go: it lies wholly below the newest `retain_max_events`, or it
-/// is older than `retain_max_age_secs`. Whole segments only, so a stream keeps at least
-/// its policy and at most one segment more.
-fn expired(stream: &Stream, last_seq: u64, published_at: Timestamp, now: Timestamp) -> bool {
-    let by_count = stream.retain_max_events > 0 && last_seq.saturating_add(stream.retain_max_events) <= stream.head_seq;
-    let by_age = stream.retain_max_age_secs > 0
-        && now.duration_since(published_at).is_some_and(|age| age.as_secs() >= stream.retain_max_age_secs);
-    by_count || by_age
+/// What one retention run (or one `reset_stream` step) may load.
+pub fn budget(ctx: &ReducerContext) -> Budget {
+    Budget::new(u64::from(config(ctx).retention_chunk_segments.max(1)), RETENTION_EVENTS, RETENTION_BYTES)
 }
 
-/// Trims at most `budget` segments of one stream, oldest first. Returns how many it trimmed.
-fn trim(ctx: &ReducerContext, mut row: Stream, budget: usize) -> usize {
-    let doomed: Vec<_> = ctx
-        .db
-        .stream_segment()
-        .by_stream_last()
-        .filter((row.stream_id.as_str(), 0u64..))
-        .take_while(|s| expired(&row, s.last_seq, s.published_at, ctx.timestamp))
-        .take(budget)
-        .collect();
-    if doomed.is_empty() {
-        return 0;
+/// A stream's policy and head, copied out so that checking a segment does not borrow
+/// the row being trimmed.
+#[derive(Clone, Copy)]
+struct Policy {
+    head_seq: u64,
+    retain_max_events: u64,
+    retain_max_age_secs: u64,
+}
+
+impl Policy {
+    fn of(stream: &Stream) -> Self {
+        Policy { head_seq: stream.head_seq, retain_max_events: stream.retain_max_events, retain_max_age_secs: stream.retain_max_age_secs }
     }
-    for seg in &doomed {
-        match segment::decode(&seg.data) {
-            Ok(events) => {
-                for e in events {
-                    ctx.db.event_key().key_hash().delete(key_hash(&row.stream_id, &e.idempotency_key));
-                }
+
+    fn any(&self) -> bool {
+        self.retain_max_events > 0 || self.retain_max_age_secs > 0
+    }
+
+    /// Whether a segment may go: it lies wholly below the newest `retain_max_events`, or
+    /// it is older than `retain_max_age_secs`. Whole segments only, so a stream keeps at
+    /// least its policy and at most one segment more.
+    fn expired(&self, last_seq: u64, published_at: Timestamp, now: Timestamp) -> bool {
+        let by_count = self.retain_max_events > 0 && last_seq.saturating_add(self.retain_max_events) <= self.head_seq;
+        let by_age = self.retain_max_age_secs > 0
+            && now.duration_since(published_at).is_some_and(|age| age.as_secs() >= self.retain_max_age_secs);
+        by_count || by_age
+    }
+}
+
+/// What [`trim_oldest`] did.
+pub struct Trimmed {
+    pub segments: u64,
+    /// The first segment it loaded and kept (`first_seq`, `last_seq`, `published_at`).
+    pub kept: Option<(u64, u64, Timestamp)>,
+    pub walk: Walk,
+}
+
+/// Deletes one segment and its `event_key` rows.
+fn delete_segment(ctx: &ReducerContext, stream_id: &str, seg: &StreamSegment) {
+    match segment::idempotency_keys(&seg.data) {
+        Ok(keys) => {
+            for key in keys {
+                ctx.db.event_key().key_hash().delete(key_hash(stream_id, &key));
             }
-            Err(e) => log::error!("segment {} of {} does not decode ({e}); its idempotency keys stay", seg.id, row.stream_id),
         }
-        ctx.db.stream_segment().id().delete(seg.id);
-        row.oldest_seq = seg.last_seq + 1;
+        Err(e) => log::error!("segment {} of {stream_id} does not decode ({e}); its idempotency keys stay", seg.id),
     }
-    row.segment_count = row.segment_count.saturating_sub(doomed.len() as u64);
-    row.updated_at = ctx.timestamp;
-    ctx.db.stream().stream_id().update(row);
-    doomed.len()
+    ctx.db.stream_segment().id().delete(seg.id);
 }
 
-/// Applies every stream's retention policy, at most `retention_chunk_segments` segments
-/// per run. Only the scheduler may call it.
+/// Deletes `row`'s oldest segments, and their idempotency keys, while `doomed` holds and
+/// `budget` lasts. Raises `oldest_seq`, lowers `segment_count` and writes the row if any
+/// segment went.
+pub fn trim_oldest(ctx: &ReducerContext, row: &mut Stream, budget: &mut Budget, doomed: impl Fn(&StreamSegment) -> bool) -> Trimmed {
+    let stream_id = row.stream_id.clone();
+    let (mut segments, mut kept, mut oldest) = (0u64, None, row.oldest_seq);
+    let walk = sweep::walk(ctx, &stream_id, row.oldest_seq, row.head_seq, budget, |seg| {
+        if !doomed(&seg) {
+            kept = Some((seg.first_seq, seg.last_seq, seg.published_at));
+            return false;
+        }
+        delete_segment(ctx, &stream_id, &seg);
+        oldest = seg.last_seq + 1;
+        segments += 1;
+        true
+    });
+    if segments > 0 {
+        row.oldest_seq = oldest;
+        row.segment_count = row.segment_count.saturating_sub(segments);
+        row.updated_at = ctx.timestamp;
+        ctx.db.stream().stream_id().update(row.clone());
+    }
+    Trimmed { segments, kept, walk }
+}
+
+/// Asks for one more run soon, unless one is already pending.
+fn catch_up(ctx: &ReducerContext, running: u64) {
+    let pending = ctx.db.retention_schedule().iter().any(|s| s.scheduled_id != running && matches!(s.scheduled_at, ScheduleAt::Time(_)));
+    if !pending {
+        let at = ctx.timestamp.checked_add_duration(CATCH_UP_DELAY).unwrap_or(ctx.timestamp);
+        ctx.db.retention_schedule().insert(RetentionSchedule { scheduled_id: 0, scheduled_at: ScheduleAt::Time(at) });
+    }
+}
+
+/// Applies the retention policies, one budget per run, visiting streams in turn.
+/// Only the scheduler may call it.
 #[reducer]
-pub fn sweep_retention(ctx: &ReducerContext, _schedule: RetentionSchedule) -> ReducerResult {
+pub fn sweep_retention(ctx: &ReducerContext, schedule: RetentionSchedule) -> ReducerResult {
     if ctx.sender != ctx.identity() {
         return Err(fail(ErrorCode::Unauthorized, "sweep_retention is run by the scheduler only"));
     }
-    let mut budget = config(ctx).retention_chunk_segments as usize;
-    let mut with_policy: Vec<Stream> =
-        ctx.db.stream().iter().filter(|s| s.retain_max_events > 0 || s.retain_max_age_secs > 0).collect();
-    // Least recently changed first: a trimmed (or busy) stream moves to the back, so one
-    // stream cannot take every sweep's budget.
-    with_policy.sort_by_key(|s| s.updated_at);
-    for row in with_policy {
-        if budget == 0 {
+    let now = ctx.timestamp;
+    let mut budget = budget(ctx);
+    let hints = sweep::hints(ctx);
+    let with_work: Vec<Stream> = ctx.db.stream().iter().filter(|s| Policy::of(s).any() && s.oldest_seq <= s.head_seq).collect();
+    let mut turns = sweep::Turns::default();
+    for mut row in sweep::in_turn(ctx, Sweep::Retention, with_work) {
+        if !budget.has_room() {
             break;
         }
-        budget -= trim(ctx, row, budget);
+        let policy = Policy::of(&row);
+        let mut hint = sweep::hint_for(&hints, &row);
+        let known = hint.oldest_first_seq != 0 && hint.oldest_first_seq == row.oldest_seq;
+        if known && !policy.expired(hint.oldest_last_seq, hint.oldest_published_at, now) {
+            turns.done(&row.stream_id);
+            continue;
+        }
+        let trimmed = trim_oldest(ctx, &mut row, &mut budget, |s| policy.expired(s.last_seq, s.published_at, now));
+        if let Some((first_seq, last_seq, published_at)) = trimmed.kept {
+            hint.oldest_first_seq = first_seq;
+            hint.oldest_last_seq = last_seq;
+            hint.oldest_published_at = published_at;
+            sweep::save_hint(ctx, &hints, hint);
+        }
+        if trimmed.walk == Walk::OutOfBudget {
+            turns.cut_off(&row.stream_id);
+            break;
+        }
+        turns.done(&row.stream_id);
+    }
+    turns.save(ctx, Sweep::Retention, &budget);
+    if !budget.has_room() {
+        catch_up(ctx, schedule.scheduled_id);
     }
     Ok(())
 }

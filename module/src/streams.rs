@@ -8,6 +8,8 @@
 //! fixed-size `event_key` table.
 
 use crate::access;
+use crate::retention;
+use crate::sweep::{self, Walk};
 use crate::{fail, ReducerResult};
 use khala_proto::hash::GENESIS;
 use khala_proto::ErrorCode;
@@ -175,9 +177,15 @@ pub fn set_retention(ctx: &ReducerContext, stream_id: String, retain_max_events:
     Ok(())
 }
 
-/// Starts a stream's history over (admin only): its segments and idempotency keys are
-/// deleted, its head goes back to 0 and its epoch goes up by one. Clients see the new
-/// epoch and rebuild the stream (`epoch_changed`); acks keep the epoch they were made in.
+/// Starts a stream's history over (admin only), in bounded steps. Each call deletes at
+/// most one retention budget (`retention::budget`) of the oldest segments with their
+/// idempotency keys, raising `oldest_seq` as retention does. The call that leaves no
+/// segment behind also sets the head back to 0 and the epoch up by one; clients see the
+/// new epoch and rebuild the stream (`epoch_changed`); acks keep the epoch they were
+/// made in. Until then the epoch is unchanged and the caller calls again (a stream that
+/// fits in one budget is reset by one call). "Call again" cannot be an error: an error
+/// would roll the step's deletions back with it. A publisher that keeps writing to the
+/// stream meanwhile can outpace the steps; stop it first.
 #[reducer]
 pub fn reset_stream(ctx: &ReducerContext, stream_id: String) -> ReducerResult {
     access::require_admin(ctx)?;
@@ -185,15 +193,17 @@ pub fn reset_stream(ctx: &ReducerContext, stream_id: String) -> ReducerResult {
     let Some(mut row) = ctx.db.stream().stream_id().find(&stream_id) else {
         return Err(fail(ErrorCode::UnknownStream, format!("no stream {stream_id:?}")));
     };
-    let segments: Vec<StreamSegment> = ctx.db.stream_segment().by_stream_last().filter((stream_id.as_str(), 0u64..)).collect();
-    for seg in segments {
-        if let Ok(events) = khala_proto::segment::decode(&seg.data) {
-            for e in events {
-                ctx.db.event_key().key_hash().delete(khala_proto::hash::key_hash(&stream_id, &e.idempotency_key));
-            }
-        }
-        ctx.db.stream_segment().id().delete(seg.id);
+    let mut budget = retention::budget(ctx);
+    let step = retention::trim_oldest(ctx, &mut row, &mut budget, |_| true);
+    if step.walk != Walk::End {
+        let (segments, events, bytes) = budget.used();
+        log::info!(
+            "reset_stream {stream_id}: deleted {segments} segments ({events} events, {bytes} bytes); {} remain, call again",
+            row.segment_count
+        );
+        return Ok(());
     }
+    sweep::forget(ctx, &stream_id);
     row.epoch = row.epoch.saturating_add(1);
     row.head_seq = 0;
     row.oldest_seq = 1;
