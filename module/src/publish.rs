@@ -2,9 +2,9 @@
 
 use crate::access;
 use crate::config::config;
-use crate::streams::{event_key, new_stream, stream, stream_segment, validate_stream_id, EventKey, StreamSegment};
+use crate::streams::{event_key, keyed_stream, new_stream, stream, stream_segment, validate_stream_id, EventKey, KeyedStream, StreamSegment};
 use crate::{fail, ReducerResult};
-use khala_proto::hash::{bucket, chain_hash, from_slice, key_hash, payload_hash, truncate, window_key, GENESIS};
+use khala_proto::hash::{bucket, chain_hash, from_slice, key_hash, payload_hash, truncate, window_key, Hash32, GENESIS};
 use khala_proto::{segment, ErrorCode, SegmentEvent};
 use spacetimedb::{reducer, ReducerContext, SpacetimeType, Table};
 
@@ -41,13 +41,38 @@ fn validate_event(index: usize, event: &PublishEvent, max_payload: u32) -> Reduc
     Ok(())
 }
 
+/// How a batch names where its events go: every event carries `authority_seq`, or none does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Addressing {
+    /// The authority's seqs: a duplicate is recognised by its seq (`seq <= head`) and
+    /// compared with the stored event, so no per-event index is kept.
+    BySeq,
+    /// Idempotency keys only: each key is kept in the `event_key` index.
+    ByKey,
+}
+
+fn addressing(events: &[PublishEvent]) -> Result<Addressing, String> {
+    let with_seq = events.iter().filter(|e| e.authority_seq.is_some()).count();
+    match with_seq {
+        0 => Ok(Addressing::ByKey),
+        n if n == events.len() => Ok(Addressing::BySeq),
+        _ => Err(fail(ErrorCode::InvalidArgument, "a batch gives authority_seq for every event or for none")),
+    }
+}
+
 /// Appends `events` to `stream_id`. Needs the publisher role and a live publish grant
 /// reaching the stream, checked before anything else (`forbidden_stream` otherwise, the
 /// same whether or not the stream exists). Creates the stream on first publish.
 ///
-/// Per event: a key already published with the same payload hash is skipped and counted
-/// as a duplicate; the same key with another payload is `idempotency_conflict`; an
-/// `authority_seq` other than `head + 1` is `sequence_conflict expected=.. actual=..`.
+/// A stream is addressed by seq or by key, fixed by its first publish (`keyed_stream`
+/// marks the keyed ones); a batch of the other kind is `invalid_argument`.
+/// - By seq (the mirror): an event at `head + 1` is appended; at or below the head it is
+///   compared with the stored event at that seq: the same key, kind and payload is skipped
+///   and counted as a duplicate, anything else is `idempotency_conflict`; below the
+///   retention floor or above `head + 1` it is `sequence_conflict expected=.. actual=..`.
+/// - By key: a key already published with the same payload hash is skipped; with another
+///   payload it is `idempotency_conflict`.
+///
 /// Any error rolls the whole batch back. The new events form one segment row.
 #[reducer]
 pub fn publish(ctx: &ReducerContext, stream_id: String, events: Vec<PublishEvent>) -> ReducerResult {
@@ -64,51 +89,37 @@ pub fn publish(ctx: &ReducerContext, stream_id: String, events: Vec<PublishEvent
     if batch_bytes > cfg.max_batch_bytes as usize {
         return Err(fail(ErrorCode::BatchTooLarge, format!("{batch_bytes} payload bytes in one batch; the limit is {}", cfg.max_batch_bytes)));
     }
+    let addressing = addressing(&events)?;
 
     let existing = ctx.db.stream().stream_id().find(&stream_id);
     let existed = existing.is_some();
     let mut row = existing.unwrap_or_else(|| new_stream(ctx, stream_id.clone()));
-    let prev_hash = from_slice(&row.head_hash).unwrap_or(GENESIS);
-    let mut chain = prev_hash;
-    let mut head = row.head_seq;
-    let mut packed = Vec::with_capacity(events.len());
-    let mut duplicates = 0u64;
-
-    for (index, event) in events.into_iter().enumerate() {
-        validate_event(index, &event, cfg.max_payload_bytes)?;
-        let phash = payload_hash(&event.payload);
-        let khash = key_hash(&stream_id, &event.idempotency_key);
-        if let Some(seen) = ctx.db.event_key().key_hash().find(khash) {
-            if seen.payload_hash == truncate(&phash) {
-                duplicates += 1;
-                continue;
-            }
-            return Err(fail(
-                ErrorCode::IdempotencyConflict,
-                format!("event {index}: key {} was published at seq={} with another payload", event.idempotency_key, seen.seq),
-            ));
+    let keyed = ctx.db.keyed_stream().stream_id().find(&stream_id).is_some();
+    match (addressing, keyed) {
+        (Addressing::BySeq, true) => {
+            return Err(fail(ErrorCode::InvalidArgument, format!("stream {stream_id} is addressed by key: publish it without authority_seq")));
         }
-        let seq = head + 1;
-        if let Some(actual) = event.authority_seq {
-            if actual != seq {
-                return Err(fail(
-                    ErrorCode::SequenceConflict,
-                    format!("stream {stream_id} event {index}: expected={seq} actual={actual}"),
-                ));
-            }
+        (Addressing::ByKey, false) if row.head_seq > 0 || row.epoch > 1 => {
+            return Err(fail(ErrorCode::InvalidArgument, format!("stream {stream_id} is addressed by seq: give every event its authority_seq")));
         }
-        chain = chain_hash(&chain, &stream_id, seq, &event.kind, &phash);
-        ctx.db.event_key().insert(EventKey { key_hash: khash, seq, payload_hash: truncate(&phash) });
-        packed.push(SegmentEvent {
-            seq,
-            kind: event.kind,
-            payload: event.payload,
-            idempotency_key: event.idempotency_key,
-            occurred_at_micros: event.occurred_at_micros,
-        });
-        head = seq;
+        (Addressing::ByKey, false) => {
+            ctx.db.keyed_stream().insert(KeyedStream { stream_id: stream_id.clone() });
+        }
+        _ => {}
     }
 
+    let prev_hash = from_slice(&row.head_hash).unwrap_or(GENESIS);
+    let mut batch = Batch { stream_id: &stream_id, chain: prev_hash, head: row.head_seq, packed: Vec::with_capacity(events.len()), duplicates: 0 };
+    let mut stored = StoredEvents::new(&row);
+    for (index, event) in events.into_iter().enumerate() {
+        validate_event(index, &event, cfg.max_payload_bytes)?;
+        match addressing {
+            Addressing::BySeq => batch.by_seq(ctx, &mut stored, index, event)?,
+            Addressing::ByKey => batch.by_key(ctx, index, event)?,
+        }
+    }
+
+    let Batch { chain, head, packed, duplicates, .. } = batch;
     if !packed.is_empty() {
         let first_seq = row.head_seq + 1;
         ctx.db.stream_segment().insert(StreamSegment {
@@ -141,4 +152,108 @@ pub fn publish(ctx: &ReducerContext, stream_id: String, events: Vec<PublishEvent
         access::on_stream_created(ctx, &stream_id);
     }
     Ok(())
+}
+
+/// The batch being built: the new events, the chain and head after them.
+struct Batch<'a> {
+    stream_id: &'a str,
+    chain: Hash32,
+    head: u64,
+    packed: Vec<SegmentEvent>,
+    duplicates: u64,
+}
+
+impl Batch<'_> {
+    fn append(&mut self, event: PublishEvent, phash: &Hash32) {
+        let seq = self.head + 1;
+        self.chain = chain_hash(&self.chain, self.stream_id, seq, &event.kind, phash);
+        self.packed.push(SegmentEvent {
+            seq,
+            kind: event.kind,
+            payload: event.payload,
+            idempotency_key: event.idempotency_key,
+            occurred_at_micros: event.occurred_at_micros,
+        });
+        self.head = seq;
+    }
+
+    fn sequence_conflict(&self, index: usize, actual: u64) -> String {
+        fail(ErrorCode::SequenceConflict, format!("stream {} event {index}: expected={} actual={actual}", self.stream_id, self.head + 1))
+    }
+
+    fn by_seq(&mut self, ctx: &ReducerContext, stored: &mut StoredEvents, index: usize, event: PublishEvent) -> ReducerResult {
+        let seq = event.authority_seq.unwrap_or_default();
+        if seq == self.head + 1 {
+            let phash = payload_hash(&event.payload);
+            self.append(event, &phash);
+            return Ok(());
+        }
+        if seq > self.head || seq == 0 {
+            return Err(self.sequence_conflict(index, seq));
+        }
+        // At or below the head: the event must be the one stored at that seq.
+        let first_new = self.head + 1 - self.packed.len() as u64;
+        let held = if seq >= first_new {
+            Some(&self.packed[(seq - first_new) as usize])
+        } else {
+            stored.at(ctx, self.stream_id, seq)?
+        };
+        match held {
+            None => Err(self.sequence_conflict(index, seq)),
+            Some(e) if e.idempotency_key == event.idempotency_key && e.kind == event.kind && e.payload == event.payload => {
+                self.duplicates += 1;
+                Ok(())
+            }
+            Some(_) => Err(fail(
+                ErrorCode::IdempotencyConflict,
+                format!("event {index}: seq={seq} of stream {} holds another event (key {})", self.stream_id, event.idempotency_key),
+            )),
+        }
+    }
+
+    fn by_key(&mut self, ctx: &ReducerContext, index: usize, event: PublishEvent) -> ReducerResult {
+        let phash = payload_hash(&event.payload);
+        let khash = key_hash(self.stream_id, &event.idempotency_key);
+        if let Some(seen) = ctx.db.event_key().key_hash().find(khash) {
+            if seen.payload_hash == truncate(&phash) {
+                self.duplicates += 1;
+                return Ok(());
+            }
+            return Err(fail(
+                ErrorCode::IdempotencyConflict,
+                format!("event {index}: key {} was published at seq={} with another payload", event.idempotency_key, seen.seq),
+            ));
+        }
+        ctx.db.event_key().insert(EventKey { key_hash: khash, seq: self.head + 1, payload_hash: truncate(&phash) });
+        self.append(event, &phash);
+        Ok(())
+    }
+}
+
+/// Stored events of one stream, read a segment at a time for the duplicate path.
+struct StoredEvents {
+    oldest_seq: u64,
+    segment: Vec<SegmentEvent>,
+}
+
+impl StoredEvents {
+    fn new(row: &crate::streams::Stream) -> StoredEvents {
+        StoredEvents { oldest_seq: row.oldest_seq, segment: Vec::new() }
+    }
+
+    /// The stored event at `seq`, or `None` below the retention floor.
+    fn at(&mut self, ctx: &ReducerContext, stream_id: &str, seq: u64) -> Result<Option<&SegmentEvent>, String> {
+        if seq < self.oldest_seq {
+            return Ok(None);
+        }
+        let cached = self.segment.first().is_some_and(|f| f.seq <= seq) && self.segment.last().is_some_and(|l| l.seq >= seq);
+        if !cached {
+            let Some(holder) = ctx.db.stream_segment().by_stream_last().filter((stream_id, seq..)).next().filter(|s| s.first_seq <= seq) else {
+                return Ok(None);
+            };
+            self.segment = segment::decode(&holder.data).map_err(|e| fail(ErrorCode::Internal, format!("segment {} of {stream_id}: {e}", holder.id)))?;
+        }
+        let first = self.segment.first().map_or(0, |f| f.seq);
+        Ok(self.segment.get((seq - first) as usize))
+    }
 }

@@ -10,7 +10,7 @@
 //! transaction stays short. `reset_stream` deletes through the same [`trim_oldest`].
 
 use crate::config::config;
-use crate::streams::{event_key, stream, stream_segment, Stream, StreamSegment};
+use crate::streams::{event_key, keyed_stream, stream, stream_segment, Stream, StreamSegment};
 use crate::sweep::{self, Budget, Sweep, Walk};
 use crate::{fail, ReducerResult};
 use khala_proto::hash::key_hash;
@@ -84,8 +84,13 @@ pub struct Trimmed {
     pub walk: Walk,
 }
 
-/// Deletes one segment and its `event_key` rows.
+/// Deletes one segment and, for a stream addressed by key, its `event_key` rows (a
+/// stream addressed by seq has none).
 fn delete_segment(ctx: &ReducerContext, stream_id: &str, seg: &StreamSegment) {
+    if ctx.db.keyed_stream().stream_id().find(stream_id.to_string()).is_none() {
+        ctx.db.stream_segment().id().delete(seg.id);
+        return;
+    }
     match segment::idempotency_keys(&seg.data) {
         Ok(keys) => {
             for key in keys {

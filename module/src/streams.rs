@@ -59,6 +59,14 @@ const STREAM_VISIBILITY: Filter = Filter::Sql(
      WHERE stream_grant.grantee = :sender AND stream_grant.subscribe = true",
 );
 
+/// A publisher sees the streams its publish grants reach (heads and head hashes for the
+/// mirror's reconciliation). Rules on one table are ORed.
+#[client_visibility_filter]
+const STREAM_BY_PUBLISH_GRANT: Filter = Filter::Sql(
+    "SELECT stream.* FROM stream_publisher JOIN stream ON stream_publisher.stream_id = stream.stream_id \
+     WHERE stream_publisher.grantee = :sender",
+);
+
 /// One publish batch of one stream: events `first_seq..=last_seq`.
 #[table(name = stream_segment, public, index(name = by_stream_last, btree(columns = [stream_id, last_seq])))]
 #[derive(Clone)]
@@ -92,6 +100,15 @@ const SEGMENT_VISIBILITY: Filter = Filter::Sql(
      WHERE client_window.grantee = :sender",
 );
 
+/// A publisher sees the segments of the streams its publish grants reach, so that the
+/// mirror can compare what the module holds with the authority (divergence checks).
+/// An identity that publishes should not also subscribe: this rule has no windows.
+#[client_visibility_filter]
+const SEGMENT_BY_PUBLISH_GRANT: Filter = Filter::Sql(
+    "SELECT stream_segment.* FROM stream_publisher JOIN stream_segment ON stream_publisher.stream_id = stream_segment.stream_id \
+     WHERE stream_publisher.grantee = :sender",
+);
+
 /// The per-stream idempotency index: fixed-size columns only, so it stays fast as it
 /// grows. `key_hash` already includes the stream id (`khala_proto::hash::key_hash`).
 /// Rows are removed with their segment by the retention sweep. Private.
@@ -102,6 +119,15 @@ pub struct EventKey {
     pub seq: u64,
     /// First 16 bytes of the payload hash.
     pub payload_hash: u128,
+}
+
+/// Streams addressed by idempotency key (published without `authority_seq`): only their
+/// events have `event_key` rows. Streams addressed by seq (the mirror's) keep no
+/// per-event index at all. Private.
+#[table(name = keyed_stream)]
+pub struct KeyedStream {
+    #[primary_key]
+    pub stream_id: String,
 }
 
 /// Stream ids are 1..=128 bytes of `[A-Za-z0-9._:-]`, starting with a letter or digit.
@@ -157,7 +183,8 @@ pub fn create_stream(ctx: &ReducerContext, stream_id: String, retain_max_events:
     if existing.is_some() {
         ctx.db.stream().stream_id().update(row);
     } else {
-        ctx.db.stream().insert(row);
+        let created = ctx.db.stream().insert(row);
+        access::on_stream_created(ctx, &created.stream_id);
     }
     Ok(())
 }

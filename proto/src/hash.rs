@@ -1,47 +1,50 @@
 //! Canonical hashing rules (docs/HASHING.md), with fixed test vectors in
-//! `proto/vectors/hashing.json` that were computed by an independent implementation.
+//! `proto/vectors/hashing.json` that were computed by an independent implementation
+//! (`proto/vectors/hashing.py`, a plain-Python BLAKE3).
 //!
-//! - payload hash: `SHA-256(payload)`
-//! - chain hash at seq n: `SHA-256(chain[n-1] ‖ u32be(len(stream_id)) ‖ stream_id ‖ u64be(n)
+//! Every hash is BLAKE3 (32 bytes). SHA-256 cost about 1 µs per 64-byte block inside the
+//! module's wasm, most of the `publish` reducer's time; BLAKE3 does the same work in
+//! about half (docs/BENCHMARKS.md).
+//!
+//! - payload hash: `BLAKE3(payload)`
+//! - chain hash at seq n: `BLAKE3(chain[n-1] ‖ u32be(len(stream_id)) ‖ stream_id ‖ u64be(n)
 //!   ‖ u32be(len(kind)) ‖ kind ‖ payload_hash)`, with `chain[0]` = 32 zero bytes ([`GENESIS`])
 //! - idempotency key hash: the first 16 bytes, big-endian, of
-//!   `SHA-256(u32be(len(stream_id)) ‖ stream_id ‖ key)`: per stream by construction.
+//!   `BLAKE3(u32be(len(stream_id)) ‖ stream_id ‖ key)`: per stream by construction.
 //!
 //! Lengths are prefixed so that no two different inputs hash the same bytes.
 
-use sha2::{Digest, Sha256};
-
-/// A SHA-256 digest.
+/// A BLAKE3 digest.
 pub type Hash32 = [u8; 32];
 
 /// The chain hash "before the first event" of every stream.
 pub const GENESIS: Hash32 = [0u8; 32];
 
-/// `SHA-256(payload)`.
+/// `BLAKE3(payload)`.
 pub fn payload_hash(payload: &[u8]) -> Hash32 {
-    Sha256::digest(payload).into()
+    blake3::hash(payload).into()
 }
 
 /// The chain hash of the event `seq` whose predecessor's chain hash is `prev`.
 pub fn chain_hash(prev: &Hash32, stream_id: &str, seq: u64, kind: &str, payload_hash: &Hash32) -> Hash32 {
-    let mut h = Sha256::new();
+    let mut h = blake3::Hasher::new();
     h.update(prev);
-    h.update((stream_id.len() as u32).to_be_bytes());
+    h.update(&(stream_id.len() as u32).to_be_bytes());
     h.update(stream_id.as_bytes());
-    h.update(seq.to_be_bytes());
-    h.update((kind.len() as u32).to_be_bytes());
+    h.update(&seq.to_be_bytes());
+    h.update(&(kind.len() as u32).to_be_bytes());
     h.update(kind.as_bytes());
     h.update(payload_hash);
-    h.finalize().into()
+    (*h.finalize().as_bytes()).into()
 }
 
 /// The per-stream idempotency key hash stored in the module's fixed-size dedupe index.
 pub fn key_hash(stream_id: &str, key: &str) -> u128 {
-    let mut h = Sha256::new();
-    h.update((stream_id.len() as u32).to_be_bytes());
+    let mut h = blake3::Hasher::new();
+    h.update(&(stream_id.len() as u32).to_be_bytes());
     h.update(stream_id.as_bytes());
     h.update(key.as_bytes());
-    truncate(&h.finalize().into())
+    truncate(h.finalize().as_bytes())
 }
 
 /// Events per replay window bucket. A segment belongs to bucket `first_seq / WINDOW_EVENTS`;
@@ -55,14 +58,14 @@ pub fn bucket(seq: u64) -> u64 {
 }
 
 /// The key that ties a segment to the windows clients open on it: the first 16 bytes of
-/// `SHA-256("khala.window" ‖ u32be(len(stream_id)) ‖ stream_id ‖ u64be(bucket))`.
+/// `BLAKE3("khala.window" ‖ u32be(len(stream_id)) ‖ stream_id ‖ u64be(bucket))`.
 pub fn window_key(stream_id: &str, bucket: u64) -> u128 {
-    let mut h = Sha256::new();
+    let mut h = blake3::Hasher::new();
     h.update(b"khala.window");
-    h.update((stream_id.len() as u32).to_be_bytes());
+    h.update(&(stream_id.len() as u32).to_be_bytes());
     h.update(stream_id.as_bytes());
-    h.update(bucket.to_be_bytes());
-    truncate(&h.finalize().into())
+    h.update(&bucket.to_be_bytes());
+    truncate(h.finalize().as_bytes())
 }
 
 /// The first 16 bytes of a digest as a big-endian `u128` (fixed-size index columns).
@@ -72,9 +75,9 @@ pub fn truncate(hash: &Hash32) -> u128 {
     u128::from_be_bytes(first)
 }
 
-/// `sha256:<hex>`, the display form used in logs, JSON output and docs.
+/// `blake3:<hex>`, the display form used in logs, JSON output and docs.
 pub fn display(hash: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(hash))
+    format!("blake3:{}", hex::encode(hash))
 }
 
 /// Reads a 32-byte hash from a slice, e.g. a `Vec<u8>` column.

@@ -458,8 +458,8 @@ fn a_rogue_write_under_the_mirror_is_found_named_and_held() {
     let done = summary(&output);
     let divergences: Vec<&str> = done["divergences"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
     assert_eq!(divergences.len(), 1, "{done}");
-    assert!(divergences[0].starts_with("stream=runtime.run.0.events seq=1 authority=run.step/sha256:"), "{done}");
-    assert!(divergences[0].contains(" module=run.step/sha256:"), "{done}");
+    assert!(divergences[0].starts_with("stream=runtime.run.0.events seq=1 authority=run.step/blake3:"), "{done}");
+    assert!(divergences[0].contains(" module=run.step/blake3:"), "{done}");
     // The forged events stay (the mirror never writes over the log) and nothing follows them.
     assert_eq!(khala_tests::verify::stream(&db, "runtime.run.0.events").unwrap().head_seq, 3, "{}", text(&output));
     // The other streams are mirrored in full.

@@ -126,29 +126,44 @@ fn an_expired_lease_ends_delivery_like_a_revoke() {
 fn republishing_a_batch_adds_nothing_and_conflicts_are_named() {
     let db = shared_server().new_database("dedupe");
     let publisher = db.publisher();
+    // Addressed by seq (as the mirror publishes): a duplicate is found by its seq and
+    // compared with the stored event; no per-event index is kept.
     publish(&db, &publisher, "s.a", batch(1, 5)).unwrap();
-    // The same batch again: every event is a duplicate, nothing is written.
-    let no_seq: Value = Value::Array((1..=5).map(|s| event_json(&format!("k{s}"), "test.event", format!("{{\"n\":{s}}}").as_bytes(), None)).collect());
-    publish(&db, &publisher, "s.a", no_seq).unwrap();
     publish(&db, &publisher, "s.a", batch(1, 5)).unwrap();
+    publish(&db, &publisher, "s.a", batch(3, 4)).unwrap();
     let row = stream(&db, "s.a").unwrap();
-    assert_eq!((row.head_seq, row.segment_count, row.duplicates), (5, 1, 10));
-
-    // The same key with another payload.
-    let conflict = json!([event_json("k3", "test.event", b"{\"n\":999}", None)]);
-    let err = publish(&db, &publisher, "s.a", conflict);
-    assert_eq!(code(err), ErrorCode::IdempotencyConflict);
+    assert_eq!((row.head_seq, row.segment_count, row.duplicates), (6, 2, 8), "3..=5 were duplicates, 6 was new");
+    assert_eq!(count(&db, "event_key"), 0);
+    // The same seq with another payload, kind or key.
+    for other in [event_json("k3", "test.event", b"{\"n\":999}", Some(3)), event_json("k3", "other.kind", b"{\"n\":3}", Some(3)), event_json("x3", "test.event", b"{\"n\":3}", Some(3))] {
+        let err = publish(&db, &publisher, "s.a", json!([other]));
+        assert_eq!(message(err), "event 0: seq=3 of stream s.a holds another event (key ".to_string() + other["idempotency_key"].as_str().unwrap() + ")");
+    }
+    // A stream keeps the addressing of its first publish.
+    let no_seq = json!([event_json("k7", "test.event", b"{}", None)]);
+    assert_eq!(code(publish(&db, &publisher, "s.a", no_seq)), ErrorCode::InvalidArgument);
+    let half = Value::Array(vec![event_json("k7", "test.event", b"{}", Some(7)), event_json("k8", "test.event", b"{}", None)]);
+    assert_eq!(code(publish(&db, &publisher, "s.a", half)), ErrorCode::InvalidArgument);
 
     // A wrong authority_seq names both numbers.
     let err = publish(&db, &publisher, "s.a", batch(9, 1)).unwrap_err();
     let ToolError::Reducer { error, .. } = err else { panic!("{err}") };
     assert_eq!(error.code, ErrorCode::SequenceConflict);
-    assert_eq!((error.field("expected"), error.field("actual")), (Some("6"), Some("9")));
+    assert_eq!((error.field("expected"), error.field("actual")), (Some("7"), Some("9")));
 
     // A failing batch writes nothing, even its valid first events.
-    let mixed = Value::Array(vec![event_json("k6", "test.event", b"{}", Some(6)), event_json("k7", "test.event", b"{}", Some(99))]);
+    let mixed = Value::Array(vec![event_json("k7", "test.event", b"{}", Some(7)), event_json("k8", "test.event", b"{}", Some(99))]);
     assert_eq!(code(publish(&db, &publisher, "s.a", mixed)), ErrorCode::SequenceConflict);
-    assert_eq!(stream(&db, "s.a").unwrap().head_seq, 5);
+    assert_eq!(stream(&db, "s.a").unwrap().head_seq, 6);
+
+    // Addressed by key: the key index finds duplicates and conflicts.
+    let keyed = |n: u64, body: &str| Value::Array((1..=n).map(|s| event_json(&format!("k{s}"), "test.event", format!("{{\"n\":{s}{body}}}").as_bytes(), None)).collect());
+    publish(&db, &publisher, "s.k", keyed(5, "")).unwrap();
+    publish(&db, &publisher, "s.k", keyed(5, "")).unwrap();
+    let row = stream(&db, "s.k").unwrap();
+    assert_eq!((row.head_seq, row.segment_count, row.duplicates), (5, 1, 5));
+    assert_eq!(code(publish(&db, &publisher, "s.k", keyed(1, ",\"x\":1"))), ErrorCode::IdempotencyConflict);
+    assert_eq!(code(publish(&db, &publisher, "s.k", batch(6, 1))), ErrorCode::InvalidArgument);
     assert_eq!(count(&db, "event_key"), 5);
 
     // Keys are per stream: the same key on another stream is a new event.
@@ -209,7 +224,7 @@ fn the_retention_sweep_raises_the_floor_and_removes_rows() {
     let row = wait_for("the sweep", Duration::from_secs(10), || stream(&db, "s.r").filter(|s| s.oldest_seq > 1));
     assert_eq!((row.oldest_seq, row.head_seq, row.segment_count), (21, 30, 2));
     assert_eq!(segments(&db, "s.r").first().map(|s| s.first_seq), Some(21));
-    assert_eq!(count(&db, "event_key"), 10, "trimmed events' keys are gone with them");
+    assert_eq!(count(&db, "event_key"), 0, "a stream addressed by seq keeps no per-event index");
     assert_eq!(verify_stream(&db, "s.r").unwrap(), (21..=30).collect::<Vec<_>>());
     // An ack below the floor can no longer be checked.
     let reader = db.new_identity();

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::Path;
 
-/// One event as a log holds it: seq, `sha256:<hex>` payload hash, and chain hash where
+/// One event as a log holds it: seq, `blake3:<hex>` payload hash, and chain hash where
 /// the log has one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {

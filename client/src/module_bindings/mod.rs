@@ -22,18 +22,25 @@ pub mod connection_type;
 pub mod create_stream_reducer;
 pub mod event_key_table;
 pub mod event_key_type;
+pub mod expire_grant_reducer;
+pub mod grant_expiry_schedule_table;
+pub mod grant_expiry_schedule_type;
 pub mod grant_reducer;
 pub mod grant_sweep_schedule_table;
 pub mod grant_sweep_schedule_type;
 pub mod hello_reducer;
 pub mod identity_role_table;
 pub mod identity_role_type;
+pub mod keyed_stream_table;
+pub mod keyed_stream_type;
 pub mod khala_config_table;
 pub mod khala_config_type;
 pub mod open_window_reducer;
 pub mod presence_table;
 pub mod presence_type;
 pub mod publish_event_type;
+pub mod publish_grant_table;
+pub mod publish_grant_type;
 pub mod publish_reducer;
 pub mod reset_stream_reducer;
 pub mod retention_schedule_table;
@@ -46,12 +53,20 @@ pub mod set_retention_reducer;
 pub mod set_role_reducer;
 pub mod stream_grant_table;
 pub mod stream_grant_type;
+pub mod stream_publisher_table;
+pub mod stream_publisher_type;
 pub mod stream_segment_table;
 pub mod stream_segment_type;
+pub mod stream_sweep_table;
+pub mod stream_sweep_type;
 pub mod stream_table;
 pub mod stream_type;
 pub mod sweep_grants_reducer;
 pub mod sweep_retention_reducer;
+pub mod sweep_state_table;
+pub mod sweep_state_type;
+pub mod window_churn_table;
+pub mod window_churn_type;
 
 pub use ack_reducer::{ack, set_flags_for_ack, AckCallbackId};
 pub use client_ack_table::*;
@@ -77,18 +92,25 @@ pub use create_stream_reducer::{
 };
 pub use event_key_table::*;
 pub use event_key_type::EventKey;
+pub use expire_grant_reducer::{expire_grant, set_flags_for_expire_grant, ExpireGrantCallbackId};
+pub use grant_expiry_schedule_table::*;
+pub use grant_expiry_schedule_type::GrantExpirySchedule;
 pub use grant_reducer::{grant, set_flags_for_grant, GrantCallbackId};
 pub use grant_sweep_schedule_table::*;
 pub use grant_sweep_schedule_type::GrantSweepSchedule;
 pub use hello_reducer::{hello, set_flags_for_hello, HelloCallbackId};
 pub use identity_role_table::*;
 pub use identity_role_type::IdentityRole;
+pub use keyed_stream_table::*;
+pub use keyed_stream_type::KeyedStream;
 pub use khala_config_table::*;
 pub use khala_config_type::KhalaConfig;
 pub use open_window_reducer::{open_window, set_flags_for_open_window, OpenWindowCallbackId};
 pub use presence_table::*;
 pub use presence_type::Presence;
 pub use publish_event_type::PublishEvent;
+pub use publish_grant_table::*;
+pub use publish_grant_type::PublishGrant;
 pub use publish_reducer::{publish, set_flags_for_publish, PublishCallbackId};
 pub use reset_stream_reducer::{reset_stream, set_flags_for_reset_stream, ResetStreamCallbackId};
 pub use retention_schedule_table::*;
@@ -107,14 +129,22 @@ pub use set_retention_reducer::{
 pub use set_role_reducer::{set_flags_for_set_role, set_role, SetRoleCallbackId};
 pub use stream_grant_table::*;
 pub use stream_grant_type::StreamGrant;
+pub use stream_publisher_table::*;
+pub use stream_publisher_type::StreamPublisher;
 pub use stream_segment_table::*;
 pub use stream_segment_type::StreamSegment;
+pub use stream_sweep_table::*;
+pub use stream_sweep_type::StreamSweep;
 pub use stream_table::*;
 pub use stream_type::Stream;
 pub use sweep_grants_reducer::{set_flags_for_sweep_grants, sweep_grants, SweepGrantsCallbackId};
 pub use sweep_retention_reducer::{
     set_flags_for_sweep_retention, sweep_retention, SweepRetentionCallbackId,
 };
+pub use sweep_state_table::*;
+pub use sweep_state_type::SweepState;
+pub use window_churn_table::*;
+pub use window_churn_type::WindowChurn;
 
 #[derive(Clone, PartialEq, Debug)]
 
@@ -142,6 +172,9 @@ pub enum Reducer {
         stream_id: String,
         retain_max_events: u64,
         retain_max_age_secs: u64,
+    },
+    ExpireGrant {
+        schedule: GrantExpirySchedule,
     },
     Grant {
         grantee: __sdk::Identity,
@@ -212,6 +245,7 @@ impl __sdk::Reducer for Reducer {
             Reducer::CloseWindow { .. } => "close_window",
             Reducer::CompactSegments { .. } => "compact_segments",
             Reducer::CreateStream { .. } => "create_stream",
+            Reducer::ExpireGrant { .. } => "expire_grant",
             Reducer::Grant { .. } => "grant",
             Reducer::Hello { .. } => "hello",
             Reducer::OpenWindow { .. } => "open_window",
@@ -258,6 +292,13 @@ impl TryFrom<__ws::ReducerCallInfo<__ws::BsatnFormat>> for Reducer {
                 create_stream_reducer::CreateStreamArgs,
             >("create_stream", &value.args)?
             .into()),
+            "expire_grant" => Ok(
+                __sdk::parse_reducer_args::<expire_grant_reducer::ExpireGrantArgs>(
+                    "expire_grant",
+                    &value.args,
+                )?
+                .into(),
+            ),
             "grant" => Ok(__sdk::parse_reducer_args::<grant_reducer::GrantArgs>(
                 "grant",
                 &value.args,
@@ -346,14 +387,21 @@ pub struct DbUpdate {
     compaction_schedule: __sdk::TableUpdate<CompactionSchedule>,
     connection: __sdk::TableUpdate<Connection>,
     event_key: __sdk::TableUpdate<EventKey>,
+    grant_expiry_schedule: __sdk::TableUpdate<GrantExpirySchedule>,
     grant_sweep_schedule: __sdk::TableUpdate<GrantSweepSchedule>,
     identity_role: __sdk::TableUpdate<IdentityRole>,
+    keyed_stream: __sdk::TableUpdate<KeyedStream>,
     khala_config: __sdk::TableUpdate<KhalaConfig>,
     presence: __sdk::TableUpdate<Presence>,
+    publish_grant: __sdk::TableUpdate<PublishGrant>,
     retention_schedule: __sdk::TableUpdate<RetentionSchedule>,
     stream: __sdk::TableUpdate<Stream>,
     stream_grant: __sdk::TableUpdate<StreamGrant>,
+    stream_publisher: __sdk::TableUpdate<StreamPublisher>,
     stream_segment: __sdk::TableUpdate<StreamSegment>,
+    stream_sweep: __sdk::TableUpdate<StreamSweep>,
+    sweep_state: __sdk::TableUpdate<SweepState>,
+    window_churn: __sdk::TableUpdate<WindowChurn>,
 }
 
 impl TryFrom<__ws::DatabaseUpdate<__ws::BsatnFormat>> for DbUpdate {
@@ -377,18 +425,27 @@ impl TryFrom<__ws::DatabaseUpdate<__ws::BsatnFormat>> for DbUpdate {
                 "event_key" => db_update
                     .event_key
                     .append(event_key_table::parse_table_update(table_update)?),
+                "grant_expiry_schedule" => db_update.grant_expiry_schedule.append(
+                    grant_expiry_schedule_table::parse_table_update(table_update)?,
+                ),
                 "grant_sweep_schedule" => db_update.grant_sweep_schedule.append(
                     grant_sweep_schedule_table::parse_table_update(table_update)?,
                 ),
                 "identity_role" => db_update
                     .identity_role
                     .append(identity_role_table::parse_table_update(table_update)?),
+                "keyed_stream" => db_update
+                    .keyed_stream
+                    .append(keyed_stream_table::parse_table_update(table_update)?),
                 "khala_config" => db_update
                     .khala_config
                     .append(khala_config_table::parse_table_update(table_update)?),
                 "presence" => db_update
                     .presence
                     .append(presence_table::parse_table_update(table_update)?),
+                "publish_grant" => db_update
+                    .publish_grant
+                    .append(publish_grant_table::parse_table_update(table_update)?),
                 "retention_schedule" => db_update
                     .retention_schedule
                     .append(retention_schedule_table::parse_table_update(table_update)?),
@@ -398,9 +455,21 @@ impl TryFrom<__ws::DatabaseUpdate<__ws::BsatnFormat>> for DbUpdate {
                 "stream_grant" => db_update
                     .stream_grant
                     .append(stream_grant_table::parse_table_update(table_update)?),
+                "stream_publisher" => db_update
+                    .stream_publisher
+                    .append(stream_publisher_table::parse_table_update(table_update)?),
                 "stream_segment" => db_update
                     .stream_segment
                     .append(stream_segment_table::parse_table_update(table_update)?),
+                "stream_sweep" => db_update
+                    .stream_sweep
+                    .append(stream_sweep_table::parse_table_update(table_update)?),
+                "sweep_state" => db_update
+                    .sweep_state
+                    .append(sweep_state_table::parse_table_update(table_update)?),
+                "window_churn" => db_update
+                    .window_churn
+                    .append(window_churn_table::parse_table_update(table_update)?),
 
                 unknown => {
                     return Err(__sdk::InternalError::unknown_name(
@@ -445,6 +514,12 @@ impl __sdk::DbUpdate for DbUpdate {
         diff.event_key = cache
             .apply_diff_to_table::<EventKey>("event_key", &self.event_key)
             .with_updates_by_pk(|row| &row.key_hash);
+        diff.grant_expiry_schedule = cache
+            .apply_diff_to_table::<GrantExpirySchedule>(
+                "grant_expiry_schedule",
+                &self.grant_expiry_schedule,
+            )
+            .with_updates_by_pk(|row| &row.scheduled_id);
         diff.grant_sweep_schedule = cache
             .apply_diff_to_table::<GrantSweepSchedule>(
                 "grant_sweep_schedule",
@@ -454,11 +529,17 @@ impl __sdk::DbUpdate for DbUpdate {
         diff.identity_role = cache
             .apply_diff_to_table::<IdentityRole>("identity_role", &self.identity_role)
             .with_updates_by_pk(|row| &row.id);
+        diff.keyed_stream = cache
+            .apply_diff_to_table::<KeyedStream>("keyed_stream", &self.keyed_stream)
+            .with_updates_by_pk(|row| &row.stream_id);
         diff.khala_config = cache
             .apply_diff_to_table::<KhalaConfig>("khala_config", &self.khala_config)
             .with_updates_by_pk(|row| &row.id);
         diff.presence = cache
             .apply_diff_to_table::<Presence>("presence", &self.presence)
+            .with_updates_by_pk(|row| &row.id);
+        diff.publish_grant = cache
+            .apply_diff_to_table::<PublishGrant>("publish_grant", &self.publish_grant)
             .with_updates_by_pk(|row| &row.id);
         diff.retention_schedule = cache
             .apply_diff_to_table::<RetentionSchedule>(
@@ -472,9 +553,21 @@ impl __sdk::DbUpdate for DbUpdate {
         diff.stream_grant = cache
             .apply_diff_to_table::<StreamGrant>("stream_grant", &self.stream_grant)
             .with_updates_by_pk(|row| &row.id);
+        diff.stream_publisher = cache
+            .apply_diff_to_table::<StreamPublisher>("stream_publisher", &self.stream_publisher)
+            .with_updates_by_pk(|row| &row.id);
         diff.stream_segment = cache
             .apply_diff_to_table::<StreamSegment>("stream_segment", &self.stream_segment)
             .with_updates_by_pk(|row| &row.id);
+        diff.stream_sweep = cache
+            .apply_diff_to_table::<StreamSweep>("stream_sweep", &self.stream_sweep)
+            .with_updates_by_pk(|row| &row.stream_id);
+        diff.sweep_state = cache
+            .apply_diff_to_table::<SweepState>("sweep_state", &self.sweep_state)
+            .with_updates_by_pk(|row| &row.sweep);
+        diff.window_churn = cache
+            .apply_diff_to_table::<WindowChurn>("window_churn", &self.window_churn)
+            .with_updates_by_pk(|row| &row.identity);
 
         diff
     }
@@ -489,14 +582,21 @@ pub struct AppliedDiff<'r> {
     compaction_schedule: __sdk::TableAppliedDiff<'r, CompactionSchedule>,
     connection: __sdk::TableAppliedDiff<'r, Connection>,
     event_key: __sdk::TableAppliedDiff<'r, EventKey>,
+    grant_expiry_schedule: __sdk::TableAppliedDiff<'r, GrantExpirySchedule>,
     grant_sweep_schedule: __sdk::TableAppliedDiff<'r, GrantSweepSchedule>,
     identity_role: __sdk::TableAppliedDiff<'r, IdentityRole>,
+    keyed_stream: __sdk::TableAppliedDiff<'r, KeyedStream>,
     khala_config: __sdk::TableAppliedDiff<'r, KhalaConfig>,
     presence: __sdk::TableAppliedDiff<'r, Presence>,
+    publish_grant: __sdk::TableAppliedDiff<'r, PublishGrant>,
     retention_schedule: __sdk::TableAppliedDiff<'r, RetentionSchedule>,
     stream: __sdk::TableAppliedDiff<'r, Stream>,
     stream_grant: __sdk::TableAppliedDiff<'r, StreamGrant>,
+    stream_publisher: __sdk::TableAppliedDiff<'r, StreamPublisher>,
     stream_segment: __sdk::TableAppliedDiff<'r, StreamSegment>,
+    stream_sweep: __sdk::TableAppliedDiff<'r, StreamSweep>,
+    sweep_state: __sdk::TableAppliedDiff<'r, SweepState>,
+    window_churn: __sdk::TableAppliedDiff<'r, WindowChurn>,
 }
 
 impl __sdk::InModule for AppliedDiff<'_> {
@@ -522,6 +622,11 @@ impl<'r> __sdk::AppliedDiff<'r> for AppliedDiff<'r> {
         );
         callbacks.invoke_table_row_callbacks::<Connection>("connection", &self.connection, event);
         callbacks.invoke_table_row_callbacks::<EventKey>("event_key", &self.event_key, event);
+        callbacks.invoke_table_row_callbacks::<GrantExpirySchedule>(
+            "grant_expiry_schedule",
+            &self.grant_expiry_schedule,
+            event,
+        );
         callbacks.invoke_table_row_callbacks::<GrantSweepSchedule>(
             "grant_sweep_schedule",
             &self.grant_sweep_schedule,
@@ -532,12 +637,22 @@ impl<'r> __sdk::AppliedDiff<'r> for AppliedDiff<'r> {
             &self.identity_role,
             event,
         );
+        callbacks.invoke_table_row_callbacks::<KeyedStream>(
+            "keyed_stream",
+            &self.keyed_stream,
+            event,
+        );
         callbacks.invoke_table_row_callbacks::<KhalaConfig>(
             "khala_config",
             &self.khala_config,
             event,
         );
         callbacks.invoke_table_row_callbacks::<Presence>("presence", &self.presence, event);
+        callbacks.invoke_table_row_callbacks::<PublishGrant>(
+            "publish_grant",
+            &self.publish_grant,
+            event,
+        );
         callbacks.invoke_table_row_callbacks::<RetentionSchedule>(
             "retention_schedule",
             &self.retention_schedule,
@@ -549,9 +664,25 @@ impl<'r> __sdk::AppliedDiff<'r> for AppliedDiff<'r> {
             &self.stream_grant,
             event,
         );
+        callbacks.invoke_table_row_callbacks::<StreamPublisher>(
+            "stream_publisher",
+            &self.stream_publisher,
+            event,
+        );
         callbacks.invoke_table_row_callbacks::<StreamSegment>(
             "stream_segment",
             &self.stream_segment,
+            event,
+        );
+        callbacks.invoke_table_row_callbacks::<StreamSweep>(
+            "stream_sweep",
+            &self.stream_sweep,
+            event,
+        );
+        callbacks.invoke_table_row_callbacks::<SweepState>("sweep_state", &self.sweep_state, event);
+        callbacks.invoke_table_row_callbacks::<WindowChurn>(
+            "window_churn",
+            &self.window_churn,
             event,
         );
     }
@@ -1134,13 +1265,20 @@ impl __sdk::SpacetimeModule for RemoteModule {
         compaction_schedule_table::register_table(client_cache);
         connection_table::register_table(client_cache);
         event_key_table::register_table(client_cache);
+        grant_expiry_schedule_table::register_table(client_cache);
         grant_sweep_schedule_table::register_table(client_cache);
         identity_role_table::register_table(client_cache);
+        keyed_stream_table::register_table(client_cache);
         khala_config_table::register_table(client_cache);
         presence_table::register_table(client_cache);
+        publish_grant_table::register_table(client_cache);
         retention_schedule_table::register_table(client_cache);
         stream_table::register_table(client_cache);
         stream_grant_table::register_table(client_cache);
+        stream_publisher_table::register_table(client_cache);
         stream_segment_table::register_table(client_cache);
+        stream_sweep_table::register_table(client_cache);
+        sweep_state_table::register_table(client_cache);
+        window_churn_table::register_table(client_cache);
     }
 }

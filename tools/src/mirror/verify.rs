@@ -56,7 +56,7 @@ pub struct Divergence {
 }
 
 impl Divergence {
-    /// `seq=.. authority=<kind>/sha256:.. module=<kind>/sha256:..`, the machine-readable
+    /// `seq=.. authority=<kind>/blake3:.. module=<kind>/blake3:..`, the machine-readable
     /// fields of an `authority_divergence` message.
     pub fn fields(&self) -> String {
         format!("seq={} authority={} module={}", self.seq, self.authority.describe(), self.module.describe())
@@ -207,7 +207,7 @@ mod tests {
         assert_eq!(d.seq, 2);
         assert_eq!(d.authority, fp(2, "b"));
         assert_eq!(d.module, fp(2, "rogue"));
-        assert!(d.fields().starts_with("seq=2 authority=k/sha256:"));
+        assert!(d.fields().starts_with("seq=2 authority=k/blake3:"));
         let other_kind = ModuleRange { events: [(1, Fingerprint::of(1, "other", b"a"))].into_iter().collect(), oldest_seq: 1, head_seq: 1 };
         assert!(matches!(compare(&[fp(1, "a")], &other_kind), Verdict { agreed: 0, stop: Some(Stop::Diverged(_)), .. }));
     }
