@@ -14,6 +14,10 @@
 //! - [`error`]: [`ToolError`] with stable codes.
 
 pub mod api;
+/// Generated SDK bindings of the bench's bare baseline module (`bench/bare-module`;
+/// `scripts/generate-bindings` writes them, never edit).
+#[allow(irrefutable_let_patterns)]
+pub mod bare_bindings;
 pub mod engine;
 pub mod envfile;
 pub mod grants;

@@ -8,11 +8,20 @@ use std::process::Command;
 /// Builds `khala-module` for wasm32 in release mode and returns the `.wasm` path.
 /// Cargo skips the work when nothing changed.
 pub fn build_module() -> Result<PathBuf> {
+    build_wasm("khala-module", "khala_module")
+}
+
+/// Builds the bench's insert-only baseline module (`bench/bare-module`).
+pub fn build_bare_module() -> Result<PathBuf> {
+    build_wasm("khala-bench-bare", "khala_bench_bare")
+}
+
+fn build_wasm(package: &str, file_stem: &str) -> Result<PathBuf> {
     let root = workspace_root();
     let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
     let output = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
         .current_dir(&root)
-        .args(["build", "--quiet", "--release", "-p", "khala-module", "--target", crate::engine::WASM_TARGET])
+        .args(["build", "--quiet", "--release", "-p", package, "--target", crate::engine::WASM_TARGET])
         .arg("--target-dir")
         .arg(&target_dir)
         .output()
@@ -20,5 +29,5 @@ pub fn build_module() -> Result<PathBuf> {
     if !output.status.success() {
         return Err(ToolError::ModuleBuild(String::from_utf8_lossy(&output.stderr).into_owned()));
     }
-    Ok(target_dir.join(crate::engine::WASM_TARGET).join("release").join("khala_module.wasm"))
+    Ok(target_dir.join(crate::engine::WASM_TARGET).join("release").join(format!("{file_stem}.wasm")))
 }

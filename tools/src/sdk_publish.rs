@@ -75,3 +75,62 @@ impl Drop for SdkPublisher {
         let _ = self.conn.disconnect();
     }
 }
+
+/// The same, for the bench's bare baseline module: one pre-packed row per `insert` call.
+pub struct BarePublisher {
+    conn: crate::bare_bindings::DbConnection,
+    results: Receiver<Outcome>,
+}
+
+impl BarePublisher {
+    pub fn connect(url: &str, database: &str, token: &str) -> Result<BarePublisher> {
+        use crate::bare_bindings::{insert as _, DbConnection};
+        let (tx, results) = mpsc::channel();
+        let on_disconnect = tx.clone();
+        let conn = DbConnection::builder()
+            .with_uri(url)
+            .with_module_name(database)
+            .with_token(Some(token.to_string()))
+            .with_compression(spacetimedb_sdk::Compression::None)
+            .with_light_mode(true)
+            .on_disconnect(move |_, e| {
+                let _ = on_disconnect.send(Outcome::Disconnected(e.map_or_else(|| "closed".to_string(), |e| e.to_string())));
+            })
+            .build()
+            .map_err(|e| ToolError::Http { what: "connecting the bare publisher".into(), detail: e.to_string() })?;
+        conn.reducers.on_insert(move |ctx, stream_id, _, _, _| {
+            let outcome = match &ctx.event.status {
+                Status::Committed => Outcome::Committed { stream_id: stream_id.clone() },
+                Status::Failed(m) => Outcome::Failed { stream_id: stream_id.clone(), error: CodedError::parse(m) },
+                Status::OutOfEnergy => Outcome::Failed { stream_id: stream_id.clone(), error: CodedError::parse("rate_limited: out of energy") },
+            };
+            let _ = tx.send(outcome);
+        });
+        conn.run_threaded();
+        Ok(BarePublisher { conn, results })
+    }
+
+    /// Sends one `insert` of a pre-packed segment; its [`Outcome`] arrives through `next`.
+    pub fn send(&self, stream_id: &str, first_seq: u64, last_seq: u64, data: Vec<u8>) -> Result<()> {
+        use crate::bare_bindings::insert;
+        self.conn
+            .reducers
+            .insert(stream_id.to_string(), first_seq, last_seq, data)
+            .map_err(|e| ToolError::Http { what: format!("sending insert for {stream_id}"), detail: e.to_string() })
+    }
+
+    pub fn next(&self, timeout: Duration) -> Option<Outcome> {
+        match self.results.recv_timeout(timeout) {
+            Ok(o) => Some(o),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => Some(Outcome::Disconnected("the connection thread ended".into())),
+        }
+    }
+}
+
+impl Drop for BarePublisher {
+    fn drop(&mut self) {
+        use spacetimedb_sdk::DbContext as _;
+        let _ = self.conn.disconnect();
+    }
+}

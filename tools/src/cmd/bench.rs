@@ -22,7 +22,8 @@ pub struct BenchArgs {
 pub enum Which {
     /// Publish a backlog, then time a fresh client (`khala tail`) replaying it to live.
     Replay(ReplayArgs),
-    /// Publish throughput through the `publish` reducer, over HTTP JSON and over the SDK.
+    /// Publish throughput through the `publish` reducer, over the SDK and HTTP JSON, with
+    /// a bare insert-only module as the baseline in the same run.
     Publish(PublishArgs),
     /// Low-rate publishing (one event per call): publish rate over time and segment
     /// rows, with compaction on and off.
@@ -211,28 +212,33 @@ fn sdk_events(from: u64, n: u64, payload_bytes: usize, rng: &mut impl RngCore) -
         .collect()
 }
 
-fn publish_sdk(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow::Result<f64> {
-    use khala_tools::sdk_publish::{Outcome, SdkPublisher};
-    let publisher = SdkPublisher::connect(url, db, token)?;
-    let mut rng = rand::thread_rng();
+/// Keeps one call in flight on each of `args.streams` streams until `args.events` events
+/// are sent, and returns events per second. `send(stream, first_seq, n)` sends a call of
+/// `n` events; `next` waits for an outcome.
+fn drive(
+    args: &PublishArgs,
+    mut send: impl FnMut(&str, u64, u64) -> anyhow::Result<()>,
+    next: impl Fn(Duration) -> Option<khala_tools::sdk_publish::Outcome>,
+) -> anyhow::Result<f64> {
+    use khala_tools::sdk_publish::Outcome;
     let per_stream = args.events / args.streams;
-    let mut next: Vec<u64> = vec![1; args.streams as usize];
+    let mut next_seq: Vec<u64> = vec![1; args.streams as usize];
     let started = Instant::now();
     let mut in_flight = 0;
-    for (s, n) in next.iter_mut().enumerate() {
-        publisher.send(&format!("bench.pub.{s}"), sdk_events(*n, args.batch.min(per_stream), args.payload_bytes, &mut rng))?;
+    for (s, n) in next_seq.iter_mut().enumerate() {
+        send(&format!("bench.pub.{s}"), *n, args.batch.min(per_stream))?;
         *n += args.batch.min(per_stream);
         in_flight += 1;
     }
     while in_flight > 0 {
-        match publisher.next(Duration::from_secs(30)) {
+        match next(Duration::from_secs(30)) {
             Some(Outcome::Committed { stream_id }) => {
                 in_flight -= 1;
                 let s: usize = stream_id.rsplit('.').next().and_then(|n| n.parse().ok()).context("stream index")?;
-                if next[s] <= per_stream {
-                    let n = args.batch.min(per_stream - next[s] + 1);
-                    publisher.send(&stream_id, sdk_events(next[s], n, args.payload_bytes, &mut rng))?;
-                    next[s] += n;
+                if next_seq[s] <= per_stream {
+                    let n = args.batch.min(per_stream - next_seq[s] + 1);
+                    send(&stream_id, next_seq[s], n)?;
+                    next_seq[s] += n;
                     in_flight += 1;
                 }
             }
@@ -242,6 +248,31 @@ fn publish_sdk(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow::
         }
     }
     Ok((per_stream * args.streams) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Khala's `publish` over the SDK.
+fn publish_sdk(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow::Result<f64> {
+    let publisher = khala_tools::sdk_publish::SdkPublisher::connect(url, db, token)?;
+    let mut rng = rand::thread_rng();
+    drive(args, |stream, first, n| Ok(publisher.send(stream, sdk_events(first, n, args.payload_bytes, &mut rng))?), |t| publisher.next(t))
+}
+
+/// The baseline: the same events, packed into one segment per call by the caller, into
+/// the bare insert-only module (`bench/bare-module`) over the SDK.
+fn publish_bare(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow::Result<f64> {
+    let publisher = khala_tools::sdk_publish::BarePublisher::connect(url, db, token)?;
+    let mut rng = rand::thread_rng();
+    drive(
+        args,
+        |stream, first, n| {
+            let events = sdk_events(first, n, args.payload_bytes, &mut rng)
+                .into_iter()
+                .map(|e| khala_proto::SegmentEvent { seq: e.authority_seq.unwrap_or_default(), kind: e.kind, payload: e.payload, idempotency_key: e.idempotency_key, occurred_at_micros: 0 })
+                .collect();
+            Ok(publisher.send(stream, first, first + n - 1, khala_proto::segment::encode(events))?)
+        },
+        |t| publisher.next(t),
+    )
 }
 
 fn publish_http(api: &Api, db: &str, token: &str, args: &PublishArgs) -> anyhow::Result<f64> {
@@ -280,17 +311,25 @@ fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let api = Api::new(&server.url());
     let owner = api.new_identity()?;
     let wasm = std::fs::read(khala_tools::module_wasm::build_module()?)?;
+    let bare_wasm = std::fs::read(khala_tools::module_wasm::build_bare_module()?)?;
+    api.publish_module("pub-bare", &bare_wasm, &owner.token, false)?;
     api.publish_module("pub-http", &wasm, &owner.token, false)?;
     api.publish_module("pub-sdk", &wasm, &owner.token, false)?;
     for db in ["pub-http", "pub-sdk"] {
         grants::make_publisher(&api, db, &owner.token, &owner.identity, &["bench.*"], 24 * 3600)?;
     }
-    let http = publish_http(&api, "pub-http", &owner.token, &args)?;
+    // Baseline first, then Khala, on the same server in the same run (ratios are the figures to trust).
+    let bare = publish_bare(&server.url(), "pub-bare", &owner.token, &args)?;
     let sdk = publish_sdk(&server.url(), "pub-sdk", &owner.token, &args)?;
+    let http = publish_http(&api, "pub-http", &owner.token, &args)?;
+    let ratio = |x: f64| (x / bare * 1000.0).round() / 1000.0;
     println!("{}", serde_json::to_string_pretty(&json!({
         "command": command,
-        "http_json_events_per_sec": http.round(),
+        "bare_sdk_events_per_sec": bare.round(),
         "sdk_bsatn_events_per_sec": sdk.round(),
+        "http_json_events_per_sec": http.round(),
+        "sdk_to_bare": ratio(sdk),
+        "http_to_bare": ratio(http),
     }))?);
     Ok(())
 }
