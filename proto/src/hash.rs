@@ -35,7 +35,7 @@ pub fn chain_hash(prev: &Hash32, stream_id: &str, seq: u64, kind: &str, payload_
     h.update(&(kind.len() as u32).to_be_bytes());
     h.update(kind.as_bytes());
     h.update(payload_hash);
-    (*h.finalize().as_bytes()).into()
+    *h.finalize().as_bytes()
 }
 
 /// The per-stream idempotency key hash stored in the module's fixed-size dedupe index.
