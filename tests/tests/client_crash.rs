@@ -149,3 +149,30 @@ fn a_checkpoint_ahead_of_the_head_holds_until_the_same_events_return() {
     assert!(client.seen.lock().unwrap().rebootstraps.is_empty());
     client.stop().unwrap();
 }
+
+/// An ack the server lost (a crash before its fsync, made certain here by deleting the
+/// row) is sent again after the reconnect, although the stream stays quiet: the client
+/// re-acks its durable cursor in every new session (docs/DURABILITY.md).
+#[test]
+fn a_quiet_stream_acks_again_after_a_reconnect() {
+    let _turn = take_turns();
+    let server = own_server();
+    let db = server.new_database("reack");
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    db.grant(&reader, "s.q", &["subscribe", "ack"], 600);
+    let dir = tempfile::tempdir().unwrap();
+    let client = RunningClient::start(config(&db, &token_file(dir.path(), &reader), &dir.path().join("cp"), &["s.q"]), None, 0);
+    publish_range(&db, &publisher, "s.q", 1, 20, 5);
+    client.wait_applied("s.q", 20, T);
+    let acked = || db.sql("SELECT acked_seq FROM client_ack").rows.first().and_then(|r| r[0].as_u64());
+    khala_tests::wait_for("the first ack", T, || (acked() == Some(20)).then_some(()));
+    db.sql("DELETE FROM client_ack");
+    assert_eq!(acked(), None, "the ack row is gone, as a crash would have lost it");
+    std::thread::sleep(Duration::from_millis(1200));
+    server.kill9();
+    server.restart();
+    khala_tests::wait_for("the ack sent again after the reconnect", T, || (acked() == Some(20)).then_some(()));
+    assert_eq!(client.applied("s.q"), (1..=20).collect::<Vec<_>>(), "nothing applied twice");
+    client.stop().unwrap();
+}

@@ -225,6 +225,10 @@ impl<H: Handler> SyncClient<H> {
                 s.opening.clear();
                 s.closing.clear();
                 s.ack_in_flight = false;
+                // The server may have lost the last ack (a crash before its fsync): the next
+                // session acks the durable cursor again, even on a quiet stream. Acks never
+                // move back, so a repeat is a no-op.
+                s.acked = 0;
             }
             if !err.is_retryable() {
                 let state = match &err {
