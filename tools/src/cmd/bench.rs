@@ -43,6 +43,20 @@ pub struct PublishArgs {
     pub streams: u64,
     #[arg(long, default_value_t = 256)]
     pub payload_bytes: usize,
+    /// Also report the rate over each successive slice of this many events (the curve of
+    /// rate against events already held); 0 for none.
+    #[arg(long, default_value_t = 0)]
+    pub curve_every: u64,
+    /// Leave out the HTTP JSON run (it is the slowest; for long runs).
+    #[arg(long)]
+    pub skip_http: bool,
+}
+
+/// A run's rate, and its rate per slice of `curve_every` events.
+struct Rate {
+    events_per_sec: f64,
+    /// `(events held when the slice ended, events/s over the slice)`.
+    curve: Vec<(u64, f64)>,
 }
 
 #[derive(Args, Debug)]
@@ -219,15 +233,20 @@ fn drive(
     args: &PublishArgs,
     mut send: impl FnMut(&str, u64, u64) -> anyhow::Result<()>,
     next: impl Fn(Duration) -> Option<khala_tools::sdk_publish::Outcome>,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Rate> {
     use khala_tools::sdk_publish::Outcome;
     let per_stream = args.events / args.streams;
     let mut next_seq: Vec<u64> = vec![1; args.streams as usize];
     let started = Instant::now();
+    let (mut committed, mut slice_start, mut slice_events) = (0u64, started, 0u64);
+    let mut curve = Vec::new();
+    // The size of each stream's call in flight.
+    let mut sent: Vec<u64> = vec![0; args.streams as usize];
     let mut in_flight = 0;
     for (s, n) in next_seq.iter_mut().enumerate() {
         send(&format!("bench.pub.{s}"), *n, args.batch.min(per_stream))?;
-        *n += args.batch.min(per_stream);
+        sent[s] = args.batch.min(per_stream);
+        *n += sent[s];
         in_flight += 1;
     }
     while in_flight > 0 {
@@ -235,9 +254,16 @@ fn drive(
             Some(Outcome::Committed { stream_id }) => {
                 in_flight -= 1;
                 let s: usize = stream_id.rsplit('.').next().and_then(|n| n.parse().ok()).context("stream index")?;
+                committed += sent[s];
+                slice_events += sent[s];
+                if args.curve_every > 0 && slice_events >= args.curve_every {
+                    curve.push((committed, (slice_events as f64 / slice_start.elapsed().as_secs_f64()).round()));
+                    (slice_start, slice_events) = (Instant::now(), 0);
+                }
                 if next_seq[s] <= per_stream {
                     let n = args.batch.min(per_stream - next_seq[s] + 1);
                     send(&stream_id, next_seq[s], n)?;
+                    sent[s] = n;
                     next_seq[s] += n;
                     in_flight += 1;
                 }
@@ -247,11 +273,11 @@ fn drive(
             None => anyhow::bail!("no publish result within 30 s"),
         }
     }
-    Ok((per_stream * args.streams) as f64 / started.elapsed().as_secs_f64())
+    Ok(Rate { events_per_sec: (per_stream * args.streams) as f64 / started.elapsed().as_secs_f64(), curve })
 }
 
 /// Khala's `publish` over the SDK.
-fn publish_sdk(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow::Result<f64> {
+fn publish_sdk(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow::Result<Rate> {
     let publisher = khala_tools::sdk_publish::SdkPublisher::connect(url, db, token)?;
     let mut rng = rand::thread_rng();
     drive(args, |stream, first, n| Ok(publisher.send(stream, sdk_events(first, n, args.payload_bytes, &mut rng))?), |t| publisher.next(t))
@@ -259,7 +285,7 @@ fn publish_sdk(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow::
 
 /// The baseline: the same events, packed into one segment per call by the caller, into
 /// the bare insert-only module (`bench/bare-module`) over the SDK.
-fn publish_bare(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow::Result<f64> {
+fn publish_bare(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow::Result<Rate> {
     let publisher = khala_tools::sdk_publish::BarePublisher::connect(url, db, token)?;
     let mut rng = rand::thread_rng();
     drive(
@@ -306,7 +332,15 @@ fn publish_http(api: &Api, db: &str, token: &str, args: &PublishArgs) -> anyhow:
 }
 
 fn publish(args: PublishArgs) -> anyhow::Result<()> {
-    let command = format!("khala bench publish --events {} --batch {} --streams {} --payload-bytes {}", args.events, args.batch, args.streams, args.payload_bytes);
+    let command = format!(
+        "khala bench publish --events {} --batch {} --streams {} --payload-bytes {}{}{}",
+        args.events,
+        args.batch,
+        args.streams,
+        args.payload_bytes,
+        if args.curve_every > 0 { format!(" --curve-every {}", args.curve_every) } else { String::new() },
+        if args.skip_http { " --skip-http" } else { "" }
+    );
     let (server, _dir) = private_server()?;
     let api = Api::new(&server.url());
     let owner = api.new_identity()?;
@@ -321,15 +355,22 @@ fn publish(args: PublishArgs) -> anyhow::Result<()> {
     // Baseline first, then Khala, on the same server in the same run (ratios are the figures to trust).
     let bare = publish_bare(&server.url(), "pub-bare", &owner.token, &args)?;
     let sdk = publish_sdk(&server.url(), "pub-sdk", &owner.token, &args)?;
-    let http = publish_http(&api, "pub-http", &owner.token, &args)?;
-    let ratio = |x: f64| (x / bare * 1000.0).round() / 1000.0;
-    println!("{}", serde_json::to_string_pretty(&json!({
+    let ratio = |x: f64| (x / bare.events_per_sec * 1000.0).round() / 1000.0;
+    let mut out = json!({
         "command": command,
-        "bare_sdk_events_per_sec": bare.round(),
-        "sdk_bsatn_events_per_sec": sdk.round(),
-        "http_json_events_per_sec": http.round(),
-        "sdk_to_bare": ratio(sdk),
-        "http_to_bare": ratio(http),
-    }))?);
+        "bare_sdk_events_per_sec": bare.events_per_sec.round(),
+        "sdk_bsatn_events_per_sec": sdk.events_per_sec.round(),
+        "sdk_to_bare": ratio(sdk.events_per_sec),
+    });
+    if !args.skip_http {
+        let http = publish_http(&api, "pub-http", &owner.token, &args)?;
+        out["http_json_events_per_sec"] = json!(http.round());
+        out["http_to_bare"] = json!(ratio(http));
+    }
+    if args.curve_every > 0 {
+        out["bare_curve_events_per_sec"] = json!(bare.curve);
+        out["sdk_curve_events_per_sec"] = json!(sdk.curve);
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
