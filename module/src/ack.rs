@@ -1,7 +1,7 @@
 //! Client acks: how far each grantee has durably applied each stream.
 
 use crate::access;
-use crate::streams::{stream, stream_segment, validate_stream_id, Stream};
+use crate::streams::{stream, validate_stream_id, Stream};
 use crate::{fail, ReducerResult};
 use khala_proto::hash::{from_slice, Hash32, GENESIS};
 use khala_proto::{segment, CodedError, ErrorCode};
@@ -43,14 +43,13 @@ pub fn chain_at(ctx: &ReducerContext, stream: &Stream, seq: u64) -> Result<Hash3
             format!("stream {} seq={seq} is below the retention floor oldest_available={}", stream.stream_id, stream.oldest_seq.saturating_sub(1)),
         )
     };
-    let holder = ctx.db.stream_segment().by_stream_last().filter((stream.stream_id.as_str(), seq..)).next().ok_or_else(stale)?;
+    // The chain at `seq` is the prev hash of the segment starting at `seq + 1`, or lies
+    // inside the segment holding `seq`.
+    if let Some(next) = crate::streams::segment_holding(ctx, &stream.stream_id, seq + 1).filter(|s| s.first_seq == seq + 1) {
+        return Ok(from_slice(&next.prev_hash).unwrap_or(GENESIS));
+    }
+    let holder = crate::streams::segment_holding(ctx, &stream.stream_id, seq).ok_or_else(stale)?;
     let prev = from_slice(&holder.prev_hash).unwrap_or(GENESIS);
-    if seq + 1 == holder.first_seq {
-        return Ok(prev);
-    }
-    if seq < holder.first_seq {
-        return Err(stale());
-    }
     let events = segment::decode(&holder.data).map_err(|e| CodedError::new(ErrorCode::Internal, format!("segment {}: {e}", holder.id)))?;
     let upto = (seq - holder.first_seq + 1) as usize;
     Ok(segment::chain_through(&prev, &stream.stream_id, &events[..upto.min(events.len())]))

@@ -248,7 +248,7 @@ impl StoredEvents {
         }
         let cached = self.segment.first().is_some_and(|f| f.seq <= seq) && self.segment.last().is_some_and(|l| l.seq >= seq);
         if !cached {
-            let Some(holder) = ctx.db.stream_segment().by_stream_last().filter((stream_id, seq..)).next().filter(|s| s.first_seq <= seq) else {
+            let Some(holder) = crate::streams::segment_holding(ctx, stream_id, seq) else {
                 return Ok(None);
             };
             self.segment = segment::decode(&holder.data).map_err(|e| fail(ErrorCode::Internal, format!("segment {} of {stream_id}: {e}", holder.id)))?;

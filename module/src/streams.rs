@@ -121,6 +121,27 @@ pub struct EventKey {
     pub payload_hash: u128,
 }
 
+/// The segment of `stream_id` that holds `seq`, if retained.
+///
+/// The engine materialises a whole index range before the first row is read, so an open
+/// range (`seq..`) would cost the rest of the stream. A segment never holds more than a
+/// window of events (publish batches and merges are capped below it), so the holder's
+/// `last_seq` lies in `seq..seq + WINDOW_EVENTS`; the ranges probed grow by 4 from one seq
+/// to that bound, and stop at the first that holds a segment ending at or after `seq`.
+pub fn segment_holding(ctx: &ReducerContext, stream_id: &str, seq: u64) -> Option<StreamSegment> {
+    let mut width = 1u64;
+    loop {
+        let found = ctx.db.stream_segment().by_stream_last().filter((stream_id, seq..seq.saturating_add(width))).min_by_key(|s| s.last_seq);
+        if let Some(s) = found {
+            return (s.first_seq <= seq).then_some(s);
+        }
+        if width >= khala_proto::hash::WINDOW_EVENTS {
+            return None;
+        }
+        width = (width * 4).min(khala_proto::hash::WINDOW_EVENTS);
+    }
+}
+
 /// Streams addressed by idempotency key (published without `authority_seq`): only their
 /// events have `event_key` rows. Streams addressed by seq (the mirror's) keep no
 /// per-event index at all. Private.
