@@ -138,6 +138,11 @@ impl Api {
             .body(wasm.to_vec())
             .send()
             .map_err(|e| Self::http_error(&what, e))?;
+        // 400 is the server refusing the update itself (a schema change it cannot migrate).
+        if response.status() == reqwest::StatusCode::BAD_REQUEST {
+            let detail = response.text().unwrap_or_default().trim().to_string();
+            return Err(ToolError::ModuleRejected { database: name.to_string(), detail });
+        }
         Self::check(&what, response).map(|_| ())
     }
 

@@ -20,6 +20,8 @@ pub enum ToolError {
     ServerExited { status: String, log: PathBuf, tail: String },
     #[error("building the module failed: {0}")]
     ModuleBuild(String),
+    #[error("the server refused the new module for database {database}: {detail}; the database's schema or data cannot be updated in place (for a local development database, `khala up --clear` starts it over; its data is lost and the authority can be mirrored again)")]
+    ModuleRejected { database: String, detail: String },
     #[error("{what}: {detail}")]
     Http { what: String, detail: String },
     #[error("reducer {reducer} failed: {error}")]
@@ -39,6 +41,7 @@ impl ToolError {
             ToolError::ServerUnresponsive { .. } => "server_unresponsive",
             ToolError::ServerExited { .. } => "server_exited",
             ToolError::ModuleBuild(_) => "module_build_failed",
+            ToolError::ModuleRejected { .. } => "module_rejected",
             ToolError::Http { .. } => "http_error",
             ToolError::Reducer { error, .. } => error.code.name(),
             ToolError::Io { .. } => "io_error",

@@ -48,6 +48,10 @@ fn reader(api: &Api, dir: &Path) -> anyhow::Result<(String, std::path::PathBuf)>
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let database = args.up.database.clone();
     let data_dir = args.up.data_dir.clone();
+    if args.up.clear {
+        // A wiped database holds nothing the mirror's cursor says it has: start it over too.
+        let _ = std::fs::remove_dir_all(data_dir.join("demo").join("mirror"));
+    }
     up::run(args.up)?;
     let server_dir = ServerDir { root: data_dir };
     let env: std::collections::BTreeMap<String, String> =

@@ -33,6 +33,10 @@ pub struct UpArgs {
     /// Fail instead of installing a missing engine.
     #[arg(long)]
     pub no_install: bool,
+    /// Start the database over: publish the module with its data wiped (for a local
+    /// database whose schema the new module cannot migrate).
+    #[arg(long)]
+    pub clear: bool,
 }
 
 /// The owner's credentials, minted once and kept in the data dir (token mode 0600).
@@ -72,14 +76,15 @@ fn wasm_path(args: &UpArgs) -> anyhow::Result<PathBuf> {
 }
 
 /// Publishes when the wasm differs from the last one published to this database here.
-fn publish_if_changed(api: &Api, dir: &ServerDir, database: &str, wasm: &Path, owner: &Credentials) -> anyhow::Result<bool> {
+/// With `clear`, publishes anyway and wipes the database's data.
+fn publish_if_changed(api: &Api, dir: &ServerDir, database: &str, wasm: &Path, owner: &Credentials, clear: bool) -> anyhow::Result<bool> {
     let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
     let digest = sha256_hex(&bytes);
     let stamp = dir.root.join(format!("published-{database}.sha256"));
-    if std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == digest) && api.sql(database, "SELECT * FROM stream", &owner.token).is_ok() {
+    if !clear && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == digest) && api.sql(database, "SELECT * FROM stream", &owner.token).is_ok() {
         return Ok(false);
     }
-    api.publish_module(database, &bytes, &owner.token, false)?;
+    api.publish_module(database, &bytes, &owner.token, clear)?;
     std::fs::write(&stamp, &digest)?;
     Ok(true)
 }
@@ -103,7 +108,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let api = Api::new(&server.url());
     let owner = owner_credentials(&api, &dir)?;
     let wasm = wasm_path(&args)?;
-    let published = publish_if_changed(&api, &dir, &args.database, &wasm, &owner)?;
+    let published = publish_if_changed(&api, &dir, &args.database, &wasm, &owner, args.clear)?;
     // The runtime mirror runs as its own publisher identity, granted the runtime streams
     // only; each `up` renews its lease.
     let mirror = mirror_credentials(&api, &dir)?;
@@ -119,7 +124,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         ],
     )?;
     println!("server    {} (pid {}, data {})", server.url(), server.pid, dir.root.display());
-    println!("database  {} ({})", args.database, if published { "module published" } else { "module unchanged" });
+    let what = match (published, args.clear) {
+        (true, true) => "module published, data wiped",
+        (true, false) => "module published",
+        _ => "module unchanged",
+    };
+    println!("database  {} ({what})", args.database);
     println!("owner     {} (token in {})", owner.identity, dir.token_file().display());
     println!("mirror    {} (token in {}, may publish {})", mirror.identity, dir.mirror_token_file().display(), grants::MIRROR_PATTERN);
     println!("env file  {}", dir.env_file().display());
