@@ -22,4 +22,9 @@ pub trait Handler {
     fn persist(&mut self) -> Result<(), HandlerError> {
         Ok(())
     }
+
+    /// Everything that has arrived is applied (live, or between replay windows): a cheap
+    /// moment to show it, such as flushing an output buffer. Not a durability point
+    /// (that is [`Handler::persist`], which runs at the checkpoint cadence of 20 ms).
+    fn caught_up(&mut self) {}
 }

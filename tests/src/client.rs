@@ -20,6 +20,8 @@ pub struct Seen {
     pub rebootstraps: Vec<StaleCursor>,
     /// Failures the handler injected.
     pub failures: u64,
+    /// How many events had been applied at each `caught_up` call.
+    pub caught_up_at: Vec<usize>,
 }
 
 /// Records everything; optionally fails the first `fail_times` attempts at `fail_at`,
@@ -50,6 +52,12 @@ impl Handler for Recorder {
         }
         seen.rebootstraps.push(stale.clone());
         Ok(())
+    }
+
+    fn caught_up(&mut self) {
+        let mut seen = self.seen.lock().unwrap();
+        let applied = seen.applied.len();
+        seen.caught_up_at.push(applied);
     }
 }
 

@@ -260,3 +260,27 @@ fn an_epoch_change_rebootstraps_the_stream() {
     drop(seen);
     client.stop().unwrap();
 }
+
+/// A live event is handed over and then reported caught up at once (what `khala tail`
+/// flushes its output on), not at the next checkpoint; a replay is reported caught up
+/// only between runs of events, not after each one.
+#[test]
+fn the_handler_hears_it_is_caught_up_after_each_live_event() {
+    let db = shared_server().new_database("caught-up");
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    db.grant(&reader, "s.c", &["subscribe"], 600);
+    publish_range(&db, &publisher, "s.c", 1, 3000, 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let client = RunningClient::start(config(&db, &token_file(dir.path(), &reader), &dir.path().join("cp"), &["s.c"]), None, 0);
+    client.wait_applied("s.c", 3000, T);
+    wait_for("caught up after the replay", T, || client.seen.lock().unwrap().caught_up_at.contains(&3000).then_some(()));
+    let during_replay = client.seen.lock().unwrap().caught_up_at.len();
+    assert!(during_replay < 100, "a replay of 3000 events was reported caught up {during_replay} times");
+    for seq in 3001..=3005 {
+        publish_range(&db, &publisher, "s.c", seq, 1, 1);
+        let n = seq as usize;
+        wait_for("caught up after a live event", Duration::from_secs(2), || client.seen.lock().unwrap().caught_up_at.contains(&n).then_some(()));
+    }
+    client.stop().unwrap();
+}

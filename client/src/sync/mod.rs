@@ -351,6 +351,7 @@ impl<H: Handler> SyncClient<H> {
     fn pump(&mut self, conn: &DbConnection) -> Result<bool, ClientError> {
         let now = Instant::now();
         let mut more_ready = false;
+        let mut applied_any = false;
         for (id, state) in self.streams.iter_mut() {
             if let Some(stale) = state.rebootstrap_due.clone() {
                 if state.handler_retry_at.is_some_and(|t| t > now) {
@@ -381,6 +382,7 @@ impl<H: Handler> SyncClient<H> {
                 budget -= 1;
                 match self.handler.apply(event) {
                     Ok(()) => {
+                        applied_any = true;
                         let seq = event.seq;
                         state.engine.mark_applied(seq);
                         state.gap_since = None;
@@ -395,6 +397,9 @@ impl<H: Handler> SyncClient<H> {
                     }
                 }
             }
+        }
+        if applied_any && !more_ready {
+            self.handler.caught_up();
         }
         let mut rechecked = Vec::new();
         for (id, state) in self.streams.iter_mut() {

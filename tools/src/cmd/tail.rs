@@ -93,6 +93,14 @@ impl Handler for Printer {
         self.out.flush()?;
         Ok(())
     }
+
+    fn caught_up(&mut self) {
+        // Live events are shown as they are applied, not at the next checkpoint (up to
+        // 20 ms later); a replay still writes in large buffered runs.
+        if let Err(e) = self.out.flush() {
+            log::warn!("writing to stdout: {e}");
+        }
+    }
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
