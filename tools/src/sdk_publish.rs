@@ -18,6 +18,24 @@ pub enum Outcome {
     Disconnected(String),
 }
 
+/// A reducer call's status as an [`Outcome`] (the status carries the reducer's
+/// `code: message` error).
+fn outcome(stream_id: &str, status: &Status) -> Outcome {
+    match status {
+        Status::Committed => Outcome::Committed { stream_id: stream_id.to_string() },
+        Status::Failed(m) => Outcome::Failed { stream_id: stream_id.to_string(), error: CodedError::parse(m) },
+        Status::OutOfEnergy => Outcome::Failed { stream_id: stream_id.to_string(), error: CodedError::new(khala_proto::ErrorCode::RateLimited, "out of energy") },
+    }
+}
+
+fn next_outcome(results: &Receiver<Outcome>, timeout: Duration) -> Option<Outcome> {
+    match results.recv_timeout(timeout) {
+        Ok(o) => Some(o),
+        Err(RecvTimeoutError::Timeout) => None,
+        Err(RecvTimeoutError::Disconnected) => Some(Outcome::Disconnected("the connection thread ended".into())),
+    }
+}
+
 /// One SDK connection used for `publish` calls.
 pub struct SdkPublisher {
     conn: DbConnection,
@@ -40,12 +58,7 @@ impl SdkPublisher {
             .build()
             .map_err(|e| ToolError::Http { what: "connecting the SDK publisher".into(), detail: e.to_string() })?;
         conn.reducers.on_publish(move |ctx, stream_id, _| {
-            let outcome = match &ctx.event.status {
-                Status::Committed => Outcome::Committed { stream_id: stream_id.clone() },
-                Status::Failed(m) => Outcome::Failed { stream_id: stream_id.clone(), error: CodedError::parse(m) },
-                Status::OutOfEnergy => Outcome::Failed { stream_id: stream_id.clone(), error: CodedError::parse("rate_limited: out of energy") },
-            };
-            let _ = tx.send(outcome);
+            let _ = tx.send(outcome(stream_id, &ctx.event.status));
         });
         conn.run_threaded();
         Ok(SdkPublisher { conn, results })
@@ -62,11 +75,7 @@ impl SdkPublisher {
 
     /// The next outcome, waiting at most `timeout`.
     pub fn next(&self, timeout: Duration) -> Option<Outcome> {
-        match self.results.recv_timeout(timeout) {
-            Ok(o) => Some(o),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => Some(Outcome::Disconnected("the connection thread ended".into())),
-        }
+        next_outcome(&self.results, timeout)
     }
 }
 
@@ -99,12 +108,7 @@ impl BarePublisher {
             .build()
             .map_err(|e| ToolError::Http { what: "connecting the bare publisher".into(), detail: e.to_string() })?;
         conn.reducers.on_insert(move |ctx, stream_id, _, _, _| {
-            let outcome = match &ctx.event.status {
-                Status::Committed => Outcome::Committed { stream_id: stream_id.clone() },
-                Status::Failed(m) => Outcome::Failed { stream_id: stream_id.clone(), error: CodedError::parse(m) },
-                Status::OutOfEnergy => Outcome::Failed { stream_id: stream_id.clone(), error: CodedError::parse("rate_limited: out of energy") },
-            };
-            let _ = tx.send(outcome);
+            let _ = tx.send(outcome(stream_id, &ctx.event.status));
         });
         conn.run_threaded();
         Ok(BarePublisher { conn, results })
@@ -120,11 +124,7 @@ impl BarePublisher {
     }
 
     pub fn next(&self, timeout: Duration) -> Option<Outcome> {
-        match self.results.recv_timeout(timeout) {
-            Ok(o) => Some(o),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => Some(Outcome::Disconnected("the connection thread ended".into())),
-        }
+        next_outcome(&self.results, timeout)
     }
 }
 
