@@ -115,6 +115,13 @@ pub struct PublishGrant {
     pub issued_at: Timestamp,
 }
 
+impl PublishGrant {
+    /// Whether this grant, by prefix, reaches `stream_id` at `now`.
+    fn covers_by_prefix(&self, stream_id: &str, now: Timestamp) -> bool {
+        self.prefix && self.expires_at > now && stream_id.starts_with(self.pattern.as_str())
+    }
+}
+
 /// A publisher sees only its own publish grants.
 #[client_visibility_filter]
 const PUBLISH_GRANT_VISIBILITY: Filter = Filter::Sql("SELECT * FROM publish_grant WHERE grantee = :sender");
@@ -214,7 +221,7 @@ pub fn require_publish(ctx: &ReducerContext, stream_id: &str) -> ReducerResult {
         .publish_grant()
         .grantee()
         .filter(ctx.sender)
-        .find(|g| g.prefix && g.expires_at > ctx.timestamp && stream_id.starts_with(g.pattern.as_str()));
+        .find(|g| g.covers_by_prefix(stream_id, ctx.timestamp));
     match by_prefix {
         Some(g) => {
             reach(ctx, &g, stream_id);
@@ -238,7 +245,7 @@ pub fn on_stream_created(ctx: &ReducerContext, stream_id: &str) {
         .db
         .publish_grant()
         .iter()
-        .filter(|g| g.prefix && g.expires_at > ctx.timestamp && stream_id.starts_with(g.pattern.as_str()))
+        .filter(|g| g.covers_by_prefix(stream_id, ctx.timestamp))
         .collect();
     for g in covering {
         reach(ctx, &g, stream_id);
@@ -409,7 +416,7 @@ fn set_publish_grant(ctx: &ReducerContext, grantee: Identity, pattern: String, p
             reach(ctx, &row, &s);
         }
     } else {
-        reach(ctx, &row, &row.pattern.clone());
+        reach(ctx, &row, &row.pattern);
     }
     schedule_expiry(ctx, row.id, true, expires_at);
 }
@@ -438,9 +445,9 @@ pub fn revoke(ctx: &ReducerContext, grantee: Identity, stream_id: String) -> Red
     require_admin(ctx)?;
     let (pattern, prefix) = parse_pattern(&stream_id)?;
     if !prefix {
-        let grants: Vec<StreamGrant> = ctx.db.stream_grant().grantee().filter(grantee).filter(|g| g.stream_id == pattern).collect();
-        for g in &grants {
-            delete_stream_grant(ctx, g);
+        let ids: Vec<u64> = ctx.db.stream_grant().grantee().filter(grantee).filter(|g| g.stream_id == pattern).map(|g| g.id).collect();
+        for id in ids {
+            ctx.db.stream_grant().id().delete(id);
         }
         crate::windows::close_all(ctx, grantee, &pattern);
     }

@@ -102,9 +102,7 @@ pub fn set_protocol_window(ctx: &ReducerContext, protocol_min: u32, protocol_max
     if protocol_min > protocol_max {
         return Err(fail(ErrorCode::InvalidArgument, format!("protocol_min {protocol_min} is above protocol_max {protocol_max}")));
     }
-    if min_client_build.len() > MAX_CLIENT_BUILD_LEN {
-        return Err(fail(ErrorCode::InvalidArgument, format!("min_client_build is {} bytes; the limit is {MAX_CLIENT_BUILD_LEN}", min_client_build.len())));
-    }
+    check_build_len("min_client_build", &min_client_build)?;
     parse_build(&min_client_build)?;
     let mut cfg = config(ctx);
     cfg.protocol_min = protocol_min;
@@ -116,6 +114,14 @@ pub fn set_protocol_window(ctx: &ReducerContext, protocol_min: u32, protocol_max
 
 /// Longest `client_build` that `hello` stores, in bytes.
 pub const MAX_CLIENT_BUILD_LEN: usize = 64;
+
+/// Refuses a build string longer than [`MAX_CLIENT_BUILD_LEN`]; `what` names the argument.
+fn check_build_len(what: &str, build: &str) -> ReducerResult {
+    if build.len() > MAX_CLIENT_BUILD_LEN {
+        return Err(fail(ErrorCode::InvalidArgument, format!("{what} is {} bytes; the limit is {MAX_CLIENT_BUILD_LEN}", build.len())));
+    }
+    Ok(())
+}
 
 /// Parses a build id such as `1.4.2` or `1.4.2-beta+abc` into its numeric parts.
 pub fn parse_build(build: &str) -> Result<Vec<u64>, String> {
@@ -136,9 +142,7 @@ pub fn hello(ctx: &ReducerContext, protocol_version: u32, client_build: String) 
     if client_build.trim().is_empty() {
         return Err(fail(ErrorCode::InvalidArgument, "client_build is required"));
     }
-    if client_build.len() > MAX_CLIENT_BUILD_LEN {
-        return Err(fail(ErrorCode::InvalidArgument, format!("client_build is {} bytes; the limit is {MAX_CLIENT_BUILD_LEN}", client_build.len())));
-    }
+    check_build_len("client_build", &client_build)?;
     if protocol_version < cfg.protocol_min || protocol_version > cfg.protocol_max {
         return Err(fail(
             ErrorCode::UnsupportedProtocolVersion,

@@ -14,7 +14,7 @@ pub mod pg;
 pub mod sdk;
 pub mod verify;
 
-use khala_tools::api::{identity_arg, Api, Credentials, SqlRows};
+use khala_tools::api::{Api, Credentials, SqlRows};
 use khala_tools::engine::Engine;
 use khala_tools::server::{free_port, Lifetime, ServerDir, ServerProcess};
 use khala_tools::ToolError;
@@ -164,10 +164,7 @@ impl TestDb {
     /// ids, or prefixes ending in `*`).
     pub fn publisher_for(&self, patterns: &[&str]) -> Credentials {
         let who = self.new_identity();
-        self.call("set_role", json!([identity_arg(&who.identity), "publisher", true]));
-        for pattern in patterns {
-            self.grant(&who, pattern, &["publish"], 24 * 3600);
-        }
+        khala_tools::grants::make_publisher(&self.api, &self.name, &self.owner.token, &who.identity, patterns, 24 * 3600).unwrap_or_else(|e| panic!("making a publisher: {e}"));
         who
     }
 }

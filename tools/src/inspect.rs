@@ -77,8 +77,16 @@ pub fn stream(api: &Api, database: &str, token: &str, stream_id: &str) -> Result
 
 /// The segments of `stream_id` that hold any seq in `from..=to`, in seq order.
 pub fn segments(api: &Api, database: &str, token: &str, stream_id: &str, from: u64, to: u64) -> Result<Vec<SegmentRow>> {
-    let query = format!("SELECT * FROM stream_segment WHERE stream_id = {} AND last_seq >= {from} AND first_seq <= {to}", quote(stream_id));
-    let rows = api.sql(database, &query, token)?;
+    segment_rows(api, database, token, &format!("SELECT * FROM stream_segment WHERE stream_id = {} AND last_seq >= {from} AND first_seq <= {to}", quote(stream_id)))
+}
+
+/// Every segment of `stream_id` the caller may see, in seq order.
+pub fn all_segments(api: &Api, database: &str, token: &str, stream_id: &str) -> Result<Vec<SegmentRow>> {
+    segment_rows(api, database, token, &format!("SELECT * FROM stream_segment WHERE stream_id = {}", quote(stream_id)))
+}
+
+fn segment_rows(api: &Api, database: &str, token: &str, query: &str) -> Result<Vec<SegmentRow>> {
+    let rows = api.sql(database, query, token)?;
     let mut out = rows
         .rows
         .iter()

@@ -50,20 +50,11 @@ pub fn authority_log(path: &Path) -> Result<Log> {
 pub fn module_log(api: &Api, database: &str, token: &str, streams: &[String]) -> Result<Log> {
     let mut log = Log::new();
     for stream in streams {
-        let rows = api.sql(database, &format!("SELECT * FROM stream_segment WHERE stream_id = '{}'", stream.replace('\'', "''")), token)?;
-        let mut segments: Vec<(u64, Vec<u8>, Vec<u8>)> = rows
-            .rows
-            .iter()
-            .map(|r| {
-                let bytes = |c: &str| rows.get(r, c).and_then(Value::as_str).and_then(|h| hex::decode(h).ok()).unwrap_or_default();
-                (rows.get(r, "first_seq").and_then(Value::as_u64).unwrap_or(0), bytes("prev_hash"), bytes("data"))
-            })
-            .collect();
-        segments.sort_by_key(|s| s.0);
+        let segments = crate::inspect::all_segments(api, database, token, stream)?;
         let entries = log.entry(stream.clone()).or_default();
-        for (_, prev, data) in segments {
-            let events = segment::decode(&data).map_err(|e| ToolError::Http { what: format!("segment of {stream}"), detail: e.to_string() })?;
-            let mut chain = khala_proto::hash::from_slice(&prev).unwrap_or(GENESIS);
+        for seg in segments {
+            let events = segment::decode(&seg.data).map_err(|e| ToolError::Http { what: format!("segment of {stream}"), detail: e.to_string() })?;
+            let mut chain = khala_proto::hash::from_slice(&seg.prev_hash).unwrap_or(GENESIS);
             for e in events {
                 chain = segment::event_chain(&chain, stream, &e);
                 entries.push(Entry { seq: e.seq, payload_hash: display(&payload_hash(&e.payload)), chain_hash: Some(display(&chain)) });

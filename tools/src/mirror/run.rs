@@ -215,12 +215,7 @@ impl Mirror {
     }
 
     fn read_heads(&self) -> Result<HashMap<String, u64>, ToolError> {
-        let rows = self.api.sql(&self.database, "SELECT stream_id, head_seq FROM stream", &self.token)?;
-        Ok(rows
-            .rows
-            .iter()
-            .filter_map(|row| Some((rows.get(row, "stream_id")?.as_str()?.to_string(), rows.get(row, "head_seq")?.as_u64()?)))
-            .collect())
+        Ok(crate::inspect::streams(&self.api, &self.database, &self.token)?.into_iter().map(|s| (s.stream_id, s.head_seq)).collect())
     }
 
     /// Drops everything after the durable cursor, reads the stream heads and rewinds the
