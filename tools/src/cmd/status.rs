@@ -2,6 +2,7 @@
 
 use super::Target;
 use clap::Args;
+use comfy_table::{Cell, CellAlignment, ContentArrangement, Table};
 use serde_json::{json, Value};
 
 #[derive(Args, Debug)]
@@ -31,18 +32,19 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&health)?);
         } else {
             println!("client     {} (attempts {}, last error {})", health["state"].as_str().unwrap_or("?"), health["connect_attempts"], health["last_error"]);
+            let mut table = new_table(&["stream", "state", "cursor", "target", "progress", "lag", "lease left"], 2);
             for s in health["streams"].as_array().into_iter().flatten() {
-                println!(
-                    "{:<48} {:<16} cursor {} / {} ({}%), lag {}, lease {} s",
-                    s["stream_id"].as_str().unwrap_or("?"),
-                    s["state"].as_str().unwrap_or("?"),
-                    s["cursor"],
-                    s["target"],
-                    s["progress_pct"],
-                    s["lag"],
-                    s["lease_secs_left"]
-                );
+                table.add_row(vec![
+                    Cell::new(s["stream_id"].as_str().unwrap_or("?")),
+                    Cell::new(s["state"].as_str().unwrap_or("?")),
+                    number(&s["cursor"]),
+                    number(&s["target"]),
+                    Cell::new(format!("{}%", s["progress_pct"])).set_alignment(CellAlignment::Right),
+                    number(&s["lag"]),
+                    Cell::new(s["lease_secs_left"].as_i64().map_or("none".to_string(), |secs| format!("{secs} s"))).set_alignment(CellAlignment::Right),
+                ]);
             }
+            println!("{table}");
         }
         return Ok(());
     }
@@ -52,7 +54,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         let token = args.target.token()?;
         let api = args.target.api();
         let rows = api.sql(&args.target.database, "SELECT * FROM stream", &token)?;
-        let streams: Vec<Value> = rows
+        let mut streams: Vec<Value> = rows
             .rows
             .iter()
             .map(|r| {
@@ -66,6 +68,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                 })
             })
             .collect();
+        streams.sort_by(|a, b| a["stream_id"].as_str().cmp(&b["stream_id"].as_str()));
         let presence = api.sql(&args.target.database, "SELECT * FROM presence", &token)?;
         let connected = presence.rows.first().map_or(0, |r| as_u64(presence.get(r, "connected")));
         report["streams"] = Value::Array(streams);
@@ -81,16 +84,35 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     }
     println!("database   {}", args.target.database);
     println!("connected  {}", report["connected_clients"]);
-    println!("{:<48} {:>6} {:>12} {:>12} {:>9}", "stream", "epoch", "head_seq", "oldest_seq", "segments");
+    let mut table = new_table(&["stream", "epoch", "head_seq", "oldest_seq", "segments", "duplicates"], 1);
     for s in report["streams"].as_array().into_iter().flatten() {
-        println!(
-            "{:<48} {:>6} {:>12} {:>12} {:>9}",
-            s["stream_id"].as_str().unwrap_or("?"),
-            s["epoch"],
-            s["head_seq"],
-            s["oldest_seq"],
-            s["segments"]
-        );
+        table.add_row(vec![
+            Cell::new(s["stream_id"].as_str().unwrap_or("?")),
+            number(&s["epoch"]),
+            number(&s["head_seq"]),
+            number(&s["oldest_seq"]),
+            number(&s["segments"]),
+            number(&s["duplicates"]),
+        ]);
     }
+    println!("{table}");
     Ok(())
+}
+
+/// A borderless table whose columns line up whatever the widths. The first `text_columns`
+/// columns hold text (left-aligned); the rest hold numbers (right-aligned, header too).
+fn new_table(header: &[&str], text_columns: usize) -> Table {
+    let mut table = Table::new();
+    let header = header.iter().enumerate().map(|(i, name)| {
+        let cell = Cell::new(name);
+        if i < text_columns { cell } else { cell.set_alignment(CellAlignment::Right) }
+    });
+    table.load_preset(comfy_table::presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled).set_header(header);
+    table
+}
+
+/// A right-aligned number cell (`-` when the field is absent).
+fn number(value: &Value) -> Cell {
+    let text = if value.is_null() { "-".to_string() } else { value.to_string() };
+    Cell::new(text).set_alignment(CellAlignment::Right)
 }
