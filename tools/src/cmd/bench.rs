@@ -110,6 +110,7 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     grants::make_publisher(&api, "bench", &owner.token, &owner.identity, &[stream], 24 * 3600)?;
 
     let started = Instant::now();
+    let progress = khala_tools::progress::bar(args.events, "publishing the history");
     let mut rng = rand::thread_rng();
     let mut payload = vec![0u8; args.payload_bytes];
     let mut seq = 1;
@@ -122,14 +123,17 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
             })
             .collect();
         api.call("bench", "publish", json!([stream, events]), &owner.token)?;
+        progress.inc(upto - seq);
         seq = upto;
     }
     let publish_secs = started.elapsed().as_secs_f64();
+    progress.finish_and_clear();
 
     let reader = api.new_identity()?;
     api.call("bench", "grant", json!([reader.identity_arg(), stream, ["subscribe"], 3600]), &owner.token)?;
     let token = dir.path().join("reader.token");
     std::fs::write(&token, &reader.token)?;
+    let replaying = khala_tools::progress::spinner(format!("a client replays {} events", args.events));
     let out = std::process::Command::new(std::env::current_exe()?)
         .args(["tail", "--quiet", "--exit-when-live", "--report", "--no-ack", "--stream", stream])
         .args(["--server", &server.url(), "--database", "bench"])
@@ -140,6 +144,7 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         .env("RUST_LOG", "warn")
         .output()
         .context("running khala tail")?;
+    replaying.finish_and_clear();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let report: Value = stderr.lines().rev().find_map(|l| serde_json::from_str(l).ok()).with_context(|| format!("no report from khala tail:\n{stderr}"))?;
     let applied = report["applied"].as_u64().unwrap_or(0);
@@ -230,12 +235,14 @@ fn sdk_events(from: u64, n: u64, payload_bytes: usize, rng: &mut impl RngCore) -
 /// are sent, and returns events per second. `send(stream, first_seq, n)` sends a call of
 /// `n` events; `next` waits for an outcome.
 fn drive(
+    label: &str,
     args: &PublishArgs,
     mut send: impl FnMut(&str, u64, u64) -> anyhow::Result<()>,
     next: impl Fn(Duration) -> Option<khala_tools::sdk_publish::Outcome>,
 ) -> anyhow::Result<Rate> {
     use khala_tools::sdk_publish::Outcome;
     let per_stream = args.events / args.streams;
+    let progress = khala_tools::progress::bar(per_stream * args.streams, label);
     let mut next_seq: Vec<u64> = vec![1; args.streams as usize];
     let started = Instant::now();
     let (mut committed, mut slice_start, mut slice_events) = (0u64, started, 0u64);
@@ -256,6 +263,7 @@ fn drive(
                 let s: usize = stream_id.rsplit('.').next().and_then(|n| n.parse().ok()).context("stream index")?;
                 committed += sent[s];
                 slice_events += sent[s];
+                progress.inc(sent[s]);
                 if args.curve_every > 0 && slice_events >= args.curve_every {
                     curve.push((committed, (slice_events as f64 / slice_start.elapsed().as_secs_f64()).round()));
                     (slice_start, slice_events) = (Instant::now(), 0);
@@ -273,14 +281,16 @@ fn drive(
             None => anyhow::bail!("no publish result within 30 s"),
         }
     }
-    Ok(Rate { events_per_sec: (per_stream * args.streams) as f64 / started.elapsed().as_secs_f64(), curve })
+    let events_per_sec = (per_stream * args.streams) as f64 / started.elapsed().as_secs_f64();
+    progress.finish_and_clear();
+    Ok(Rate { events_per_sec, curve })
 }
 
 /// Khala's `publish` over the SDK.
 fn publish_sdk(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow::Result<Rate> {
     let publisher = khala_tools::sdk_publish::SdkPublisher::connect(url, db, token)?;
     let mut rng = rand::thread_rng();
-    drive(args, |stream, first, n| Ok(publisher.send(stream, sdk_events(first, n, args.payload_bytes, &mut rng))?), |t| publisher.next(t))
+    drive("khala publish (SDK)", args, |stream, first, n| Ok(publisher.send(stream, sdk_events(first, n, args.payload_bytes, &mut rng))?), |t| publisher.next(t))
 }
 
 /// The baseline: the same events, packed into one segment per call by the caller, into
@@ -289,6 +299,7 @@ fn publish_bare(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow:
     let publisher = khala_tools::sdk_publish::BarePublisher::connect(url, db, token)?;
     let mut rng = rand::thread_rng();
     drive(
+        "bare insert (SDK)",
         args,
         |stream, first, n| {
             let events = sdk_events(first, n, args.payload_bytes, &mut rng)
@@ -303,10 +314,12 @@ fn publish_bare(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow:
 
 fn publish_http(api: &Api, db: &str, token: &str, args: &PublishArgs) -> anyhow::Result<f64> {
     let per_stream = args.events / args.streams;
+    let progress = khala_tools::progress::bar(per_stream * args.streams, "khala publish (HTTP)");
     let started = Instant::now();
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let handles: Vec<_> = (0..args.streams)
             .map(|s| {
+                let progress = progress.clone();
                 scope.spawn(move || -> anyhow::Result<()> {
                     let mut rng = rand::thread_rng();
                     let mut seq = 1;
@@ -317,6 +330,7 @@ fn publish_http(api: &Api, db: &str, token: &str, args: &PublishArgs) -> anyhow:
                             .map(|e| publish_event_arg(&e.idempotency_key, &e.kind, &e.payload, e.authority_seq, 0))
                             .collect();
                         api.call(db, "publish", json!([format!("bench.pub.{s}"), events]), token)?;
+                        progress.inc(n);
                         seq += n;
                     }
                     Ok(())
@@ -328,7 +342,9 @@ fn publish_http(api: &Api, db: &str, token: &str, args: &PublishArgs) -> anyhow:
         }
         Ok(())
     })?;
-    Ok((per_stream * args.streams) as f64 / started.elapsed().as_secs_f64())
+    let events_per_sec = (per_stream * args.streams) as f64 / started.elapsed().as_secs_f64();
+    progress.finish_and_clear();
+    Ok(events_per_sec)
 }
 
 fn publish(args: PublishArgs) -> anyhow::Result<()> {
