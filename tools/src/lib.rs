@@ -11,6 +11,7 @@
 //! - [`mirror`]: `khala mirror`, authority events into the module (docs/MIRROR.md).
 //! - [`parity`]: authority vs module vs client logs, by seq and hash.
 //! - [`paths`]: default locations.
+//! - [`progress`]: indicatif bars on a terminal only.
 //! - [`error`]: [`ToolError`] with stable codes.
 
 pub mod api;
@@ -27,6 +28,7 @@ pub mod mirror;
 pub mod module_wasm;
 pub mod parity;
 pub mod paths;
+pub mod progress;
 pub mod sdk_publish;
 pub mod server;
 

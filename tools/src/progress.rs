@@ -2,7 +2,6 @@
 //! that JSON output, pipes and logs stay clean.
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
-use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::time::Duration;
 
