@@ -1,8 +1,10 @@
-//! Admin commands: identities, grants, revocation and roles (reducer calls as the owner).
+//! Admin commands: identities, grants, revocation, roles, retention and stream resets
+//! (reducer calls as an admin, normally the owner).
 
 use super::Target;
 use clap::Args;
 use khala_tools::api::identity_arg;
+use khala_tools::inspect;
 use serde_json::json;
 
 pub fn new_identity(target: Target) -> anyhow::Result<()> {
@@ -73,5 +75,63 @@ pub fn role(args: RoleArgs) -> anyhow::Result<()> {
     let call = json!([identity_arg(&args.identity), args.role, !args.remove]);
     args.target.api().call(&args.target.database, "set_role", call, &token)?;
     println!("{} role {} for {}", if args.remove { "removed" } else { "gave" }, args.role, args.identity);
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct ResetStreamArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// The stream to start over: its events are deleted and its epoch goes up by one,
+    /// so every client rebuilds it. Stop the stream's publisher (the mirror) first.
+    #[arg(long)]
+    pub stream: String,
+    /// Most `reset_stream` steps to take before giving up (each deletes one retention budget).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_steps: u32,
+}
+
+/// Calls `reset_stream` step by step until the epoch goes up (docs/OPERATIONS.md).
+pub fn reset_stream(args: ResetStreamArgs) -> anyhow::Result<()> {
+    let token = args.target.token()?;
+    let (api, db) = (args.target.api(), &args.target.database);
+    let Some(before) = inspect::stream(&api, db, &token, &args.stream)? else {
+        // The module names the failure with its own code (unknown_stream, or forbidden for a non-admin).
+        api.call(db, "reset_stream", json!([args.stream]), &token)?;
+        anyhow::bail!("the stream {:?} is not visible to this identity; reset nothing", args.stream);
+    };
+    for step in 1..=args.max_steps {
+        api.call(db, "reset_stream", json!([args.stream]), &token)?;
+        let now = inspect::stream(&api, db, &token, &args.stream)?.ok_or_else(|| anyhow::anyhow!("the stream {:?} disappeared during the reset", args.stream))?;
+        if now.epoch > before.epoch {
+            println!(
+                "reset {} in {step} step(s): epoch {} -> {}, head {} -> {} (clients rebuild it; the mirror republishes it from the authority)",
+                args.stream, before.epoch, now.epoch, before.head_seq, now.head_seq
+            );
+            return Ok(());
+        }
+    }
+    anyhow::bail!("reset_incomplete: {} is not reset after {} steps (is a publisher still writing to it?)", args.stream, args.max_steps)
+}
+
+#[derive(Args, Debug)]
+pub struct RetentionArgs {
+    #[command(flatten)]
+    pub target: Target,
+    #[arg(long)]
+    pub stream: String,
+    /// Keep at most this many events (0: no limit by count).
+    #[arg(long)]
+    pub max_events: u64,
+    /// Keep events at most this old, in seconds (0: no limit by age).
+    #[arg(long)]
+    pub max_age_secs: u64,
+}
+
+/// Sets a stream's retention policy (`set_retention`).
+pub fn retention(args: RetentionArgs) -> anyhow::Result<()> {
+    let token = args.target.token()?;
+    args.target.api().call(&args.target.database, "set_retention", json!([args.stream, args.max_events, args.max_age_secs]), &token)?;
+    println!("retention of {}: at most {} events, at most {} s old (0 = no limit)", args.stream, args.max_events, args.max_age_secs);
     Ok(())
 }

@@ -40,6 +40,10 @@ pub enum Command {
     Revoke(admin::RevokeArgs),
     /// Give or take a role (admin, publisher).
     Role(admin::RoleArgs),
+    /// Set a stream's retention policy (how many events, how old).
+    Retention(admin::RetentionArgs),
+    /// Start a stream over in a new epoch (clients rebuild it; the mirror republishes it).
+    ResetStream(admin::ResetStreamArgs),
     /// Follow streams as a Khala client: print applied events, checkpoint, ack, resume.
     Tail(tail::TailArgs),
     /// Mirror authority events (JSONL file, stdin or Postgres outbox) into the module.
@@ -92,6 +96,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Grant(args) => admin::grant(args),
         Command::Revoke(args) => admin::revoke(args),
         Command::Role(args) => admin::role(args),
+        Command::Retention(args) => admin::retention(args),
+        Command::ResetStream(args) => admin::reset_stream(args),
         Command::Tail(args) => tail::run(args),
         Command::Mirror(args) => mirror::run(args),
         Command::GenEvents(args) => mirror::gen_events(args),
