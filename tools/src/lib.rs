@@ -9,6 +9,7 @@
 //! - [`module_wasm`]: build the module to wasm.
 //! - [`envfile`]: the `khala.env` file `khala up` writes.
 //! - [`mirror`]: `khala mirror`, authority events into the module (docs/MIRROR.md).
+//! - [`faults`]: the fault-injecting proxy and the drills of `khala chaos`.
 //! - [`parity`]: authority vs module vs client logs, by seq and hash.
 //! - [`paths`]: default locations.
 //! - [`progress`]: indicatif bars on a terminal only.
@@ -23,6 +24,7 @@ pub mod engine;
 pub mod envfile;
 pub mod grants;
 pub mod error;
+pub mod faults;
 pub mod inspect;
 pub mod mirror;
 pub mod module_wasm;

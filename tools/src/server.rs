@@ -254,6 +254,17 @@ impl ServerProcess {
         self.reap(Duration::from_secs(10));
     }
 
+    /// SIGSTOP: the process stops answering while its sockets stay open (a hung
+    /// server, for the drills). [`ServerProcess::resume`] undoes it.
+    pub fn pause(&self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after [`ServerProcess::pause`].
+    pub fn resume(&self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGCONT);
+    }
+
     /// SIGTERM, then SIGKILL if it has not exited after `grace`.
     pub fn stop(&mut self, grace: Duration) {
         let pid = nix::unistd::Pid::from_raw(self.pid as i32);
