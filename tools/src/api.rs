@@ -96,6 +96,13 @@ impl Api {
         Api { base: base_url.trim_end_matches('/').to_string(), http }
     }
 
+    /// Like [`Api::new`], with every request bounded by `timeout` (the smoke test's
+    /// promise to finish in seconds holds for a server that stops answering, too).
+    pub fn with_timeout(base_url: &str, timeout: Duration) -> Api {
+        let http = reqwest::blocking::Client::builder().timeout(timeout).build().expect("a TLS-capable HTTP client builds");
+        Api { base: base_url.trim_end_matches('/').to_string(), http }
+    }
+
     pub fn base_url(&self) -> &str {
         &self.base
     }
@@ -167,6 +174,16 @@ impl Api {
             return Err(ToolError::Reducer { reducer: reducer.into(), error: CodedError::parse(&body) });
         }
         Err(Self::http_error(&what, format!("HTTP {status}: {}", body.trim())))
+    }
+
+    /// Whether database `name` exists (`GET /v1/database/NAME` answers 404 when not).
+    pub fn database_exists(&self, name: &str) -> Result<bool> {
+        let what = format!("reading database {name}");
+        let response = self.http.get(format!("{}/v1/database/{name}", self.base)).send().map_err(|e| Self::http_error(&what, e))?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        Self::check(&what, response).map(|_| true)
     }
 
     /// The identity that owns database `name` (`GET /v1/database/NAME`).

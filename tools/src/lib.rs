@@ -33,5 +33,6 @@ pub mod paths;
 pub mod progress;
 pub mod sdk_publish;
 pub mod server;
+pub mod smoke;
 
 pub use error::ToolError;

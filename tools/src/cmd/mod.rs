@@ -8,6 +8,7 @@ mod down;
 mod mirror;
 mod parity;
 mod setup;
+mod smoke;
 mod status;
 mod tail;
 mod up;
@@ -58,6 +59,8 @@ pub enum Command {
     Parity(parity::ParityArgs),
     /// Failure drills against a private server, checked by parity (SUMMARY.md, results.jsonl).
     Chaos(chaos::ChaosArgs),
+    /// The two-client handshake against a server, as an admin: grant, publish, deliver, revoke, clean up.
+    Smoke(smoke::SmokeArgs),
 }
 
 /// Which server and database a command talks to, and as whom.
@@ -105,5 +108,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Parity(args) => parity::run(args),
         Command::Chaos(args) => chaos::run(args),
+        Command::Smoke(args) => smoke::run(args),
     }
 }
