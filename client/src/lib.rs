@@ -10,7 +10,7 @@
 //! - [`checkpoint`]: atomic, checksummed checkpoint files.
 //! - [`backoff`]: exponential backoff with full jitter.
 //! - [`handler`]: the [`Handler`] trait the application implements.
-//! - [`health`]: the health snapshot a UI shows.
+//! - [`health`]: the health snapshot a UI shows; [`metrics`]: the same and more through the `metrics` facade.
 //! - [`config`], [`error`].
 //! - [`module_bindings`]: generated SpacetimeDB bindings of the module (never edit).
 
@@ -21,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod handler;
 pub mod health;
+pub mod metrics;
 #[allow(clippy::all, unused)]
 pub mod module_bindings;
 pub mod sync;

@@ -18,8 +18,9 @@ use std::sync::mpsc::Sender;
 pub enum Msg {
     Connected(spacetimedb_sdk::Identity),
     Disconnected(Option<String>),
-    /// A segment, decoded and hashed on the SDK's thread.
-    Segment(String, Result<SegmentIn, String>),
+    /// A segment, decoded and hashed on the SDK's thread, and its `published_at` (micros,
+    /// for the delivery latency metric).
+    Segment(String, Result<SegmentIn, String>, i64),
     Stream(Stream),
     StreamGone(String),
     Grant(StreamGrant),
@@ -93,7 +94,7 @@ pub fn connect(url: &str, database: &str, token: &str, compress: bool, tx: &Send
 
     let t = tx.clone();
     conn.db.stream_segment().on_insert(move |_, row| {
-        let _ = t.send(Msg::Segment(row.stream_id.clone(), segment_in(row)));
+        let _ = t.send(Msg::Segment(row.stream_id.clone(), segment_in(row), row.published_at.to_micros_since_unix_epoch()));
     });
     let t = tx.clone();
     conn.db.stream().on_insert(move |_, row| {

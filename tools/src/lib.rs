@@ -13,6 +13,7 @@
 //! - [`parity`]: authority vs module vs client logs, by seq and hash.
 //! - [`paths`]: default locations.
 //! - [`progress`]: indicatif bars on a terminal only.
+//! - [`prometheus`]: serving metrics; [`exporter`]: the module's state as metrics (docs/METRICS.md).
 //! - [`error`]: [`ToolError`] with stable codes.
 
 pub mod api;
@@ -22,6 +23,7 @@ pub mod api;
 pub mod bare_bindings;
 pub mod engine;
 pub mod envfile;
+pub mod exporter;
 pub mod grants;
 pub mod error;
 pub mod faults;
@@ -31,6 +33,7 @@ pub mod module_wasm;
 pub mod parity;
 pub mod paths;
 pub mod progress;
+pub mod prometheus;
 pub mod sdk_publish;
 pub mod server;
 pub mod smoke;

@@ -16,10 +16,11 @@ impl<H: Handler> SyncClient<H> {
         match msg {
             Msg::Disconnected(e) => return Err(ClientError::Disconnected(e.unwrap_or_else(|| "the server closed the connection".into()))),
             Msg::SubscriptionError(tag, e) => return Err(ClientError::Subscription(format!("subscription {tag}: {e}"))),
-            Msg::Segment(stream_id, segment) => {
+            Msg::Segment(stream_id, segment, published_at_micros) => {
                 let Some(state) = self.streams.get_mut(&stream_id) else { return Ok(()) };
                 match segment {
                     Ok(segment) => {
+                        state.metrics.segment(segment.first_seq, segment.last_seq, published_at_micros);
                         let offer = state.engine.offer(segment);
                         self.alerts(&stream_id, offer.alerts);
                     }
@@ -53,6 +54,7 @@ impl<H: Handler> SyncClient<H> {
             Msg::GrantGone(g) if Some(g.grantee) == self.me => {
                 if let Some(state) = self.streams.get_mut(&g.stream_id) {
                     log::warn!("the grant on {} is gone (revoked or expired)", g.stream_id);
+                    crate::metrics::lease_ended(&g.stream_id);
                     state.granted = Some(false);
                     state.lease_expires_micros = None;
                 }
@@ -77,6 +79,9 @@ impl<H: Handler> SyncClient<H> {
                     state.opening.remove(&bucket);
                     state.closing.remove(&bucket);
                     state.window_retry_at = Some(Instant::now() + Duration::from_secs(1));
+                    if e.code == ErrorCode::ForbiddenStream {
+                        crate::metrics::auth_failure("forbidden");
+                    }
                     if e.code == ErrorCode::ForbiddenStream && state.row_visible && state.granted != Some(true) {
                         // Only the owner sees a stream without a grant; it sees every
                         // segment without windows too.
@@ -96,6 +101,7 @@ impl<H: Handler> SyncClient<H> {
                             let e = CodedError::parse(&text);
                             log::warn!("ack of {stream_id} at {seq} failed: {e}");
                             if e.code == ErrorCode::ForbiddenStream {
+                                crate::metrics::auth_failure("forbidden");
                                 state.can_ack = false;
                             }
                         }
@@ -125,6 +131,7 @@ impl<H: Handler> SyncClient<H> {
                         stale.oldest_available,
                         stale.head
                     );
+                    state.metrics.rebootstrap(stream_id, stale.reason);
                     state.rebootstrap_due = Some(stale);
                     state.reset_windows = true;
                     state.acked = 0;

@@ -43,6 +43,7 @@ impl<H: Handler> SyncClient<H> {
             if state != ConnectionState::Live && state != ConnectionState::Forbidden && overall == ConnectionState::Live {
                 overall = if state == ConnectionState::ServerBehind { ConnectionState::ServerBehind } else { ConnectionState::Replaying };
             }
+            s.metrics.health(applied, head, s.lease_expires_micros, state, now);
             streams.push(StreamHealth {
                 stream_id: id.clone(),
                 state: state as i32,
@@ -55,6 +56,8 @@ impl<H: Handler> SyncClient<H> {
         if overall == ConnectionState::Live {
             self.backoff.reset();
         }
+        self.metrics.state(overall as i32);
+        self.metrics.streams(streams.iter().map(|s| s.state));
         self.health.update(|h| {
             h.state = overall as i32;
             h.streams = streams;

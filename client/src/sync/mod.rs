@@ -15,6 +15,7 @@ use crate::config::ClientConfig;
 use crate::error::ClientError;
 use crate::handler::Handler;
 use crate::health::HealthHandle;
+use crate::metrics::{ClientMetrics, StreamMetrics};
 use crate::module_bindings::{ack as _, hello as _, DbConnection};
 use crate::transport::{self, Msg};
 use windows::maintain_windows;
@@ -77,6 +78,7 @@ struct StreamState {
     rebootstrap_due: Option<StaleCursor>,
     handler_backoff: Backoff,
     handler_retry_at: Option<Instant>,
+    metrics: StreamMetrics,
 }
 
 impl StreamState {
@@ -103,11 +105,12 @@ impl StreamState {
             rebootstrap_due: None,
             handler_backoff: Backoff::default(),
             handler_retry_at: None,
+            metrics: StreamMetrics::new(&cursor.stream_id),
         }
     }
 }
 
-fn now_micros() -> i64 {
+pub(crate) fn now_micros() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
@@ -130,6 +133,7 @@ pub struct SyncClient<H: Handler> {
     me: Option<spacetimedb_sdk::Identity>,
     last_checkpoint: Instant,
     last_health_write: Instant,
+    metrics: ClientMetrics,
 }
 
 impl<H: Handler> SyncClient<H> {
@@ -165,6 +169,7 @@ impl<H: Handler> SyncClient<H> {
                     reason: RebootstrapReason::CorruptCheckpoint as i32,
                     ..Default::default()
                 });
+                state.metrics.rebootstrap(id, RebootstrapReason::CorruptCheckpoint as i32);
             }
             streams.insert(id.clone(), state);
         }
@@ -183,6 +188,7 @@ impl<H: Handler> SyncClient<H> {
             me: None,
             last_checkpoint: past,
             last_health_write: past,
+            metrics: ClientMetrics::default(),
         })
     }
 
@@ -210,12 +216,16 @@ impl<H: Handler> SyncClient<H> {
                 return Ok(());
             }
             let attempts = self.backoff.attempts() + 1;
+            self.metrics.connect_attempt();
             self.set_state(ConnectionState::Connecting, |h| h.connect_attempts = attempts);
             let err = match self.session(shutdown) {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
             log::warn!("session ended: {err}");
+            if matches!(err, ClientError::Unauthorized(_)) {
+                crate::metrics::auth_failure("unauthorized");
+            }
             // What was applied before the session ended is made durable now, so that
             // neither a retry nor a stop applies it again.
             self.store_checkpoint()?;
@@ -261,6 +271,7 @@ impl<H: Handler> SyncClient<H> {
             h.state = state as i32;
             f(h);
         });
+        self.metrics.state(state as i32);
     }
 
     fn session(&mut self, shutdown: &AtomicBool) -> Result<(), ClientError> {
@@ -304,6 +315,7 @@ impl<H: Handler> SyncClient<H> {
 
     fn session_on(&mut self, conn: &DbConnection, tx: &mpsc::Sender<Msg>, rx: &Receiver<Msg>, shutdown: &AtomicBool) -> Result<(), ClientError> {
         self.handshake(conn, rx)?;
+        self.metrics.session_up();
         for s in self.streams.values_mut() {
             // Buffered events may come from a history the server no longer has.
             s.engine.clear_pending();
@@ -380,11 +392,13 @@ impl<H: Handler> SyncClient<H> {
                     break;
                 }
                 budget -= 1;
+                let occurred_at_micros = event.occurred_at_micros;
                 match self.handler.apply(event) {
                     Ok(()) => {
                         applied_any = true;
                         let seq = event.seq;
                         state.engine.mark_applied(seq);
+                        state.metrics.applied(&self.metrics, seq, occurred_at_micros);
                         state.gap_since = None;
                         state.handler_retry_at = None;
                         state.handler_backoff.reset();

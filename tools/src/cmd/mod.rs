@@ -5,6 +5,7 @@ mod bench;
 mod chaos;
 mod demo;
 mod down;
+mod exporter;
 mod mirror;
 mod parity;
 mod setup;
@@ -47,6 +48,8 @@ pub enum Command {
     ResetStream(admin::ResetStreamArgs),
     /// Follow streams as a Khala client: print applied events, checkpoint, ack, resume.
     Tail(tail::TailArgs),
+    /// Serve the module's state (heads, floors, segments, grants, connected clients) as Prometheus gauges.
+    Exporter(exporter::ExporterArgs),
     /// Mirror authority events (JSONL file, stdin or Postgres outbox) into the module.
     Mirror(mirror::MirrorArgs),
     /// Write synthetic authority events as JSONL to stdout (for measuring the mirror).
@@ -102,6 +105,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Retention(args) => admin::retention(args),
         Command::ResetStream(args) => admin::reset_stream(args),
         Command::Tail(args) => tail::run(args),
+        Command::Exporter(args) => exporter::run(args),
         Command::Mirror(args) => mirror::run(args),
         Command::GenEvents(args) => mirror::gen_events(args),
         Command::Bench(args) => bench::run(args),

@@ -1,5 +1,6 @@
 //! `khala tail`: a Khala client that prints each applied event as a line, checkpoints,
-//! acks, and resumes from its checkpoint after a restart.
+//! acks, and resumes from its checkpoint after a restart. `--metrics-addr` serves the
+//! client's metrics (docs/METRICS.md); a replay shows a progress bar on a terminal.
 
 use super::Target;
 use clap::Args;
@@ -9,7 +10,8 @@ use khala_proto::hash::{display, payload_hash};
 use khala_proto::v1::{ConnectionState, RebootstrapReason};
 use khala_proto::StaleCursor;
 use serde_json::json;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -43,6 +45,42 @@ pub struct TailArgs {
     /// Do not ack (for identities without the ack scope).
     #[arg(long)]
     pub no_ack: bool,
+    /// Serve the client's metrics as Prometheus text on this address, e.g. 127.0.0.1:9466.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Events behind, over all streams, before a replay gets a progress bar (a live burst
+/// does not flash one).
+const BAR_FROM_LAG: u64 = 1_000;
+
+/// A replay's progress bar, drawn while the client replays a backlog: on a terminal only
+/// (stderr), and only when events are not printed to that terminal too.
+struct ReplayBar {
+    enabled: bool,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl ReplayBar {
+    fn new(quiet: bool) -> Self {
+        ReplayBar { enabled: khala_tools::progress::enabled() && (quiet || !std::io::stdout().is_terminal()), bar: None }
+    }
+
+    fn show(&mut self, h: &khala_proto::v1::HealthSnapshot) {
+        if !self.enabled {
+            return;
+        }
+        let cursor: u64 = h.streams.iter().map(|s| s.cursor).sum();
+        let target: u64 = h.streams.iter().map(|s| s.target.max(s.cursor)).sum();
+        let replaying = h.state == ConnectionState::Replaying as i32;
+        if replaying && (self.bar.is_some() || target - cursor >= BAR_FROM_LAG) {
+            let bar = self.bar.get_or_insert_with(|| khala_tools::progress::bar(target, "replaying"));
+            bar.set_length(target);
+            bar.set_position(cursor);
+        } else if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// Prints events; counts them; asks to stop after `max_events`.
@@ -143,6 +181,10 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
     config.ack = !args.no_ack;
     let stop = Arc::new(AtomicBool::new(false));
     let printer = Printer { json: args.json, quiet: args.quiet, applied: 0, max_events: args.max_events, stop: stop.clone(), out: std::io::BufWriter::new(std::io::stdout()) };
+    if let Some(addr) = args.metrics_addr {
+        // Before the client exists: a corrupt checkpoint is counted when it is loaded.
+        khala_tools::prometheus::install(addr, None)?;
+    }
     let mut client = SyncClient::new(config, printer)?;
     use nix::sys::signal::{signal, SigHandler, Signal};
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
@@ -153,17 +195,20 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
     let health = client.health();
     let watcher_stop = stop.clone();
     let exit_when_live = args.exit_when_live;
+    let mut bar = ReplayBar::new(args.quiet);
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_millis(20));
         if INTERRUPTED.load(Ordering::Relaxed) {
             watcher_stop.store(true, Ordering::Relaxed);
         }
         let h = health.get();
+        bar.show(&h);
         let caught_up = h.state == ConnectionState::Live as i32 && h.streams.iter().all(|s| s.lag == 0);
         if exit_when_live && caught_up {
             watcher_stop.store(true, Ordering::Relaxed);
         }
         if watcher_stop.load(Ordering::Relaxed) {
+            bar.show(&Default::default());
             return;
         }
     });

@@ -16,20 +16,36 @@
 //! | `khala_mirror_lag_events` | gauge | source head minus the durable position, in events |
 //! | `khala_mirror_held_streams` | gauge | streams held by `--on-gap hold` |
 //! | `khala_mirror_durable_position` | gauge | the durable cursor (line or outbox id) |
+//! | `khala_mirror_outbox_depth` | gauge | outbox rows past the mirror's cursor (Postgres source only) |
+//! | `khala_mirror_outbox_oldest_age_seconds` | gauge | age of the oldest of them, by Postgres' clock (0 when none) |
 
 use super::error::{MirrorError, Result};
 use super::source::Mark;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+/// Whether [`serve`] installed the exporter (the outbox watches its backlog only then).
+static SERVING: AtomicBool = AtomicBool::new(false);
 
 /// Serves `/metrics` (any path, in fact) as Prometheus text on `addr`.
 pub fn serve(addr: SocketAddr) -> Result<()> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-        .map_err(|e| MirrorError::Usage(format!("cannot serve metrics on {addr}: {e}")))
+    crate::prometheus::install(addr, None).map_err(MirrorError::Server)?;
+    SERVING.store(true, Ordering::Relaxed);
+    Ok(())
+}
+
+pub fn serving() -> bool {
+    SERVING.load(Ordering::Relaxed)
+}
+
+/// The Postgres outbox's backlog: rows past the mirror's cursor, and the age of the
+/// oldest of them in seconds (0 when there are none).
+pub fn outbox_backlog(depth: u64, oldest_age_secs: f64) {
+    metrics::gauge!("khala_mirror_outbox_depth").set(depth as f64);
+    metrics::gauge!("khala_mirror_outbox_oldest_age_seconds").set(oldest_age_secs);
 }
 
 /// The mirror's counters.

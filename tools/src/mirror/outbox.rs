@@ -8,12 +8,18 @@
 //! on it, so the rest of the mirror stays synchronous. Any Postgres error drops the
 //! connection and is reported as [`MirrorError::Postgres`], which the mirror treats as
 //! transient: it backs off, rewinds to the durable cursor and reconnects.
+//!
+//! While metrics are served, a watcher thread with its own connection counts the rows past
+//! the stored cursor (and the age of the oldest) once per poll interval (1 to 5 s), apart
+//! from the mirror's loop, so the backlog gauges keep moving while the mirror is stuck.
 
 use super::error::{MirrorError, Result};
 use super::event::{build, Bad, Limits};
 use super::source::{Mark, Origin, Read, Record, Source};
 use khala_proto::json::canonical_json;
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
@@ -26,6 +32,11 @@ const MIGRATE_LOCK: i64 = 7_104_202_500;
 
 const READ_ROWS: &str = "SELECT id, topic, seq, kind, payload::text, (extract(epoch FROM occurred_at) * 1000000)::bigint \
                          FROM khala_outbox WHERE id > $1 ORDER BY id LIMIT $2";
+
+/// Rows not yet mirrored (past the stored cursor) and the age of the oldest, by Postgres'
+/// clock so that the two hosts' clocks need not agree. An index range on the primary key.
+const BACKLOG: &str = "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM khala_outbox \
+                       WHERE id > coalesce((SELECT last_id FROM khala_mirror_cursor WHERE name = $1), 0)";
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| MirrorError::io("starting a Tokio runtime", e))
@@ -92,6 +103,50 @@ pub struct Outbox {
     poll: Duration,
     last_empty_poll: Option<Instant>,
     limits: Limits,
+    _backlog: Option<BacklogWatch>,
+}
+
+/// Stops the backlog watcher when the outbox is dropped.
+struct BacklogWatch(Arc<AtomicBool>);
+
+impl Drop for BacklogWatch {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+async fn read_backlog(conn: &mut Option<(Client, UnboundedReceiver<()>)>, url: &str, name: &str) -> Result<(u64, f64)> {
+    if conn.is_none() {
+        *conn = Some(connect(url).await?);
+    }
+    let client = &conn.as_ref().expect("connected").0;
+    let row = client.query_one(BACKLOG, &[&name]).await.map_err(|e| MirrorError::postgres("reading the outbox backlog", e))?;
+    Ok((row.get::<_, i64>(0).max(0) as u64, row.get::<_, f64>(1).max(0.0)))
+}
+
+/// Sets the backlog gauges every `every` on a thread of its own, until dropped.
+fn watch_backlog(url: String, name: String, every: Duration) -> Result<BacklogWatch> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let rt = runtime()?;
+    let spawned = std::thread::Builder::new().name("outbox-backlog".into()).spawn(move || {
+        let mut conn = None;
+        while !flag.load(Ordering::Relaxed) {
+            match rt.block_on(read_backlog(&mut conn, &url, &name)) {
+                Ok((depth, age)) => super::metrics::outbox_backlog(depth, age),
+                Err(e) => {
+                    log::debug!("{e}");
+                    conn = None;
+                }
+            }
+            let next = Instant::now() + every;
+            while Instant::now() < next && !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    });
+    spawned.map_err(|e| MirrorError::io("starting the outbox backlog watcher", e))?;
+    Ok(BacklogWatch(stop))
 }
 
 fn mark(id: i64) -> Mark {
@@ -133,6 +188,7 @@ impl Outbox {
             poll,
             last_empty_poll: None,
             limits,
+            _backlog: None,
         };
         outbox.connect().map_err(with_hint)?;
         let client = &outbox.conn.as_ref().expect("connected").0;
@@ -141,6 +197,9 @@ impl Outbox {
         outbox.start = mark(cursor);
         outbox.read_id = cursor;
         outbox.refresh_head()?;
+        if super::metrics::serving() {
+            outbox._backlog = Some(watch_backlog(url.into(), name.into(), poll.clamp(Duration::from_secs(1), Duration::from_secs(5)))?);
+        }
         Ok(outbox)
     }
 
