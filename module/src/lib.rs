@@ -23,6 +23,7 @@ pub mod access;
 pub mod ack;
 pub mod compaction;
 pub mod config;
+#[cfg(feature = "deploy-probe")] mod deploy_probe;
 pub mod presence;
 pub mod publish;
 pub mod retention;

@@ -216,6 +216,35 @@ impl Api {
             .unwrap_or_default();
         Ok(SqlRows { columns, rows })
     }
+
+    /// What the server says about itself on `GET /v1/health` (SpacetimeDB 1.2.0:
+    /// `{"package_name", "version", "nodes", "schedulable"}`); `None` if it has no such
+    /// route (404).
+    pub fn server_health(&self) -> Result<Option<Value>> {
+        let what = "reading the server's health";
+        let response = self.http.get(format!("{}/v1/health", self.base)).send().map_err(|e| Self::http_error(what, e))?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let body = Self::check(what, response)?;
+        serde_json::from_str(&body).map(Some).map_err(|e| Self::http_error(what, e))
+    }
+
+    /// The live module's schema as `RawModuleDefV9` JSON
+    /// (`GET /v1/database/NAME/schema?version=9`); `None` if the database does not exist.
+    pub fn database_schema(&self, name: &str, token: Option<&str>) -> Result<Option<Value>> {
+        let what = format!("reading the schema of database {name}");
+        let mut request = self.http.get(format!("{}/v1/database/{name}/schema", self.base)).query(&[("version", "9")]);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().map_err(|e| Self::http_error(&what, e))?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let body = Self::check(&what, response)?;
+        serde_json::from_str(&body).map(Some).map_err(|e| Self::http_error(&what, e))
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ pub mod api;
 /// `scripts/generate-bindings` writes them, never edit).
 #[allow(irrefutable_let_patterns)]
 pub mod bare_bindings;
+pub mod deploy;
 pub mod engine;
 pub mod envfile;
 pub mod exporter;

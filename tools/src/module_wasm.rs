@@ -16,6 +16,13 @@ pub fn build_bare_module() -> Result<PathBuf> {
     build_wasm("khala-bench-bare", "khala_bench_bare")
 }
 
+/// Builds `khala-module-next` (`bench/module-next`): Khala's module source plus one
+/// public table and reducer (feature `deploy-probe`), for `khala deploy`'s tests of an
+/// additive change. It shares the module's dependencies, so this build is short.
+pub fn build_module_next() -> Result<PathBuf> {
+    build_wasm("khala-module-next", "khala_module_next")
+}
+
 fn build_wasm(package: &str, file_stem: &str) -> Result<PathBuf> {
     let root = workspace_root();
     let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));

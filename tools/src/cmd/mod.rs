@@ -4,6 +4,7 @@ mod admin;
 mod bench;
 mod chaos;
 mod demo;
+mod deploy;
 mod down;
 mod exporter;
 mod mirror;
@@ -58,6 +59,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// The main job end to end: up, mirror an authority log, replay it as a client, check parity.
     Demo(demo::DemoArgs),
+    /// Publish the module to a server after checking its engine version and the schema change.
+    Deploy(deploy::DeployArgs),
     /// Compare the authority's log, the module's log and a client's applied log.
     Parity(parity::ParityArgs),
     /// Failure drills against a private server, checked by parity (SUMMARY.md, results.jsonl).
@@ -110,6 +113,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::GenEvents(args) => mirror::gen_events(args),
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Deploy(args) => deploy::run(args),
         Command::Parity(args) => parity::run(args),
         Command::Chaos(args) => chaos::run(args),
         Command::Smoke(args) => smoke::run(args),
