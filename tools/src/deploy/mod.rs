@@ -276,14 +276,14 @@ mod tests {
     #[test]
     fn gates_by_class() {
         let none = Allow::default();
-        assert_eq!(gate("db", &[], none).unwrap(), false);
-        assert_eq!(gate("db", &[c(Class::Additive, false)], none).unwrap(), false);
+        assert!(!gate("db", &[], none).unwrap());
+        assert!(!gate("db", &[c(Class::Additive, false)], none).unwrap());
 
         let breaking = [c(Class::Additive, false), c(Class::ClientBreaking, true)];
         let err = gate("db", &breaking, none).unwrap_err();
         assert_eq!(err.code(), "breaking_change");
         assert!(err.to_string().contains("--allow-breaking publishes anyway"), "{err}");
-        assert_eq!(gate("db", &breaking, Allow { breaking: true, ..none }).unwrap(), false);
+        assert!(!gate("db", &breaking, Allow { breaking: true, ..none }).unwrap());
 
         let losing = [c(Class::DataLosing, true), c(Class::ClientBreaking, true)];
         let err = gate("db", &losing, Allow { breaking: true, ..none }).unwrap_err();
@@ -293,8 +293,8 @@ mod tests {
         assert!(err.to_string().contains("add --allow-breaking too"), "{err}");
         // Clearing does not excuse breaking clients: both flags are needed.
         assert_eq!(gate("db", &losing, Allow { clear_database: true, ..none }).unwrap_err().code(), "breaking_change");
-        assert_eq!(gate("db", &losing, Allow { breaking: true, clear_database: true }).unwrap(), true);
+        assert!(gate("db", &losing, Allow { breaking: true, clear_database: true }).unwrap());
         // A private table's data-losing change needs only --clear-database.
-        assert_eq!(gate("db", &[c(Class::DataLosing, false)], Allow { clear_database: true, ..none }).unwrap(), true);
+        assert!(gate("db", &[c(Class::DataLosing, false)], Allow { clear_database: true, ..none }).unwrap());
     }
 }
