@@ -223,7 +223,8 @@ pub fn record(s: &Snapshot) {
 /// `stop` is set. Only a metrics address that cannot be served ends it early.
 pub fn run(config: &Config, stop: &AtomicBool) -> Result<()> {
     crate::prometheus::install(config.metrics_addr, Some(forget_after(config.interval)))?;
-    let api = Api::new(&config.server);
+    // A hung server must read as down within a few intervals, not after the default 120 s.
+    let api = Api::with_timeout(&config.server, (config.interval * 2).max(Duration::from_secs(5)));
     let mut bytes = SegmentBytes::default();
     let errors = metrics::counter!("khala_module_scrape_errors_total");
     errors.absolute(0);

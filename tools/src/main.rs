@@ -30,6 +30,9 @@ fn code_of(err: &anyhow::Error) -> &'static str {
     if let Some(e) = err.downcast_ref::<khala_tools::deploy::DeployError>() {
         return e.code();
     }
+    if let Some(e) = err.downcast_ref::<khala_tools::smoke::SmokeFailed>() {
+        return e.code();
+    }
     if let Some(e) = err.downcast_ref::<khala_tools::mirror::MirrorError>() {
         return e.code();
     }

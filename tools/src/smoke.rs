@@ -24,6 +24,19 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// A smoke run with failed checks, for the binary's `khala: smoke_failed: …` line.
+#[derive(Debug, thiserror::Error)]
+#[error("failed check(s): {}", .checks.join(", "))]
+pub struct SmokeFailed {
+    pub checks: Vec<&'static str>,
+}
+
+impl SmokeFailed {
+    pub fn code(&self) -> &'static str {
+        "smoke_failed"
+    }
+}
+
 /// The kind of every event the smoke publishes.
 pub const EVENT_KIND: &str = "khala.smoke";
 

@@ -55,10 +55,7 @@ pub fn run(args: SmokeArgs) -> anyhow::Result<()> {
         println!("{} in {} ms", if report.passed() { "passed" } else { "FAILED" }, report.ms);
     }
     if !report.passed() {
-        let failed: Vec<&str> = report.failures().map(|c| c.check.name()).collect();
-        // The binary's usual failure line and exit status, with a code of its own.
-        eprintln!("khala: smoke_failed: failed check(s): {}", failed.join(", "));
-        std::process::exit(1);
+        return Err(khala_tools::smoke::SmokeFailed { checks: report.failures().map(|c| c.check.name()).collect() }.into());
     }
     Ok(())
 }
