@@ -24,6 +24,16 @@ pub fn bar(len: u64, message: impl Into<String>) -> ProgressBar {
     bar
 }
 
+/// A bar over `len` bytes, with a message that the caller keeps current (hidden when
+/// progress is not [`enabled`]).
+pub fn bytes_bar(len: u64, message: impl Into<String>) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(len), target());
+    let style = ProgressStyle::with_template("[{bar:32}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta}) {msg}").expect("a valid template").progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(message.into());
+    bar
+}
+
 /// A spinner for work of unknown length, ticking by itself (hidden when not [`enabled`]).
 pub fn spinner(message: impl Into<String>) -> ProgressBar {
     let spinner = ProgressBar::with_draw_target(None, target());

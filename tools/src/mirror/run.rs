@@ -85,6 +85,8 @@ pub struct Mirror {
     last_gauges: Instant,
     last_progress_log: Instant,
     hidden_strikes: u32,
+    /// A bar over the source's bytes (a file) or a spinner, drawn on a terminal only.
+    progress: indicatif::ProgressBar,
 }
 
 fn origin_text(origin: Origin) -> String {
@@ -99,6 +101,10 @@ impl Mirror {
         let publisher = Publisher::start(api.clone(), &database, &token, settings.parallel);
         let durability = Durability::new(settings.durable_after, source.start());
         let now = Instant::now();
+        let progress = match source.size() {
+            Some(size) => crate::progress::bytes_bar(size, "mirrored (durable)"),
+            None => crate::progress::spinner("mirroring"),
+        };
         Mirror {
             settings,
             api,
@@ -126,6 +132,7 @@ impl Mirror {
             last_gauges: now,
             last_progress_log: now,
             hidden_strikes: 0,
+            progress,
         }
     }
 
@@ -149,6 +156,7 @@ impl Mirror {
     /// Runs until the input is drained and durable (or a stop), then saves the cursor.
     pub fn run(&mut self) -> Result<()> {
         let result = self.run_loop();
+        self.progress.finish_and_clear();
         // Whatever happened, keep the durable progress made so far.
         let saved = self.persist(true);
         result.and(saved)
@@ -644,6 +652,11 @@ impl Mirror {
             let durable = self.durability.cursor();
             let lag = self.source.head().saturating_sub(durable.line);
             self.stats.gauges(self.durability.pending(), lag, self.lanes.held().len(), durable);
+            if let Some(size) = self.source.size() {
+                self.progress.set_length(size);
+                self.progress.set_position(durable.offset.min(size));
+            }
+            self.progress.set_message(format!("read {} · published {} · durable {}", self.stats.read, self.stats.published, durable.line));
         }
         if now.duration_since(self.last_progress_log) >= Duration::from_secs(10) {
             self.last_progress_log = now;

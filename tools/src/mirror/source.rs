@@ -67,6 +67,11 @@ pub trait Source {
     fn persist(&mut self, durable: Mark) -> Result<()>;
     /// The source's head in the unit of `Mark::line`, for the lag gauge.
     fn head(&self) -> u64;
+    /// The source's current size in the unit of `Mark::offset`, when it has one (a file's
+    /// length), so that progress can show how much of a backlog is mirrored.
+    fn size(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Reads whole lines of one file from a byte offset, counting them.
@@ -214,6 +219,10 @@ impl Source for FileSource {
 
     fn head(&self) -> u64 {
         self.reader.pos.line
+    }
+
+    fn size(&self) -> Option<u64> {
+        self.reader.file().metadata().ok().map(|m| m.len())
     }
 }
 
