@@ -104,6 +104,100 @@ fn segment_rows(api: &Api, database: &str, token: &str, query: &str) -> Result<V
     Ok(out)
 }
 
+/// One grant: a `stream_grant` row (subscribe/ack on one stream) or a `publish_grant`
+/// row (publish on a stream id or a `prefix*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantRow {
+    /// The grantee's identity, hex without `0x`.
+    pub grantee: String,
+    /// A stream id, or a pattern ending in `*` for a prefix publish grant.
+    pub stream: String,
+    pub scopes: Vec<&'static str>,
+    pub expires_at_micros: i64,
+}
+
+/// One `identity_role` row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleRow {
+    pub identity: String,
+    pub role: String,
+}
+
+/// An identity column, rendered by the SQL endpoint as `["0x…"]`.
+fn identity_at(rows: &SqlRows, row: &[Value], what: &str, column: &str) -> Result<String> {
+    let value = rows.get(row, column).ok_or_else(|| malformed(what, format!("no column {column}")))?;
+    let text = match value {
+        Value::Array(items) => items.first().and_then(Value::as_str),
+        Value::Object(fields) => fields.values().next().and_then(Value::as_str),
+        other => other.as_str(),
+    };
+    text.map(|t| t.trim_start_matches("0x").to_string()).ok_or_else(|| malformed(what, format!("column {column} is not an identity: {value}")))
+}
+
+/// A timestamp column, rendered by the SQL endpoint as `[micros]`.
+fn micros_at(rows: &SqlRows, row: &[Value], what: &str, column: &str) -> Result<i64> {
+    let value = rows.get(row, column).ok_or_else(|| malformed(what, format!("no column {column}")))?;
+    let micros = match value {
+        Value::Array(items) => items.first().and_then(Value::as_i64),
+        Value::Object(fields) => fields.values().next().and_then(Value::as_i64),
+        other => other.as_i64(),
+    };
+    micros.ok_or_else(|| malformed(what, format!("column {column} is not a timestamp: {value}")))
+}
+
+fn bool_at(rows: &SqlRows, row: &[Value], what: &str, column: &str) -> Result<bool> {
+    rows.get(row, column).and_then(Value::as_bool).ok_or_else(|| malformed(what, format!("column {column} is missing or not a bool")))
+}
+
+fn text_at(rows: &SqlRows, row: &[Value], what: &str, column: &str) -> Result<String> {
+    rows.get(row, column).and_then(Value::as_str).map(str::to_string).ok_or_else(|| malformed(what, format!("column {column} is missing or not text")))
+}
+
+/// Every grant the caller may see (an admin sees all; anyone else its own), stream
+/// grants first, each group by stream then grantee.
+pub fn grants(api: &Api, database: &str, token: &str) -> Result<Vec<GrantRow>> {
+    let stream_rows = api.sql(database, "SELECT * FROM stream_grant", token)?;
+    let mut out = Vec::new();
+    for row in &stream_rows.rows {
+        let (subscribe, ack) = (bool_at(&stream_rows, row, "stream_grant", "subscribe")?, bool_at(&stream_rows, row, "stream_grant", "ack")?);
+        let scopes = [("subscribe", subscribe), ("ack", ack)].into_iter().filter(|(_, on)| *on).map(|(name, _)| name).collect();
+        out.push(GrantRow {
+            grantee: identity_at(&stream_rows, row, "stream_grant", "grantee")?,
+            stream: text_at(&stream_rows, row, "stream_grant", "stream_id")?,
+            scopes,
+            expires_at_micros: micros_at(&stream_rows, row, "stream_grant", "expires_at")?,
+        });
+    }
+    let publish_rows = api.sql(database, "SELECT * FROM publish_grant", token)?;
+    let mut publish = Vec::new();
+    for row in &publish_rows.rows {
+        let pattern = text_at(&publish_rows, row, "publish_grant", "pattern")?;
+        let prefix = bool_at(&publish_rows, row, "publish_grant", "prefix")?;
+        publish.push(GrantRow {
+            grantee: identity_at(&publish_rows, row, "publish_grant", "grantee")?,
+            stream: if prefix { format!("{pattern}*") } else { pattern },
+            scopes: vec!["publish"],
+            expires_at_micros: micros_at(&publish_rows, row, "publish_grant", "expires_at")?,
+        });
+    }
+    out.sort_by(|a, b| (&a.stream, &a.grantee).cmp(&(&b.stream, &b.grantee)));
+    publish.sort_by(|a, b| (&a.stream, &a.grantee).cmp(&(&b.stream, &b.grantee)));
+    out.extend(publish);
+    Ok(out)
+}
+
+/// Every role the caller may see, by identity.
+pub fn roles(api: &Api, database: &str, token: &str) -> Result<Vec<RoleRow>> {
+    let rows = api.sql(database, "SELECT * FROM identity_role", token)?;
+    let mut out = rows
+        .rows
+        .iter()
+        .map(|row| Ok(RoleRow { identity: identity_at(&rows, row, "identity_role", "identity")?, role: text_at(&rows, row, "identity_role", "role")? }))
+        .collect::<Result<Vec<_>>>()?;
+    out.sort_by(|a, b| (&a.identity, &a.role).cmp(&(&b.identity, &b.role)));
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

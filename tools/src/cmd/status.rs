@@ -3,6 +3,7 @@
 use super::Target;
 use clap::Args;
 use comfy_table::{Cell, CellAlignment, ContentArrangement, Table};
+use khala_tools::inspect;
 use serde_json::{json, Value};
 
 #[derive(Args, Debug)]
@@ -16,6 +17,9 @@ pub struct StatusArgs {
     /// Khala client), whose health snapshot is written beside it.
     #[arg(long)]
     pub client: Option<std::path::PathBuf>,
+    /// Also list the roles and the grants with their leases (needs an admin's token).
+    #[arg(long)]
+    pub grants: bool,
 }
 
 fn as_u64(v: Option<&Value>) -> u64 {
@@ -73,6 +77,16 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         let connected = presence.rows.first().map_or(0, |r| as_u64(presence.get(r, "connected")));
         report["streams"] = Value::Array(streams);
         report["connected_clients"] = json!(connected);
+        if args.grants {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+            let roles = inspect::roles(&api, &args.target.database, &token)?;
+            report["roles"] = roles.iter().map(|r| json!({ "identity": r.identity, "role": r.role })).collect();
+            let grants = inspect::grants(&api, &args.target.database, &token)?;
+            report["grants"] = grants
+                .iter()
+                .map(|g| json!({ "grantee": g.grantee, "stream": g.stream, "scopes": g.scopes, "expires_in_secs": (g.expires_at_micros - now) / 1_000_000 }))
+                .collect();
+        }
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -96,6 +110,24 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         ]);
     }
     println!("{table}");
+    if args.grants {
+        let mut roles = new_table(&["identity", "role"], 2);
+        for r in report["roles"].as_array().into_iter().flatten() {
+            roles.add_row(vec![Cell::new(r["identity"].as_str().unwrap_or("?")), Cell::new(r["role"].as_str().unwrap_or("?"))]);
+        }
+        println!("\nroles\n{roles}");
+        let mut grants = new_table(&["stream", "grantee", "scopes", "expires in"], 3);
+        for g in report["grants"].as_array().into_iter().flatten() {
+            let scopes: Vec<&str> = g["scopes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            grants.add_row(vec![
+                Cell::new(g["stream"].as_str().unwrap_or("?")),
+                Cell::new(g["grantee"].as_str().unwrap_or("?")),
+                Cell::new(scopes.join(",")),
+                Cell::new(format!("{} s", g["expires_in_secs"])).set_alignment(CellAlignment::Right),
+            ]);
+        }
+        println!("\ngrants\n{grants}");
+    }
     Ok(())
 }
 
