@@ -13,12 +13,22 @@ fn main() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| khala_tools::paths::default_server_dir().join("khala.env"));
     khala_tools::envfile::load_defaults(&env_file);
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_timestamp_millis().init();
-
     let cli = cmd::Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_log_filter(&cli.command))).format_timestamp_millis().init();
+
     if let Err(err) = cmd::run(cli) {
         eprintln!("khala: {}: {err:#}", code_of(&err));
         std::process::exit(1);
+    }
+}
+
+/// `info`, except that the SDK's notes on closed sockets are quiet everywhere, and the
+/// smoke's own clients (which are revoked on purpose) are quiet in smoke and deploy:
+/// their table is the output. `RUST_LOG` overrides all of it.
+fn default_log_filter(command: &cmd::Command) -> &'static str {
+    match command {
+        cmd::Command::Smoke(_) | cmd::Command::Deploy(_) => "info,khala_client=error,spacetimedb_sdk=error",
+        _ => "info,spacetimedb_sdk=error",
     }
 }
 

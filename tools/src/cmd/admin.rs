@@ -7,9 +7,32 @@ use khala_tools::api::identity_arg;
 use khala_tools::inspect;
 use serde_json::json;
 
-pub fn new_identity(target: Target) -> anyhow::Result<()> {
-    let creds = target.api().new_identity()?;
-    println!("{}", json!({ "identity": creds.identity, "token": creds.token }));
+#[derive(Args, Debug)]
+pub struct NewIdentityArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Write the new token to this file (owner-only permissions, never overwriting one)
+    /// and print only the identity, instead of printing both as JSON.
+    #[arg(long)]
+    pub save_token: Option<std::path::PathBuf>,
+}
+
+pub fn new_identity(args: NewIdentityArgs) -> anyhow::Result<()> {
+    let creds = args.target.api().new_identity()?;
+    let Some(path) = args.save_token else {
+        println!("{}", json!({ "identity": creds.identity, "token": creds.token }));
+        return Ok(());
+    };
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| khala_tools::ToolError::io(format!("creating the token file {} (it must not exist yet)", path.display()), e))?;
+    file.write_all(creds.token.as_bytes()).and_then(|()| file.sync_all()).map_err(|e| khala_tools::ToolError::io(format!("writing {}", path.display()), e))?;
+    println!("{}", creds.identity);
     Ok(())
 }
 

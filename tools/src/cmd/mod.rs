@@ -36,7 +36,7 @@ pub enum Command {
     /// Show the server, the database and its streams.
     Status(status::StatusArgs),
     /// Mint a new identity and print it with its token (JSON).
-    NewIdentity(Target),
+    NewIdentity(admin::NewIdentityArgs),
     /// Grant an identity scopes on a stream, with a lease.
     Grant(admin::GrantArgs),
     /// Take an identity's grant on a stream back.
@@ -101,7 +101,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(args) => up::run(args),
         Command::Down(args) => down::run(args),
         Command::Status(args) => status::run(args),
-        Command::NewIdentity(target) => admin::new_identity(target),
+        Command::NewIdentity(args) => admin::new_identity(args),
         Command::Grant(args) => admin::grant(args),
         Command::Revoke(args) => admin::revoke(args),
         Command::Role(args) => admin::role(args),
