@@ -437,6 +437,40 @@ fn the_mirror_refuses_the_owner_token_unless_allowed() {
     assert_module_holds(&db, &expected);
 }
 
+/// A rotated-out mirror identity (no publish grant left) stops at once, by name, instead
+/// of reading invisible heads as 0; a stream outside a narrower grant is held as
+/// `forbidden_stream`, not as a gap, while the streams it may publish go on.
+#[test]
+fn a_mirror_without_publish_grants_stops_and_an_ungranted_stream_is_held_by_name() {
+    let db = shared_server().new_database("mirror-reach");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let (lines, expected) = generate(30, 3, 10);
+    write_lines(&input, &lines);
+    let token_for = |name: &str, patterns: &[&str]| {
+        let who = db.publisher_for(patterns);
+        let path = dir.path().join(name);
+        std::fs::write(&path, &who.token).unwrap();
+        (who, path)
+    };
+
+    let (old, old_token) = token_for("old.token", &["runtime.*"]);
+    db.call("set_role", json!([khala_tools::api::identity_arg(&old.identity), "publisher", false]));
+    let refused = mirror_as(&db, dir.path(), &old_token, ["--input", &input.to_string_lossy()]).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("khala: no_publish_grant: "), "{}", text(&refused));
+    assert_eq!(heads_total(&db), Some(0), "nothing was published by a rotated-out identity");
+
+    let (_, narrow_token) = token_for("narrow.token", &["runtime.run.0.*", "runtime.run.1.events"]);
+    let output = mirror_as(&db, dir.path(), &narrow_token, ["--input", &input.to_string_lossy()]).output().unwrap();
+    assert!(!output.status.success(), "a held stream ends the run with streams_held:\n{}", text(&output));
+    let held: Vec<String> = summary(&output)["held_streams"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(held[0].starts_with("runtime.run.2.events: forbidden_stream: "), "{held:?}");
+    let granted: Streams = expected.into_iter().filter(|(stream, _)| stream != "runtime.run.2.events").collect();
+    assert_module_holds(&db, &granted);
+}
+
 /// A rogue publisher wrote seqs 1..=3 of a stream before the mirror got there. The mirror
 /// must not take them for the authority's events: it compares, names the divergence,
 /// holds that stream (its cursor stays before it), and publishes the other streams.

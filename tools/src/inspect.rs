@@ -186,6 +186,37 @@ pub fn grants(api: &Api, database: &str, token: &str) -> Result<Vec<GrantRow>> {
     Ok(out)
 }
 
+/// The publish reach of `identity`: its live publish grants, as `(pattern, prefix)`.
+/// A non-admin sees only its own grants; an admin's view is filtered to `identity`.
+pub fn publish_reach(api: &Api, database: &str, token: &str, identity: &str, now_micros: i64) -> Result<PublishReach> {
+    let patterns = grants(api, database, token)?
+        .into_iter()
+        .filter(|g| g.scopes == ["publish"] && g.grantee == identity && g.expires_at_micros > now_micros)
+        .map(|g| match g.stream.strip_suffix('*') {
+            Some(prefix) => (prefix.to_string(), true),
+            None => (g.stream, false),
+        })
+        .collect();
+    Ok(PublishReach { patterns })
+}
+
+/// Which streams an identity may publish to, by its publish grants (module/src/access.rs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishReach {
+    pub patterns: Vec<(String, bool)>,
+}
+
+impl PublishReach {
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
+
+    /// Whether a grant covers `stream_id`: equal to an exact pattern, or starting with a prefix.
+    pub fn covers(&self, stream_id: &str) -> bool {
+        self.patterns.iter().any(|(pattern, prefix)| if *prefix { stream_id.starts_with(pattern.as_str()) } else { stream_id == pattern })
+    }
+}
+
 /// Every role the caller may see, by identity.
 pub fn roles(api: &Api, database: &str, token: &str) -> Result<Vec<RoleRow>> {
     let rows = api.sql(database, "SELECT * FROM identity_role", token)?;
@@ -201,6 +232,17 @@ pub fn roles(api: &Api, database: &str, token: &str) -> Result<Vec<RoleRow>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publish_reach_covers_exact_ids_and_prefixes() {
+        let reach = PublishReach { patterns: vec![("runtime.".into(), true), ("audit.log".into(), false)] };
+        assert!(reach.covers("runtime.run.1.events"));
+        assert!(reach.covers("audit.log"));
+        assert!(!reach.covers("audit.log.2"));
+        assert!(!reach.covers("other.stream"));
+        assert!(PublishReach { patterns: vec![(String::new(), true)] }.covers("anything"));
+        assert!(PublishReach::default().is_empty());
+    }
 
     #[test]
     fn quotes_sql_literals() {

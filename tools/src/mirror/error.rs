@@ -27,6 +27,8 @@ pub enum MirrorError {
     Server(ToolError),
     #[error("stream {stream} stays invisible to the mirror's identity after publishing; reconciliation reads the heads of the streams it may publish, so grant it `publish` on the stream or a prefix of it (see docs/MIRROR.md)")]
     HeadsHidden { stream: String },
+    #[error("the mirror's identity {identity} holds no live publish grant on {database}; give it the publisher role and a grant (`khala role --role publisher`, `khala grant --scopes publish --stream 'runtime.*'`), or use the current mirror token")]
+    NoPublishGrant { identity: String, database: String },
     #[error("the token is the database owner's ({identity}); run the mirror as a publisher identity with publish grants (`khala up` makes one), or pass --allow-owner")]
     OwnerToken { identity: String },
     #[error("stream={stream} {fields}: the module holds another event at this seq than the authority")]
@@ -50,6 +52,7 @@ impl MirrorError {
             MirrorError::Postgres { .. } => "postgres_error",
             MirrorError::Server(e) => e.code(),
             MirrorError::HeadsHidden { .. } => "heads_not_visible",
+            MirrorError::NoPublishGrant { .. } => "no_publish_grant",
             MirrorError::OwnerToken { .. } => "owner_token",
             MirrorError::AuthorityDivergence { .. } => "authority_divergence",
             MirrorError::StreamsHeld { .. } => "streams_held",

@@ -85,6 +85,8 @@ pub struct Mirror {
     last_gauges: Instant,
     last_progress_log: Instant,
     hidden_strikes: u32,
+    /// The streams this identity may publish to, read at every reconcile.
+    reach: crate::inspect::PublishReach,
     /// A bar over the source's bytes (a file) or a spinner, drawn on a terminal only.
     progress: indicatif::ProgressBar,
 }
@@ -132,6 +134,7 @@ impl Mirror {
             last_gauges: now,
             last_progress_log: now,
             hidden_strikes: 0,
+            reach: crate::inspect::PublishReach::default(),
             progress,
         }
     }
@@ -245,11 +248,16 @@ impl Mirror {
                 }
             }
             self.pause_before_reconcile = true;
-            match self.read_heads() {
-                Ok(heads) => {
+            match self.read_heads().and_then(|heads| Ok((heads, self.read_reach()?))) {
+                Ok((heads, reach)) => {
                     if self.first_reconcile && !self.settings.allow_owner {
                         self.refuse_owner()?;
                     }
+                    if reach.is_empty() {
+                        let identity = crate::api::token_identity(&self.token).unwrap_or_default();
+                        return Err(MirrorError::NoPublishGrant { identity, database: self.database.clone() });
+                    }
+                    self.reach = reach;
                     self.heads = heads;
                     self.heads_at = Instant::now();
                 }
@@ -339,6 +347,11 @@ impl Mirror {
         let lane = self.lanes.add(stream_id, topic, head + 1, usize::MAX);
         let same = self.durability.add_lane();
         debug_assert_eq!(lane, same);
+        if !self.reach.covers(stream_id) {
+            // Its head is invisible to this identity too: held, not mistaken for a gap.
+            self.hold(lane, format!("forbidden_stream: no live publish grant of the mirror's identity covers {stream_id} (khala grant --scopes publish --stream {stream_id})"));
+            return lane;
+        }
         if head > 0 {
             // What the module holds counts as acknowledged when the heads were read.
             self.durability.ack(lane, head, self.heads_at);
@@ -497,6 +510,16 @@ impl Mirror {
             return Err(MirrorError::OwnerToken { identity: me });
         }
         Ok(())
+    }
+
+    /// The identity's live publish grants (none at all is a misconfigured mirror: a
+    /// rotated-out or never-granted identity, which the reconcile stops on).
+    fn read_reach(&self) -> Result<crate::inspect::PublishReach, ToolError> {
+        let Some(me) = crate::api::token_identity(&self.token) else {
+            return Ok(crate::inspect::PublishReach::default());
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+        crate::inspect::publish_reach(&self.api, &self.database, &self.token, &me, now)
     }
 
     /// Checks the duplicates waiting on each lane against the module's segments, when a
