@@ -64,13 +64,20 @@ pub fn module_log(api: &Api, database: &str, token: &str, streams: &[String]) ->
     Ok(log)
 }
 
-/// A client's applied log: the JSON lines `khala tail --json` prints.
+/// A client's applied log: the JSON lines `khala tail --json` prints. A `rebootstrap`
+/// line means the client threw the stream's state away and rebuilds it from the stream's
+/// new start, so the stream's history starts over there: what is compared is the state
+/// the client holds now.
 pub fn client_log(path: &Path) -> Result<Log> {
     let file = std::fs::File::open(path).map_err(|e| io(&format!("opening {}", path.display()), e))?;
     let mut log = Log::new();
     for line in std::io::BufReader::new(file).lines() {
         let line = line.map_err(|e| io("reading the client log", e))?;
         let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+        if let Some(stream) = v["rebootstrap"]["stream_id"].as_str() {
+            log.insert(stream.to_string(), Vec::new());
+            continue;
+        }
         let (Some(stream), Some(seq), Some(hash)) = (v["stream_id"].as_str(), v["seq"].as_u64(), v["payload_hash"].as_str()) else { continue };
         log.entry(stream.to_string()).or_default().push(Entry {
             seq,
@@ -130,6 +137,29 @@ mod tests {
         assert!(!compare("x", &a, "y", &doubled).is_empty());
         let elsewhere: Log = [("t".to_string(), vec![entry(1, "a")])].into();
         assert_eq!(compare("x", &a, "y", &elsewhere).len(), 2);
+    }
+
+    #[test]
+    fn a_rebootstrap_line_starts_the_streams_client_history_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.jsonl");
+        let line = |stream: &str, seq: u64, h: &str| format!("{{\"stream_id\":\"{stream}\",\"seq\":{seq},\"payload_hash\":\"{h}\"}}\n");
+        let text = [
+            line("s", 1, "old1"),
+            line("s", 2, "old2"),
+            line("t", 1, "t1"),
+            "{\"rebootstrap\":{\"stream_id\":\"s\",\"reason\":\"epoch_changed\"}}\n".to_string(),
+            line("s", 1, "new1"),
+        ]
+        .concat();
+        std::fs::write(&path, text).unwrap();
+        let log = client_log(&path).unwrap();
+        assert_eq!(log["s"], vec![entry(1, "new1")]);
+        assert_eq!(log["t"], vec![entry(1, "t1")]);
+        // Without the rebootstrap line the same seqs twice are a difference, as before.
+        std::fs::write(&path, [line("s", 1, "a"), line("s", 1, "a")].concat()).unwrap();
+        let doubled = client_log(&path).unwrap();
+        assert!(!compare("x", &[("s".to_string(), vec![entry(1, "a")])].into(), "y", &doubled).is_empty());
     }
 
     #[test]
