@@ -64,25 +64,42 @@ fn segment_in(row: &StreamSegment) -> Result<SegmentIn, String> {
     ))
 }
 
+/// How long opening the WebSocket may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Opens a connection and registers the callbacks that feed `tx`.
 pub fn connect(url: &str, database: &str, token: &str, compress: bool, tx: &Sender<Msg>) -> Result<DbConnection, ClientError> {
     let on_connect = tx.clone();
     let on_disconnect = tx.clone();
-    let conn = DbConnection::builder()
-        .with_uri(url)
-        .with_module_name(database)
-        .with_token(Some(token.to_string()))
-        .with_compression(if compress { spacetimedb_sdk::Compression::Gzip } else { spacetimedb_sdk::Compression::None })
-        // Light mode: no copy of other callers' reducer arguments (a whole publish batch)
-        // rides along with each update. Our own calls' results still arrive.
-        .with_light_mode(true)
-        .on_connect(move |_, identity, _| {
-            let _ = on_connect.send(Msg::Connected(identity));
-        })
-        .on_disconnect(move |_, err| {
-            let _ = on_disconnect.send(Msg::Disconnected(err.map(|e| e.to_string())));
-        })
-        .build()
+    // The SDK's `build()` waits for the WebSocket handshake with no time limit, so a
+    // connection that is accepted and never answered (half-open) would hang the client
+    // for ever: it runs on its own thread, and we give up after CONNECT_TIMEOUT (a late
+    // connection is closed by that thread). Found by the network drill (docs/RELIABILITY.md).
+    let (url, database, token) = (url.to_string(), database.to_string(), token.to_string());
+    let (built_tx, built) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let result = DbConnection::builder()
+            .with_uri(url)
+            .with_module_name(database)
+            .with_token(Some(token))
+            .with_compression(if compress { spacetimedb_sdk::Compression::Gzip } else { spacetimedb_sdk::Compression::None })
+            // Light mode: no copy of other callers' reducer arguments (a whole publish batch)
+            // rides along with each update. Our own calls' results still arrive.
+            .with_light_mode(true)
+            .on_connect(move |_, identity, _| {
+                let _ = on_connect.send(Msg::Connected(identity));
+            })
+            .on_disconnect(move |_, err| {
+                let _ = on_disconnect.send(Msg::Disconnected(err.map(|e| e.to_string())));
+            })
+            .build();
+        if let Err(std::sync::mpsc::SendError(Ok(late))) = built_tx.send(result) {
+            let _ = late.disconnect();
+        }
+    });
+    let conn = built
+        .recv_timeout(CONNECT_TIMEOUT)
+        .map_err(|_| ClientError::Connect(format!("no WebSocket handshake within {} s", CONNECT_TIMEOUT.as_secs())))?
         .map_err(|e| {
             let text = e.to_string();
             if text.contains("401") || text.to_ascii_lowercase().contains("unauthorized") {
@@ -144,7 +161,16 @@ pub fn connect(url: &str, database: &str, token: &str, compress: bool, tx: &Send
     conn.reducers.on_ack(move |ctx, stream_id, seq, _| {
         let _ = t.send(Msg::Acked { stream_id: stream_id.clone(), seq: *seq, result: status(&ctx.event.status) });
     });
-    conn.run_threaded();
+    let runner = conn.run_threaded();
+    let t = tx.clone();
+    std::thread::spawn(move || {
+        // SDK 1.2.0's thread panics instead of reporting a disconnect when a reducer call
+        // is queued just as the socket closes (db_connection.rs:353): without this the
+        // session would wait for messages that never come. Found by the network drill.
+        if runner.join().is_err() {
+            let _ = t.send(Msg::Disconnected(Some("the SDK's connection thread panicked".into())));
+        }
+    });
     Ok(conn)
 }
 

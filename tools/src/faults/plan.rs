@@ -95,11 +95,13 @@ pub struct FaultPlan {
     pub faulted: u64,
     /// Range of the delay before a drop, reset or blackhole (ms).
     pub cut_after_ms: (u64, u64),
+    /// Range of a bandwidth cap (KiB/s).
+    pub bandwidth_kib: (u64, u64),
 }
 
 impl FaultPlan {
     pub fn new(seed: u64, kinds: &[FaultKind], faulted: u64) -> FaultPlan {
-        FaultPlan { seed, kinds: kinds.to_vec(), faulted, cut_after_ms: (300, 2_500) }
+        FaultPlan { seed, kinds: kinds.to_vec(), faulted, cut_after_ms: (300, 2_500), bandwidth_kib: (64, 512) }
     }
 
     /// A plan that touches nothing.
@@ -109,6 +111,11 @@ impl FaultPlan {
 
     pub fn with_cut_after_ms(mut self, lo: u64, hi: u64) -> FaultPlan {
         self.cut_after_ms = (lo, hi.max(lo));
+        self
+    }
+
+    pub fn with_bandwidth_kib(mut self, lo: u64, hi: u64) -> FaultPlan {
+        self.bandwidth_kib = (lo.max(1), hi.max(lo.max(1)));
         self
     }
 
@@ -125,7 +132,7 @@ impl FaultPlan {
         match kind {
             FaultKind::Delay => ConnFault { delay: Duration::from_millis(rng.gen_range(20..=150)), ..ConnFault::default() },
             FaultKind::Jitter => ConnFault { jitter: Duration::from_millis(rng.gen_range(20..=200)), jitter_seed: rng.gen(), ..ConnFault::default() },
-            FaultKind::Bandwidth => ConnFault { bytes_per_sec: Some(rng.gen_range(64..=512) * 1024), ..ConnFault::default() },
+            FaultKind::Bandwidth => ConnFault { bytes_per_sec: Some(rng.gen_range(self.bandwidth_kib.0..=self.bandwidth_kib.1) * 1024), ..ConnFault::default() },
             FaultKind::Drop | FaultKind::Reset => ConnFault { cut: Some((kind, after)), ..ConnFault::default() },
             // Half the blackholes swallow the connection from its first byte (a handshake
             // that never answers), half stall an established one.

@@ -61,6 +61,8 @@ struct Shared {
     /// Cuts every open connection at once.
     storm: broadcast::Sender<FaultKind>,
     open: AtomicU64,
+    /// When each connection was accepted (for reconnect rates).
+    accepted: Mutex<Vec<std::time::Instant>>,
 }
 
 /// A running proxy; dropping it stops it and closes every connection.
@@ -77,11 +79,14 @@ impl Proxy {
         let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0"))?;
         let port = listener.local_addr()?.port();
         let (storm, _) = broadcast::channel(16);
-        let shared = Arc::new(Shared { upstream, plan: Mutex::new(plan), next: AtomicU64::new(0), counters: Arc::default(), storm, open: AtomicU64::new(0) });
+        let shared = Arc::new(Shared { upstream, plan: Mutex::new(plan), next: AtomicU64::new(0), counters: Arc::default(), storm, open: AtomicU64::new(0), accepted: Mutex::default() });
         let accept_shared = shared.clone();
         runtime.spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else { continue };
+                if let Ok(mut a) = accept_shared.accepted.lock() {
+                    a.push(std::time::Instant::now());
+                }
                 let index = accept_shared.next.fetch_add(1, Ordering::Relaxed);
                 let fault = accept_shared.plan.lock().map(|p| p.fault_for(index)).unwrap_or_default();
                 accept_shared.counters.connections.fetch_add(1, Ordering::Relaxed);
@@ -111,6 +116,11 @@ impl Proxy {
     /// Connections open through the proxy right now.
     pub fn open_connections(&self) -> u64 {
         self.shared.open.load(Ordering::Relaxed)
+    }
+
+    /// When each connection so far was accepted, in order.
+    pub fn accept_times(&self) -> Vec<std::time::Instant> {
+        self.shared.accepted.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
     /// Replaces the plan; connection indexes start again from 0 under it.

@@ -126,6 +126,13 @@ fn lock_state_dir(dir: &Path) -> Result<File> {
     Ok(file)
 }
 
+/// Longest wait for one HTTP call to the server. A half-open connection (accepted, never
+/// answered) holds a call until this runs out; the call is then transient and retried
+/// after a reconcile. Was reqwest's 120 s, which stalled the mirror for two minutes per
+/// blackholed connection in the network drill (docs/RELIABILITY.md); a publish of a full
+/// batch takes milliseconds.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Runs the mirror until its input is drained and durable (or it is stopped).
 pub fn run(config: Config) -> Result<Report> {
     if config.batch_events == 0 || config.parallel == 0 {
@@ -175,7 +182,7 @@ pub fn run(config: Config) -> Result<Report> {
         stop: config.stop,
     };
     let start = source.start();
-    let mut mirror = run::Mirror::new(settings, crate::api::Api::new(&config.server), config.database.clone(), config.token.clone(), source, dead);
+    let mut mirror = run::Mirror::new(settings, crate::api::Api::with_timeout(&config.server, REQUEST_TIMEOUT), config.database.clone(), config.token.clone(), source, dead);
     log::info!("mirroring {} into {} database {} from {:?} (state in {})", mirror.source_name(), config.server, config.database, start, config.state_dir.display());
     let error = mirror.run().err();
     let summary = mirror.stats.summary(mirror.source_name(), mirror.durable(), mirror.held(), mirror.dead_letter_path());
