@@ -64,6 +64,22 @@ pub fn module_log(api: &Api, database: &str, token: &str, streams: &[String]) ->
     Ok(log)
 }
 
+/// Drops the entries of `log` below each stream's retention floor in `module` (its first
+/// stored seq): retention deleted them from the module, and a client that was behind the
+/// floor rebuilt from it, so only what is still retained can be compared. Returns how
+/// many entries were dropped. A stream the module holds nothing of keeps every entry (an
+/// empty module stream is a difference, not a floor).
+pub fn trim_below_floor(log: &mut Log, module: &Log) -> u64 {
+    let mut dropped = 0;
+    for (stream, entries) in log.iter_mut() {
+        let Some(floor) = module.get(stream).and_then(|m| m.first()).map(|e| e.seq) else { continue };
+        let before = entries.len();
+        entries.retain(|e| e.seq >= floor);
+        dropped += (before - entries.len()) as u64;
+    }
+    dropped
+}
+
 /// A client's applied log: the JSON lines `khala tail --json` prints. A `rebootstrap`
 /// line means the client threw the stream's state away and rebuilds it from the stream's
 /// new start, so the stream's history starts over there: what is compared is the state
@@ -137,6 +153,20 @@ mod tests {
         assert!(!compare("x", &a, "y", &doubled).is_empty());
         let elsewhere: Log = [("t".to_string(), vec![entry(1, "a")])].into();
         assert_eq!(compare("x", &a, "y", &elsewhere).len(), 2);
+    }
+
+    #[test]
+    fn entries_below_the_module_floor_are_not_compared() {
+        let module: Log = [("s".to_string(), vec![entry(3, "c"), entry(4, "d")]), ("empty".to_string(), vec![])].into();
+        let mut authority: Log = [
+            ("s".to_string(), vec![entry(1, "a"), entry(2, "b"), entry(3, "c"), entry(4, "d")]),
+            ("empty".to_string(), vec![entry(1, "a")]),
+        ]
+        .into();
+        assert_eq!(trim_below_floor(&mut authority, &module), 2);
+        assert_eq!(authority["s"], module["s"]);
+        assert_eq!(authority["empty"].len(), 1, "an empty module stream is no floor");
+        assert!(!compare("authority", &authority, "module", &module).is_empty());
     }
 
     #[test]

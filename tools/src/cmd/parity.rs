@@ -19,17 +19,22 @@ pub struct ParityArgs {
 }
 
 pub fn run(args: ParityArgs) -> anyhow::Result<()> {
-    let authority = parity::authority_log(&args.input)?;
+    let mut authority = parity::authority_log(&args.input)?;
     let streams: Vec<String> = authority.keys().cloned().collect();
     let module = parity::module_log(&args.target.api(), &args.target.database, &args.target.token()?, &streams)?;
+    let total = parity::total(&authority);
+    let below_floor = parity::trim_below_floor(&mut authority, &module);
     let mut diffs = parity::compare("authority", &authority, "module", &module);
     if let Some(path) = &args.client_log {
-        diffs.extend(parity::compare("module", &module, "client", &parity::client_log(path)?));
+        let mut client = parity::client_log(path)?;
+        parity::trim_below_floor(&mut client, &module);
+        diffs.extend(parity::compare("module", &module, "client", &client));
     }
     for d in &diffs {
         println!("{d}");
     }
-    println!("{} streams, {} authority events: {}", streams.len(), parity::total(&authority), if diffs.is_empty() { "parity ok" } else { "parity FAILED" });
+    let floor_note = if below_floor > 0 { format!(" ({below_floor} below the retention floor, not compared)") } else { String::new() };
+    println!("{} streams, {total} authority events{floor_note}: {}", streams.len(), if diffs.is_empty() { "parity ok" } else { "parity FAILED" });
     anyhow::ensure!(diffs.is_empty(), "{} differences", diffs.len());
     Ok(())
 }
