@@ -280,7 +280,10 @@ impl<H: Handler> SyncClient<H> {
         let (tx, rx) = mpsc::channel();
         let conn = transport::connect(&self.config.server_url, &self.config.database, token.trim(), self.config.wants_compression(), &tx)?;
         let result = self.session_on(&conn, &tx, &rx, shutdown);
-        let _ = conn.disconnect();
+        // After SDK 1.2.0's connection thread panicked holding its sender lock (see
+        // `transport::connect`), `disconnect` panics on the poisoned lock: contain it,
+        // the connection is gone either way.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| conn.disconnect()));
         result
     }
 

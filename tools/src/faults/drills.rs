@@ -423,7 +423,9 @@ fn server_pause(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
     scene.finish(rig, run, true)
 }
 
-/// 6. Retention overtakes a live client slowed by a bandwidth cap: the client is told to
+/// 6. Retention overtakes a live client: it follows the stream, loses its connection
+/// (the proxy closes every attempt at once) while the mirror publishes far past the
+/// retention limit and the sweep trims past its cursor; back online it is told to
 /// rebootstrap (with its cursor, the new floor and the head), then converges.
 fn retention_overtakes(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
     let mut scene = Scene::new(rig, "retention", s.pick(4_000, 12_000), s.seed)?;
@@ -431,15 +433,29 @@ fn retention_overtakes(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Resul
     for stream in Rig::streams() {
         rig.api.call(&scene.db, "create_stream", json!([stream, keep, 0]), &rig.owner.token)?;
     }
-    let proxy = Proxy::start(rig.server_addr(), FaultPlan::new(s.seed, &[FaultKind::Bandwidth], 1_000).with_bandwidth_kib(24, 32))
-        .map_err(|e| DrillError::Io { what: "starting the proxy".into(), source: e })?;
+    let proxy = Proxy::start(rig.server_addr(), FaultPlan::clean()).map_err(|e| DrillError::Io { what: "starting the proxy".into(), source: e })?;
     scene.clients(rig, &proxy.url(), 1, 3600)?;
-    std::thread::sleep(Duration::from_millis(500));
-    let mut feeder = Feeder::start(&scene.input, scene.lines.clone(), Duration::from_secs(s.pick(2, 4)))?;
+    // The first fifth, followed live.
+    let first = scene.lines.len() / 5;
+    Feeder::all_at_once(&scene.input, &scene.lines[..first])?;
     scene.mirror(rig, &rig.url())?;
-    feeder.join()?;
-    let took = scene.converge(rig, converge_limit(s))?;
-    run.recovered(took);
+    wait_until("the client to follow the first events", converge_limit(s), || Ok(scene.clients[0].applied_now() >= first as u64))?;
+    // Offline: every connection attempt is closed at once.
+    proxy.set_plan(FaultPlan::new(s.seed, &[FaultKind::Drop], u64::MAX).with_cut_after_ms(0, 0));
+    proxy.cut_all(FaultKind::Drop);
+    let cursor = scene.clients[0].heads_now();
+    Feeder::all_at_once(&scene.input, &scene.lines)?;
+    let total = scene.authority.total();
+    wait_until("the module to hold the authority's log", converge_limit(s), || Ok(scene.module_total(rig) >= total))?;
+    wait_until("retention to trim past the client's cursor", converge_limit(s), || {
+        let rows = crate::inspect::streams(&rig.api, &scene.db, &rig.owner.token)?;
+        Ok(rows.iter().all(|r| r.oldest_seq > cursor.get(&r.stream_id).copied().unwrap_or(0) + 1))
+    })?;
+    let back = Instant::now();
+    proxy.set_plan(FaultPlan::clean());
+    scene.converge(rig, converge_limit(s))?;
+    run.recovered(back.elapsed());
+    run.details["offline_connection_drops"] = json!(proxy.counters().faults(FaultKind::Drop));
     scene.finish(rig, run, true)?;
     // The rebootstrap lines: the client's cursor, a floor above it, the head above that.
     let mut told = 0;
@@ -464,7 +480,6 @@ fn retention_overtakes(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Resul
     }
     run.fault("retention_rebootstrap", told);
     run.details["retain_max_events"] = json!(keep);
-    *run.faults_by_kind.entry("bandwidth".into()).or_default() += proxy.counters().faults(FaultKind::Bandwidth);
     Ok(())
 }
 
@@ -531,7 +546,13 @@ fn reconnect_storm(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()
     let before = proxy.counters().connections.load(std::sync::atomic::Ordering::Relaxed);
     let storm = Instant::now();
     let open = proxy.cut_all(FaultKind::Drop);
-    wait_until("every client to reconnect", Duration::from_secs(60), || Ok(proxy.counters().connections.load(std::sync::atomic::Ordering::Relaxed) >= before + n as u64))?;
+    let clients = &mut scene.clients;
+    wait_until("every client to reconnect", Duration::from_secs(60), || {
+        if let Some(dead) = clients.iter_mut().position(|c| !c.alive()) {
+            return Err(DrillError::Process(format!("client {dead} exited after the storm")));
+        }
+        Ok(proxy.counters().connections.load(std::sync::atomic::Ordering::Relaxed) >= before + n as u64)
+    })?;
     let reconnected = storm.elapsed();
     let accepts = proxy.accept_times();
     let after: Vec<Duration> = accepts.iter().filter(|t| **t >= storm).map(|t| t.duration_since(storm)).collect();
