@@ -348,6 +348,12 @@ impl ClientProc {
         self.read.last.clone()
     }
 
+    /// How many times the current incarnation's session ended (its log's warnings).
+    pub fn sessions_ended(&self) -> usize {
+        let Some(log) = self.logs.last() else { return 0 };
+        std::fs::read_to_string(log.with_extension("err")).unwrap_or_default().lines().filter(|l| l.contains("session ended")).count()
+    }
+
     /// The client's health file (`<checkpoint>.health.json`), if written.
     pub fn health(&self) -> Option<Value> {
         let mut p = self.checkpoint.clone().into_os_string();
@@ -406,6 +412,11 @@ impl Feeder {
         }
         Ok(())
     }
+}
+
+/// Microseconds since the Unix epoch, as the module's timestamps count.
+pub fn unix_micros() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
 /// Polls `check` every 50 ms until it is true, or fails after `limit`.
