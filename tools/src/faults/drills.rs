@@ -141,8 +141,8 @@ impl Scene {
     /// Starts `n` client processes at `url`, each its own identity.
     fn clients(&mut self, rig: &Rig, url: &str, n: usize, ttl_secs: u64) -> Result<()> {
         for _ in 0..n {
-            let (_, token) = rig.reader(&self.db, ttl_secs)?;
-            let mut c = rig.client(url, &self.db, &format!("c{}", self.clients.len()), &token);
+            let (who, token) = rig.reader(&self.db, ttl_secs)?;
+            let mut c = rig.client(url, &self.db, &format!("c{}", self.clients.len()), &token, &who.identity);
             rig.spawn_client(&mut c)?;
             self.clients.push(c);
         }
@@ -177,7 +177,22 @@ impl Scene {
             }
             Ok(clients.iter_mut().all(|c| c.at(&heads)))
         })?;
-        Ok(started.elapsed())
+        let took = started.elapsed();
+        // Acks follow durable checkpoints, so every client's ack reaches the head too
+        // (an ack the server lost must be sent again: docs/DURABILITY.md).
+        let db = self.db.clone();
+        let mut behind = Vec::new();
+        let acked = wait_until("every client's ack to reach the head", Duration::from_secs(20), || {
+            let acks = rig.acks(&db)?;
+            behind = self.clients.iter().flat_map(|c| heads.iter().map(move |(s, h)| (c, s, *h))).filter(|(c, s, h)| {
+                !acks.iter().any(|(g, st, seq)| g.contains(&c.identity) && st == *s && seq == h)
+            }).map(|(c, s, h)| format!("{} {s} (head {h})", &c.identity[..12])).collect();
+            Ok(behind.is_empty())
+        });
+        if acked.is_err() {
+            return Err(DrillError::Process(format!("acks behind the head: {}", behind.join(", "))));
+        }
+        Ok(took)
     }
 
     /// Stops everything, then checks every client's history and the module's log.
@@ -237,6 +252,10 @@ fn converge_limit(s: &Settings) -> Duration {
 /// A half-open connection is found by the SDK's idle timeout: a ping after 30 s of
 /// silence, given up 30 s later (spacetimedb-sdk 1.2.0 websocket.rs), so at most 90 s.
 const HALF_OPEN_DETECTION: Duration = Duration::from_secs(90);
+
+/// The mirror gives up a call after 30 s (`mirror::REQUEST_TIMEOUT`), then reconciles
+/// and republishes: it catches up within a minute of the last fault.
+const MIRROR_RECOVERY: Duration = Duration::from_secs(60);
 
 /// 1. The server is killed (-9) several times while the mirror publishes, and restarted
 /// on the same data dir. Kills that land while the module is behind the authority count.
@@ -380,6 +399,9 @@ fn network_client(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()>
     count_proxy(run, &proxy, "client_");
     converged?;
     run.recovered(done.elapsed());
+    if done.elapsed() > HALF_OPEN_DETECTION + Duration::from_secs(20) {
+        run.problems.push(format!("converged {} s after the last fault (bound {} s)", done.elapsed().as_secs(), (HALF_OPEN_DETECTION + Duration::from_secs(20)).as_secs()));
+    }
     scene.finish(rig, run, true)
 }
 
@@ -398,6 +420,9 @@ fn network_mirror(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()>
     count_proxy(run, &proxy, "mirror_");
     converged?;
     run.recovered(done.elapsed());
+    if done.elapsed() > MIRROR_RECOVERY {
+        run.problems.push(format!("converged {} s after the last fault (bound {} s)", done.elapsed().as_secs(), (MIRROR_RECOVERY).as_secs()));
+    }
     scene.finish(rig, run, true)
 }
 
@@ -595,7 +620,7 @@ fn grant_expiry_storm(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result
         }
         let token = rig.dir.join(format!("{}-e{i}.token", scene.db));
         std::fs::write(&token, &reader.token).map_err(|e| DrillError::Io { what: "writing a token".into(), source: e })?;
-        let mut c = rig.client(&url, &scene.db, &format!("e{i}"), &token);
+        let mut c = rig.client(&url, &scene.db, &format!("e{i}"), &token, &reader.identity);
         rig.spawn_client(&mut c)?;
         scene.clients.push(c);
         ids.push(reader);

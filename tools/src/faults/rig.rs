@@ -141,7 +141,7 @@ impl Rig {
     }
 
     /// A client process of `database` at `url` (not started).
-    pub fn client(&self, url: &str, database: &str, name: &str, token: &Path) -> ClientProc {
+    pub fn client(&self, url: &str, database: &str, name: &str, token: &Path, identity: &str) -> ClientProc {
         let base = self.dir.join(format!("{database}-{name}"));
         ClientProc {
             url: url.into(),
@@ -150,10 +150,17 @@ impl Rig {
             checkpoint: base.with_extension("checkpoint"),
             base,
             logs: Vec::new(),
+            identity: identity.to_string(),
             child: None,
             read: ReadState::default(),
             started_at: None,
         }
+    }
+
+    /// Each identity's acked seq per stream (as the owner, over SQL).
+    pub fn acks(&self, database: &str) -> Result<Vec<(String, String, u64)>> {
+        let rows = self.api.sql(database, "SELECT grantee, stream_id, acked_seq FROM client_ack", &self.owner.token)?.rows;
+        Ok(rows.iter().filter_map(|r| Some((r.first()?.to_string(), r.get(1)?.as_str()?.to_string(), r.get(2)?.as_u64()?))).collect())
     }
 
     /// The module's heads by stream (as the owner, over SQL).
@@ -281,6 +288,8 @@ pub struct ClientProc {
     base: PathBuf,
     /// One log per process start, in start order.
     pub logs: Vec<PathBuf>,
+    /// The client's identity (hex), for its acks.
+    pub identity: String,
     pub child: Option<Child>,
     read: ReadState,
     pub started_at: Option<Instant>,
