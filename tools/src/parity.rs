@@ -70,14 +70,8 @@ pub fn module_log(api: &Api, database: &str, token: &str, streams: &[String]) ->
 /// many entries were dropped. A stream the module holds nothing of keeps every entry (an
 /// empty module stream is a difference, not a floor).
 pub fn trim_below_floor(log: &mut Log, module: &Log) -> u64 {
-    let mut dropped = 0;
-    for (stream, entries) in log.iter_mut() {
-        let Some(floor) = module.get(stream).and_then(|m| m.first()).map(|e| e.seq) else { continue };
-        let before = entries.len();
-        entries.retain(|e| e.seq >= floor);
-        dropped += (before - entries.len()) as u64;
-    }
-    dropped
+    let floors = module.iter().filter_map(|(stream, entries)| Some((stream.clone(), entries.first()?.seq))).collect();
+    trim_below(log, &floors)
 }
 
 /// A client's applied log: the JSON lines `khala tail --json` prints. A `rebootstrap`
@@ -85,13 +79,23 @@ pub fn trim_below_floor(log: &mut Log, module: &Log) -> u64 {
 /// new start, so the stream's history starts over there: what is compared is the state
 /// the client holds now.
 pub fn client_log(path: &Path) -> Result<Log> {
+    Ok(client_state(path)?.0)
+}
+
+/// [`client_log`], with the seq each rebuilt stream was rebuilt from (its first event
+/// after the last `rebootstrap` line). A stale cursor rebuilds from the retention floor
+/// of that moment, so the client rightly holds nothing below it, even once the module
+/// retains more again.
+pub fn client_state(path: &Path) -> Result<(Log, BTreeMap<String, u64>)> {
     let file = std::fs::File::open(path).map_err(|e| io(&format!("opening {}", path.display()), e))?;
     let mut log = Log::new();
+    let mut rebuilt = std::collections::BTreeSet::new();
     for line in std::io::BufReader::new(file).lines() {
         let line = line.map_err(|e| io("reading the client log", e))?;
         let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
         if let Some(stream) = v["rebootstrap"]["stream_id"].as_str() {
             log.insert(stream.to_string(), Vec::new());
+            rebuilt.insert(stream.to_string());
             continue;
         }
         let (Some(stream), Some(seq), Some(hash)) = (v["stream_id"].as_str(), v["seq"].as_u64(), v["payload_hash"].as_str()) else { continue };
@@ -101,7 +105,20 @@ pub fn client_log(path: &Path) -> Result<Log> {
             chain_hash: v["chain_hash"].as_str().map(String::from),
         });
     }
-    Ok(log)
+    let floors = rebuilt.into_iter().filter_map(|stream| Some((stream.clone(), log.get(&stream)?.first()?.seq))).collect();
+    Ok((log, floors))
+}
+
+/// Drops the entries of `log` below `floors` (per stream); returns how many.
+pub fn trim_below(log: &mut Log, floors: &BTreeMap<String, u64>) -> u64 {
+    let mut dropped = 0;
+    for (stream, entries) in log.iter_mut() {
+        let Some(&floor) = floors.get(stream) else { continue };
+        let before = entries.len();
+        entries.retain(|e| e.seq >= floor);
+        dropped += (before - entries.len()) as u64;
+    }
+    dropped
 }
 
 /// The differences between two logs, as readable lines (empty when they agree):
@@ -183,8 +200,9 @@ mod tests {
         ]
         .concat();
         std::fs::write(&path, text).unwrap();
-        let log = client_log(&path).unwrap();
+        let (log, floors) = client_state(&path).unwrap();
         assert_eq!(log["s"], vec![entry(1, "new1")]);
+        assert_eq!(floors, [("s".to_string(), 1)].into(), "rebuilt from 1; t never rebuilt");
         assert_eq!(log["t"], vec![entry(1, "t1")]);
         // Without the rebootstrap line the same seqs twice are a difference, as before.
         std::fs::write(&path, [line("s", 1, "a"), line("s", 1, "a")].concat()).unwrap();
