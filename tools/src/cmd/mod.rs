@@ -95,6 +95,13 @@ impl Target {
     }
 }
 
+/// Prints a table without the padding comfy-table leaves at the end of each line.
+pub(crate) fn print_table(table: &comfy_table::Table) {
+    for line in table.to_string().lines() {
+        println!("{}", line.trim_end());
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Setup => setup::run(),

@@ -51,7 +51,7 @@ pub fn run(args: SmokeArgs) -> anyhow::Result<()> {
             let result = if c.outcome == Outcome::Fail { "FAIL" } else { c.outcome.name() };
             table.add_row(vec![Cell::new(c.check.name()), Cell::new(result), Cell::new(c.ms).set_alignment(CellAlignment::Right), Cell::new(detail)]);
         }
-        println!("{table}");
+        super::print_table(&table);
         println!("{} in {} ms", if report.passed() { "passed" } else { "FAILED" }, report.ms);
     }
     if !report.passed() {

@@ -48,7 +48,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                     Cell::new(s["lease_secs_left"].as_i64().map_or("none".to_string(), |secs| format!("{secs} s"))).set_alignment(CellAlignment::Right),
                 ]);
             }
-            println!("{table}");
+            super::print_table(&table);
         }
         return Ok(());
     }
@@ -109,13 +109,14 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             number(&s["duplicates"]),
         ]);
     }
-    println!("{table}");
+    super::print_table(&table);
     if args.grants {
         let mut roles = new_table(&["identity", "role"], 2);
         for r in report["roles"].as_array().into_iter().flatten() {
             roles.add_row(vec![Cell::new(r["identity"].as_str().unwrap_or("?")), Cell::new(r["role"].as_str().unwrap_or("?"))]);
         }
-        println!("\nroles\n{roles}");
+        println!("\nroles");
+        super::print_table(&roles);
         let mut grants = new_table(&["stream", "grantee", "scopes", "expires in"], 3);
         for g in report["grants"].as_array().into_iter().flatten() {
             let scopes: Vec<&str> = g["scopes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
@@ -126,7 +127,8 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                 Cell::new(format!("{} s", g["expires_in_secs"])).set_alignment(CellAlignment::Right),
             ]);
         }
-        println!("\ngrants\n{grants}");
+        println!("\ngrants");
+        super::print_table(&grants);
     }
     Ok(())
 }
