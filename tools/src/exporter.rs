@@ -74,17 +74,6 @@ fn u64_col(rows: &SqlRows, row: &[Value], what: &str, column: &str) -> Result<u6
     rows.get(row, column).and_then(Value::as_u64).ok_or_else(|| malformed(what, format!("column {column} is missing or not a number")))
 }
 
-/// A timestamp column, as the SQL endpoint renders it (`[micros]`).
-fn micros_col(rows: &SqlRows, row: &[Value], what: &str, column: &str) -> Result<i64> {
-    let value = rows.get(row, column).ok_or_else(|| malformed(what, format!("no column {column}")))?;
-    let micros = match value {
-        Value::Array(items) => items.first().and_then(Value::as_i64),
-        Value::Object(fields) => fields.values().next().and_then(Value::as_i64),
-        other => other.as_i64(),
-    };
-    micros.ok_or_else(|| malformed(what, format!("column {column} is not a timestamp: {value}")))
-}
-
 /// Segment sizes by id, so that each segment's `data` is read once.
 #[derive(Debug, Default)]
 pub struct SegmentBytes {
@@ -165,10 +154,10 @@ pub fn grants(stream_grants: &SqlRows, publish_grants: &SqlRows, now_micros: i64
     for row in &stream_grants.rows {
         let flag = |column| stream_grants.get(row, column).and_then(Value::as_bool).unwrap_or(false);
         let scopes: Vec<&'static str> = [("subscribe", flag("subscribe")), ("ack", flag("ack"))].into_iter().filter(|(_, on)| *on).map(|(s, _)| s).collect();
-        count(micros_col(stream_grants, row, "grants", "expires_at")?, &scopes);
+        count(crate::inspect::micros_at(stream_grants, row, "grants", "expires_at")?, &scopes);
     }
     for row in &publish_grants.rows {
-        count(micros_col(publish_grants, row, "publish grants", "expires_at")?, &["publish"]);
+        count(crate::inspect::micros_at(publish_grants, row, "publish grants", "expires_at")?, &["publish"]);
     }
     Ok((by_scope, expiring))
 }

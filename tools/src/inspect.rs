@@ -135,7 +135,7 @@ fn identity_at(rows: &SqlRows, row: &[Value], what: &str, column: &str) -> Resul
 }
 
 /// A timestamp column, rendered by the SQL endpoint as `[micros]`.
-fn micros_at(rows: &SqlRows, row: &[Value], what: &str, column: &str) -> Result<i64> {
+pub(crate) fn micros_at(rows: &SqlRows, row: &[Value], what: &str, column: &str) -> Result<i64> {
     let value = rows.get(row, column).ok_or_else(|| malformed(what, format!("no column {column}")))?;
     let micros = match value {
         Value::Array(items) => items.first().and_then(Value::as_i64),
