@@ -2,18 +2,23 @@
 //! by what publishing it would do (no I/O here):
 //!
 //! - [`Class::Additive`]: SpacetimeDB 1.2.0 migrates the database in place and nothing
-//!   that exists changes behaviour (a new table, reducer, index, exported type, schedule).
+//!   that exists changes behaviour (a new table, reducer, index, exported type).
 //! - [`Class::ClientBreaking`]: the server migrates in place, but something connected
 //!   clients or operators depend on changes: a reducer removed or its parameters changed,
 //!   a unique constraint or index dropped (generated `find` accessors, subscription
 //!   joins), a table's visibility changed either way (table access or an RLS rule: rows
-//!   leave live subscriptions, or become visible to identities that did not see them), a
-//!   schedule removed or retargeted, an exported type renamed or removed.
-//! - [`Class::DataLosing`]: 1.2.0's automatic migration refuses it
-//!   (`spacetimedb-schema` 1.2.0, `auto_migrate.rs`: removing a table, adding, removing,
-//!   retyping or reordering a column, changing a table's type, adding a unique
-//!   constraint to an existing table or changing one, changing an index's accessor
-//!   name), so the only way to publish it is to clear the database: its data is lost.
+//!   leave live subscriptions, or become visible to identities that did not see them), an
+//!   exported type renamed or removed.
+//! - [`Class::DataLosing`]: 1.2.0 cannot apply it to a database that keeps its data, so
+//!   the only way to publish it is to clear the database: its data is lost. Its automatic
+//!   migration refuses it (`spacetimedb-schema` 1.2.0, `auto_migrate.rs`: removing a
+//!   table, adding, removing, retyping or reordering a column, changing a table's type,
+//!   adding a unique constraint to an existing table or changing one, changing an index's
+//!   accessor name), or its migration step fails the publish (`spacetimedb-core` 1.2.0,
+//!   `db/update.rs`: adding, removing or changing a table's schedule is "not yet
+//!   implemented"), or the migration has no step for it and leaves the stored schema
+//!   behind (a primary key change: the next publish then fails the server's
+//!   compatibility check, "Primary key mismatch").
 //!
 //! A data-losing change to a public table also breaks clients ([`Change::breaks_clients`]).
 //! Keys follow the server's: tables, columns, reducers by name; indexes, constraints and
@@ -220,7 +225,11 @@ fn diff_table(old: &Table, new: &Table, out: &mut Vec<Change>) {
     }
     if old.primary_key != new.primary_key {
         let cols = |table: &Table| table.primary_key.iter().map(|&i| table.columns.get(i as usize).map_or_else(|| i.to_string(), |c| c.name.clone())).collect::<Vec<_>>().join(", ");
-        out.push(change(Class::ClientBreaking, Subject::PrimaryKey, t, format!("changed: ({}) -> ({}); clients match updated rows by it", cols(old), cols(new))));
+        out.push(losing(
+            Subject::PrimaryKey,
+            t.clone(),
+            format!("changed: ({}) -> ({}); 1.2.0 keeps the stored primary key, and every later publish fails \"Primary key mismatch\"", cols(old), cols(new)),
+        ));
     }
 
     for index in &old.indexes {
@@ -269,10 +278,17 @@ fn diff_table(old: &Table, new: &Table, out: &mut Vec<Change>) {
         }
     }
 
+    // 1.2.0 plans these (AddSchedule / RemoveSchedule) but its update bails on them:
+    // "Adding schedules is not yet implemented" (`db/update.rs`).
+    const NO_SCHEDULE_STEP: &str = "1.2.0 cannot change a schedule in place";
     match (&old.schedule, &new.schedule) {
-        (None, Some(s)) => out.push(change(Class::Additive, Subject::Schedule, t, format!("added: rows fire {}", s.reducer))),
-        (Some(s), None) => out.push(change(Class::ClientBreaking, Subject::Schedule, t, format!("removed: queued rows no longer fire {}", s.reducer))),
-        (Some(a), Some(b)) if a != b => out.push(change(Class::ClientBreaking, Subject::Schedule, t, format!("changed: {} (column {}) -> {} (column {})", a.reducer, a.at_column, b.reducer, b.at_column))),
+        (None, Some(s)) => out.push(losing(Subject::Schedule, t.clone(), format!("added: rows would fire {}; {NO_SCHEDULE_STEP}", s.reducer))),
+        (Some(s), None) => out.push(losing(Subject::Schedule, t.clone(), format!("removed: queued rows would no longer fire {}; {NO_SCHEDULE_STEP}", s.reducer))),
+        (Some(a), Some(b)) if a != b => out.push(losing(
+            Subject::Schedule,
+            t.clone(),
+            format!("changed: {} (column {}) -> {} (column {}); {NO_SCHEDULE_STEP}", a.reducer, a.at_column, b.reducer, b.at_column),
+        )),
         _ => {}
     }
 }
@@ -481,18 +497,27 @@ mod tests {
 
         let mut pk = base();
         pk.tables.get_mut("config").unwrap().primary_key = vec![1];
-        assert_eq!(only(&diff(&base(), &pk)).detail, "changed: (id) -> (note); clients match updated rows by it");
+        let c = only(&diff(&base(), &pk)).clone();
+        assert_eq!((c.class, c.breaks_clients), (Class::DataLosing, false));
+        assert!(c.detail.starts_with("changed: (id) -> (note); 1.2.0 keeps the stored primary key"), "{}", c.detail);
     }
 
     #[test]
-    fn schedules() {
+    fn schedule_changes_on_an_existing_table_need_a_clear() {
         let mut scheduled = base();
         scheduled.tables.get_mut("config").unwrap().schedule = Some(Schedule { reducer: "sweep".into(), at_column: 1 });
-        assert_eq!(only(&diff(&base(), &scheduled)).class, Class::Additive);
-        assert_eq!(only(&diff(&scheduled, &base())).class, Class::ClientBreaking);
+        let added = only(&diff(&base(), &scheduled)).clone();
+        assert_eq!((added.class, added.subject, added.breaks_clients), (Class::DataLosing, Subject::Schedule, false));
+        assert_eq!(only(&diff(&scheduled, &base())).class, Class::DataLosing);
         let mut retarget = scheduled.clone();
         retarget.tables.get_mut("config").unwrap().schedule = Some(Schedule { reducer: "sweep2".into(), at_column: 1 });
-        assert_eq!(only(&diff(&scheduled, &retarget)).class, Class::ClientBreaking);
+        assert_eq!(only(&diff(&scheduled, &retarget)).class, Class::DataLosing);
+        // A new table comes with its schedule (1.2.0's AddTable creates it).
+        let mut new_table = base();
+        let mut tick = table("tick", false);
+        tick.schedule = Some(Schedule { reducer: "sweep".into(), at_column: 1 });
+        new_table.tables.insert("tick".into(), tick);
+        assert_eq!(only(&diff(&base(), &new_table)).class, Class::Additive);
     }
 
     #[test]
