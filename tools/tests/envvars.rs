@@ -11,8 +11,11 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root").to_path_buf()
 }
 
-/// Variables read only to pick the settings file itself: naming them inside it is circular.
-const NOT_IN_FILES: &[&str] = &["KHALA_ENV_FILE"];
+/// Variables that are not a target's settings: `KHALA_ENV_FILE` picks the settings file
+/// itself (naming it inside is circular); `KHALA_CHAOS_KEEP` is a debugging switch of
+/// `khala chaos`, which runs its own private server (set at all means on, so naming it in
+/// a file would turn it on for every command run with that file).
+const NOT_IN_FILES: &[&str] = &["KHALA_ENV_FILE", "KHALA_CHAOS_KEEP"];
 
 /// Variables that only make sense next to the local server `khala up` runs.
 const LOCAL_ONLY: &[&str] = &["KHALA_DATA_DIR"];
@@ -62,7 +65,7 @@ fn expected(local: bool) -> BTreeSet<String> {
 #[test]
 fn the_scan_finds_the_settings_it_must() {
     let read = variables_read();
-    for known in ["KHALA_SERVER_URL", "KHALA_DATABASE", "KHALA_TOKEN_FILE", "KHALA_MIRROR_TOKEN_FILE", "KHALA_DATA_DIR", "KHALA_ENGINE_DIR", "KHALA_ENV_FILE"] {
+    for known in ["KHALA_SERVER_URL", "KHALA_DATABASE", "KHALA_TOKEN_FILE", "KHALA_MIRROR_TOKEN_FILE", "KHALA_DATA_DIR", "KHALA_ENGINE_DIR", "KHALA_ENV_FILE", "KHALA_CHAOS_KEEP"] {
         assert!(read.contains(known), "{known} is read by the commands but the scan missed it: {read:?}");
     }
 }
