@@ -199,6 +199,10 @@ impl Scene {
     fn finish(&mut self, rig: &Rig, run: &mut DrillRun, converge: bool) -> Result<()> {
         if let Some(m) = self.mirror.as_mut() {
             m.stop(Duration::from_secs(10));
+            // What the mirror found lost (acknowledged, then gone after a server crash)
+            // and published again, from each run's summary.
+            let lost: u64 = m.output().lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter_map(|v| v["lost_and_republished"].as_u64()).sum();
+            run.details["mirror_lost_and_republished"] = json!(lost);
         }
         for c in self.clients.iter_mut() {
             c.stop(Duration::from_secs(10));
@@ -241,6 +245,11 @@ impl Scene {
     }
 }
 
+/// A file's modification time (`None` while it does not exist).
+fn mtime(path: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
 fn feed_secs(s: &Settings) -> Duration {
     Duration::from_secs(s.pick(4, 10))
 }
@@ -260,7 +269,7 @@ const MIRROR_RECOVERY: Duration = Duration::from_secs(60);
 /// 1. The server is killed (-9) several times while the mirror publishes, and restarted
 /// on the same data dir. Kills that land while the module is behind the authority count.
 fn server_kill(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
-    let mut scene = Scene::new(rig, "server-kill", s.pick(3_000, 12_000), s.seed)?;
+    let mut scene = Scene::new(rig, "server-kill", s.pick(6_000, 20_000), s.seed)?;
     let mut feeder = Feeder::start(&scene.input, scene.lines.clone(), feed_secs(s))?;
     let url = rig.url();
     scene.mirror(rig, &url)?;
@@ -301,23 +310,30 @@ fn client_kill(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
     let rounds = s.pick(2, 4);
     for round in 0..rounds {
         for c in scene.clients.iter_mut() {
-            // Kill once this incarnation has applied a seeded share of what is left.
-            let threshold = rng.gen_range(20..(total / (2 * rounds)).max(21));
+            // Kill once this incarnation has applied a seeded share of what is left;
+            // every other kill waits for the next checkpoint write and kills right after
+            // it, where a checkpoint ahead of the handler's output would show as a gap.
+            let threshold = rng.gen_range(20..(total / (4 * rounds)).max(21));
+            let after_checkpoint = round % 2 == 1;
             let mut killed = false;
             let started = Instant::now();
+            let mut seen = mtime(&c.checkpoint);
             while started.elapsed() < Duration::from_secs(30) {
                 if c.at(&heads) || !c.alive() {
                     break;
                 }
-                if c.applied_now() >= threshold {
+                let written = mtime(&c.checkpoint);
+                let fresh = written != seen;
+                seen = written;
+                if c.applied_now() >= threshold && (!after_checkpoint || fresh) {
                     c.kill9();
                     killed = true;
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(Duration::from_micros(500));
             }
             if killed {
-                run.fault("client_kill_mid_apply", 1);
+                run.fault(if after_checkpoint { "client_kill_after_checkpoint_write" } else { "client_kill_mid_apply" }, 1);
                 rig.spawn_client(c)?;
                 run.details["last_kill_round"] = json!(round);
             } else if !c.alive() {
@@ -342,6 +358,11 @@ fn mirror_kill(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
     let mut last = Instant::now();
     for _ in 0..s.pick(2, 4) {
         std::thread::sleep(Duration::from_millis(rng.gen_range(400..1_500)));
+        // Right after the mirror wrote its cursor, while it is behind: a cursor that ran
+        // ahead of what the module durably holds would skip events after the restart.
+        let cursor = scene.mirror.as_ref().expect("started").state.join("cursor.json");
+        let seen = mtime(&cursor);
+        let _ = wait_until("a cursor write", Duration::from_secs(5), || Ok(mtime(&cursor) != seen));
         let behind = scene.module_total(rig) < scene.authority.total();
         let m = scene.mirror.as_mut().expect("started");
         if behind && m.running() {
@@ -426,8 +447,11 @@ fn network_mirror(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()>
     scene.finish(rig, run, true)
 }
 
-/// 5. The server is paused (SIGSTOP) for longer than the client's handshake timeout
-/// (15 s) while everything runs, then resumed.
+/// 5. The server is paused (SIGSTOP) for longer than the SDK's timeouts (its idle
+/// timeout gives up a silent connection after at most 90 s; the client's handshake
+/// timeout is 15 s, the mirror's HTTP timeout 30 s) while everything runs, then resumed.
+/// Every client must have lost its session during the pause (the timeouts really fired)
+/// and everything converges after the resume.
 fn server_pause(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
     let mut scene = Scene::new(rig, "pause", s.pick(2_000, 8_000), s.seed)?;
     let mut feeder = Feeder::start(&scene.input, scene.lines.clone(), feed_secs(s))?;
@@ -435,11 +459,16 @@ fn server_pause(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
     scene.mirror(rig, &url)?;
     scene.clients(rig, &url, 2, 3600)?;
     std::thread::sleep(feed_secs(s) / 3);
-    let pause = Duration::from_secs(s.pick(17, 25));
+    let pause = HALF_OPEN_DETECTION + Duration::from_secs(5);
     rig.server.pause();
     std::thread::sleep(pause);
     rig.server.resume();
     run.fault("server_pause", 1);
+    let timed_out: usize = scene.clients.iter().map(ClientProc::sessions_ended).filter(|n| *n > 0).count();
+    run.fault("client_sessions_timed_out", timed_out as u64);
+    if timed_out < scene.clients.len() {
+        run.problems.push(format!("only {timed_out} of {} clients gave up their session during a {} s pause", scene.clients.len(), pause.as_secs()));
+    }
     run.details["pause_secs"] = json!(pause.as_secs());
     let resumed = Instant::now();
     feeder.join()?;

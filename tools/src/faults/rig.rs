@@ -153,6 +153,7 @@ impl Rig {
             identity: identity.to_string(),
             child: None,
             read: ReadState::default(),
+            reached: BTreeMap::new(),
             started_at: None,
         }
     }
@@ -292,6 +293,9 @@ pub struct ClientProc {
     pub identity: String,
     pub child: Option<Child>,
     read: ReadState,
+    /// The last seq applied per stream by any incarnation (a restart whose checkpoint is
+    /// at the head applies nothing, and is at the head all the same).
+    reached: BTreeMap<String, u64>,
     pub started_at: Option<Instant>,
 }
 
@@ -341,6 +345,7 @@ impl ClientProc {
             if let (Some(s), Some(seq)) = (v["stream_id"].as_str(), v["seq"].as_u64()) {
                 self.read.applied += 1;
                 self.read.last.insert(s.to_string(), seq);
+                self.reached.insert(s.to_string(), seq);
             }
         }
     }
@@ -370,10 +375,11 @@ impl ClientProc {
         serde_json::from_slice(&std::fs::read(PathBuf::from(p)).ok()?).ok()
     }
 
-    /// Whether the current incarnation has applied every stream up to `heads`.
+    /// Whether the client (any incarnation, the latest last) has applied every stream up
+    /// to `heads`.
     pub fn at(&mut self, heads: &BTreeMap<String, u64>) -> bool {
-        let now = self.heads_now();
-        heads.iter().all(|(s, h)| *h == 0 || now.get(s) == Some(h))
+        self.refresh();
+        heads.iter().all(|(s, h)| *h == 0 || self.reached.get(s) == Some(h))
     }
 }
 
