@@ -75,6 +75,21 @@ pub fn lag_seconds(applied: u64, head: u64, oldest_published_micros: Option<i64>
     seconds_since(since, now_micros).unwrap_or(0.0)
 }
 
+/// Every reason a rebootstrap is counted under.
+const REASONS: [RebootstrapReason; 4] =
+    [RebootstrapReason::StaleCursor, RebootstrapReason::ChainMismatch, RebootstrapReason::EpochChanged, RebootstrapReason::CorruptCheckpoint];
+
+/// Registers `stream`'s event counters at 0. A series Prometheus first sees at 1 has no
+/// `increase()` (it has nothing to rise from), so without this the first rebootstrap or
+/// lease end of every (process, stream) would be invisible to the alert rules, and a
+/// storm of clients that each rebuild once would not show at all.
+fn register_stream_counters(stream: &str) {
+    for reason in REASONS {
+        counter!(REBOOTSTRAPS, "stream" => stream.to_string(), "reason" => reason_name(reason as i32)).increment(0);
+    }
+    counter!(LEASE_EXPIRIES, "stream" => stream.to_string()).increment(0);
+}
+
 /// Counts a rebootstrap of `stream`.
 fn rebootstrap(stream: &str, reason: i32) {
     counter!(REBOOTSTRAPS, "stream" => stream.to_string(), "reason" => reason_name(reason)).increment(1);
@@ -116,6 +131,7 @@ pub(crate) struct StreamMetrics {
 
 impl StreamMetrics {
     pub fn new(stream: &str) -> Self {
+        register_stream_counters(stream);
         let id = stream.to_string();
         StreamMetrics {
             applied: counter!(EVENTS_APPLIED, "stream" => id.clone()),
@@ -194,6 +210,10 @@ pub(crate) struct ClientMetrics {
 impl Default for ClientMetrics {
     fn default() -> Self {
         let by_state = |name: &'static str| STATES.iter().map(|s| (*s as i32, gauge!(name, "state" => state_name(*s as i32)))).collect();
+        // At 0 from the start, for the same reason as `register_stream_counters`.
+        for kind in ["unauthorized", "forbidden"] {
+            counter!(AUTH_FAILURES, "kind" => kind).increment(0);
+        }
         ClientMetrics {
             latency_occurred: histogram!(DELIVERY_LATENCY, "source" => "occurred_at"),
             latency_published: histogram!(DELIVERY_LATENCY, "source" => "published_at"),
@@ -316,6 +336,11 @@ mod tests {
         });
         assert_eq!(snapshot["khala_client_events_applied_total{stream=a}"], DebugValue::Counter(5));
         assert_eq!(snapshot["khala_client_rebootstraps_total{stream=a,reason=epoch_changed}"], DebugValue::Counter(1));
+        // The counters alerts take increase() of exist at 0 before their first event.
+        assert_eq!(snapshot["khala_client_rebootstraps_total{stream=a,reason=stale_cursor}"], DebugValue::Counter(0));
+        assert_eq!(snapshot["khala_client_lease_expiries_total{stream=a}"], DebugValue::Counter(0));
+        assert_eq!(snapshot["khala_client_auth_failures_total{kind=unauthorized}"], DebugValue::Counter(0));
+        assert_eq!(snapshot["khala_client_auth_failures_total{kind=forbidden}"], DebugValue::Counter(0));
         let count = |source: &str| match &snapshot[&format!("khala_client_delivery_latency_seconds{{source={source}}}")] {
             DebugValue::Histogram(v) => v.len(),
             other => panic!("{other:?}"),
