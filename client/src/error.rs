@@ -24,6 +24,9 @@ pub enum ClientError {
     Checkpoint(#[from] CheckpointError),
     #[error("{0}")]
     Config(String),
+    /// The handler could not tell its own cursors ([`crate::Handler::cursors`]).
+    #[error("the handler's cursors: {0}")]
+    HandlerCursors(String),
 }
 
 impl ClientError {
@@ -37,6 +40,7 @@ impl ClientError {
             ClientError::Token(_) => "token_unreadable",
             ClientError::Checkpoint(e) => e.code(),
             ClientError::Config(_) => "invalid_argument",
+            ClientError::HandlerCursors(_) => "handler_cursors",
         }
     }
 

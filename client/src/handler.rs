@@ -1,7 +1,7 @@
 //! The application interface: what the client hands over, in order, per stream.
 
 use crate::apply::Event;
-use khala_proto::StaleCursor;
+use khala_proto::{StaleCursor, StreamCursor};
 
 /// Any error a handler returns; the event is retried from the same seq with backoff.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -19,8 +19,25 @@ pub trait Handler {
     /// Makes the effects of the events applied so far durable. Called before each
     /// checkpoint write, so the checkpoint never runs ahead of what the handler kept; an
     /// error postpones the checkpoint (nothing is lost, the write is tried again).
+    ///
+    /// A handler that owns its cursors ([`Handler::cursors`]) commits here, in one
+    /// transaction, its effects and the cursor of the last event applied on each stream
+    /// ([`Event::cursor`]): then a crash can lose a batch, never split it.
     fn persist(&mut self) -> Result<(), HandlerError> {
         Ok(())
+    }
+
+    /// The handler's own resume points, kept in the same transaction as its effects.
+    /// `Some` (an empty list for a store never written) makes the client resume from them
+    /// and never read or write its checkpoint file: exactly-once effects across a crash.
+    /// `None` (the default): the client keeps the cursors in its checkpoint file, and up
+    /// to one checkpoint interval of events is offered again after a crash.
+    ///
+    /// Read when the client starts and at every reconnect. A stream's cursor must be
+    /// `(epoch, seq, chain hash at seq)` of the last event whose effects are stored;
+    /// after [`Handler::rebootstrap`] the stream has no cursor (or its floor's).
+    fn cursors(&mut self) -> Result<Option<Vec<StreamCursor>>, HandlerError> {
+        Ok(None)
     }
 
     /// Everything that has arrived is applied (live, or between replay windows): a cheap

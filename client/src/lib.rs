@@ -7,7 +7,9 @@
 //!   cursors, server-behind holds.
 //! - [`sync`]: the sync loop ([`SyncClient`]): connect, hello, windows, apply, checkpoint, ack.
 //! - [`transport`]: the SDK glue: one connection per attempt, callbacks into a channel.
-//! - [`checkpoint`]: atomic, checksummed checkpoint files.
+//! - [`checkpoint`]: atomic, checksummed checkpoint files (the default keeper of cursors).
+//! - [`store`]: handlers that keep the cursors with their effects (feature `sqlite`:
+//!   `store::sqlite::SqliteStore`), for exactly-once effects across a crash.
 //! - [`backoff`]: exponential backoff with full jitter.
 //! - [`handler`]: the [`Handler`] trait the application implements.
 //! - [`health`]: the health snapshot a UI shows; [`metrics`]: the same and more through the `metrics` facade.
@@ -22,6 +24,7 @@ pub mod error;
 pub mod handler;
 pub mod health;
 pub mod metrics;
+pub mod store;
 #[allow(clippy::all, unused)]
 pub mod module_bindings;
 pub mod sync;

@@ -61,6 +61,20 @@ pub struct Event {
     pub occurred_at_micros: i64,
 }
 
+impl Event {
+    /// The stream's cursor once this event is applied: what a handler that owns its
+    /// cursors stores with the event's effects.
+    pub fn cursor(&self, now_micros: i64) -> StreamCursor {
+        StreamCursor {
+            stream_id: self.stream_id.clone(),
+            epoch: self.epoch,
+            seq: self.seq,
+            chain_hash: self.chain_hash.to_vec(),
+            updated_at_micros: now_micros,
+        }
+    }
+}
+
 /// Where a stream stands.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamMode {

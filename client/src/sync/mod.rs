@@ -134,19 +134,31 @@ pub struct SyncClient<H: Handler> {
     last_checkpoint: Instant,
     last_health_write: Instant,
     metrics: ClientMetrics,
+    /// The handler stores the cursors with its effects: resume from its cursors, and keep
+    /// no checkpoint file.
+    handler_owns_cursors: bool,
 }
 
 impl<H: Handler> SyncClient<H> {
     /// Loads the checkpoint. A corrupt checkpoint is reported and every stream is rebuilt
     /// from the server's floor; once the handler has been told (for every stream) the
     /// file is moved aside and a fresh checkpoint written.
-    pub fn new(config: ClientConfig, handler: H) -> Result<Self, ClientError> {
+    ///
+    /// A handler that owns its cursors ([`Handler::cursors`]) is resumed from them
+    /// instead, and the checkpoint file is neither read nor written.
+    pub fn new(config: ClientConfig, mut handler: H) -> Result<Self, ClientError> {
         if config.streams.is_empty() {
             return Err(ClientError::Config("no streams to sync".into()));
         }
         let checkpoint = CheckpointFile::new(&config.checkpoint);
         let health = HealthHandle::default();
-        let (stored, corrupt) = match checkpoint.load() {
+        let owned = handler.cursors().map_err(|e| ClientError::HandlerCursors(e.to_string()))?;
+        let handler_owns_cursors = owned.is_some();
+        let loaded = match owned {
+            Some(cursors) => Ok(Some(cursors)),
+            None => checkpoint.load(),
+        };
+        let (stored, corrupt) = match loaded {
             Ok(stored) => (stored.unwrap_or_default(), None),
             Err(CheckpointError::Corrupt { path, reason }) => {
                 log::error!("checkpoint {} is corrupt ({reason}); rebuilding every stream", path.display());
@@ -189,6 +201,7 @@ impl<H: Handler> SyncClient<H> {
             last_checkpoint: past,
             last_health_write: past,
             metrics: ClientMetrics::default(),
+            handler_owns_cursors,
         })
     }
 
@@ -323,6 +336,7 @@ impl<H: Handler> SyncClient<H> {
             // Buffered events may come from a history the server no longer has.
             s.engine.clear_pending();
         }
+        self.resume_from_handler()?;
         let _subscription = transport::subscribe(conn, META, transport::queries(), tx);
         let mut meta_applied = false;
         let mut more_ready = false;
@@ -468,10 +482,41 @@ impl<H: Handler> SyncClient<H> {
                 s.durable = s.engine.cursor(now);
             }
         }
-        let cursors = self.streams.values().map(|s| s.durable.clone()).chain(self.other_cursors.iter().cloned()).collect();
-        self.checkpoint.store(cursors)?;
+        if !self.handler_owns_cursors {
+            let cursors = self.streams.values().map(|s| s.durable.clone()).chain(self.other_cursors.iter().cloned()).collect();
+            self.checkpoint.store(cursors)?;
+        }
         self.dirty = false;
         self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// At each session's start, a handler that owns its cursors is asked for them again:
+    /// a stream whose stored cursor differs from where this process stands (the handler
+    /// rolled back a batch it could not commit) restarts from the stored one. A stream
+    /// with a rebootstrap under way keeps its state: the handler has dropped it, or will.
+    fn resume_from_handler(&mut self) -> Result<(), ClientError> {
+        if !self.handler_owns_cursors {
+            return Ok(());
+        }
+        let stored = self.handler.cursors().map_err(|e| ClientError::HandlerCursors(e.to_string()))?.unwrap_or_default();
+        for (id, s) in self.streams.iter_mut() {
+            if s.rebootstrap_due.is_some() || matches!(s.engine.mode(), StreamMode::Rebootstrapping { .. }) {
+                continue;
+            }
+            let cursor = stored
+                .iter()
+                .find(|c| &c.stream_id == id)
+                .cloned()
+                .unwrap_or_else(|| StreamCursor { stream_id: id.clone(), chain_hash: GENESIS.to_vec(), ..Default::default() });
+            let here = s.engine.cursor(cursor.updated_at_micros);
+            if (here.seq, &here.chain_hash) != (cursor.seq, &cursor.chain_hash) {
+                log::warn!("{id}: the handler stored seq {}, this process stood at {}; resuming from the handler's", cursor.seq, here.seq);
+                s.engine = StreamEngine::new(&cursor);
+                s.durable = cursor;
+                s.reset_windows = true;
+            }
+        }
         Ok(())
     }
 

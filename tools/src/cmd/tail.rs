@@ -1,5 +1,7 @@
 //! `khala tail`: a Khala client that prints each applied event as a line, checkpoints,
-//! acks, and resumes from its checkpoint after a restart. `--metrics-addr` serves the
+//! acks, and resumes from its checkpoint after a restart. `--sqlite FILE` also stores
+//! every event in a SQLite database that owns the cursors (exactly-once effects: see
+//! `khala_client::store::sqlite`), and resumes from it instead of a checkpoint file. `--metrics-addr` serves the
 //! client's metrics (docs/METRICS.md); a replay shows a progress bar on a terminal.
 
 use super::Target;
@@ -8,7 +10,8 @@ use khala_client::health;
 use khala_client::{ClientConfig, Event, Handler, HandlerError, SyncClient};
 use khala_proto::hash::{display, payload_hash};
 use khala_proto::v1::{ConnectionState, RebootstrapReason};
-use khala_proto::StaleCursor;
+use khala_client::store::sqlite::{Commit, SqliteStore};
+use khala_proto::{StaleCursor, StreamCursor};
 use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -25,8 +28,16 @@ pub struct TailArgs {
     #[arg(long = "stream", required = true)]
     pub streams: Vec<String>,
     /// The checkpoint file (default: one per database and stream set, under the user data dir).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "sqlite")]
     pub checkpoint: Option<PathBuf>,
+    /// Store every event, with its stream's cursor in the same transaction, in this SQLite
+    /// database, and resume from its cursors (no checkpoint file; health goes to
+    /// `FILE.health.json`).
+    #[arg(long, value_name = "FILE")]
+    pub sqlite: Option<PathBuf>,
+    /// When the SQLite store commits: `batch` (at each checkpoint interval) or `event`.
+    #[arg(long, value_enum, default_value_t = SqliteCommit::Batch, requires = "sqlite")]
+    pub sqlite_commit: SqliteCommit,
     /// Print JSON lines (stream_id, seq, kind, payload_hash, chain_hash).
     #[arg(long)]
     pub json: bool,
@@ -48,6 +59,12 @@ pub struct TailArgs {
     /// Serve the client's metrics as Prometheus text on this address, e.g. 127.0.0.1:9466.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SqliteCommit {
+    Batch,
+    Event,
 }
 
 /// Events behind, over all streams, before a replay gets a progress bar (a live burst
@@ -83,8 +100,10 @@ impl ReplayBar {
     }
 }
 
-/// Prints events; counts them; asks to stop after `max_events`.
+/// Prints events (after storing them, with `--sqlite`); counts them; asks to stop after
+/// `max_events`.
 struct Printer {
+    store: Option<SqliteStore>,
     json: bool,
     quiet: bool,
     applied: u64,
@@ -95,6 +114,70 @@ struct Printer {
 
 impl Handler for Printer {
     fn apply(&mut self, e: &Event) -> Result<(), HandlerError> {
+        if let Some(store) = &mut self.store {
+            store.apply(e)?;
+        }
+        // Once stored, an event must not be offered again (the store would refuse it):
+        // a failed print is logged, not retried.
+        if let Err(err) = self.print(e) {
+            if self.store.is_none() {
+                return Err(err);
+            }
+            log::warn!("printing {}/{}: {err}", e.stream_id, e.seq);
+        }
+        self.applied += 1;
+        if self.max_events.is_some_and(|max| self.applied >= max) {
+            self.stop.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn rebootstrap(&mut self, s: &StaleCursor) -> Result<(), HandlerError> {
+        if let Some(store) = &mut self.store {
+            store.rebootstrap(s)?;
+        }
+        let reason = RebootstrapReason::try_from(s.reason).unwrap_or_default().as_str_name().trim_start_matches("REBOOTSTRAP_REASON_").to_ascii_lowercase();
+        let line = json!({ "rebootstrap": {
+            "stream_id": s.stream_id, "reason": reason, "requested": s.requested,
+            "oldest_available": s.oldest_available, "head": s.head, "epoch": s.epoch } });
+        writeln!(self.out, "{line}")?;
+        self.out.flush()?;
+        Ok(())
+    }
+
+    fn persist(&mut self) -> Result<(), HandlerError> {
+        // Lines reach stdout before their checkpoint reaches disk. With a store, the
+        // store's commit is the durability point and stdout is only a view.
+        match &mut self.store {
+            Some(store) => {
+                store.persist()?;
+                if let Err(e) = self.out.flush() {
+                    log::warn!("writing to stdout: {e}");
+                }
+            }
+            None => self.out.flush()?,
+        }
+        Ok(())
+    }
+
+    fn cursors(&mut self) -> Result<Option<Vec<StreamCursor>>, HandlerError> {
+        match &mut self.store {
+            Some(store) => store.cursors(),
+            None => Ok(None),
+        }
+    }
+
+    fn caught_up(&mut self) {
+        // Live events are shown as they are applied, not at the next checkpoint (up to
+        // 20 ms later); a replay still writes in large buffered runs.
+        if let Err(e) = self.out.flush() {
+            log::warn!("writing to stdout: {e}");
+        }
+    }
+}
+
+impl Printer {
+    fn print(&mut self, e: &Event) -> Result<(), HandlerError> {
         if !self.quiet {
             if self.json {
                 let line = json!({
@@ -109,35 +192,7 @@ impl Handler for Printer {
                 writeln!(self.out, "{} {} {} {}", e.stream_id, e.seq, e.kind, String::from_utf8_lossy(&e.payload))?;
             }
         }
-        self.applied += 1;
-        if self.max_events.is_some_and(|max| self.applied >= max) {
-            self.stop.store(true, Ordering::Relaxed);
-        }
         Ok(())
-    }
-
-    fn rebootstrap(&mut self, s: &StaleCursor) -> Result<(), HandlerError> {
-        let reason = RebootstrapReason::try_from(s.reason).unwrap_or_default().as_str_name().trim_start_matches("REBOOTSTRAP_REASON_").to_ascii_lowercase();
-        let line = json!({ "rebootstrap": {
-            "stream_id": s.stream_id, "reason": reason, "requested": s.requested,
-            "oldest_available": s.oldest_available, "head": s.head, "epoch": s.epoch } });
-        writeln!(self.out, "{line}")?;
-        self.out.flush()?;
-        Ok(())
-    }
-
-    fn persist(&mut self) -> Result<(), HandlerError> {
-        // Lines reach stdout before their checkpoint reaches disk.
-        self.out.flush()?;
-        Ok(())
-    }
-
-    fn caught_up(&mut self) {
-        // Live events are shown as they are applied, not at the next checkpoint (up to
-        // 20 ms later); a replay still writes in large buffered runs.
-        if let Err(e) = self.out.flush() {
-            log::warn!("writing to stdout: {e}");
-        }
     }
 }
 
@@ -175,12 +230,23 @@ fn cpu_secs() -> f64 {
 
 pub fn run(args: TailArgs) -> anyhow::Result<()> {
     let token_file = args.target.token_file.clone().ok_or_else(|| anyhow::anyhow!("no token: pass --token-file or set KHALA_TOKEN_FILE"))?;
-    let checkpoint = args.checkpoint.clone().unwrap_or_else(|| default_checkpoint(&args.target.database, &args.streams));
+    let checkpoint = match (&args.sqlite, &args.checkpoint) {
+        (Some(db), _) => db.clone(),
+        (None, Some(file)) => file.clone(),
+        (None, None) => default_checkpoint(&args.target.database, &args.streams),
+    };
+    let store = match &args.sqlite {
+        Some(path) => {
+            let commit = if args.sqlite_commit == SqliteCommit::Event { Commit::Event } else { Commit::Batch };
+            Some(SqliteStore::open(path, commit).map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?)
+        }
+        None => None,
+    };
     let mut config = ClientConfig::new(&args.target.server, &args.target.database, token_file, &checkpoint);
     config.streams = args.streams.clone();
     config.ack = !args.no_ack;
     let stop = Arc::new(AtomicBool::new(false));
-    let printer = Printer { json: args.json, quiet: args.quiet, applied: 0, max_events: args.max_events, stop: stop.clone(), out: std::io::BufWriter::new(std::io::stdout()) };
+    let printer = Printer { store, json: args.json, quiet: args.quiet, applied: 0, max_events: args.max_events, stop: stop.clone(), out: std::io::BufWriter::new(std::io::stdout()) };
     if let Some(addr) = args.metrics_addr {
         // Before the client exists: a corrupt checkpoint is counted when it is loaded.
         khala_tools::prometheus::install(addr, None)?;
@@ -225,6 +291,10 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
             "cpu_secs": (cpu_secs() * 1000.0).round() / 1000.0,
             "cursors": client.cursors(),
             "health": health::to_json(&client.health().get()),
+            "sqlite": client.handler().store.as_ref().map(|s| {
+                let st = s.stats();
+                json!({ "applied": st.applied, "committed": st.committed, "commits": st.commits, "rolled_back": st.rolled_back })
+            }),
         });
         eprintln!("{report}");
     }

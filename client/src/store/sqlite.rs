@@ -1,0 +1,437 @@
+//! [`SqliteStore`]: a desktop application's local database as a [`Handler`] that owns its
+//! cursors. Every event goes into `events`; each stream's cursor (epoch, seq, chain hash
+//! at seq) into `cursors`, in the same transaction. A crash (even SIGKILL mid-batch)
+//! rolls the open transaction back, events and cursor together, and the client resumes
+//! from the stored cursor: every event ends up in the table exactly once.
+//!
+//! Schema:
+//! ```sql
+//! events  (stream_id TEXT, seq INTEGER, epoch INTEGER, kind TEXT, payload BLOB,
+//!          chain_hash BLOB, PRIMARY KEY (stream_id, seq))
+//! cursors (stream_id TEXT PRIMARY KEY, epoch INTEGER, seq INTEGER, chain_hash BLOB,
+//!          updated_at_micros INTEGER)
+//! ```
+//!
+//! Commits: [`Commit::Batch`] (the default) opens a transaction at the first event and
+//! commits it at the client's checkpoint cadence ([`Handler::persist`]: every 20 ms, or
+//! 2,048 events per stream, while events flow); [`Commit::Event`] commits every event on
+//! its own (docs/CLIENT.md has both measured). The database is in WAL mode with
+//! `synchronous = FULL`, so a commit survives a power loss too.
+
+use crate::apply::Event;
+use crate::handler::{Handler, HandlerError};
+use crate::sync::now_micros;
+use khala_proto::{StaleCursor, StreamCursor};
+use rusqlite::{params, Connection, OpenFlags};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    stream_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    chain_hash BLOB NOT NULL,
+    PRIMARY KEY (stream_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cursors (
+    stream_id TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    chain_hash BLOB NOT NULL,
+    updated_at_micros INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite store {path}: {source}")]
+    Sqlite { path: PathBuf, source: rusqlite::Error },
+    #[error("sqlite store {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The store holds this event already: it and the client disagree on the cursor.
+    #[error("sqlite store {path}: event {stream_id}/{seq} is stored already")]
+    Duplicate { path: PathBuf, stream_id: String, seq: u64 },
+    /// An event that does not follow the stream's last stored one.
+    #[error("sqlite store {path}: {stream_id}: seq {seq} does not follow {last}")]
+    OutOfOrder { path: PathBuf, stream_id: String, seq: u64, last: u64 },
+}
+
+impl StoreError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::Sqlite { .. } => "store_sqlite",
+            StoreError::Io { .. } => "store_io",
+            StoreError::Duplicate { .. } => "store_duplicate",
+            StoreError::OutOfOrder { .. } => "store_out_of_order",
+        }
+    }
+}
+
+/// When the store commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Commit {
+    /// One transaction per batch, committed at [`Handler::persist`].
+    #[default]
+    Batch,
+    /// One transaction per event.
+    Event,
+}
+
+/// One row of `events`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub stream_id: String,
+    pub seq: u64,
+    pub epoch: u32,
+    pub kind: String,
+    pub payload: Vec<u8>,
+    pub chain_hash: Vec<u8>,
+}
+
+/// Counts since the store was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Events taken by [`Handler::apply`].
+    pub applied: u64,
+    /// Events in committed transactions.
+    pub committed: u64,
+    pub commits: u64,
+    /// Open batches dropped because the client asked for the cursors again.
+    pub rolled_back: u64,
+}
+
+/// The SQLite store; see the module docs.
+pub struct SqliteStore {
+    conn: Connection,
+    path: PathBuf,
+    commit: Commit,
+    in_tx: bool,
+    /// The cursor after the open batch's last event, per stream.
+    batch: BTreeMap<String, StreamCursor>,
+    batch_events: u64,
+    /// The last seq stored (or in the open batch) per stream.
+    last: HashMap<String, u64>,
+    stats: StoreStats,
+}
+
+fn as_i64(v: u64) -> i64 {
+    v as i64
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the database file, in WAL mode with `synchronous = FULL`.
+    pub fn open(path: impl AsRef<Path>, commit: Commit) -> Result<SqliteStore, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: path.clone(), source })?;
+        }
+        let conn = Connection::open(&path).map_err(|source| StoreError::Sqlite { path: path.clone(), source })?;
+        let mut store = SqliteStore { conn, path, commit, in_tx: false, batch: BTreeMap::new(), batch_events: 0, last: HashMap::new(), stats: StoreStats::default() };
+        store.conn.busy_timeout(Duration::from_secs(10)).map_err(|e| store.err(e))?;
+        store.conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| store.err(e))?;
+        store.conn.pragma_update(None, "synchronous", "FULL").map_err(|e| store.err(e))?;
+        store.conn.execute_batch(SCHEMA).map_err(|e| store.err(e))?;
+        store.reload_last()?;
+        Ok(store)
+    }
+
+    /// Opens an existing database for reading only (another process may be writing it).
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(|source| StoreError::Sqlite { path: path.clone(), source })?;
+        let store = SqliteStore { conn, path, commit: Commit::Batch, in_tx: false, batch: BTreeMap::new(), batch_events: 0, last: HashMap::new(), stats: StoreStats::default() };
+        store.conn.busy_timeout(Duration::from_secs(10)).map_err(|e| store.err(e))?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        self.stats
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite { path: self.path.clone(), source }
+    }
+
+    fn reload_last(&mut self) -> Result<(), StoreError> {
+        self.last = self.stored_cursors()?.into_iter().map(|c| (c.stream_id, c.seq)).collect();
+        Ok(())
+    }
+
+    /// The committed cursors, by stream id.
+    pub fn stored_cursors(&self) -> Result<Vec<StreamCursor>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT stream_id, epoch, seq, chain_hash, updated_at_micros FROM cursors ORDER BY stream_id").map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(StreamCursor {
+                    stream_id: r.get(0)?,
+                    epoch: r.get(1)?,
+                    seq: r.get::<_, i64>(2)? as u64,
+                    chain_hash: r.get(3)?,
+                    updated_at_micros: r.get(4)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// A stream's stored events, in seq order.
+    pub fn events(&self, stream_id: &str) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT seq, epoch, kind, payload, chain_hash FROM events WHERE stream_id = ?1 ORDER BY seq").map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([stream_id], |r| {
+                Ok(StoredEvent {
+                    stream_id: stream_id.to_string(),
+                    seq: r.get::<_, i64>(0)? as u64,
+                    epoch: r.get(1)?,
+                    kind: r.get(2)?,
+                    payload: r.get(3)?,
+                    chain_hash: r.get(4)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// How many events a stream has stored, and its highest seq.
+    pub fn extent(&self, stream_id: &str) -> Result<(u64, u64), StoreError> {
+        self.conn
+            .query_row("SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM events WHERE stream_id = ?1", [stream_id], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))
+            .map_err(|e| self.err(e))
+    }
+
+    fn begin(&mut self) -> Result<(), StoreError> {
+        if !self.in_tx {
+            self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.err(e))?;
+            self.in_tx = true;
+        }
+        Ok(())
+    }
+
+    /// Adds one event to the open batch (and commits it with [`Commit::Event`]).
+    pub fn insert(&mut self, e: &Event) -> Result<(), StoreError> {
+        if let Some(&last) = self.last.get(&e.stream_id) {
+            if e.seq != last + 1 {
+                return Err(if e.seq <= last {
+                    StoreError::Duplicate { path: self.path.clone(), stream_id: e.stream_id.clone(), seq: e.seq }
+                } else {
+                    StoreError::OutOfOrder { path: self.path.clone(), stream_id: e.stream_id.clone(), seq: e.seq, last }
+                });
+            }
+        }
+        self.begin()?;
+        let inserted = {
+            let mut stmt = self
+                .conn
+                .prepare_cached("INSERT INTO events (stream_id, seq, epoch, kind, payload, chain_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+                .map_err(|e| self.err(e))?;
+            stmt.execute(params![e.stream_id, as_i64(e.seq), e.epoch, e.kind, e.payload, &e.chain_hash[..]])
+        };
+        match inserted {
+            Ok(_) => {}
+            Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                return Err(StoreError::Duplicate { path: self.path.clone(), stream_id: e.stream_id.clone(), seq: e.seq });
+            }
+            Err(source) => return Err(self.err(source)),
+        }
+        match self.batch.get_mut(&e.stream_id) {
+            Some(c) => {
+                c.epoch = e.epoch;
+                c.seq = e.seq;
+                c.chain_hash.clear();
+                c.chain_hash.extend_from_slice(&e.chain_hash);
+            }
+            None => {
+                self.batch.insert(e.stream_id.clone(), e.cursor(0));
+            }
+        }
+        match self.last.get_mut(&e.stream_id) {
+            Some(last) => *last = e.seq,
+            None => {
+                self.last.insert(e.stream_id.clone(), e.seq);
+            }
+        }
+        self.batch_events += 1;
+        self.stats.applied += 1;
+        if self.commit == Commit::Event {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Commits the open batch: its events and each touched stream's cursor, together.
+    pub fn commit(&mut self) -> Result<(), StoreError> {
+        if !self.in_tx {
+            return Ok(());
+        }
+        let now = now_micros();
+        {
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "INSERT INTO cursors (stream_id, epoch, seq, chain_hash, updated_at_micros) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (stream_id) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq,
+                     chain_hash = excluded.chain_hash, updated_at_micros = excluded.updated_at_micros",
+                )
+                .map_err(|e| self.err(e))?;
+            for c in self.batch.values() {
+                stmt.execute(params![c.stream_id, c.epoch, as_i64(c.seq), c.chain_hash, now]).map_err(|e| StoreError::Sqlite { path: self.path.clone(), source: e })?;
+            }
+        }
+        // A failed COMMIT (e.g. busy) leaves the transaction open: the next one retries it.
+        self.conn.execute_batch("COMMIT").map_err(|e| self.err(e))?;
+        self.in_tx = false;
+        self.batch.clear();
+        self.stats.committed += self.batch_events;
+        self.stats.commits += 1;
+        self.batch_events = 0;
+        Ok(())
+    }
+
+    /// Drops the open batch: the store is back at its committed cursors.
+    pub fn rollback(&mut self) -> Result<(), StoreError> {
+        if self.in_tx {
+            self.conn.execute_batch("ROLLBACK").map_err(|e| self.err(e))?;
+            self.in_tx = false;
+            self.batch.clear();
+            self.batch_events = 0;
+            self.stats.rolled_back += 1;
+        }
+        self.reload_last()
+    }
+
+    /// Starts a stream over: commits the open batch, then deletes the stream's events and
+    /// its cursor in one transaction.
+    pub fn reset_stream(&mut self, stream_id: &str) -> Result<(), StoreError> {
+        self.commit()?;
+        self.begin()?;
+        let deleted = self
+            .conn
+            .execute("DELETE FROM events WHERE stream_id = ?1", [stream_id])
+            .and_then(|_| self.conn.execute("DELETE FROM cursors WHERE stream_id = ?1", [stream_id]))
+            .and_then(|_| self.conn.execute_batch("COMMIT"));
+        if let Err(e) = deleted {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            self.in_tx = false;
+            return Err(self.err(e));
+        }
+        self.in_tx = false;
+        self.last.remove(stream_id);
+        Ok(())
+    }
+}
+
+impl Handler for SqliteStore {
+    fn apply(&mut self, event: &Event) -> Result<(), HandlerError> {
+        Ok(self.insert(event)?)
+    }
+
+    fn rebootstrap(&mut self, stale: &StaleCursor) -> Result<(), HandlerError> {
+        Ok(self.reset_stream(&stale.stream_id)?)
+    }
+
+    fn persist(&mut self) -> Result<(), HandlerError> {
+        Ok(self.commit()?)
+    }
+
+    /// What is committed; an open batch (one whose commit failed) is dropped first, and
+    /// the client offers its events again.
+    fn cursors(&mut self) -> Result<Option<Vec<StreamCursor>>, HandlerError> {
+        self.rollback()?;
+        Ok(Some(self.stored_cursors()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use khala_proto::hash::{chain_hash, payload_hash, Hash32, GENESIS};
+
+    fn events(stream: &str, from: u64, n: u64, mut prev: Hash32) -> Vec<Event> {
+        (from..from + n)
+            .map(|seq| {
+                let payload = format!("p{seq}").into_bytes();
+                let chain = chain_hash(&prev, stream, seq, "k", &payload_hash(&payload));
+                let e = Event { stream_id: stream.into(), epoch: 1, seq, kind: "k".into(), payload, chain_hash: chain, prev_chain: prev, occurred_at_micros: 0 };
+                prev = chain;
+                e
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_commits_events_and_cursor_together_and_an_uncommitted_one_is_lost_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.db");
+        let first = events("a", 1, 10, GENESIS);
+        {
+            let mut store = SqliteStore::open(&path, Commit::Batch).unwrap();
+            assert_eq!(store.cursors().unwrap(), Some(vec![]));
+            for e in &first {
+                store.apply(e).unwrap();
+            }
+            store.persist().unwrap();
+            let more = events("a", 11, 5, first[9].chain_hash);
+            for e in &more {
+                store.apply(e).unwrap();
+            }
+            // Dropped without a commit: what a crash does.
+        }
+        let mut store = SqliteStore::open(&path, Commit::Batch).unwrap();
+        let cursors = store.cursors().unwrap().unwrap();
+        assert_eq!(cursors.len(), 1);
+        assert_eq!((cursors[0].seq, cursors[0].epoch, cursors[0].chain_hash.clone()), (10, 1, first[9].chain_hash.to_vec()));
+        assert_eq!(store.extent("a").unwrap(), (10, 10));
+        // Offered again from the cursor: taken once.
+        for e in events("a", 11, 5, first[9].chain_hash) {
+            store.apply(&e).unwrap();
+        }
+        store.persist().unwrap();
+        assert_eq!(store.events("a").unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=15).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn duplicates_and_gaps_are_refused_with_their_codes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(dir.path().join("db"), Commit::Event).unwrap();
+        let all = events("a", 1, 4, GENESIS);
+        store.apply(&all[0]).unwrap();
+        store.apply(&all[1]).unwrap();
+        assert_eq!(store.insert(&all[1]).unwrap_err().code(), "store_duplicate");
+        assert_eq!(store.insert(&all[3]).unwrap_err().code(), "store_out_of_order");
+        assert_eq!(store.stats().commits, 2);
+        assert_eq!(SqliteStore::open_read_only(store.path()).unwrap().extent("a").unwrap(), (2, 2));
+    }
+
+    #[test]
+    fn a_rebootstrap_resets_the_stream_rows_and_cursor_and_leaves_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(dir.path().join("db"), Commit::Batch).unwrap();
+        for e in events("a", 1, 3, GENESIS).iter().chain(events("b", 1, 2, GENESIS).iter()) {
+            store.apply(e).unwrap();
+        }
+        store.persist().unwrap();
+        // An open batch on `b` is committed, then `a` is dropped in its own transaction.
+        let b3 = events("b", 1, 3, GENESIS).pop().unwrap();
+        store.apply(&b3).unwrap();
+        store.rebootstrap(&StaleCursor { stream_id: "a".into(), oldest_available: 100, ..Default::default() }).unwrap();
+        assert_eq!(store.extent("a").unwrap(), (0, 0));
+        assert_eq!(store.extent("b").unwrap(), (3, 3));
+        let cursors = store.cursors().unwrap().unwrap();
+        assert_eq!(cursors.iter().map(|c| (c.stream_id.as_str(), c.seq)).collect::<Vec<_>>(), vec![("b", 3)]);
+        // The rebuilt stream starts at the floor.
+        let floor = events("a", 101, 2, [7; 32]);
+        store.apply(&floor[0]).unwrap();
+        store.apply(&floor[1]).unwrap();
+        store.persist().unwrap();
+        assert_eq!(store.extent("a").unwrap(), (2, 102));
+    }
+}
