@@ -30,8 +30,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     if let Some(checkpoint) = &args.client {
         let mut path = checkpoint.clone().into_os_string();
         path.push(".health.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading {}: {e}", std::path::Path::new(&path).display()))?;
-        let health: Value = serde_json::from_str(&text)?;
+        let shown = std::path::Path::new(&path).display();
+        let text = std::fs::read_to_string(&path).map_err(|e| khala_tools::ToolError::io(format!("reading the client's health file {shown}"), e))?;
+        let health: Value = serde_json::from_str(&text).map_err(|e| khala_tools::ToolError::io(format!("parsing {shown}"), e.into()))?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&health)?);
         } else {
