@@ -80,6 +80,13 @@ pub struct ReplayArgs {
     /// Events per publish call (one segment each).
     #[arg(long, default_value_t = 1_000)]
     pub batch: u64,
+    /// Also time a second fresh client storing the backlog in a SQLite store
+    /// (`khala tail --sqlite`, events and cursors in one transaction per batch).
+    #[arg(long)]
+    pub sqlite: bool,
+    /// The SQLite store's commits: `batch` or `event` (one transaction per event).
+    #[arg(long, value_enum, default_value_t = super::tail::SqliteCommit::Batch, requires = "sqlite")]
+    pub sqlite_commit: super::tail::SqliteCommit,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -100,7 +107,10 @@ pub(super) fn private_server() -> anyhow::Result<(ServerProcess, tempfile::TempD
 }
 
 fn replay(args: ReplayArgs) -> anyhow::Result<()> {
-    let command = format!("khala bench replay --events {} --payload-bytes {} --batch {}", args.events, args.payload_bytes, args.batch);
+    let mut command = format!("khala bench replay --events {} --payload-bytes {} --batch {}", args.events, args.payload_bytes, args.batch);
+    if args.sqlite {
+        command.push_str(&format!(" --sqlite --sqlite-commit {}", if args.sqlite_commit == super::tail::SqliteCommit::Event { "event" } else { "batch" }));
+    }
     let (server, dir) = private_server()?;
     let api = Api::new(&server.url());
     let owner = api.new_identity()?;
@@ -133,23 +143,27 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     api.call("bench", "grant", json!([reader.identity_arg(), stream, ["subscribe"], 3600]), &owner.token)?;
     let token = dir.path().join("reader.token");
     std::fs::write(&token, &reader.token)?;
-    let replaying = khala_tools::progress::spinner(format!("a client replays {} events", args.events));
-    let out = std::process::Command::new(std::env::current_exe()?)
-        .args(["tail", "--quiet", "--exit-when-live", "--report", "--no-ack", "--stream", stream])
-        .args(["--server", &server.url(), "--database", "bench"])
-        .arg("--token-file")
-        .arg(&token)
-        .arg("--checkpoint")
-        .arg(dir.path().join("replay.checkpoint"))
-        .env("RUST_LOG", "warn")
-        .output()
-        .context("running khala tail")?;
-    replaying.finish_and_clear();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let report: Value = stderr.lines().rev().find_map(|l| serde_json::from_str(l).ok()).with_context(|| format!("no report from khala tail:\n{stderr}"))?;
-    let applied = report["applied"].as_u64().unwrap_or(0);
-    anyhow::ensure!(out.status.success() && applied == args.events, "the replay applied {applied} of {} events:\n{stderr}", args.events);
-    let result = json!({
+    let replay_with = |what: &str, store: &[&str]| -> anyhow::Result<Value> {
+        let replaying = khala_tools::progress::spinner(format!("{what} replays {} events", args.events));
+        let out = std::process::Command::new(std::env::current_exe()?)
+            .args(["tail", "--quiet", "--exit-when-live", "--report", "--no-ack", "--stream", stream])
+            .args(["--server", &server.url(), "--database", "bench"])
+            .arg("--token-file")
+            .arg(&token)
+            .args(store)
+            .env("RUST_LOG", "warn")
+            .output()
+            .context("running khala tail")?;
+        replaying.finish_and_clear();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let report: Value = stderr.lines().rev().find_map(|l| serde_json::from_str(l).ok()).with_context(|| format!("no report from khala tail:\n{stderr}"))?;
+        let applied = report["applied"].as_u64().unwrap_or(0);
+        anyhow::ensure!(out.status.success() && applied == args.events, "the replay applied {applied} of {} events:\n{stderr}", args.events);
+        Ok(report)
+    };
+    let checkpoint = dir.path().join("replay.checkpoint");
+    let report = replay_with("a client", &["--checkpoint", &checkpoint.to_string_lossy()])?;
+    let mut result = json!({
         "command": command,
         "events": args.events,
         "payload_bytes": args.payload_bytes,
@@ -159,6 +173,22 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         "client_peak_rss_mib": report["peak_rss_mib"],
         "client_cpu_secs": report["cpu_secs"],
     });
+    if args.sqlite {
+        let db = dir.path().join("replay.db");
+        let commit = if args.sqlite_commit == super::tail::SqliteCommit::Event { "event" } else { "batch" };
+        let store = replay_with("a client with a SQLite store", &["--sqlite", &db.to_string_lossy(), "--sqlite-commit", commit])?;
+        let stored = khala_client::store::sqlite::SqliteStore::open_read_only(&db)?.extent(stream)?;
+        anyhow::ensure!(stored == (args.events, args.events), "the SQLite store holds {stored:?} (events, last seq), not {}", args.events);
+        result["sqlite"] = json!({
+            "commit": commit,
+            "replay_secs": store["secs"],
+            "replay_events_per_sec": store["events_per_sec"],
+            "client_peak_rss_mib": store["peak_rss_mib"],
+            "client_cpu_secs": store["cpu_secs"],
+            "commits": store["sqlite"]["commits"],
+            "db_mib": ((std::fs::metadata(&db)?.len() as f64 / 1_048_576.0) * 10.0).round() / 10.0,
+        });
+    }
     println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(())
 }
