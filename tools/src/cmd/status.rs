@@ -31,22 +31,21 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         let mut path = checkpoint.clone().into_os_string();
         path.push(".health.json");
         let shown = std::path::Path::new(&path).display();
-        let text = std::fs::read_to_string(&path).map_err(|e| khala_tools::ToolError::io(format!("reading the client's health file {shown}"), e))?;
-        let health: Value = serde_json::from_str(&text).map_err(|e| khala_tools::ToolError::io(format!("parsing {shown}"), e.into()))?;
+        let health = khala_client::health::read_json(std::path::Path::new(&path)).map_err(|e| khala_tools::ToolError::io(format!("reading the client's health file {shown}"), e))?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&health)?);
         } else {
-            println!("client     {} (attempts {}, last error {})", health["state"].as_str().unwrap_or("?"), health["connect_attempts"], health["last_error"]);
+            println!("client     {} (attempts {}, last error {:?})", health.state, health.connect_attempts, health.last_error);
             let mut table = new_table(&["stream", "state", "cursor", "target", "progress", "lag", "lease left"], 2);
-            for s in health["streams"].as_array().into_iter().flatten() {
+            for s in &health.streams {
                 table.add_row(vec![
-                    Cell::new(s["stream_id"].as_str().unwrap_or("?")),
-                    Cell::new(s["state"].as_str().unwrap_or("?")),
-                    number(&s["cursor"]),
-                    number(&s["target"]),
-                    Cell::new(format!("{}%", s["progress_pct"])).set_alignment(CellAlignment::Right),
-                    number(&s["lag"]),
-                    Cell::new(s["lease_secs_left"].as_i64().map_or("none".to_string(), |secs| format!("{secs} s"))).set_alignment(CellAlignment::Right),
+                    Cell::new(&s.stream_id),
+                    Cell::new(&s.state),
+                    number(&json!(s.cursor)),
+                    number(&json!(s.target)),
+                    Cell::new(format!("{}%", s.progress_pct)).set_alignment(CellAlignment::Right),
+                    number(&json!(s.lag)),
+                    Cell::new(s.lease_secs_left.map_or("none".to_string(), |secs| format!("{secs} s"))).set_alignment(CellAlignment::Right),
                 ]);
             }
             super::print_table(&table);
