@@ -674,7 +674,11 @@ fn grant_expiry_storm(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result
     std::thread::sleep(until(expiry_unix));
     let expired_at = Instant::now();
     // The expired half: every stream forbidden in the health file.
-    let bound = Duration::from_millis(3_000);
+    // The server ends delivery within 250 ms of `expires_at` (docs/SECURITY.md); the
+    // rest is each client hearing of the grant's delete and writing its health file
+    // (every 500 ms), with 40–100 client processes on the machine: 2.3 s measured alone,
+    // 3.1 s beside another drill on 2 cores.
+    let bound = Duration::from_millis(5_000);
     let mut stopped_after = Vec::new();
     let mut pending: Vec<usize> = (0..n).filter(|i| i % 2 == 1).collect();
     while !pending.is_empty() && expired_at.elapsed() < bound + Duration::from_secs(10) {
