@@ -118,10 +118,13 @@ pub struct ResetStreamArgs {
 pub fn reset_stream(args: ResetStreamArgs) -> anyhow::Result<()> {
     let token = args.target.token()?;
     let (api, db) = (args.target.api(), &args.target.database);
+    // Not called when the row is hidden: an admin that is not the owner may reach a stream
+    // row-level security hides from it, and one call could reset it with nothing to show it.
     let Some(before) = inspect::stream(&api, db, &token, &args.stream)? else {
-        // The module names the failure with its own code (unknown_stream, or forbidden for a non-admin).
-        api.call(db, "reset_stream", json!([args.stream]), &token)?;
-        anyhow::bail!("the stream {:?} is not visible to this identity; reset nothing", args.stream);
+        anyhow::bail!(
+            "the stream {:?} is not visible to this identity: it does not exist, or row-level security hides it (an admin that is not the owner sees only the streams it holds a grant on; use the owner's token). Nothing was reset",
+            args.stream
+        );
     };
     for step in 1..=args.max_steps {
         api.call(db, "reset_stream", json!([args.stream]), &token)?;
