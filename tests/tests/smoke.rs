@@ -32,7 +32,7 @@ fn passes_against_a_fresh_database_and_cleans_up() {
         assert_eq!(c.outcome, Outcome::Pass, "{}: {:?} {}", c.check.name(), c.outcome, c.detail);
     }
     assert!(report.stream_id.starts_with("smoke."), "{}", report.stream_id);
-    assert!(report.get(Check::ConnectedCount).unwrap().detail.contains("presence shows 2 connected (was 0)"), "{:#}", report.to_json());
+    assert!(report.get(Check::ConnectedCount).unwrap().detail.contains("presence shows 2 connected (was 0: exactly the smoke's two more)"), "{:#}", report.to_json());
 
     // As the owner (who sees every row): nothing the smoke gave is left.
     let quoted = format!("'{}'", report.stream_id);

@@ -34,7 +34,32 @@ static SERVING: AtomicBool = AtomicBool::new(false);
 pub fn serve(addr: SocketAddr) -> Result<()> {
     crate::prometheus::install(addr, None).map_err(MirrorError::Server)?;
     SERVING.store(true, Ordering::Relaxed);
+    register_at_zero();
     Ok(())
+}
+
+/// Failure classes the alert rules watch, served from the start.
+const WATCHED_FAILURE_CLASSES: &[&str] = &["unavailable", "postgres", "sequence_conflict", "batch_too_large", "unauthorized", "forbidden_stream"];
+
+/// Serves every counter at 0 before its first event: Prometheus sees no increase in a
+/// series it first scrapes at 1, so a mirror's first divergence or failure would not
+/// fire its alert (ops/prometheus/khala.rules.yml).
+fn register_at_zero() {
+    for name in [
+        "khala_mirror_events_read_total",
+        "khala_mirror_published_total",
+        "khala_mirror_duplicates_total",
+        "khala_mirror_dead_lettered_total",
+        "khala_mirror_reconciles_total",
+        "khala_mirror_lost_total",
+        "khala_mirror_verified_total",
+        "khala_mirror_divergences_total",
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    for class in WATCHED_FAILURE_CLASSES {
+        metrics::counter!("khala_mirror_failures_total", "class" => *class).absolute(0);
+    }
 }
 
 pub fn serving() -> bool {
