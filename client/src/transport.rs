@@ -64,6 +64,16 @@ fn segment_in(row: &StreamSegment) -> Result<SegmentIn, String> {
     ))
 }
 
+/// The HTTP status the server refused the WebSocket handshake with. The SDK keeps
+/// tungstenite's typed error only behind `InternalError::cause`, which it hides from
+/// `source()` and which cannot be downcast (not `'static`), so the status is read where
+/// tungstenite writes it, `HTTP error: 401 Unauthorized`, and nowhere else in the text
+/// (the URI in the same message may hold a port such as 34017).
+fn handshake_status(text: &str) -> Option<u16> {
+    let (_, rest) = text.split_once("HTTP error: ")?;
+    rest.get(..3).filter(|code| code.bytes().all(|b| b.is_ascii_digit())).and_then(|code| code.parse().ok())
+}
+
 /// How long opening the WebSocket may take.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
@@ -102,10 +112,9 @@ pub fn connect(url: &str, database: &str, token: &str, compress: bool, tx: &Send
         .map_err(|_| ClientError::Connect(format!("no WebSocket handshake within {} s", CONNECT_TIMEOUT.as_secs())))?
         .map_err(|e| {
             let text = e.to_string();
-            if text.contains("401") || text.to_ascii_lowercase().contains("unauthorized") {
-                ClientError::Unauthorized(text)
-            } else {
-                ClientError::Connect(text)
+            match handshake_status(&text) {
+                Some(401) => ClientError::Unauthorized(text),
+                _ => ClientError::Connect(text),
             }
         })?;
 
@@ -186,4 +195,17 @@ pub fn subscribe(conn: &DbConnection, tag: u64, queries: Vec<String>, tx: &Sende
             let _ = failed.send(Msg::SubscriptionError(tag, e.to_string()));
         })
         .subscribe(queries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::handshake_status;
+
+    #[test]
+    fn reads_the_handshake_status_and_nothing_else() {
+        let refused = "Failed to connect: Failed to initiate WebSocket connection: Error in WebSocket connection with ws://127.0.0.1:3000/v1/database/d/subscribe: HTTP error: 401 Unauthorized";
+        assert_eq!(handshake_status(refused), Some(401));
+        assert_eq!(handshake_status("Error in WebSocket connection with ws://127.0.0.1:34017/v1/database/unauthorized/subscribe: IO error: refused"), None);
+        assert_eq!(handshake_status("HTTP error: 404 Not Found"), Some(404));
+    }
 }

@@ -476,7 +476,7 @@ impl World {
                 match r.status {
                     200..=299 => Ok(()),
                     530 => Err(ToolError::Reducer { reducer: reducer.into(), error: CodedError::parse(&r.body) }),
-                    s => Err(ToolError::Http { what: format!("calling {reducer}"), detail: format!("HTTP {s}: {}", r.body.trim()) }),
+                    s => Err(ToolError::HttpStatus { what: format!("calling {reducer}"), status: s, body: r.body.trim().into() }),
                 }
             }
         }
@@ -861,7 +861,7 @@ fn every_reducer_refuses_the_attackers_tells_them_nothing_and_changes_nothing() 
                 }
                 Allowed => result.unwrap_or_else(|e| panic!("{context}: {e}")),
                 NotCallable => match result {
-                    Err(ToolError::Http { detail, .. }) => assert!(detail.starts_with("HTTP 400"), "{context}: {detail}"),
+                    Err(ToolError::HttpStatus { status, body, .. }) => assert_eq!(status, 400, "{context}: {body}"),
                     other => panic!("{context}: expected the server to refuse a lifecycle reducer, got {other:?}"),
                 },
             }

@@ -117,7 +117,7 @@ impl Api {
         if status.is_success() {
             Ok(body)
         } else {
-            Err(Self::http_error(what, format!("HTTP {status}: {}", body.trim())))
+            Err(ToolError::HttpStatus { what: what.into(), status: status.as_u16(), body: body.trim().into() })
         }
     }
 
@@ -173,7 +173,7 @@ impl Api {
         if status.as_u16() == 530 {
             return Err(ToolError::Reducer { reducer: reducer.into(), error: CodedError::parse(&body) });
         }
-        Err(Self::http_error(&what, format!("HTTP {status}: {}", body.trim())))
+        Err(ToolError::HttpStatus { what, status: status.as_u16(), body: body.trim().into() })
     }
 
     /// Whether database `name` exists (`GET /v1/database/NAME` answers 404 when not).

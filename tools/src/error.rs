@@ -22,8 +22,13 @@ pub enum ToolError {
     ModuleBuild(String),
     #[error("the server refused the new module for database {database}: {detail}; the database's schema or data cannot be updated in place (for a local development database, `khala up --clear` starts it over; its data is lost and the authority can be mirrored again)")]
     ModuleRejected { database: String, detail: String },
+    /// A request that got no usable answer (network, timeout, unreadable reply).
     #[error("{what}: {detail}")]
     Http { what: String, detail: String },
+    /// The server answered with a failing HTTP status: callers decide on `status`, not on
+    /// the text (which reads `HTTP 404 Not Found: <body>`, as before the field existed).
+    #[error("{what}: HTTP {}: {body}", status_line(*status))]
+    HttpStatus { what: String, status: u16, body: String },
     #[error("reducer {reducer} failed: {error}")]
     Reducer { reducer: String, error: CodedError },
     #[error("{what}: {source}")]
@@ -42,9 +47,17 @@ impl ToolError {
             ToolError::ServerExited { .. } => "server_exited",
             ToolError::ModuleBuild(_) => "module_build_failed",
             ToolError::ModuleRejected { .. } => "module_rejected",
-            ToolError::Http { .. } => "http_error",
+            ToolError::Http { .. } | ToolError::HttpStatus { .. } => "http_error",
             ToolError::Reducer { error, .. } => error.code.name(),
             ToolError::Io { .. } => "io_error",
+        }
+    }
+
+    /// The HTTP status the server answered with, if it answered.
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            ToolError::HttpStatus { status, .. } => Some(*status),
+            _ => None,
         }
     }
 
@@ -53,4 +66,24 @@ impl ToolError {
     }
 }
 
+/// `404 Not Found`, as reqwest writes a status.
+fn status_line(status: u16) -> String {
+    reqwest::StatusCode::from_u16(status).map(|s| s.to_string()).unwrap_or_else(|_| status.to_string())
+}
+
 pub type Result<T, E = ToolError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_is_a_field_and_the_text_is_unchanged() {
+        let e = ToolError::HttpStatus { what: "calling publish on db".into(), status: 404, body: "no such database".into() };
+        assert_eq!(e.http_status(), Some(404));
+        assert_eq!(e.code(), "http_error");
+        assert_eq!(e.to_string(), "calling publish on db: HTTP 404 Not Found: no such database");
+        let e = ToolError::Http { what: "calling publish".into(), detail: "connection refused".into() };
+        assert_eq!(e.http_status(), None);
+    }
+}

@@ -62,18 +62,10 @@ pub fn publish_args(stream_id: &str, events: &[Event]) -> Value {
 /// timeouts, 5xx, 404 (a restarting server may not have loaded the database yet), 408
 /// and 429 are; other 4xx (bad token, bad request) are not.
 pub fn transient(error: &ToolError) -> bool {
-    match (error, http_status(error)) {
-        (ToolError::Http { .. }, Some(status)) => status >= 500 || matches!(status, 404 | 408 | 429),
-        (ToolError::Http { .. }, None) => true,
-        _ => false,
-    }
-}
-
-/// The HTTP status of a failed request that got an answer (`api.rs` writes `HTTP <status>: ..`).
-pub fn http_status(error: &ToolError) -> Option<u16> {
     match error {
-        ToolError::Http { detail, .. } => detail.strip_prefix("HTTP ").and_then(|rest| rest.get(..3)).and_then(|code| code.parse().ok()),
-        _ => None,
+        ToolError::HttpStatus { status, .. } => *status >= 500 || matches!(status, 404 | 408 | 429),
+        ToolError::Http { .. } => true,
+        _ => false,
     }
 }
 
@@ -92,7 +84,7 @@ pub fn classify(result: Result<(), ToolError>) -> Outcome {
         Err(error) => error,
     };
     let ToolError::Reducer { error: coded, .. } = &error else {
-        return match http_status(&error) {
+        return match error.http_status() {
             Some(413) => Outcome::TooLarge(error.to_string()),
             _ if transient(&error) => Outcome::Transient(error.to_string()),
             _ => Outcome::Fatal(error),
@@ -195,13 +187,21 @@ mod tests {
         Err(ToolError::Http { what: "calling publish".into(), detail: detail.into() })
     }
 
+    fn status(status: u16) -> Result<(), ToolError> {
+        Err(ToolError::HttpStatus { what: "calling publish".into(), status, body: "no".into() })
+    }
+
     #[test]
     fn sorts_replies_into_what_to_do() {
         assert!(matches!(classify(Ok(())), Outcome::Committed));
         assert!(matches!(classify(http("error sending request: connection refused")), Outcome::Transient(_)));
-        assert!(matches!(classify(http("HTTP 503 Service Unavailable: busy")), Outcome::Transient(_)));
-        assert!(matches!(classify(http("HTTP 401 Unauthorized: no")), Outcome::Fatal(_)));
-        assert!(matches!(classify(http("HTTP 413 Payload Too Large: length limit exceeded")), Outcome::TooLarge(_)));
+        assert!(matches!(classify(status(503)), Outcome::Transient(_)));
+        assert!(matches!(classify(status(404)), Outcome::Transient(_)));
+        assert!(matches!(classify(status(401)), Outcome::Fatal(_)));
+        assert!(matches!(classify(status(400)), Outcome::Fatal(_)));
+        assert!(matches!(classify(status(413)), Outcome::TooLarge(_)));
+        // Prose that merely reads like a status is not one.
+        assert!(matches!(classify(http("HTTP 413 Payload Too Large: length limit exceeded")), Outcome::Transient(_)));
         assert!(matches!(classify(reducer("sequence_conflict: stream s event 0: expected=3 actual=5")), Outcome::SequenceConflict(_)));
         assert!(matches!(classify(reducer("batch_too_large: 20000 events in one batch")), Outcome::TooLarge(_)));
         assert!(matches!(

@@ -16,7 +16,7 @@ use super::error::{MirrorError, Result};
 use super::event::{Bad, Event, GAP_KIND};
 use super::metrics::Stats;
 use super::verify::{self, Fingerprint, ModuleRange, Stop};
-use super::publisher::{http_status, transient, Done, Job, Outcome, Publisher};
+use super::publisher::{transient, Done, Job, Outcome, Publisher};
 use super::source::{Origin, Read, Record, Source};
 use super::{OnDivergence, OnGap};
 use crate::api::Api;
@@ -262,7 +262,7 @@ impl Mirror {
                     self.heads_at = Instant::now();
                 }
                 // A database that is missing at start is a typo, not a restart.
-                Err(e) if transient(&e) && !(self.first_reconcile && http_status(&e) == Some(404)) => {
+                Err(e) if transient(&e) && !(self.first_reconcile && e.http_status() == Some(404)) => {
                     self.stats.failure("unavailable");
                     log::warn!("reading stream heads: {e}");
                     continue;
