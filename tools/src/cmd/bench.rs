@@ -10,7 +10,15 @@ use khala_tools::grants;
 use khala_tools::server::{free_port, Lifetime, ServerDir, ServerProcess};
 use rand::RngCore;
 use serde_json::{json, Value};
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+#[path = "../bench/all.rs"]
+mod all;
+#[path = "../bench/chart.rs"]
+mod chart;
+#[path = "../bench/redis.rs"]
+mod redis_base;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -28,6 +36,10 @@ pub enum Which {
     /// Low-rate publishing (one event per call): publish rate over time and segment
     /// rows, with compaction on and off.
     SmallSegments(SmallArgs),
+    /// Every throughput scenario in one run with both baselines (the bare module and Redis
+    /// Streams): batched and unbatched publish, the 0→N curve, replay; writes
+    /// `bench.md`, `bench.json` and `bench.svg` under `--out`.
+    All(all::AllArgs),
 }
 
 #[derive(Args, Debug)]
@@ -94,6 +106,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Which::Replay(a) => replay(a),
         Which::SmallSegments(a) => small_segments(a),
         Which::Publish(a) => publish(a),
+        Which::All(a) => all::all(a),
     }
 }
 
@@ -143,24 +156,8 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     api.call("bench", "grant", json!([reader.identity_arg(), stream, ["subscribe"], 3600]), &owner.token)?;
     let token = dir.path().join("reader.token");
     std::fs::write(&token, &reader.token)?;
-    let replay_with = |what: &str, store: &[&str]| -> anyhow::Result<Value> {
-        let replaying = khala_tools::progress::spinner(format!("{what} replays {} events", args.events));
-        let out = std::process::Command::new(std::env::current_exe()?)
-            .args(["tail", "--quiet", "--exit-when-live", "--report", "--no-ack", "--stream", stream])
-            .args(["--server", &server.url(), "--database", "bench"])
-            .arg("--token-file")
-            .arg(&token)
-            .args(store)
-            .env("RUST_LOG", "warn")
-            .output()
-            .context("running khala tail")?;
-        replaying.finish_and_clear();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let report: Value = stderr.lines().rev().find_map(|l| serde_json::from_str(l).ok()).with_context(|| format!("no report from khala tail:\n{stderr}"))?;
-        let applied = report["applied"].as_u64().unwrap_or(0);
-        anyhow::ensure!(out.status.success() && applied == args.events, "the replay applied {applied} of {} events:\n{stderr}", args.events);
-        Ok(report)
-    };
+    let streams = [stream.to_string()];
+    let replay_with = |what: &str, store: &[&str]| replay_client(&server.url(), "bench", &token, &streams, args.events, what, store);
     let checkpoint = dir.path().join("replay.checkpoint");
     let report = replay_with("a client", &["--checkpoint", &checkpoint.to_string_lossy()])?;
     let mut result = json!({
@@ -191,6 +188,32 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     }
     println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(())
+}
+
+/// Runs a fresh `khala tail` over `streams` of `db` until it is live, checks it applied
+/// `expected` events, and returns its report (events/s, peak RSS, CPU). `store` picks
+/// where it keeps its cursors (`--checkpoint FILE` or `--sqlite FILE ...`).
+fn replay_client(url: &str, db: &str, token: &Path, streams: &[String], expected: u64, what: &str, store: &[&str]) -> anyhow::Result<Value> {
+    let replaying = khala_tools::progress::spinner(format!("{what} replays {expected} events"));
+    let mut tail = std::process::Command::new(std::env::current_exe()?);
+    tail.args(["tail", "--quiet", "--exit-when-live", "--report", "--no-ack"]);
+    for stream in streams {
+        tail.args(["--stream", stream]);
+    }
+    let out = tail
+        .args(["--server", url, "--database", db])
+        .arg("--token-file")
+        .arg(token)
+        .args(store)
+        .env("RUST_LOG", "warn")
+        .output()
+        .context("running khala tail")?;
+    replaying.finish_and_clear();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: Value = stderr.lines().rev().find_map(|l| serde_json::from_str(l).ok()).with_context(|| format!("no report from khala tail:\n{stderr}"))?;
+    let applied = report["applied"].as_u64().unwrap_or(0);
+    anyhow::ensure!(out.status.success() && applied == expected, "the replay applied {applied} of {expected} events:\n{stderr}");
+    Ok(report)
 }
 
 /// One run of `small_segments`: the publish rate of each tenth of the run and the
