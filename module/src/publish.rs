@@ -27,15 +27,15 @@ pub struct PublishEvent {
 
 fn validate_event(index: usize, event: &PublishEvent, max_payload: u32) -> ReducerResult {
     if event.idempotency_key.is_empty() || event.idempotency_key.len() > MAX_KEY_LEN {
-        return Err(fail(ErrorCode::InvalidArgument, format!("event {index}: idempotency_key must be 1..={MAX_KEY_LEN} bytes")));
+        return Err(fail(ErrorCode::InvalidArgument, format!("event={index}: idempotency_key must be 1..={MAX_KEY_LEN} bytes")));
     }
     if event.kind.is_empty() || event.kind.len() > MAX_KIND_LEN {
-        return Err(fail(ErrorCode::InvalidArgument, format!("event {index}: kind must be 1..={MAX_KIND_LEN} bytes")));
+        return Err(fail(ErrorCode::InvalidArgument, format!("event={index}: kind must be 1..={MAX_KIND_LEN} bytes")));
     }
     if event.payload.len() > max_payload as usize {
         return Err(fail(
             ErrorCode::PayloadTooLarge,
-            format!("event {index} (key {}) has {} bytes; the limit is {max_payload}", event.idempotency_key, event.payload.len()),
+            format!("event={index} (key {}) has {} bytes; the limit is {max_payload}", event.idempotency_key, event.payload.len()),
         ));
     }
     Ok(())
@@ -178,7 +178,7 @@ impl Batch<'_> {
     }
 
     fn sequence_conflict(&self, index: usize, actual: u64) -> String {
-        fail(ErrorCode::SequenceConflict, format!("stream {} event {index}: expected={} actual={actual}", self.stream_id, self.head + 1))
+        fail(ErrorCode::SequenceConflict, format!("stream {} event={index}: expected={} actual={actual}", self.stream_id, self.head + 1))
     }
 
     fn by_seq(&mut self, ctx: &ReducerContext, stored: &mut StoredEvents, index: usize, event: PublishEvent) -> ReducerResult {
@@ -206,7 +206,7 @@ impl Batch<'_> {
             }
             Some(_) => Err(fail(
                 ErrorCode::IdempotencyConflict,
-                format!("event {index}: seq={seq} of stream {} holds another event (key {})", self.stream_id, event.idempotency_key),
+                format!("event={index}: seq={seq} of stream {} holds another event (key {})", self.stream_id, event.idempotency_key),
             )),
         }
     }
@@ -221,7 +221,7 @@ impl Batch<'_> {
             }
             return Err(fail(
                 ErrorCode::IdempotencyConflict,
-                format!("event {index}: key {} was published at seq={} with another payload", event.idempotency_key, seen.seq),
+                format!("event={index}: key {} was published at seq={} with another payload", event.idempotency_key, seen.seq),
             ));
         }
         ctx.db.event_key().insert(EventKey { key_hash: khash, seq: self.head + 1, payload_hash: truncate(&phash) });

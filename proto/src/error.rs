@@ -89,10 +89,19 @@ impl CodedError {
         self.message.split_whitespace().find_map(|word| {
             word.strip_prefix(key)
                 .and_then(|rest| rest.strip_prefix('='))
-                .map(|v| v.trim_end_matches([',', ';', ')']))
+                .map(|v| v.trim_end_matches([',', ';', ':', ')']))
         })
     }
+
+    /// Which event of a batch the error is about: the module writes `event=<index>` in
+    /// every per-event refusal (see [`EVENT_FIELD`]).
+    pub fn event_index(&self) -> Option<usize> {
+        self.field(EVENT_FIELD)?.parse().ok()
+    }
 }
+
+/// The field naming the batch index of the event a reducer error is about (`event=3`).
+pub const EVENT_FIELD: &str = "event";
 
 /// Every code a reducer may return, for lookups.
 pub const ALL_CODES: [ErrorCode; 18] = [
@@ -138,6 +147,12 @@ mod tests {
         assert_eq!(e.code, ErrorCode::SequenceConflict);
         assert_eq!(e.field("expected"), Some("5"));
         assert_eq!(e.field("actual"), Some("9"));
+        let e = CodedError::parse("idempotency_conflict: event=3: key k was published at seq=9 with another payload");
+        assert_eq!(e.event_index(), Some(3));
+        assert_eq!(e.field("seq"), Some("9"));
+        assert_eq!(CodedError::parse("payload_too_large: event=12 (key k) has 9 bytes").event_index(), Some(12));
+        // Prose is not a field.
+        assert_eq!(CodedError::parse("invalid_argument: event 4 is odd").event_index(), None);
         assert_eq!(CodedError::parse("boom").code, ErrorCode::Internal);
         assert_eq!(CodedError::parse("nope: x").message, "nope: x");
     }

@@ -137,7 +137,7 @@ fn republishing_a_batch_adds_nothing_and_conflicts_are_named() {
     // The same seq with another payload, kind or key.
     for other in [event_json("k3", "test.event", b"{\"n\":999}", Some(3)), event_json("k3", "other.kind", b"{\"n\":3}", Some(3)), event_json("x3", "test.event", b"{\"n\":3}", Some(3))] {
         let err = publish(&db, &publisher, "s.a", json!([other]));
-        assert_eq!(message(err), "event 0: seq=3 of stream s.a holds another event (key ".to_string() + other["idempotency_key"].as_str().unwrap() + ")");
+        assert_eq!(message(err), "event=0: seq=3 of stream s.a holds another event (key ".to_string() + other["idempotency_key"].as_str().unwrap() + ")");
     }
     // A stream keeps the addressing of its first publish.
     let no_seq = json!([event_json("k7", "test.event", b"{}", None)]);

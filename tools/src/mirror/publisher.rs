@@ -69,14 +69,6 @@ pub fn transient(error: &ToolError) -> bool {
     }
 }
 
-/// The `<n>` of `event <n>` in a reducer message.
-fn event_index(message: &str) -> Option<usize> {
-    message.match_indices("event ").find_map(|(at, m)| {
-        let digits: String = message[at + m.len()..].chars().take_while(char::is_ascii_digit).collect();
-        digits.parse().ok()
-    })
-}
-
 /// Sorts a publish result into an [`Outcome`].
 pub fn classify(result: Result<(), ToolError>) -> Outcome {
     let error = match result {
@@ -93,7 +85,7 @@ pub fn classify(result: Result<(), ToolError>) -> Outcome {
     match coded.code {
         ErrorCode::SequenceConflict => Outcome::SequenceConflict(coded.message.clone()),
         ErrorCode::BatchTooLarge => Outcome::TooLarge(coded.message.clone()),
-        ErrorCode::PayloadTooLarge | ErrorCode::IdempotencyConflict | ErrorCode::InvalidArgument => match event_index(&coded.message) {
+        ErrorCode::PayloadTooLarge | ErrorCode::IdempotencyConflict | ErrorCode::InvalidArgument => match coded.event_index() {
             Some(index) => Outcome::Refused { index, code: coded.code, detail: coded.message.clone() },
             None => Outcome::Fatal(error),
         },
@@ -202,13 +194,15 @@ mod tests {
         assert!(matches!(classify(status(413)), Outcome::TooLarge(_)));
         // Prose that merely reads like a status is not one.
         assert!(matches!(classify(http("HTTP 413 Payload Too Large: length limit exceeded")), Outcome::Transient(_)));
-        assert!(matches!(classify(reducer("sequence_conflict: stream s event 0: expected=3 actual=5")), Outcome::SequenceConflict(_)));
+        assert!(matches!(classify(reducer("sequence_conflict: stream s event=0: expected=3 actual=5")), Outcome::SequenceConflict(_)));
         assert!(matches!(classify(reducer("batch_too_large: 20000 events in one batch")), Outcome::TooLarge(_)));
         assert!(matches!(
-            classify(reducer("payload_too_large: event 12 (key k) has 9 bytes; the limit is 8")),
+            classify(reducer("payload_too_large: event=12 (key k) has 9 bytes; the limit is 8")),
             Outcome::Refused { index: 12, code: ErrorCode::PayloadTooLarge, .. }
         ));
-        assert!(matches!(classify(reducer("idempotency_conflict: event 3: key k was published")), Outcome::Refused { index: 3, .. }));
+        assert!(matches!(classify(reducer("idempotency_conflict: event=3: key k was published")), Outcome::Refused { index: 3, .. }));
+        // An index only in prose is not one: the mirror stops rather than guess.
+        assert!(matches!(classify(reducer("invalid_argument: event 3: kind must be 1..=128 bytes")), Outcome::Fatal(_)));
         assert!(matches!(classify(reducer("unauthorized: publish needs the publisher role")), Outcome::Fatal(_)));
     }
 
