@@ -32,7 +32,7 @@ impl KhalaConfig {
     fn defaults() -> Self {
         KhalaConfig {
             id: 0,
-            max_payload_bytes: 256 * 1024,
+            max_payload_bytes: khala_proto::limits::DEFAULT_MAX_PAYLOAD_BYTES,
             max_batch_events: 8_192,
             max_batch_bytes: 16 * 1024 * 1024,
             protocol_min: khala_proto::PROTOCOL_VERSION,

@@ -8,9 +8,7 @@ use khala_proto::hash::{bucket, chain_hash, from_slice, key_hash, payload_hash, 
 use khala_proto::{segment, ErrorCode, SegmentEvent};
 use spacetimedb::{reducer, ReducerContext, SpacetimeType, Table};
 
-/// Longest idempotency key and kind, in bytes.
-pub const MAX_KEY_LEN: usize = 512;
-pub const MAX_KIND_LEN: usize = 128;
+pub use khala_proto::limits::{MAX_KEY_LEN, MAX_KIND_LEN};
 
 /// One event as a publisher sends it.
 #[derive(SpacetimeType, Clone, Debug)]

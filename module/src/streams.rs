@@ -15,8 +15,7 @@ use khala_proto::hash::GENESIS;
 use khala_proto::ErrorCode;
 use spacetimedb::{client_visibility_filter, reducer, table, Filter, Identity, ReducerContext, Table, Timestamp};
 
-/// Longest stream id, in bytes.
-pub const MAX_STREAM_ID_LEN: usize = 128;
+pub use khala_proto::limits::MAX_STREAM_ID_LEN;
 
 /// One stream's head, retention floor and policy.
 #[table(name = stream, public)]
@@ -160,9 +159,7 @@ pub fn validate_stream_id(stream_id: &str) -> ReducerResult {
     if stream_id.len() > MAX_STREAM_ID_LEN {
         return Err(fail(ErrorCode::InvalidArgument, format!("stream_id is {} bytes; the limit is {MAX_STREAM_ID_LEN}", stream_id.len())));
     }
-    let first_ok = stream_id.as_bytes()[0].is_ascii_alphanumeric();
-    let rest_ok = stream_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
-    if !first_ok || !rest_ok {
+    if !khala_proto::limits::valid_stream_id(stream_id) {
         return Err(fail(
             ErrorCode::InvalidArgument,
             format!("stream_id {stream_id:?} must start with a letter or digit and use only A-Z a-z 0-9 . _ : -"),

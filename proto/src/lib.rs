@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - [`error`]: `ErrorCode` names and the `code: message` reducer error format.
+//! - [`limits`]: stream id, key, kind and payload limits of the contract.
 //! - [`hash`]: SHA-256 payload and chain hashes, checked against fixed test vectors.
 //! - [`segment`]: the versioned encoding of a segment row's `data` column.
 //! - [`json`] (feature `json`): canonical JSON for payloads.
@@ -19,6 +20,7 @@
 
 pub mod error;
 pub mod hash;
+pub mod limits;
 #[cfg(feature = "json")]
 pub mod json;
 pub mod segment;

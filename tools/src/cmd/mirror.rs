@@ -62,7 +62,7 @@ pub struct MirrorArgs {
     #[arg(long)]
     pub allow_owner: bool,
     /// Largest canonical payload accepted, in bytes (the module's default limit).
-    #[arg(long, default_value_t = 262_144)]
+    #[arg(long, default_value_t = khala_proto::limits::DEFAULT_MAX_PAYLOAD_BYTES as usize)]
     pub max_payload_bytes: usize,
     /// A topic → stream rule, `TOPIC_PREFIX*TOPIC_SUFFIX=STREAM_PREFIX*STREAM_SUFFIX`
     /// (e.g. `run:*:events=runtime.run.*.events`); repeat for more. Given any, they

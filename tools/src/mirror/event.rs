@@ -12,9 +12,8 @@ use khala_proto::json::canonical_json;
 use serde::Deserialize;
 use serde_json::Value;
 
-/// Longest idempotency key and kind the module accepts (module/src/publish.rs).
-pub const MAX_KEY_LEN: usize = 512;
-pub const MAX_KIND_LEN: usize = 128;
+/// Longest idempotency key and kind the module accepts.
+pub use khala_proto::limits::{MAX_KEY_LEN, MAX_KIND_LEN};
 
 /// The kind of the marker events `--on-gap skip` publishes in place of missing ones.
 pub const GAP_KIND: &str = "khala.gap";

@@ -23,8 +23,9 @@
 //! (dead-lettered as `unmappable_topic`) when it is empty, holds a byte outside
 //! `[A-Za-z0-9._:-]`, or would make a stream id longer than 128 bytes.
 
-/// Longest stream id the module accepts, in bytes.
-pub const MAX_STREAM_ID_LEN: usize = 128;
+/// The module's stream id rule and its longest stream id.
+pub use khala_proto::limits::{valid_stream_id, MAX_STREAM_ID_LEN};
+use khala_proto::limits::stream_id_byte;
 
 use std::borrow::Cow;
 
@@ -55,7 +56,7 @@ impl Rule {
         let (topic, stream) = spec.split_once('=').ok_or_else(bad)?;
         let (tp, ts) = topic.split_once('*').ok_or_else(bad)?;
         let (sp, ss) = stream.split_once('*').ok_or_else(bad)?;
-        if [tp, ts, sp, ss].iter().any(|part| part.contains('*') || !part.bytes().all(allowed)) {
+        if [tp, ts, sp, ss].iter().any(|part| part.contains('*') || !part.bytes().all(stream_id_byte)) {
             return Err(format!("mapping rule {spec:?}: one `*` per side, and only A-Z a-z 0-9 . _ : -"));
         }
         if sp.is_empty() || !sp.as_bytes()[0].is_ascii_alphanumeric() {
@@ -91,7 +92,7 @@ impl Mapping {
     /// A mapping with its own rules. It stays reversible because no stream prefix (the
     /// general one included) may be a prefix of another: a stream id then names its rule.
     pub fn new(rules: Vec<Rule>, general_prefix: &str) -> Result<Mapping, String> {
-        if general_prefix.is_empty() || !general_prefix.as_bytes()[0].is_ascii_alphanumeric() || !general_prefix.bytes().all(allowed) {
+        if general_prefix.is_empty() || !general_prefix.as_bytes()[0].is_ascii_alphanumeric() || !general_prefix.bytes().all(stream_id_byte) {
             return Err(format!("general prefix {general_prefix:?} must start with a letter or digit and use only A-Z a-z 0-9 . _ : -"));
         }
         let prefixes: Vec<&str> = rules.iter().map(|r| r.stream_prefix.as_ref()).chain([general_prefix]).collect();
@@ -115,7 +116,7 @@ impl Mapping {
         if topic.is_empty() {
             return Err(Unmappable("the topic is empty".into()));
         }
-        if let Some(bad) = topic.bytes().find(|b| !allowed(*b)) {
+        if let Some(bad) = topic.bytes().find(|b| !stream_id_byte(*b)) {
             return Err(Unmappable(format!("topic {topic:?} holds byte 0x{bad:02x}; topics use only A-Z a-z 0-9 . _ : -")));
         }
         let stream = self
@@ -153,16 +154,6 @@ impl std::fmt::Display for Unmappable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
-}
-
-fn allowed(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"._:-".contains(&b)
-}
-
-/// The module's stream id rule (kept in step with `module/src/streams.rs`).
-pub fn valid_stream_id(stream_id: &str) -> bool {
-    let bytes = stream_id.as_bytes();
-    !bytes.is_empty() && bytes.len() <= MAX_STREAM_ID_LEN && bytes[0].is_ascii_alphanumeric() && bytes.iter().all(|b| allowed(*b))
 }
 
 /// Swaps `:` and `.`; every other byte stays.
