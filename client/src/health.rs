@@ -2,6 +2,7 @@
 //! the sync loop and whoever displays it, and written as JSON beside the checkpoint.
 
 use khala_proto::v1::{ConnectionState, HealthSnapshot, StreamHealth};
+use khala_proto::SnakeName;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::Path;
@@ -23,20 +24,9 @@ impl HealthHandle {
     }
 }
 
-/// The snake_case name of a state, as JSON shows it.
+/// The snake_case name of a state, as JSON shows it (`unspecified` for an unknown number).
 pub fn state_name(state: i32) -> &'static str {
-    match ConnectionState::try_from(state).unwrap_or(ConnectionState::Unspecified) {
-        ConnectionState::Unspecified => "unspecified",
-        ConnectionState::Connecting => "connecting",
-        ConnectionState::Replaying => "replaying",
-        ConnectionState::Live => "live",
-        ConnectionState::Backoff => "backoff",
-        ConnectionState::Stale => "stale",
-        ConnectionState::Unauthorized => "unauthorized",
-        ConnectionState::UpgradeRequired => "upgrade_required",
-        ConnectionState::ServerBehind => "server_behind",
-        ConnectionState::Forbidden => "forbidden",
-    }
+    ConnectionState::try_from(state).unwrap_or_default().snake_name()
 }
 
 /// The health file's JSON (what [`write_json`] writes, [`read_json`] reads and

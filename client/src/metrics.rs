@@ -49,13 +49,7 @@ const STATES: [ConnectionState; 10] = [
 /// The snake_case label of a rebootstrap reason (`stale_cursor`, `chain_mismatch`,
 /// `epoch_changed`, `corrupt_checkpoint`).
 pub fn reason_name(reason: i32) -> &'static str {
-    match RebootstrapReason::try_from(reason).unwrap_or_default() {
-        RebootstrapReason::Unspecified => "unspecified",
-        RebootstrapReason::StaleCursor => "stale_cursor",
-        RebootstrapReason::ChainMismatch => "chain_mismatch",
-        RebootstrapReason::EpochChanged => "epoch_changed",
-        RebootstrapReason::CorruptCheckpoint => "corrupt_checkpoint",
-    }
+    khala_proto::SnakeName::snake_name(RebootstrapReason::try_from(reason).unwrap_or_default())
 }
 
 /// Seconds from `from_micros` to `now_micros`; `None` when `from` is unknown (0) or in

@@ -5,38 +5,18 @@
 //! that callers (the mirror, the client, the CLI) can act on the code without parsing prose.
 
 pub use crate::v1::ErrorCode;
+use crate::SnakeName;
 use std::fmt;
 
 impl ErrorCode {
     /// The stable snake_case name used on the wire, e.g. `payload_too_large`.
     pub fn name(self) -> &'static str {
-        match self {
-            ErrorCode::Unspecified => "unspecified",
-            ErrorCode::Unauthorized => "unauthorized",
-            ErrorCode::ForbiddenStream => "forbidden_stream",
-            ErrorCode::BadSubscription => "bad_subscription",
-            ErrorCode::StaleCursor => "stale_cursor",
-            ErrorCode::PayloadTooLarge => "payload_too_large",
-            ErrorCode::SequenceConflict => "sequence_conflict",
-            ErrorCode::IdempotencyConflict => "idempotency_conflict",
-            ErrorCode::ChainMismatch => "chain_mismatch",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::UnsupportedProtocolVersion => "unsupported_protocol_version",
-            ErrorCode::UpgradeRequired => "upgrade_required",
-            ErrorCode::Internal => "internal",
-            ErrorCode::InvalidArgument => "invalid_argument",
-            ErrorCode::AckBeyondHead => "ack_beyond_head",
-            ErrorCode::UnknownStream => "unknown_stream",
-            ErrorCode::BatchTooLarge => "batch_too_large",
-            ErrorCode::SlowConsumer => "slow_consumer",
-            ErrorCode::AuthorityDivergence => "authority_divergence",
-        }
+        self.snake_name()
     }
 
-    /// Parses a snake_case name back into a code.
+    /// Parses a snake_case name back into a code (`unspecified` is not one).
     pub fn from_name(name: &str) -> Option<ErrorCode> {
-        ErrorCode::from_str_name(&format!("ERROR_CODE_{}", name.to_ascii_uppercase()))
-            .filter(|code| *code != ErrorCode::Unspecified)
+        ErrorCode::from_snake_name(name).filter(|code| *code != ErrorCode::Unspecified)
     }
 }
 

@@ -28,6 +28,17 @@ pub mod segment;
 /// Generated prost types of package `khala.sync.v1`.
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/khala.sync.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/snake_names.rs"));
+}
+
+/// The snake_case name of a proto enum value, as JSON, metrics labels and reducer errors
+/// show it: the value's proto name without the enum's prefix, lowercased
+/// (`REBOOTSTRAP_REASON_STALE_CURSOR` → `stale_cursor`). build.rs implements it for every
+/// enum of the contract from the descriptors, so no crate keeps its own table.
+pub trait SnakeName: Sized {
+    fn snake_name(self) -> &'static str;
+    /// The value named `name` (`unspecified` included).
+    fn from_snake_name(name: &str) -> Option<Self>;
 }
 
 pub use error::{CodedError, ErrorCode};
@@ -35,3 +46,29 @@ pub use v1::{AuthorityEvent, Checkpoint, SegmentBody, SegmentEvent, StaleCursor,
 
 /// The protocol version this build of Khala speaks (`hello(protocol_version, ..)`).
 pub const PROTOCOL_VERSION: u32 = 1;
+
+#[cfg(test)]
+mod snake_name_tests {
+    use super::v1::{ConnectionState, RebootstrapReason};
+    use super::{ErrorCode, SnakeName};
+
+    /// Every value of `E` (numbers 0..64) against prost's own proto name, both ways.
+    fn check<E: SnakeName + Copy + PartialEq + std::fmt::Debug + TryFrom<i32>>(prefix: &str, proto_name: fn(E) -> &'static str) -> usize {
+        let values: Vec<E> = (0..64).filter_map(|n| E::try_from(n).ok()).collect();
+        for v in &values {
+            assert_eq!(v.snake_name(), proto_name(*v).strip_prefix(prefix).unwrap().to_ascii_lowercase());
+            assert_eq!(E::from_snake_name(v.snake_name()), Some(*v));
+        }
+        values.len()
+    }
+
+    #[test]
+    fn every_enum_has_its_proto_names() {
+        assert_eq!(check::<ErrorCode>("ERROR_CODE_", |v| v.as_str_name()), 19);
+        assert_eq!(check::<RebootstrapReason>("REBOOTSTRAP_REASON_", |v| v.as_str_name()), 5);
+        assert_eq!(check::<ConnectionState>("CONNECTION_STATE_", |v| v.as_str_name()), 10);
+        assert_eq!(ConnectionState::UpgradeRequired.snake_name(), "upgrade_required");
+        assert_eq!(RebootstrapReason::from_snake_name("corrupt_checkpoint"), Some(RebootstrapReason::CorruptCheckpoint));
+        assert_eq!(ConnectionState::from_snake_name("nope"), None);
+    }
+}

@@ -9,7 +9,7 @@ use clap::Args;
 use khala_client::health;
 use khala_client::{ClientConfig, Event, Handler, HandlerError, SyncClient};
 use khala_proto::hash::{display, payload_hash};
-use khala_proto::v1::{ConnectionState, RebootstrapReason};
+use khala_proto::v1::ConnectionState;
 use khala_client::store::sqlite::{Commit, SqliteStore};
 use khala_proto::{StaleCursor, StreamCursor};
 use serde_json::json;
@@ -136,7 +136,7 @@ impl Handler for Printer {
         if let Some(store) = &mut self.store {
             store.rebootstrap(s)?;
         }
-        let reason = RebootstrapReason::try_from(s.reason).unwrap_or_default().as_str_name().trim_start_matches("REBOOTSTRAP_REASON_").to_ascii_lowercase();
+        let reason = khala_client::metrics::reason_name(s.reason);
         let line = json!({ "rebootstrap": {
             "stream_id": s.stream_id, "reason": reason, "requested": s.requested,
             "oldest_available": s.oldest_available, "head": s.head, "epoch": s.epoch } });
