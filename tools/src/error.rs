@@ -31,8 +31,13 @@ pub enum ToolError {
     HttpStatus { what: String, status: u16, body: String },
     #[error("reducer {reducer} failed: {error}")]
     Reducer { reducer: String, error: CodedError },
-    #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    /// The cause is part of the message and deliberately not a `source()`, so that an
+    /// error chain printed with `{:#}` says it once.
+    #[error("{what}: {cause}")]
+    Io { what: String, cause: std::io::Error },
+    /// A command refusing or failing for a reason of its own, with its stable code.
+    #[error("{detail}")]
+    Command { code: &'static str, detail: String },
 }
 
 impl ToolError {
@@ -50,6 +55,7 @@ impl ToolError {
             ToolError::Http { .. } | ToolError::HttpStatus { .. } => "http_error",
             ToolError::Reducer { error, .. } => error.code.name(),
             ToolError::Io { .. } => "io_error",
+            ToolError::Command { code, .. } => code,
         }
     }
 
@@ -62,7 +68,7 @@ impl ToolError {
     }
 
     pub fn io(what: impl Into<String>, source: std::io::Error) -> ToolError {
-        ToolError::Io { what: what.into(), source }
+        ToolError::Io { what: what.into(), cause: source }
     }
 }
 

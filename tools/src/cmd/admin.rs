@@ -4,7 +4,7 @@
 use super::Target;
 use clap::Args;
 use khala_tools::api::identity_arg;
-use khala_tools::inspect;
+use khala_tools::{inspect, ToolError};
 use serde_json::json;
 
 #[derive(Args, Debug)]
@@ -121,14 +121,19 @@ pub fn reset_stream(args: ResetStreamArgs) -> anyhow::Result<()> {
     // Not called when the row is hidden: an admin that is not the owner may reach a stream
     // row-level security hides from it, and one call could reset it with nothing to show it.
     let Some(before) = inspect::stream(&api, db, &token, &args.stream)? else {
-        anyhow::bail!(
-            "the stream {:?} is not visible to this identity: it does not exist, or row-level security hides it (an admin that is not the owner sees only the streams it holds a grant on; use the owner's token). Nothing was reset",
-            args.stream
-        );
+        return Err(ToolError::Command {
+            code: "stream_not_visible",
+            detail: format!(
+                "the stream {:?} is not visible to this identity: it does not exist, or row-level security hides it (an admin that is not the owner sees only the streams it holds a grant on; use the owner's token). Nothing was reset",
+                args.stream
+            ),
+        }
+        .into());
     };
     for step in 1..=args.max_steps {
         api.call(db, "reset_stream", json!([args.stream]), &token)?;
-        let now = inspect::stream(&api, db, &token, &args.stream)?.ok_or_else(|| anyhow::anyhow!("the stream {:?} disappeared during the reset", args.stream))?;
+        let now = inspect::stream(&api, db, &token, &args.stream)?
+            .ok_or_else(|| ToolError::Command { code: "stream_not_visible", detail: format!("the stream {:?} disappeared from view during the reset", args.stream) })?;
         if now.epoch > before.epoch {
             println!(
                 "reset {} in {step} step(s): epoch {} -> {}, head {} -> {} (clients rebuild it; the mirror republishes it from the authority)",
@@ -137,7 +142,11 @@ pub fn reset_stream(args: ResetStreamArgs) -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    anyhow::bail!("reset_incomplete: {} is not reset after {} steps (is a publisher still writing to it?)", args.stream, args.max_steps)
+    Err(ToolError::Command {
+        code: "reset_incomplete",
+        detail: format!("{} is not reset after {} steps (is a publisher still writing to it?)", args.stream, args.max_steps),
+    }
+    .into())
 }
 
 #[derive(Args, Debug)]
