@@ -2,7 +2,7 @@
 //! test run from this workspace, the way `khala_tools::module_wasm` builds the module.
 
 use khala_tools::paths::workspace_root;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -22,4 +22,16 @@ pub fn khala_bin() -> PathBuf {
         target_dir.join("debug").join("khala")
     })
     .clone()
+}
+
+/// `khala` as a test runs it: the user's own settings kept out (no `khala.env`, no
+/// server, database or token from the environment), so that only the flags count.
+/// `dir` is a scratch dir; the settings file named there never exists.
+pub fn isolated_khala(dir: &Path) -> Command {
+    let mut command = Command::new(khala_bin());
+    command.env("KHALA_ENV_FILE", dir.join("none.env"));
+    for setting in ["KHALA_SERVER_URL", "KHALA_DATABASE", "KHALA_TOKEN_FILE", "KHALA_MIRROR_TOKEN_FILE"] {
+        command.env_remove(setting);
+    }
+    command
 }

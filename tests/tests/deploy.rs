@@ -7,13 +7,13 @@
 //! Each test checks the server afterwards, not only what the command says: the live
 //! schema (`/schema?version=9`), the live program hash, and rows that must survive.
 
-use khala_tests::bin::khala_bin;
+use khala_tests::bin::isolated_khala;
 use khala_tests::{publish_range, shared_server, TestDb};
 use khala_tools::api::Credentials;
 use khala_tools::deploy::schema::Schema;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 
 /// The three wasm files, built once per run.
@@ -54,17 +54,13 @@ impl Run {
 /// Runs `khala deploy` against `database` as the identity whose token is in `token`.
 fn deploy(database: &str, token: &Path, wasm: &Path, flags: &[&str]) -> Run {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(khala_bin())
+    let output = isolated_khala(dir.path())
         .arg("deploy")
         .args(["--server", shared_server().url(), "--database", database, "--token-file"])
         .arg(token)
         .arg("--wasm")
         .arg(wasm)
         .args(flags)
-        .env("KHALA_ENV_FILE", dir.path().join("none.env"))
-        .env_remove("KHALA_SERVER_URL")
-        .env_remove("KHALA_DATABASE")
-        .env_remove("KHALA_TOKEN_FILE")
         .env("RUST_LOG", "warn")
         .output()
         .expect("running khala deploy");

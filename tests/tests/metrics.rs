@@ -2,14 +2,14 @@
 //! real server: the client (`khala tail --metrics-addr`), the module's state (`khala
 //! exporter`), and the mirror's Postgres outbox backlog (`khala mirror --metrics-addr`).
 
-use khala_tests::bin::khala_bin;
+use khala_tests::bin::isolated_khala;
 use khala_tests::pg::Postgres;
 use khala_tests::{publish_range, shared_server, wait_for, TestDb, TestServer};
 use khala_tools::api::{publish_event_arg, Credentials};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 /// A `khala` child process, stopped with SIGTERM (then killed) when dropped.
@@ -21,12 +21,8 @@ struct Khala {
 impl Khala {
     fn spawn(dir: &Path, name: &str, args: &[&str]) -> Khala {
         let log = dir.join(format!("{name}.log"));
-        let child = Command::new(khala_bin())
+        let child = isolated_khala(dir)
             .args(args)
-            .env("KHALA_ENV_FILE", dir.join("none.env"))
-            .env_remove("KHALA_SERVER_URL")
-            .env_remove("KHALA_DATABASE")
-            .env_remove("KHALA_TOKEN_FILE")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -276,7 +272,7 @@ fn mirror_serves_the_outbox_depth_and_oldest_age_before_and_after_mirroring() {
             .map(|s| s.to_string())
             .collect()
     };
-    let migrate = Command::new(khala_bin()).args(["mirror", "--postgres", &url, "--migrate"]).env("KHALA_ENV_FILE", dir.path().join("none.env")).output().unwrap();
+    let migrate = isolated_khala(dir.path()).args(["mirror", "--postgres", &url, "--migrate"]).output().unwrap();
     assert!(migrate.status.success(), "{}", String::from_utf8_lossy(&migrate.stderr));
     pg.psql(
         "INSERT INTO khala_outbox (topic, seq, kind, payload, occurred_at) \

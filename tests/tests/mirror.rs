@@ -5,7 +5,7 @@
 //! order, with no duplicates: seqs, chain, kinds, keys and payload bytes.
 
 use khala_proto::json::canonical_json;
-use khala_tests::bin::khala_bin;
+use khala_tests::bin::isolated_khala;
 use khala_tests::pg::Postgres;
 use khala_tests::verify::{segments, verify_stream};
 use khala_tests::{shared_server, wait_for, TestDb, TestServer};
@@ -90,7 +90,7 @@ fn mirror<S: AsRef<std::ffi::OsStr>>(db: &TestDb, dir: &Path, args: impl IntoIte
 
 /// `khala mirror` against `db` with the token in `token`.
 fn mirror_as<S: AsRef<std::ffi::OsStr>>(db: &TestDb, dir: &Path, token: &Path, args: impl IntoIterator<Item = S>) -> Command {
-    let mut command = Command::new(khala_bin());
+    let mut command = isolated_khala(dir);
     command
         .arg("mirror")
         .args(["--server", &db.url, "--database", &db.name, "--token-file"])
@@ -98,10 +98,6 @@ fn mirror_as<S: AsRef<std::ffi::OsStr>>(db: &TestDb, dir: &Path, token: &Path, a
         .arg("--state-dir")
         .arg(dir.join("state"))
         .args(args)
-        .env("KHALA_ENV_FILE", dir.join("none.env"))
-        .env_remove("KHALA_SERVER_URL")
-        .env_remove("KHALA_DATABASE")
-        .env_remove("KHALA_TOKEN_FILE")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null());
     command

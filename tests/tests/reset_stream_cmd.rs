@@ -2,19 +2,18 @@
 //! until its epoch goes up; an admin that is not the owner, from whom row-level security
 //! hides the stream, is refused and the stream is left as it was.
 
-use khala_tests::bin::khala_bin;
+use khala_tests::bin::isolated_khala;
 use khala_tests::{publish_range, shared_server, TestDb};
 use khala_tools::api::Credentials;
 use serde_json::{json, Value};
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn reset_stream(db: &TestDb, who: &Credentials, stream: &str) -> Output {
     let dir = tempfile::tempdir().unwrap();
     let token = khala_tests::client::token_file(dir.path(), who);
-    Command::new(khala_bin())
+    isolated_khala(dir.path())
         .args(["reset-stream", "--server", &db.url, "--database", &db.name, "--stream", stream, "--token-file"])
         .arg(&token)
-        .env("KHALA_ENV_FILE", dir.path().join("none.env"))
         .output()
         .expect("running khala reset-stream")
 }

@@ -5,11 +5,11 @@
 
 use khala_client::store::sqlite::SqliteStore;
 use khala_proto::hash::{chain_hash, payload_hash, GENESIS};
-use khala_tests::bin::khala_bin;
+use khala_tests::bin::{isolated_khala, khala_bin};
 use khala_tests::{publish_range, shared_server, test_payload, TestDb};
 use rand::Rng;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,14 +22,13 @@ const BACKLOG: u64 = 100_000;
 
 fn tail(db: &TestDb, dir: &Path, token: &Path, run: usize, exit_when_live: bool) -> Child {
     let log = std::fs::File::create(dir.join(format!("tail-{run}.log"))).unwrap();
-    let mut command = Command::new(khala_bin());
+    let mut command = isolated_khala(dir);
     command
         .args(["tail", "--quiet", "--no-ack", "--stream", STREAM, "--server", &db.url, "--database", &db.name])
         .arg("--token-file")
         .arg(token)
         .arg("--sqlite")
         .arg(dir.join("app.db"))
-        .env("KHALA_ENV_FILE", dir.join("none.env"))
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
