@@ -56,11 +56,12 @@ fn drain(engine: &mut StreamEngine, applied: &mut Vec<u64>) {
 enum Step {
     Deliver(usize),
     Restart,
-    HandlerFails,
+    /// Offers a segment, and the handler fails on the first event that becomes ready.
+    HandlerFails(usize),
 }
 
 fn step() -> impl Strategy<Value = Step> {
-    prop_oneof![8 => any::<usize>().prop_map(Step::Deliver), 1 => Just(Step::Restart), 1 => Just(Step::HandlerFails)]
+    prop_oneof![8 => any::<usize>().prop_map(Step::Deliver), 1 => Just(Step::Restart), 2 => any::<usize>().prop_map(Step::HandlerFails)]
 }
 
 proptest! {
@@ -80,10 +81,17 @@ proptest! {
                     drain(&mut engine, &mut applied);
                 }
                 Step::Restart => engine = StreamEngine::new(&engine.cursor(0)),
-                Step::HandlerFails => {
-                    // The handler did not return Ok: nothing is marked, the event stays next.
-                    let before = engine.next_ready().map(|e| e.seq);
-                    prop_assert_eq!(engine.next_ready().map(|e| e.seq), before);
+                Step::HandlerFails(i) => {
+                    let _ = engine.offer(segs[i % segs.len()].clone());
+                    let (applied_before, chain_before) = (engine.applied(), engine.cursor(0).chain_hash);
+                    if let Some(seq) = engine.next_ready().map(|e| e.seq) {
+                        // The handler did not return Ok, so nothing is marked: the cursor
+                        // stays, and the same event is offered again, never the one after.
+                        prop_assert_eq!(seq, applied_before + 1);
+                        prop_assert_eq!(engine.applied(), applied_before);
+                        prop_assert_eq!(engine.cursor(0).chain_hash, chain_before);
+                        prop_assert_eq!(engine.next_ready().map(|e| e.seq), Some(seq));
+                    }
                 }
             }
         }
