@@ -216,26 +216,41 @@ pub struct MirrorProc {
     pub follow: bool,
 }
 
+/// Whether the process in `child` is still running.
+fn child_running(child: &mut Option<Child>) -> bool {
+    child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+}
+
+/// SIGKILL, and reap it.
+fn kill9_child(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`; the exit status if it ended.
+fn stop_child(child: &mut Option<Child>, grace: Duration) -> Option<std::process::ExitStatus> {
+    let mut c = child.take()?;
+    signal(c.id(), nix::sys::signal::Signal::SIGTERM);
+    wait_child(&mut c, grace).or_else(|| {
+        let _ = c.kill();
+        c.wait().ok()
+    })
+}
+
 impl MirrorProc {
     pub fn running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        child_running(&mut self.child)
     }
 
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill9_child(&mut self.child);
     }
 
     /// SIGTERM (a clean stop), then SIGKILL after `grace`; the exit status if it ended.
     pub fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
-        let mut c = self.child.take()?;
-        signal(c.id(), nix::sys::signal::Signal::SIGTERM);
-        wait_child(&mut c, grace).or_else(|| {
-            let _ = c.kill();
-            c.wait().ok()
-        })
+        stop_child(&mut self.child, grace)
     }
 
     /// Waits for the process to exit on its own.
@@ -301,24 +316,16 @@ pub struct ClientProc {
 
 impl ClientProc {
     pub fn alive(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        child_running(&mut self.child)
     }
 
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill9_child(&mut self.child);
     }
 
     /// SIGTERM (the client checkpoints and exits); SIGKILL after `grace`.
     pub fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
-        let mut c = self.child.take()?;
-        signal(c.id(), nix::sys::signal::Signal::SIGTERM);
-        wait_child(&mut c, grace).or_else(|| {
-            let _ = c.kill();
-            c.wait().ok()
-        })
+        stop_child(&mut self.child, grace)
     }
 
     /// Reads what the current incarnation logged since the last call.
