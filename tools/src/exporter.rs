@@ -13,6 +13,7 @@
 //! serving and tries again at the next interval.
 
 use crate::api::{Api, SqlRows};
+use crate::inspect::GrantRow;
 use crate::error::{Result, ToolError};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -133,33 +134,22 @@ pub fn streams(rows: &SqlRows, bytes: &BTreeMap<String, u64>) -> Result<Vec<Stre
         .collect()
 }
 
-/// Live grants by scope and how many end within [`EXPIRING_SOON`] of `now_micros`, from
-/// `stream_grant` rows (`subscribe`, `ack`, `expires_at`) and `publish_grant` rows
-/// (`expires_at`). A row past its lease that the module has not removed yet is not live.
-pub fn grants(stream_grants: &SqlRows, publish_grants: &SqlRows, now_micros: i64) -> Result<(BTreeMap<&'static str, u64>, u64)> {
+/// Live grants by scope and how many end within [`EXPIRING_SOON`] of `now_micros`
+/// (inspect's typed grant rows). A row past its lease that the module has not removed
+/// yet is not live.
+pub fn grants(rows: &[GrantRow], now_micros: i64) -> (BTreeMap<&'static str, u64>, u64) {
     let soon = now_micros + EXPIRING_SOON.as_micros() as i64;
     let mut by_scope: BTreeMap<&'static str, u64> = [("subscribe", 0), ("ack", 0), ("publish", 0)].into_iter().collect();
     let mut expiring = 0;
-    let mut count = |expires: i64, scopes: &[&'static str]| {
-        if expires <= now_micros {
-            return;
-        }
-        for scope in scopes {
+    for grant in rows.iter().filter(|g| g.expires_at_micros > now_micros) {
+        for scope in &grant.scopes {
             *by_scope.entry(scope).or_default() += 1;
         }
-        if expires <= soon {
+        if grant.expires_at_micros <= soon {
             expiring += 1;
         }
-    };
-    for row in &stream_grants.rows {
-        let flag = |column| stream_grants.get(row, column).and_then(Value::as_bool).unwrap_or(false);
-        let scopes: Vec<&'static str> = [("subscribe", flag("subscribe")), ("ack", flag("ack"))].into_iter().filter(|(_, on)| *on).map(|(s, _)| s).collect();
-        count(crate::inspect::micros_at(stream_grants, row, "grants", "expires_at")?, &scopes);
     }
-    for row in &publish_grants.rows {
-        count(crate::inspect::micros_at(publish_grants, row, "publish grants", "expires_at")?, &["publish"]);
-    }
-    Ok((by_scope, expiring))
+    (by_scope, expiring)
 }
 
 /// Every numeric column of the `khala_config` row but its key.
@@ -176,9 +166,7 @@ fn now_micros() -> i64 {
 pub fn read(api: &Api, database: &str, token: &str, bytes: &mut SegmentBytes) -> Result<Snapshot> {
     let stream_rows = api.sql(database, "SELECT * FROM stream", token)?;
     let per_stream = bytes.refresh(api, database, token)?;
-    let stream_grants = api.sql(database, "SELECT subscribe, ack, expires_at FROM stream_grant", token)?;
-    let publish_grants = api.sql(database, "SELECT expires_at FROM publish_grant", token)?;
-    let (grants, expiring_soon) = grants(&stream_grants, &publish_grants, now_micros())?;
+    let (grants, expiring_soon) = grants(&crate::inspect::grants(api, database, token)?, now_micros());
     let presence = api.sql(database, "SELECT connected FROM presence", token)?;
     let connected = presence.rows.first().and_then(|r| presence.get(r, "connected")).and_then(Value::as_u64).unwrap_or(0);
     let config = config(&api.sql(database, "SELECT * FROM khala_config", token)?);
@@ -251,17 +239,16 @@ mod tests {
     fn grants_count_live_leases_by_scope_and_those_ending_soon() {
         let now = 1_000_000_000_000;
         let min = 60_000_000;
-        let stream = rows(
-            &["subscribe", "ack", "expires_at"],
-            vec![
-                json!([true, true, [now + 60 * min]]),
-                json!([true, false, [now + 2 * min]]),
-                // Past its lease, not swept yet: not live.
-                json!([true, true, [now - 1]]),
-            ],
-        );
-        let publish = rows(&["expires_at"], vec![json!([[now + 4 * min]]), json!([[now + 6 * min]])]);
-        let (by_scope, soon) = grants(&stream, &publish, now).unwrap();
+        let grant = |scopes: &[&'static str], expires_at_micros| GrantRow { grantee: "c200".into(), stream: "s".into(), scopes: scopes.to_vec(), expires_at_micros };
+        let all = [
+            grant(&["subscribe", "ack"], now + 60 * min),
+            grant(&["subscribe"], now + 2 * min),
+            // Past its lease, not swept yet: not live.
+            grant(&["subscribe", "ack"], now - 1),
+            grant(&["publish"], now + 4 * min),
+            grant(&["publish"], now + 6 * min),
+        ];
+        let (by_scope, soon) = grants(&all, now);
         assert_eq!(by_scope, [("ack", 1), ("publish", 2), ("subscribe", 2)].into_iter().collect());
         assert_eq!(soon, 2);
     }

@@ -168,34 +168,52 @@ pub fn grants(api: &Api, database: &str, token: &str) -> Result<Vec<GrantRow>> {
             expires_at_micros: micros_at(&stream_rows, row, "stream_grant", "expires_at")?,
         });
     }
-    let publish_rows = api.sql(database, "SELECT * FROM publish_grant", token)?;
-    let mut publish = Vec::new();
-    for row in &publish_rows.rows {
-        let pattern = text_at(&publish_rows, row, "publish_grant", "pattern")?;
-        let prefix = bool_at(&publish_rows, row, "publish_grant", "prefix")?;
-        publish.push(GrantRow {
-            grantee: identity_at(&publish_rows, row, "publish_grant", "grantee")?,
-            stream: if prefix { format!("{pattern}*") } else { pattern },
+    let mut publish: Vec<GrantRow> = publish_grants(api, database, token)?
+        .into_iter()
+        .map(|g| GrantRow {
+            stream: if g.prefix { format!("{}*", g.pattern) } else { g.pattern },
+            grantee: g.grantee,
             scopes: vec!["publish"],
-            expires_at_micros: micros_at(&publish_rows, row, "publish_grant", "expires_at")?,
-        });
-    }
+            expires_at_micros: g.expires_at_micros,
+        })
+        .collect();
     out.sort_by(|a, b| (&a.stream, &a.grantee).cmp(&(&b.stream, &b.grantee)));
     publish.sort_by(|a, b| (&a.stream, &a.grantee).cmp(&(&b.stream, &b.grantee)));
     out.extend(publish);
     Ok(out)
 }
 
+/// One `publish_grant` row: an exact stream id, or a prefix when `prefix`.
+struct PublishGrantRow {
+    grantee: String,
+    pattern: String,
+    prefix: bool,
+    expires_at_micros: i64,
+}
+
+fn publish_grants(api: &Api, database: &str, token: &str) -> Result<Vec<PublishGrantRow>> {
+    let rows = api.sql(database, "SELECT * FROM publish_grant", token)?;
+    rows.rows
+        .iter()
+        .map(|row| {
+            Ok(PublishGrantRow {
+                grantee: identity_at(&rows, row, "publish_grant", "grantee")?,
+                pattern: text_at(&rows, row, "publish_grant", "pattern")?,
+                prefix: bool_at(&rows, row, "publish_grant", "prefix")?,
+                expires_at_micros: micros_at(&rows, row, "publish_grant", "expires_at")?,
+            })
+        })
+        .collect()
+}
+
 /// The publish reach of `identity`: its live publish grants, as `(pattern, prefix)`.
 /// A non-admin sees only its own grants; an admin's view is filtered to `identity`.
+/// Reads only `publish_grant` (the mirror calls this at every reconcile).
 pub fn publish_reach(api: &Api, database: &str, token: &str, identity: &str, now_micros: i64) -> Result<PublishReach> {
-    let patterns = grants(api, database, token)?
+    let patterns = publish_grants(api, database, token)?
         .into_iter()
-        .filter(|g| g.scopes == ["publish"] && g.grantee == identity && g.expires_at_micros > now_micros)
-        .map(|g| match g.stream.strip_suffix('*') {
-            Some(prefix) => (prefix.to_string(), true),
-            None => (g.stream, false),
-        })
+        .filter(|g| g.grantee == identity && g.expires_at_micros > now_micros)
+        .map(|g| (g.pattern, g.prefix))
         .collect();
     Ok(PublishReach { patterns })
 }
