@@ -7,32 +7,80 @@
 
 use crate::apply::SegmentIn;
 use crate::error::ClientError;
-use khala_proto::hash::{from_slice, GENESIS};
+use khala_proto::hash::{from_slice, Hash32, GENESIS};
 use crate::module_bindings::*;
 use khala_proto::CodedError;
 use spacetimedb_sdk::{DbContext, Status, Table, TableWithPrimaryKey};
 use std::sync::mpsc::Sender;
 
-/// Everything the connection reports, in the order it happened.
-#[derive(Debug)]
+/// Everything the connection reports, in the order it happened: plain data (rows are
+/// copied out of the generated types), so the pure [`Driver`](crate::sync::driver::Driver)
+/// takes it as it is and its tests build it without a server.
+#[derive(Debug, Clone)]
 pub enum Msg {
     Connected(spacetimedb_sdk::Identity),
     Disconnected(Option<String>),
     /// A segment, decoded and hashed on the SDK's thread, and its `published_at` (micros,
     /// for the delivery latency metric).
     Segment(String, Result<SegmentIn, String>, i64),
-    Stream(Stream),
+    Stream(StreamRow),
     StreamGone(String),
-    Grant(StreamGrant),
-    GrantGone(StreamGrant),
-    WindowOpen(ClientWindow),
-    WindowClosed(ClientWindow),
+    Grant(GrantRow),
+    GrantGone(GrantRow),
+    WindowOpen(WindowRow),
+    WindowClosed(WindowRow),
     /// The result of an `open_window` / `close_window` call.
     WindowCall { stream_id: String, bucket: u64, open: bool, result: Result<(), String> },
     Applied(u64),
     SubscriptionError(u64, String),
     Hello(Result<(), String>),
     Acked { stream_id: String, seq: u64, result: Result<(), String> },
+}
+
+/// What the client reads of a `stream` row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamRow {
+    pub stream_id: String,
+    pub epoch: u32,
+    pub head_seq: u64,
+    pub oldest_seq: u64,
+    pub head_hash: Hash32,
+}
+
+/// What the client reads of a `stream_grant` row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrantRow {
+    pub grantee: spacetimedb_sdk::Identity,
+    pub stream_id: String,
+    pub subscribe: bool,
+    pub ack: bool,
+    pub expires_at_micros: i64,
+}
+
+/// What the client reads of a `client_window` row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowRow {
+    pub grantee: spacetimedb_sdk::Identity,
+    pub stream_id: String,
+    pub bucket: u64,
+}
+
+impl From<&Stream> for StreamRow {
+    fn from(r: &Stream) -> Self {
+        StreamRow { stream_id: r.stream_id.clone(), epoch: r.epoch, head_seq: r.head_seq, oldest_seq: r.oldest_seq, head_hash: from_slice(&r.head_hash).unwrap_or(GENESIS) }
+    }
+}
+
+impl From<&StreamGrant> for GrantRow {
+    fn from(r: &StreamGrant) -> Self {
+        GrantRow { grantee: r.grantee, stream_id: r.stream_id.clone(), subscribe: r.subscribe, ack: r.ack, expires_at_micros: r.expires_at.to_micros_since_unix_epoch() }
+    }
+}
+
+impl From<&ClientWindow> for WindowRow {
+    fn from(r: &ClientWindow) -> Self {
+        WindowRow { grantee: r.grantee, stream_id: r.stream_id.clone(), bucket: r.bucket }
+    }
 }
 
 fn status(s: &Status) -> Result<(), String> {
@@ -64,14 +112,24 @@ fn segment_in(row: &StreamSegment) -> Result<SegmentIn, String> {
     ))
 }
 
-/// The HTTP status the server refused the WebSocket handshake with. The SDK keeps
-/// tungstenite's typed error only behind `InternalError::cause`, which it hides from
-/// `source()` and which cannot be downcast (not `'static`), so the status is read where
-/// tungstenite writes it, `HTTP error: 401 Unauthorized`, and nowhere else in the text
-/// (the URI in the same message may hold a port such as 34017).
-fn handshake_status(text: &str) -> Option<u16> {
-    let (_, rest) = text.split_once("HTTP error: ")?;
-    rest.get(..3).filter(|code| code.bytes().all(|b| b.is_ascii_digit())).and_then(|code| code.parse().ok())
+/// The HTTP status the server refused the WebSocket handshake with, read from the error
+/// chain rather than from the whole message (whose URI may hold a port such as 34017).
+///
+/// SDK 1.2.0 wraps the failure as `Error::FailedToConnect { source: InternalError }`;
+/// `InternalError` hides its cause from `source()` but gives it out through the
+/// deprecated `cause()`: the SDK's `WsError::Tungstenite`, whose `source()` is
+/// tungstenite's own `Error::Http(response)`. The status is a typed field there, but
+/// reaching it takes a downcast to `tungstenite::Error`, a crate this one does not
+/// depend on (the SDK does not re-export it, and dependencies are pinned). So the last
+/// step reads that one error's text, which tungstenite writes as `HTTP error: 401
+/// Unauthorized`, and nothing else.
+fn handshake_status(err: &spacetimedb_sdk::Error) -> Option<u16> {
+    let spacetimedb_sdk::Error::FailedToConnect { source } = err else { return None };
+    #[allow(deprecated)]
+    let ws = std::error::Error::cause(source)?;
+    let tungstenite = ws.source()?.to_string();
+    let code = tungstenite.strip_prefix("HTTP error: ")?.get(..3)?;
+    code.bytes().all(|b| b.is_ascii_digit()).then(|| code.parse().ok()).flatten()
 }
 
 /// How long opening the WebSocket may take.
@@ -110,12 +168,9 @@ pub fn connect(url: &str, database: &str, token: &str, compress: bool, tx: &Send
     let conn = built
         .recv_timeout(CONNECT_TIMEOUT)
         .map_err(|_| ClientError::Connect(format!("no WebSocket handshake within {} s", CONNECT_TIMEOUT.as_secs())))?
-        .map_err(|e| {
-            let text = e.to_string();
-            match handshake_status(&text) {
-                Some(401) => ClientError::Unauthorized(text),
-                _ => ClientError::Connect(text),
-            }
+        .map_err(|e| match handshake_status(&e) {
+            Some(401) => ClientError::Unauthorized(e.to_string()),
+            _ => ClientError::Connect(e.to_string()),
         })?;
 
     let t = tx.clone();
@@ -124,11 +179,11 @@ pub fn connect(url: &str, database: &str, token: &str, compress: bool, tx: &Send
     });
     let t = tx.clone();
     conn.db.stream().on_insert(move |_, row| {
-        let _ = t.send(Msg::Stream(row.clone()));
+        let _ = t.send(Msg::Stream(row.into()));
     });
     let t = tx.clone();
     conn.db.stream().on_update(move |_, _, row| {
-        let _ = t.send(Msg::Stream(row.clone()));
+        let _ = t.send(Msg::Stream(row.into()));
     });
     let t = tx.clone();
     conn.db.stream().on_delete(move |_, row| {
@@ -136,23 +191,23 @@ pub fn connect(url: &str, database: &str, token: &str, compress: bool, tx: &Send
     });
     let t = tx.clone();
     conn.db.stream_grant().on_insert(move |_, row| {
-        let _ = t.send(Msg::Grant(row.clone()));
+        let _ = t.send(Msg::Grant(row.into()));
     });
     let t = tx.clone();
     conn.db.stream_grant().on_update(move |_, _, row| {
-        let _ = t.send(Msg::Grant(row.clone()));
+        let _ = t.send(Msg::Grant(row.into()));
     });
     let t = tx.clone();
     conn.db.stream_grant().on_delete(move |_, row| {
-        let _ = t.send(Msg::GrantGone(row.clone()));
+        let _ = t.send(Msg::GrantGone(row.into()));
     });
     let t = tx.clone();
     conn.db.client_window().on_insert(move |_, row| {
-        let _ = t.send(Msg::WindowOpen(row.clone()));
+        let _ = t.send(Msg::WindowOpen(row.into()));
     });
     let t = tx.clone();
     conn.db.client_window().on_delete(move |_, row| {
-        let _ = t.send(Msg::WindowClosed(row.clone()));
+        let _ = t.send(Msg::WindowClosed(row.into()));
     });
     let t = tx.clone();
     conn.reducers.on_open_window(move |ctx, stream_id, bucket| {
@@ -200,12 +255,41 @@ pub fn subscribe(conn: &DbConnection, tag: u64, queries: Vec<String>, tx: &Sende
 #[cfg(test)]
 mod tests {
     use super::handshake_status;
+    use spacetimedb_sdk::__codegen::InternalError;
+
+    /// The SDK's `WsError::Tungstenite` as far as the chain goes: its text names the URI,
+    /// its source is tungstenite's error.
+    #[derive(Debug)]
+    struct Ws(&'static str, Inner);
+    #[derive(Debug)]
+    struct Inner(&'static str);
+    impl std::fmt::Display for Ws {
+        fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "Error in WebSocket connection with {}: {}", self.0, self.1 .0)
+        }
+    }
+    impl std::fmt::Display for Inner {
+        fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for Inner {}
+    impl std::error::Error for Ws {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.1)
+        }
+    }
+
+    fn failed(uri: &'static str, inner: &'static str) -> spacetimedb_sdk::Error {
+        spacetimedb_sdk::Error::FailedToConnect { source: InternalError::failed_parse("x", "y").with_cause(Ws(uri, Inner(inner))) }
+    }
 
     #[test]
-    fn reads_the_handshake_status_and_nothing_else() {
-        let refused = "Failed to connect: Failed to initiate WebSocket connection: Error in WebSocket connection with ws://127.0.0.1:3000/v1/database/d/subscribe: HTTP error: 401 Unauthorized";
-        assert_eq!(handshake_status(refused), Some(401));
-        assert_eq!(handshake_status("Error in WebSocket connection with ws://127.0.0.1:34017/v1/database/unauthorized/subscribe: IO error: refused"), None);
-        assert_eq!(handshake_status("HTTP error: 404 Not Found"), Some(404));
+    fn reads_the_handshake_status_from_tungstenites_error_only() {
+        assert_eq!(handshake_status(&failed("ws://127.0.0.1:3000/v1/database/d/subscribe", "HTTP error: 401 Unauthorized")), Some(401));
+        assert_eq!(handshake_status(&failed("ws://127.0.0.1:3000/", "HTTP error: 404 Not Found")), Some(404));
+        // A port or a path that looks like a status is never read.
+        assert_eq!(handshake_status(&failed("ws://127.0.0.1:34017/v1/database/401/subscribe", "IO error: refused")), None);
+        assert_eq!(handshake_status(&spacetimedb_sdk::Error::Disconnected), None);
     }
 }

@@ -6,7 +6,6 @@ use crate::apply::{Alert, StreamInfo};
 use crate::error::ClientError;
 use crate::handler::Handler;
 use crate::transport::Msg;
-use khala_proto::hash::{from_slice, GENESIS};
 use khala_proto::v1::RebootstrapReason;
 use khala_proto::{CodedError, ErrorCode};
 use std::time::{Duration, Instant};
@@ -35,7 +34,7 @@ impl<H: Handler> SyncClient<H> {
                     epoch: row.epoch,
                     head_seq: row.head_seq,
                     oldest_seq: row.oldest_seq,
-                    head_hash: from_slice(&row.head_hash).unwrap_or(GENESIS),
+                    head_hash: row.head_hash,
                 });
                 self.alerts(&row.stream_id, alerts);
             }
@@ -48,7 +47,7 @@ impl<H: Handler> SyncClient<H> {
                 if let Some(state) = self.streams.get_mut(&g.stream_id) {
                     state.granted = Some(g.subscribe);
                     state.can_ack = g.ack;
-                    state.lease_expires_micros = Some(g.expires_at.to_micros_since_unix_epoch());
+                    state.lease_expires_micros = Some(g.expires_at_micros);
                 }
             }
             Msg::GrantGone(g) if Some(g.grantee) == self.me => {

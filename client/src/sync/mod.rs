@@ -20,6 +20,7 @@ use crate::module_bindings::{ack as _, hello as _, DbConnection};
 use crate::transport::{self, Msg};
 use windows::maintain_windows;
 
+pub mod driver;
 mod handle;
 mod health_report;
 mod windows;

@@ -1,0 +1,68 @@
+//! Acks: telling the server how far this client has durably applied a stream. One ack
+//! in flight per stream, always for the newest durable cursor (acks coalesce), never
+//! beyond it.
+
+use std::time::{Duration, Instant};
+
+/// No ack for this long after a refused one (it would be refused again at once).
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Default)]
+pub struct Acks {
+    /// The highest seq the server confirmed in this session (0 after a reconnect: the
+    /// server may have lost the last ack in a crash before its fsync).
+    acked: u64,
+    /// The seq of the ack in flight.
+    in_flight: Option<u64>,
+    /// A rebootstrap started a new history: no ack until a checkpoint has made a cursor
+    /// of that history durable (the old durable cursor belongs to the old one).
+    new_history: bool,
+    retry_at: Option<Instant>,
+}
+
+impl Acks {
+    /// The seq to ack now, if any: the durable seq when it is past the last confirmed
+    /// one. The caller checks the grant, the stream's mode and the `ack` setting.
+    pub fn due(&self, durable_seq: u64, now: Instant) -> Option<u64> {
+        let idle = self.in_flight.is_none() && !self.new_history && self.retry_at.is_none_or(|t| t <= now);
+        (idle && durable_seq > self.acked).then_some(durable_seq)
+    }
+
+    pub fn sent(&mut self, seq: u64) {
+        self.in_flight = Some(seq);
+    }
+
+    /// The server's answer to the ack of `seq`; `durable_seq` is the durable cursor now
+    /// (a confirmation of an ack from before a rebootstrap moves nothing).
+    pub fn answered(&mut self, seq: u64, ok: bool, durable_seq: u64, now: Instant) {
+        if self.in_flight == Some(seq) {
+            self.in_flight = None;
+        }
+        if !ok {
+            self.retry_at = Some(now + RETRY_AFTER);
+        } else if seq <= durable_seq {
+            self.acked = self.acked.max(seq);
+        }
+    }
+
+    /// The session ended: the answer in flight is lost, and the next session acks the
+    /// durable cursor again, even on a quiet stream (acks never move back on the server,
+    /// so a repeat is a no-op there).
+    pub fn reconnected(&mut self) {
+        self.acked = 0;
+        self.in_flight = None;
+        self.retry_at = None;
+    }
+
+    /// The stream restarts from its floor.
+    pub fn rebootstrapped(&mut self) {
+        self.acked = 0;
+        self.in_flight = None;
+        self.new_history = true;
+    }
+
+    /// A checkpoint made a cursor of the current history durable.
+    pub fn durable_again(&mut self) {
+        self.new_history = false;
+    }
+}

@@ -1,0 +1,62 @@
+//! Waiting on the server: events held behind a missing seq (a gap), and a stream held
+//! because the server's head is behind the durable cursor (`server_behind`).
+
+use std::time::{Duration, Instant};
+
+/// How long events may wait behind a missing seq before the windows are reopened.
+pub const GAP_PATIENCE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Default)]
+pub struct Hold {
+    /// Since when events wait behind a missing seq (or nothing applicable is here
+    /// although the head is further on).
+    gap_since: Option<Instant>,
+    /// Since when the server has been behind the durable cursor.
+    behind_since: Option<Instant>,
+    /// Whether that hold has outlasted the limit (and was logged once).
+    behind_reported: bool,
+}
+
+impl Hold {
+    /// A gap was seen (the first sighting starts the clock).
+    pub fn gap(&mut self, now: Instant) {
+        self.gap_since.get_or_insert(now);
+    }
+
+    /// An event was applied: whatever gap there was has filled.
+    pub fn progressed(&mut self) {
+        self.gap_since = None;
+    }
+
+    /// Whether a gap has lasted past [`GAP_PATIENCE`]; it is then forgotten (the windows
+    /// are reopened and the clock starts again if it stays).
+    pub fn gap_expired(&mut self, now: Instant) -> bool {
+        let expired = self.gap_since.is_some_and(|t| now.saturating_duration_since(t) > GAP_PATIENCE);
+        if expired {
+            self.gap_since = None;
+        }
+        expired
+    }
+
+    pub fn server_behind(&mut self, now: Instant) {
+        self.behind_since = Some(now);
+    }
+
+    pub fn resumed(&mut self) {
+        self.behind_since = None;
+        self.behind_reported = false;
+    }
+
+    /// Marks a hold longer than `limit` as reported; true the first time only.
+    pub fn behind_too_long(&mut self, limit: Duration, now: Instant) -> bool {
+        let over = self.behind_since.is_some_and(|t| now.saturating_duration_since(t) > limit);
+        let first = over && !self.behind_reported;
+        self.behind_reported |= over;
+        first
+    }
+
+    /// How long the server has been behind, once that is reported.
+    pub fn reported_behind_for(&self, now: Instant) -> Option<Duration> {
+        self.behind_since.filter(|_| self.behind_reported).map(|t| now.saturating_duration_since(t))
+    }
+}

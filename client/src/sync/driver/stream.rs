@@ -1,0 +1,129 @@
+//! One stream's state: the pure apply engine and the durable cursor, with the sub-states
+//! that each do one job (windows, grant, acks, hold, handler retry).
+
+use super::acks::Acks;
+use super::grant::Grant;
+use super::hold::Hold;
+use super::retry::HandlerRetry;
+use super::windows::Windows;
+use super::Note;
+use crate::apply::{Alert, StreamEngine, StreamMode};
+use khala_proto::v1::RebootstrapReason;
+use khala_proto::{StaleCursor, StreamCursor};
+use std::time::Instant;
+
+#[derive(Debug)]
+pub struct StreamState {
+    pub engine: StreamEngine,
+    /// The cursor the last checkpoint made durable (the file's, or the handler's own).
+    /// While a rebootstrap is pending it stays what it was, so a restart tells the
+    /// handler again.
+    pub durable: StreamCursor,
+    pub windows: Windows,
+    pub grant: Grant,
+    pub acks: Acks,
+    pub hold: Hold,
+    pub retry: HandlerRetry,
+    /// Events the handler may still take in this round (see `APPLY_PER_ROUND`).
+    pub budget: usize,
+}
+
+impl StreamState {
+    pub fn new(cursor: &StreamCursor) -> Self {
+        StreamState {
+            engine: StreamEngine::new(cursor),
+            durable: cursor.clone(),
+            windows: Windows::default(),
+            grant: Grant::default(),
+            acks: Acks::default(),
+            hold: Hold::default(),
+            retry: HandlerRetry::default(),
+            budget: 0,
+        }
+    }
+
+    /// Rebuilding from the floor: the handler has not taken the rebootstrap yet, or the
+    /// floor segment has not arrived. The durable cursor does not move meanwhile.
+    pub fn rebuilding(&self) -> bool {
+        self.retry.rebootstrap_due.is_some() || matches!(self.engine.mode(), StreamMode::Rebootstrapping { .. })
+    }
+
+    /// Waiting for one segment the server has: the floor segment of a rebuild, or (held
+    /// behind a server that lost commits and has them again) the one holding the cursor.
+    pub fn awaits_segment(&self) -> bool {
+        let head = self.engine.info().map_or(0, |i| i.head_seq);
+        match self.engine.mode() {
+            StreamMode::Rebootstrapping { from } => head > *from,
+            StreamMode::ServerBehind { .. } => head >= self.engine.applied(),
+            StreamMode::Normal => false,
+        }
+    }
+
+    /// The stream starts from the floor because the checkpoint could not be read.
+    pub fn corrupt_checkpoint(&mut self, id: &str) -> Note {
+        let stale = StaleCursor { stream_id: id.to_string(), reason: RebootstrapReason::CorruptCheckpoint as i32, ..Default::default() };
+        self.retry.rebootstrap(stale);
+        Note::Rebootstrap { stream_id: id.to_string(), reason: RebootstrapReason::CorruptCheckpoint as i32 }
+    }
+
+    /// Acts on the engine's alerts; returns whether the checkpoint needs writing, and
+    /// pushes what is worth counting to `notes`.
+    pub fn alerts(&mut self, id: &str, alerts: Vec<Alert>, now: Instant, notes: &mut Vec<Note>) -> bool {
+        let mut dirty = false;
+        for alert in alerts {
+            match alert {
+                Alert::Gap { cursor, next_seen } => {
+                    // Rows of one window may arrive in any order: wait; if the gap stays,
+                    // the windows are reopened.
+                    log::debug!("{id}: waiting for seqs after {cursor} (next seen {next_seen})");
+                    self.hold.gap(now);
+                }
+                Alert::Rebootstrap(stale) => {
+                    log::warn!(
+                        "{id}: rebootstrap ({:?}): requested {}, oldest available {}, head {}",
+                        RebootstrapReason::try_from(stale.reason).unwrap_or_default(),
+                        stale.requested,
+                        stale.oldest_available,
+                        stale.head
+                    );
+                    notes.push(Note::Rebootstrap { stream_id: id.to_string(), reason: stale.reason });
+                    self.retry.rebootstrap(stale);
+                    self.windows.reset();
+                    self.acks.rebootstrapped();
+                    dirty = true;
+                }
+                Alert::ServerBehind { cursor, head } => {
+                    log::warn!("{id}: the server's head {head} is behind the checkpoint {cursor} (it lost commits in a crash); holding");
+                    self.hold.server_behind(now);
+                    self.windows.reset();
+                }
+                Alert::Resumed { cursor } => {
+                    log::info!("{id}: applying again from {cursor}");
+                    self.hold.resumed();
+                    // Segments after the cursor that arrived while held were not kept.
+                    self.windows.reset();
+                }
+            }
+        }
+        dirty
+    }
+
+    /// A handler that owns its cursors stored `stored`: when this process stands
+    /// elsewhere (the handler rolled back a batch it could not commit), restart from the
+    /// stored cursor. A stream being rebuilt keeps its state, and the handler is told the
+    /// rebootstrap again: it may have rolled that back too, and dropping a dropped stream
+    /// changes nothing.
+    pub fn resume_from(&mut self, id: &str, stored: StreamCursor) {
+        if self.rebuilding() {
+            self.retry.repeat_rebootstrap();
+            return;
+        }
+        let here = self.engine.cursor(stored.updated_at_micros);
+        if (here.seq, &here.chain_hash) != (stored.seq, &stored.chain_hash) {
+            log::warn!("{id}: the handler stored seq {}, this process stood at {}; resuming from the handler's", stored.seq, here.seq);
+            self.engine = StreamEngine::new(&stored);
+            self.durable = stored;
+            self.windows.reset();
+        }
+    }
+}

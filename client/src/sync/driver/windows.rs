@@ -1,0 +1,144 @@
+//! Replay windows: which buckets of a stream's segments this client keeps open on the
+//! server (see `module/src/windows.rs` for why windows exist at all).
+
+use khala_proto::hash::bucket;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+/// Window buckets kept open ahead of the one holding the cursor.
+pub const PREFETCH_BUCKETS: u64 = 1;
+/// Most buckets [`Windows`] wants open at once: the one before the cursor's, the
+/// cursor's, and [`PREFETCH_BUCKETS`] after it.
+pub const MAX_WANTED: usize = PREFETCH_BUCKETS as usize + 2;
+/// No `open_window` for this long after a refused window call.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// A window call to make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowCall {
+    Open(u64),
+    Close(u64),
+}
+
+/// The windows of one stream, as this client knows them.
+#[derive(Debug)]
+pub struct Windows {
+    /// Buckets open on the server (from this identity's `client_window` rows).
+    pub open: BTreeSet<u64>,
+    /// Buckets asked for and not confirmed yet.
+    pub opening: BTreeSet<u64>,
+    /// Buckets asked to close and not confirmed yet.
+    pub closing: BTreeSet<u64>,
+    /// Buckets this process opened (another process of the same identity may hold
+    /// others; it is not ours to close them).
+    pub mine: BTreeSet<u64>,
+    /// Close every window and reopen, so their rows are delivered again.
+    reset: bool,
+    /// No `open_window` before this (after a refused call).
+    retry_at: Option<Instant>,
+    /// Whether windows can be opened at all (the owner sees every row without them).
+    pub usable: bool,
+}
+
+impl Default for Windows {
+    fn default() -> Self {
+        Windows { open: BTreeSet::new(), opening: BTreeSet::new(), closing: BTreeSet::new(), mine: BTreeSet::new(), reset: false, retry_at: None, usable: true }
+    }
+}
+
+impl Windows {
+    /// Asks for every window to be closed and reopened at the next [`Windows::plan`].
+    pub fn reset(&mut self) {
+        self.reset = true;
+    }
+
+    /// The connection is gone: its window rows come back with the next subscription,
+    /// and calls in flight are lost.
+    pub fn disconnected(&mut self) {
+        self.open.clear();
+        self.opening.clear();
+        self.closing.clear();
+    }
+
+    /// The server confirmed bucket `b` open.
+    pub fn opened(&mut self, b: u64) {
+        self.opening.remove(&b);
+        self.open.insert(b);
+    }
+
+    /// The server confirmed bucket `b` closed.
+    pub fn closed(&mut self, b: u64) {
+        if self.closing.remove(&b) {
+            self.mine.remove(&b);
+        }
+        self.open.remove(&b);
+    }
+
+    /// A window call was refused; `owner_sees_all` when the refusal means windows are
+    /// not for this client at all (the owner sees the stream without a grant).
+    pub fn refused(&mut self, b: u64, now: Instant, owner_sees_all: bool) {
+        self.opening.remove(&b);
+        self.closing.remove(&b);
+        self.retry_at = Some(now + RETRY_AFTER);
+        if owner_sees_all {
+            self.usable = false;
+        }
+    }
+
+    /// Whether the bucket holding `next_seq` and the one after are open (or windows are
+    /// not used): then live events arrive without a window move.
+    pub fn live(&self, next_seq: u64) -> bool {
+        let b0 = bucket(next_seq);
+        !self.usable || (self.open.contains(&b0) && self.open.contains(&(b0 + 1)))
+    }
+
+    /// The calls that keep the windows around `fetch_after`: the bucket holding the next
+    /// seq, the one before (it may hold the segment that starts before it) and
+    /// [`PREFETCH_BUCKETS`] after, so replay rarely waits on a round trip and memory stays
+    /// bounded by [`MAX_WANTED`] buckets of events. New windows are opened before old
+    /// ones are closed, and at most [`MAX_WANTED`] opens are in flight. The caller checks
+    /// `usable` and the grant first.
+    pub fn plan(&mut self, fetch_after: u64, now: Instant) -> Vec<WindowCall> {
+        let mut calls = Vec::new();
+        if self.reset {
+            // Close, and reopen once closed, so that the rows of every bucket are
+            // delivered again; another process's windows are closed and reopened as ours.
+            for b in self.open.iter().chain(self.opening.iter()) {
+                calls.push(WindowCall::Close(*b));
+                self.closing.insert(*b);
+            }
+            self.open.clear();
+            self.opening.clear();
+            self.mine.clear();
+            self.reset = false;
+        }
+        if self.retry_at.is_some_and(|t| t > now) {
+            return calls;
+        }
+        let b0 = bucket(fetch_after + 1);
+        let want: BTreeSet<u64> = (b0.saturating_sub(1)..=b0 + PREFETCH_BUCKETS).collect();
+        for b in &want {
+            // At most MAX_WANTED opens in flight: a cursor that moves faster than the
+            // server answers waits for it instead of piling up windows.
+            if self.opening.len() >= MAX_WANTED {
+                break;
+            }
+            // A bucket being closed is reopened once the close is confirmed: the server
+            // answers calls in order, and a second open in flight would be confirmed
+            // by the first one's row.
+            if !self.open.contains(b) && !self.opening.contains(b) && !self.closing.contains(b) {
+                calls.push(WindowCall::Open(*b));
+                self.opening.insert(*b);
+                self.mine.insert(*b);
+            }
+        }
+        for b in self.mine.clone() {
+            if !want.contains(&b) && self.open.contains(&b) && !self.closing.contains(&b) {
+                calls.push(WindowCall::Close(b));
+                self.closing.insert(b);
+                self.mine.remove(&b);
+            }
+        }
+        calls
+    }
+}
