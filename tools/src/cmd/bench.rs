@@ -40,6 +40,29 @@ pub enum Which {
     /// Streams): batched and unbatched publish, the 0→N curve, replay; writes
     /// `bench.md`, `bench.json` and `bench.svg` under `--out`.
     All(all::AllArgs),
+    /// How long `publish` runs inside the module per call, as the server reports it
+    /// (`spacetime-execution-duration-micros`): the module's own work without transport.
+    /// Compares modules (for example ablation builds) on one server, alternating them.
+    ReducerTime(ReducerTimeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ReducerTimeArgs {
+    /// A module to time, as `NAME=PATH.wasm`; repeat to compare. Without any, the
+    /// module built from this checkout.
+    #[arg(long = "wasm", value_name = "NAME=PATH")]
+    pub wasm: Vec<String>,
+    /// Calls per stream; the figure is their median.
+    #[arg(long, default_value_t = 30)]
+    pub calls: u64,
+    /// Events per call.
+    #[arg(long, default_value_t = 1_000)]
+    pub batch: u64,
+    #[arg(long, default_value_t = 256)]
+    pub payload_bytes: usize,
+    /// Rounds over the modules, each on a fresh stream; modules alternate within a round.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: u64,
 }
 
 #[derive(Args, Debug)]
@@ -107,6 +130,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Which::SmallSegments(a) => small_segments(a),
         Which::Publish(a) => publish(a),
         Which::All(a) => all::all(a),
+        Which::ReducerTime(a) => reducer_time(a),
     }
 }
 
@@ -441,5 +465,72 @@ fn publish(args: PublishArgs) -> anyhow::Result<()> {
         out["sdk_curve_events_per_sec"] = json!(sdk.curve);
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// `publish`'s time inside the module per call, median over `args.calls` calls per stream,
+/// for each module given, alternating modules round by round on one server.
+fn reducer_time(args: ReducerTimeArgs) -> anyhow::Result<()> {
+    let mut modules: Vec<(String, std::path::PathBuf)> = Vec::new();
+    for spec in &args.wasm {
+        let (name, path) = spec.split_once('=').with_context(|| format!("--wasm {spec}: expected NAME=PATH"))?;
+        modules.push((name.to_string(), path.into()));
+    }
+    if modules.is_empty() {
+        modules.push(("khala".into(), khala_tools::module_wasm::build_module()?));
+    }
+    let command = format!(
+        "khala bench reducer-time{} --calls {} --batch {} --payload-bytes {} --rounds {}",
+        args.wasm.iter().map(|w| format!(" --wasm {w}")).collect::<String>(),
+        args.calls,
+        args.batch,
+        args.payload_bytes,
+        args.rounds
+    );
+    let (server, _dir) = private_server()?;
+    let api = Api::new(&server.url());
+    let owner = api.new_identity()?;
+    for (i, (name, path)) in modules.iter().enumerate() {
+        let wasm = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let db = format!("rt-{i}");
+        api.publish_module(&db, &wasm, &owner.token, false).with_context(|| format!("publishing {name}"))?;
+        grants::make_publisher(&api, &db, &owner.token, &owner.identity, &["bench.*"], 24 * 3600)?;
+    }
+    let mut rng = rand::thread_rng();
+    let mut medians: Vec<Vec<f64>> = vec![Vec::new(); modules.len()];
+    for round in 0..args.rounds {
+        for (i, (name, _)) in modules.iter().enumerate() {
+            let stream = format!("bench.rt.{round}");
+            let mut micros = Vec::with_capacity(args.calls as usize);
+            for call in 0..args.calls {
+                let first = call * args.batch + 1;
+                let events: Vec<Value> = sdk_events(first, args.batch, args.payload_bytes, &mut rng)
+                    .into_iter()
+                    .map(|e| publish_event_arg(&e.idempotency_key, &e.kind, &e.payload, e.authority_seq, 0))
+                    .collect();
+                let took = api
+                    .call_timed(&format!("rt-{i}"), "publish", json!([stream, events]), &owner.token)?
+                    .with_context(|| format!("{name}: the server reported no execution time"))?;
+                micros.push(took.as_secs_f64() * 1e6);
+            }
+            micros.sort_by(f64::total_cmp);
+            medians[i].push(micros[micros.len() / 2]);
+        }
+    }
+    let base = medians[0].iter().sum::<f64>() / medians[0].len() as f64;
+    let rows: Vec<Value> = modules
+        .iter()
+        .zip(&medians)
+        .map(|((name, _), m)| {
+            let mean = m.iter().sum::<f64>() / m.len() as f64;
+            json!({
+                "module": name,
+                "p50_micros_per_call": m.iter().map(|x| x.round()).collect::<Vec<_>>(),
+                "micros_per_event": (mean / args.batch as f64 * 100.0).round() / 100.0,
+                "vs_first": (mean / base * 100.0).round() / 100.0,
+            })
+        })
+        .collect();
+    println!("{}", serde_json::to_string_pretty(&json!({ "command": command, "modules": rows }))?);
     Ok(())
 }
