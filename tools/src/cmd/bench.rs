@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 mod all;
 #[path = "../bench/chart.rs"]
 mod chart;
+#[path = "../bench/mirror.rs"]
+mod mirror;
 #[path = "../bench/redis.rs"]
 mod redis_base;
 
@@ -44,6 +46,10 @@ pub enum Which {
     /// (`spacetime-execution-duration-micros`): the module's own work without transport.
     /// Compares modules (for example ablation builds) on one server, alternating them.
     ReducerTime(ReducerTimeArgs),
+    /// `khala mirror` end to end (JSONL file, and with `--postgres` the outbox → the
+    /// module, durable cursor on) over the SDK and HTTP transports, against the bare
+    /// module fed the same events in the same run.
+    Mirror(mirror::MirrorBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -131,6 +137,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Which::Publish(a) => publish(a),
         Which::All(a) => all::all(a),
         Which::ReducerTime(a) => reducer_time(a),
+        Which::Mirror(a) => mirror::mirror(a),
     }
 }
 

@@ -78,6 +78,10 @@ pub struct MirrorArgs {
     /// Publish calls in flight at once (at most one per stream).
     #[arg(long, default_value_t = 4)]
     pub parallel: usize,
+    /// How publish calls reach the module: `sdk` (WebSocket, BSATN, pipelined on one
+    /// connection) or `http` (JSON, one request per call).
+    #[arg(long, value_enum, default_value_t = mirror::publisher::Transport::Sdk)]
+    pub transport: mirror::publisher::Transport,
     /// How often the outbox is polled when no notification arrives, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub poll_ms: u64,
@@ -181,6 +185,7 @@ pub fn run(args: MirrorArgs) -> anyhow::Result<()> {
         mapping,
         metrics_addr: args.metrics_addr,
         parallel: args.parallel,
+        transport: args.transport,
         poll_interval: Duration::from_millis(args.poll_ms),
         stop: &STOP,
     };

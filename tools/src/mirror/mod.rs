@@ -91,6 +91,8 @@ pub struct Config {
     pub mapping: &'static mapping::Mapping,
     pub metrics_addr: Option<SocketAddr>,
     pub parallel: usize,
+    /// How publish calls reach the module.
+    pub transport: publisher::Transport,
     pub poll_interval: Duration,
     /// Set (by Ctrl-C) to stop after what was read is durable.
     pub stop: &'static AtomicBool,
@@ -179,6 +181,7 @@ pub fn run(config: Config) -> Result<Report> {
         on_divergence: config.on_divergence,
         allow_owner: config.allow_owner,
         parallel: config.parallel,
+        transport: config.transport,
         stop: config.stop,
     };
     let start = source.start();

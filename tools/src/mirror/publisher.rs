@@ -1,18 +1,37 @@
-//! Publish calls: a few worker threads that send batches to the module's `publish`
-//! reducer over HTTP ([`crate::api::Api::call`]) and report what the module said, sorted
-//! into what the mirror does next ([`Outcome`]).
+//! Publish calls: batches sent to the module's `publish` reducer, and what the module
+//! said, sorted into what the mirror does next ([`Outcome`]). Two transports:
+//! - [`Transport::Sdk`] (the default): one SDK WebSocket connection carrying BSATN, every
+//!   call pipelined on it; results come back by callback, named by stream id.
+//! - [`Transport::Http`]: worker threads, one `POST …/call/publish` of JSON each.
 //!
-//! The main loop hands out at most one batch per stream at a time, so the workers only
-//! add parallelism across streams, never reorder a stream.
+//! The main loop hands out at most one batch per stream at a time, so calls in flight
+//! only add parallelism across streams, never reorder a stream, and a stream id names
+//! the one call of that stream in flight.
 
 use super::event::Event;
 use crate::api::{publish_event_arg, Api};
+use crate::sdk_publish::{self, SdkPublisher};
 use crate::ToolError;
+use khala_client::module_bindings::PublishEvent;
 use khala_proto::ErrorCode;
 use serde_json::{json, Value};
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// How publish calls reach the module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// The SDK's WebSocket (BSATN), calls pipelined on one connection.
+    Sdk,
+    /// HTTP JSON, one request per call from a pool of worker threads.
+    Http,
+}
+
+/// Longest wait for a call's result on the SDK connection before it counts as lost
+/// (the HTTP transport's request timeout is the same).
+const SDK_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One batch for one stream.
 #[derive(Debug)]
@@ -69,6 +88,20 @@ pub fn transient(error: &ToolError) -> bool {
     }
 }
 
+/// The same events as the reducer's typed argument (the SDK transport).
+pub fn publish_events(events: &[Event]) -> Vec<PublishEvent> {
+    events
+        .iter()
+        .map(|e| PublishEvent {
+            idempotency_key: e.idempotency_key(),
+            kind: e.kind.clone(),
+            payload: e.payload.clone(),
+            authority_seq: Some(e.seq),
+            occurred_at_micros: e.occurred_at_micros,
+        })
+        .collect()
+}
+
 /// Sorts a publish result into an [`Outcome`].
 pub fn classify(result: Result<(), ToolError>) -> Outcome {
     let error = match result {
@@ -93,21 +126,95 @@ pub fn classify(result: Result<(), ToolError>) -> Outcome {
     }
 }
 
-/// The worker pool.
+/// Sends batches and hands back what became of each, whatever the transport.
 pub struct Publisher {
-    jobs: Option<Sender<Job>>,
-    done: Receiver<Done>,
+    backend: Backend,
     in_flight: usize,
-    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+enum Backend {
+    Http(HttpWorkers),
+    Sdk(SdkCalls),
 }
 
 impl Publisher {
-    /// Starts `workers` threads publishing to `database` as the holder of `token`.
-    pub fn start(api: Api, database: &str, token: &str, workers: usize) -> Publisher {
+    /// Publishes to `database` as the holder of `token`; over HTTP with `workers` threads.
+    pub fn start(transport: Transport, api: Api, database: &str, token: &str, workers: usize) -> Publisher {
+        let backend = match transport {
+            Transport::Http => Backend::Http(HttpWorkers::start(api, database, token, workers)),
+            Transport::Sdk => Backend::Sdk(SdkCalls {
+                url: api.base_url().to_string(),
+                database: database.to_string(),
+                token: token.to_string(),
+                link: None,
+                pending: HashMap::new(),
+                ready: VecDeque::new(),
+            }),
+        };
+        Publisher { backend, in_flight: 0 }
+    }
+
+    pub fn send(&mut self, job: Job) {
+        let sent = match &mut self.backend {
+            Backend::Http(workers) => workers.send(job),
+            Backend::Sdk(calls) => {
+                calls.send(job);
+                true
+            }
+        };
+        if sent {
+            self.in_flight += 1;
+        }
+    }
+
+    /// Batches sent and not yet reported.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// The next finished job, waiting at most `wait`.
+    pub fn recv(&mut self, wait: Duration) -> Option<Done> {
+        if self.in_flight == 0 {
+            return None;
+        }
+        let done = match &mut self.backend {
+            Backend::Http(workers) => workers.recv(wait),
+            Backend::Sdk(calls) => calls.recv(wait),
+        };
+        if done.is_some() {
+            self.in_flight -= 1;
+        }
+        done
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        if let Backend::Http(workers) = &mut self.backend {
+            workers.jobs = None;
+            while self.in_flight > 0 && workers.recv(Duration::from_secs(1)).is_some() {
+                self.in_flight -= 1;
+            }
+            for worker in workers.threads.drain(..) {
+                let _ = worker.join();
+            }
+        }
+    }
+}
+
+/// The HTTP transport: worker threads taking jobs from one queue.
+struct HttpWorkers {
+    jobs: Option<Sender<Job>>,
+    done: Receiver<Done>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl HttpWorkers {
+    fn start(api: Api, database: &str, token: &str, workers: usize) -> HttpWorkers {
         let (job_tx, job_rx) = channel::<Job>();
         let (done_tx, done_rx) = channel::<Done>();
         let job_rx = Arc::new(Mutex::new(job_rx));
-        let workers = (0..workers.max(1))
+        let threads = (0..workers.max(1))
             .map(|n| {
                 let (api, database, token) = (api.clone(), database.to_string(), token.to_string());
                 let (jobs, done) = (job_rx.clone(), done_tx.clone());
@@ -127,43 +234,103 @@ impl Publisher {
                     .expect("spawning a publish thread")
             })
             .collect();
-        Publisher { jobs: Some(job_tx), done: done_rx, in_flight: 0, workers }
+        HttpWorkers { jobs: Some(job_tx), done: done_rx, threads }
     }
 
-    pub fn send(&mut self, job: Job) {
-        if let Some(jobs) = &self.jobs {
-            if jobs.send(job).is_ok() {
-                self.in_flight += 1;
+    fn send(&mut self, job: Job) -> bool {
+        self.jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok())
+    }
+
+    fn recv(&mut self, wait: Duration) -> Option<Done> {
+        if wait.is_zero() {
+            self.done.try_recv().ok()
+        } else {
+            self.done.recv_timeout(wait).ok()
+        }
+    }
+}
+
+/// A call on the SDK connection waiting for its result.
+struct PendingCall {
+    lane: usize,
+    events: Vec<Event>,
+    sent_at: Instant,
+}
+
+/// The SDK transport: one connection, opened when first needed and again after it is
+/// lost; every call in flight on a lost connection is reported as transient (the mirror
+/// reconciles and sends again, and the module skips what it already holds).
+struct SdkCalls {
+    url: String,
+    database: String,
+    token: String,
+    link: Option<SdkPublisher>,
+    /// By stream id: at most one call per stream is in flight.
+    pending: HashMap<String, PendingCall>,
+    /// Results known without asking the connection (a failed connect or send).
+    ready: VecDeque<Done>,
+}
+
+impl SdkCalls {
+    fn send(&mut self, job: Job) {
+        if self.link.is_none() {
+            match SdkPublisher::connect(&self.url, &self.database, &self.token) {
+                Ok(link) => self.link = Some(link),
+                Err(e) => return self.ready.push_back(transient_done(job.lane, job.events, e.to_string())),
+            }
+        }
+        let link = self.link.as_ref().expect("connected above");
+        match link.send(&job.stream_id, publish_events(&job.events)) {
+            Ok(()) => {
+                let call = PendingCall { lane: job.lane, events: job.events, sent_at: Instant::now() };
+                if let Some(old) = self.pending.insert(job.stream_id, call) {
+                    // The main loop never sends a stream twice at once; if it did, the
+                    // older call's result could not be told apart: report it lost.
+                    self.ready.push_back(transient_done(old.lane, old.events, "a second call for the same stream".into()));
+                }
+            }
+            Err(e) => self.ready.push_back(transient_done(job.lane, job.events, e.to_string())),
+        }
+    }
+
+    fn recv(&mut self, wait: Duration) -> Option<Done> {
+        if let Some(done) = self.ready.pop_front() {
+            return Some(done);
+        }
+        let link = self.link.as_ref()?;
+        match link.next(wait) {
+            Some(sdk_publish::Outcome::Committed { stream_id }) => self.finish(&stream_id, Ok(())),
+            Some(sdk_publish::Outcome::Failed { stream_id, error }) => self.finish(&stream_id, Err(ToolError::Reducer { reducer: "publish".into(), error })),
+            Some(sdk_publish::Outcome::Disconnected(why)) => {
+                self.drop_link(&format!("the SDK connection closed: {why}"));
+                self.ready.pop_front()
+            }
+            None => {
+                if self.pending.values().any(|c| c.sent_at.elapsed() > SDK_CALL_TIMEOUT) {
+                    self.drop_link(&format!("no publish result within {} s", SDK_CALL_TIMEOUT.as_secs()));
+                }
+                self.ready.pop_front()
             }
         }
     }
 
-    /// Batches sent and not yet reported.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight
+    /// The result of the call in flight on `stream_id`.
+    fn finish(&mut self, stream_id: &str, result: Result<(), ToolError>) -> Option<Done> {
+        let call = self.pending.remove(stream_id)?;
+        Some(Done { lane: call.lane, events: call.events, outcome: classify(result), at: Instant::now() })
     }
 
-    /// The next finished job, waiting at most `wait`.
-    pub fn recv(&mut self, wait: Duration) -> Option<Done> {
-        if self.in_flight == 0 {
-            return None;
+    /// Closes the connection and reports every call in flight on it as transient.
+    fn drop_link(&mut self, why: &str) {
+        self.link = None;
+        for (_, call) in self.pending.drain() {
+            self.ready.push_back(transient_done(call.lane, call.events, why.to_string()));
         }
-        let done = if wait.is_zero() { self.done.try_recv().ok() } else { self.done.recv_timeout(wait).ok() };
-        if done.is_some() {
-            self.in_flight -= 1;
-        }
-        done
     }
 }
 
-impl Drop for Publisher {
-    fn drop(&mut self) {
-        self.jobs = None;
-        while self.in_flight > 0 && self.recv(Duration::from_secs(1)).is_some() {}
-        for worker in self.workers.drain(..) {
-            let _ = worker.join();
-        }
-    }
+fn transient_done(lane: usize, events: Vec<Event>, why: String) -> Done {
+    Done { lane, events, outcome: Outcome::Transient(why), at: Instant::now() }
 }
 
 #[cfg(test)]

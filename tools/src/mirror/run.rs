@@ -54,6 +54,7 @@ pub struct Settings {
     /// Run even with the database owner's token.
     pub allow_owner: bool,
     pub parallel: usize,
+    pub transport: super::publisher::Transport,
     pub stop: &'static AtomicBool,
 }
 
@@ -100,7 +101,7 @@ fn origin_text(origin: Origin) -> String {
 
 impl Mirror {
     pub fn new(settings: Settings, api: Api, database: String, token: String, source: Box<dyn Source>, dead: DeadLetters) -> Mirror {
-        let publisher = Publisher::start(api.clone(), &database, &token, settings.parallel);
+        let publisher = Publisher::start(settings.transport, api.clone(), &database, &token, settings.parallel);
         let durability = Durability::new(settings.durable_after, source.start());
         let now = Instant::now();
         let progress = match source.size() {

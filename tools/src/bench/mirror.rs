@@ -1,0 +1,190 @@
+//! `khala bench mirror`: the mirror end to end (an authority log → the module, durable
+//! cursor on), over each transport, against the bare insert-only module fed the same
+//! number of events in the same run.
+//!
+//! The mirror runs as users run it: the `khala mirror` binary, as a publisher identity
+//! (not the owner), reading a JSONL file (and, with `--postgres`, the outbox table). Two
+//! figures per run, both from the mirror's own summary:
+//! - publishing: events / the time from start to the last commit;
+//! - durable: events / the whole run, until the cursor is durable (the server flushes its
+//!   commit log about every 500 ms, and the mirror confirms durability by reading the
+//!   stream heads `--durable-after-ms` after each commit).
+
+use super::{private_server, publish_bare, PublishArgs};
+use anyhow::Context;
+use clap::Args;
+use khala_tools::api::Api;
+use khala_tools::grants;
+use khala_tools::mirror::publisher::Transport;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::Command;
+
+#[derive(Args, Debug)]
+pub struct MirrorBenchArgs {
+    /// Authority events in the log.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    /// Topics (one stream each) the events are spread over.
+    #[arg(long, default_value_t = 4)]
+    pub topics: u32,
+    /// Canonical JSON bytes per payload.
+    #[arg(long, default_value_t = 256)]
+    pub payload_bytes: usize,
+    /// The mirror's `--batch-events` (and the bare module's events per call).
+    #[arg(long, default_value_t = 1_000)]
+    pub batch: u64,
+    /// The mirror's `--durable-after-ms`.
+    #[arg(long, default_value_t = 2_000)]
+    pub durable_after_ms: u64,
+    /// Also mirror the same number of events from the outbox of this PostgreSQL database
+    /// (its `khala_outbox` table is created if missing and must be empty).
+    #[arg(long)]
+    pub postgres: Option<String>,
+    /// Leave out the HTTP JSON transport.
+    #[arg(long)]
+    pub skip_http: bool,
+}
+
+/// One mirror run's figures.
+struct MirrorRun {
+    label: String,
+    published: u64,
+    publishing_per_sec: f64,
+    durable_per_sec: f64,
+    elapsed_secs: f64,
+}
+
+pub fn mirror(args: MirrorBenchArgs) -> anyhow::Result<()> {
+    let command = format!(
+        "khala bench mirror --events {} --topics {} --payload-bytes {} --batch {} --durable-after-ms {}{}{}",
+        args.events,
+        args.topics,
+        args.payload_bytes,
+        args.batch,
+        args.durable_after_ms,
+        if args.postgres.is_some() { " --postgres URL" } else { "" },
+        if args.skip_http { " --skip-http" } else { "" }
+    );
+    let (server, dir) = private_server()?;
+    let url = server.url();
+    let api = Api::new(&url);
+    let owner = api.new_identity()?;
+    let publisher = api.new_identity()?;
+    let token_file = dir.path().join("mirror.token");
+    std::fs::write(&token_file, &publisher.token)?;
+    let wasm = std::fs::read(khala_tools::module_wasm::build_module()?)?;
+    let bare_wasm = std::fs::read(khala_tools::module_wasm::build_bare_module()?)?;
+
+    let log = dir.path().join("authority.jsonl");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&log)?);
+    khala_tools::mirror::gen::write_events(&mut out, args.events, args.payload_bytes, args.topics, 42)?;
+    drop(out);
+
+    api.publish_module("mir-bare", &bare_wasm, &owner.token, false)?;
+    let bare_args = PublishArgs { events: args.events, batch: args.batch, streams: u64::from(args.topics), payload_bytes: args.payload_bytes, curve_every: 0, skip_http: true };
+    let bare = publish_bare(&url, "mir-bare", &owner.token, &bare_args)?.events_per_sec;
+
+    let mut transports = vec![Transport::Sdk];
+    if !args.skip_http {
+        transports.push(Transport::Http);
+    }
+    let mut runs = Vec::new();
+    for transport in transports {
+        let name = format!("{transport:?}").to_lowercase();
+        let db = format!("mir-{name}");
+        prepare(&api, &db, &wasm, &owner.token, &publisher.identity)?;
+        let input = ["--input".to_string(), log.display().to_string()];
+        runs.push(run_mirror(&format!("JSONL file, {name}"), &url, &db, &token_file, &dir.path().join(&db), transport, &args, &input, args.events)?);
+    }
+    if let Some(pg) = &args.postgres {
+        let rows = fill_outbox(pg, args.events, args.topics, args.payload_bytes)?;
+        prepare(&api, "mir-pg", &wasm, &owner.token, &publisher.identity)?;
+        let input = ["--postgres".to_string(), pg.clone(), "--once".to_string(), "--cursor-name".to_string(), "khala-bench".to_string()];
+        runs.push(run_mirror("Postgres outbox, sdk", &url, "mir-pg", &token_file, &dir.path().join("mir-pg"), Transport::Sdk, &args, &input, rows)?);
+    }
+
+    let ratio = |x: f64| (x / bare * 1000.0).round() / 1000.0;
+    println!("| path | events/s publishing | × bare | events/s to durable | × bare |");
+    println!("|---|---|---|---|---|");
+    println!("| bare insert-only module (SDK, {} per call, {} streams) | {:.0} | 1.00 | | |", args.batch, args.topics, bare);
+    for r in &runs {
+        println!("| `khala mirror`, {} | {:.0} | {:.2} | {:.0} | {:.2} |", r.label, r.publishing_per_sec, ratio(r.publishing_per_sec), r.durable_per_sec, ratio(r.durable_per_sec));
+    }
+    let figures: Vec<Value> = runs
+        .iter()
+        .map(|r| {
+            json!({
+                "path": r.label,
+                "published": r.published,
+                "publishing_events_per_sec": r.publishing_per_sec.round(),
+                "publishing_to_bare": ratio(r.publishing_per_sec),
+                "durable_events_per_sec": r.durable_per_sec.round(),
+                "durable_to_bare": ratio(r.durable_per_sec),
+                "elapsed_secs": (r.elapsed_secs * 100.0).round() / 100.0,
+            })
+        })
+        .collect();
+    println!("{}", serde_json::to_string_pretty(&json!({ "command": command, "bare_sdk_events_per_sec": bare.round(), "mirror": figures }))?);
+    Ok(())
+}
+
+/// A database for one run, the mirror's identity granted `runtime.*` on it.
+fn prepare(api: &Api, db: &str, wasm: &[u8], owner_token: &str, publisher: &str) -> anyhow::Result<()> {
+    api.publish_module(db, wasm, owner_token, false)?;
+    grants::make_publisher(api, db, owner_token, publisher, &[grants::MIRROR_PATTERN], grants::STANDING_TTL_SECS)?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_mirror(label: &str, url: &str, db: &str, token_file: &Path, state_dir: &Path, transport: Transport, args: &MirrorBenchArgs, input: &[String], expected: u64) -> anyhow::Result<MirrorRun> {
+    let progress = khala_tools::progress::spinner(&format!("khala mirror ({label})"));
+    let output = Command::new(std::env::current_exe()?)
+        .arg("mirror")
+        .args(input)
+        .args(["--server", url, "--database", db])
+        .arg("--token-file")
+        .arg(token_file)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(["--batch-events", &args.batch.to_string(), "--durable-after-ms", &args.durable_after_ms.to_string()])
+        .arg("--transport")
+        .arg(format!("{transport:?}").to_lowercase())
+        .env("RUST_LOG", "warn")
+        .output()?;
+    progress.finish_and_clear();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(output.status.success(), "the mirror ({label}) failed: {}\n{stdout}", String::from_utf8_lossy(&output.stderr));
+    let summary: Value = stdout.lines().rev().find_map(|l| serde_json::from_str(l).ok()).with_context(|| format!("the mirror ({label}) printed no summary"))?;
+    let number = |key: &str| summary[key].as_f64().with_context(|| format!("the mirror's summary has no {key}"));
+    let published = number("published")? as u64;
+    anyhow::ensure!(published == expected, "the mirror ({label}) published {published} of {expected} events");
+    let elapsed_secs = number("elapsed_secs")?;
+    Ok(MirrorRun { label: label.into(), published, publishing_per_sec: number("events_per_sec")?, durable_per_sec: published as f64 / elapsed_secs, elapsed_secs })
+}
+
+/// `events` outbox rows over `topics` topics, each payload padded to about
+/// `payload_bytes` of canonical JSON, written by PostgreSQL itself; returns the rows
+/// written (`events` rounded down to a multiple of `topics`).
+fn fill_outbox(url: &str, events: u64, topics: u32, payload_bytes: usize) -> anyhow::Result<u64> {
+    let applied = khala_tools::mirror::outbox::migrate(url)?;
+    log::info!("outbox migrations applied: {applied:?}");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let held: i64 = client.query_one("SELECT count(*) FROM khala_outbox", &[]).await?.get(0);
+        anyhow::ensure!(held == 0, "khala_outbox already holds {held} rows; the bench needs an empty one");
+        let per_topic = events / u64::from(topics);
+        let pad = payload_bytes.saturating_sub(r#"{"s":,"t":,"pad":""}"#.len() + 8);
+        client
+            .batch_execute(&format!(
+                "INSERT INTO khala_outbox (topic, seq, kind, payload, occurred_at) \
+                 SELECT 'run:' || t || ':events', s, 'bench.event', jsonb_build_object('t', t, 's', s, 'pad', repeat('x', {pad})), now() \
+                 FROM generate_series(1, {per_topic}) s, generate_series(0, {}) t ORDER BY s, t",
+                topics - 1
+            ))
+            .await?;
+        Ok(per_topic * u64::from(topics))
+    })
+}
