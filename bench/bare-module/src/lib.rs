@@ -7,7 +7,7 @@
 
 use spacetimedb::{reducer, table, ReducerContext, Table};
 
-#[table(name = bare_segment)]
+#[table(name = bare_segment, public)]
 pub struct BareSegment {
     #[primary_key]
     #[auto_inc]

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 mod all;
 #[path = "../bench/chart.rs"]
 mod chart;
+#[path = "../bench/latency.rs"]
+mod latency;
 #[path = "../bench/mirror.rs"]
 mod mirror;
 #[path = "../bench/redis.rs"]
@@ -50,6 +52,9 @@ pub enum Which {
     /// module, durable cursor on) over the SDK and HTTP transports, against the bare
     /// module fed the same events in the same run.
     Mirror(mirror::MirrorBenchArgs),
+    /// Publish → client handler and publish → durable checkpoint at a steady rate to N
+    /// subscribers of one stream, with the bare module's fan-out as the engine's figure.
+    Latency(latency::LatencyArgs),
 }
 
 #[derive(Args, Debug)]
@@ -138,6 +143,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Which::All(a) => all::all(a),
         Which::ReducerTime(a) => reducer_time(a),
         Which::Mirror(a) => mirror::mirror(a),
+        Which::Latency(a) => latency::latency(a),
     }
 }
 

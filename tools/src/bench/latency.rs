@@ -1,0 +1,309 @@
+//! `khala bench latency`: publish → client handler, and publish → durable checkpoint, at a
+//! steady rate to N subscribers of one stream; and the same fan-out through the bare
+//! module (no Khala code on either side) as the engine's own figure from the same run.
+//!
+//! Every event is one `publish` call over the SDK carrying, in its first 8 payload bytes,
+//! the wall-clock microseconds at which it was sent. Each subscriber is a real
+//! [`SyncClient`] as a granted non-owner identity (row-level security applies), in this
+//! process; its handler reads the send time back when it applies the event, and again in
+//! `persist`, which the client calls right before each checkpoint write.
+
+use super::private_server;
+use anyhow::Context;
+use clap::Args;
+use khala_client::{ClientConfig, Event, Handler, HandlerError, SyncClient};
+use khala_proto::StaleCursor;
+use khala_tools::api::{identity_arg, Api};
+use khala_tools::grants;
+use khala_tools::sdk_publish::{BarePublisher, Outcome, SdkPublisher};
+use rand::RngCore;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug)]
+pub struct LatencyArgs {
+    /// Subscribers of the stream, each its own identity and connection.
+    #[arg(long, default_value_t = 10)]
+    pub subscribers: usize,
+    /// Events per second, one per `publish` call.
+    #[arg(long, default_value_t = 1_000)]
+    pub rate: u64,
+    /// How long to publish.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    #[arg(long, default_value_t = 256)]
+    pub payload_bytes: usize,
+    /// Subscribers do not ack (acks are reducer calls: one per subscriber per checkpoint).
+    #[arg(long)]
+    pub no_ack: bool,
+    /// Leave out the bare module's fan-out.
+    #[arg(long)]
+    pub skip_bare: bool,
+}
+
+const STREAM: &str = "bench.lat.0";
+/// How long delivery may stall after the last send before the rest counts as missing.
+const DRAIN: Duration = Duration::from_secs(10);
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
+/// What the subscribers saw, shared by all of them.
+#[derive(Default)]
+struct Seen {
+    /// `(subscriber, seq)` of every event applied, in the order applied.
+    applied: Vec<(usize, u64)>,
+    /// Send → handler, microseconds (the warm-up event excluded).
+    handler_micros: Vec<i64>,
+    /// Send → the handler's `persist` before the checkpoint write, microseconds.
+    durable_micros: Vec<i64>,
+}
+
+struct LatencyHandler {
+    subscriber: usize,
+    seen: Arc<Mutex<Seen>>,
+    /// Send times of events applied since the last `persist`.
+    unpersisted: Vec<i64>,
+}
+
+fn sent_micros(payload: &[u8]) -> i64 {
+    payload.get(..8).map_or(0, |b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+}
+
+impl Handler for LatencyHandler {
+    fn apply(&mut self, event: &Event) -> Result<(), HandlerError> {
+        let now = now_micros();
+        let sent = sent_micros(&event.payload);
+        let mut seen = self.seen.lock().expect("latency samples");
+        seen.applied.push((self.subscriber, event.seq));
+        if event.seq > 1 {
+            seen.handler_micros.push(now - sent);
+            self.unpersisted.push(sent);
+        }
+        Ok(())
+    }
+
+    fn rebootstrap(&mut self, _stale: &StaleCursor) -> Result<(), HandlerError> {
+        Ok(())
+    }
+
+    fn persist(&mut self) -> Result<(), HandlerError> {
+        if self.unpersisted.is_empty() {
+            return Ok(());
+        }
+        let now = now_micros();
+        let mut seen = self.seen.lock().expect("latency samples");
+        seen.durable_micros.extend(self.unpersisted.drain(..).map(|sent| now - sent));
+        Ok(())
+    }
+}
+
+/// `payload_bytes` random bytes led by the send time.
+fn payload(payload_bytes: usize, rng: &mut impl RngCore) -> Vec<u8> {
+    let mut p = vec![0u8; payload_bytes.max(8)];
+    rng.fill_bytes(&mut p[8..]);
+    p[..8].copy_from_slice(&now_micros().to_le_bytes());
+    p
+}
+
+/// p50 / p90 / p99 / max in milliseconds.
+fn percentiles(mut micros: Vec<i64>) -> Value {
+    if micros.is_empty() {
+        return json!(null);
+    }
+    micros.sort_unstable();
+    let at = |p: f64| micros[((micros.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
+    let ms = |x: f64| (x * 100.0).round() / 100.0;
+    json!({ "samples": micros.len(), "p50_ms": ms(at(0.5)), "p90_ms": ms(at(0.9)), "p99_ms": ms(at(0.99)), "max_ms": ms(at(1.0)) })
+}
+
+/// Calls `send(seq)` at `rate` per second from seq 2 until `seconds` have passed, draining
+/// `next` between sends; returns how many were sent and how many failed.
+fn paced(rate: u64, seconds: u64, mut send: impl FnMut(u64) -> anyhow::Result<()>, next: impl Fn() -> Option<Outcome>) -> anyhow::Result<(u64, u64)> {
+    let total = rate * seconds;
+    let started = Instant::now();
+    let (mut failed, mut answered) = (0u64, 0u64);
+    let tally = |o: Outcome, failed: &mut u64, answered: &mut u64| {
+        *answered += 1;
+        if !matches!(o, Outcome::Committed { .. }) {
+            log::warn!("publish: {o:?}");
+            *failed += 1;
+        }
+    };
+    for i in 0..total {
+        let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+        while let Some(o) = next() {
+            tally(o, &mut failed, &mut answered);
+        }
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        send(i + 2)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answered < total && Instant::now() < deadline {
+        match next() {
+            Some(o) => tally(o, &mut failed, &mut answered),
+            None => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    Ok((total, failed + (total - answered)))
+}
+
+/// Waits until `delivered()` reaches `want` or stops growing for [`DRAIN`].
+fn drain(want: usize, delivered: impl Fn() -> usize) {
+    let (mut last, mut since) = (delivered(), Instant::now());
+    while last < want && since.elapsed() < DRAIN {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = delivered();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+}
+
+pub fn latency(args: LatencyArgs) -> anyhow::Result<()> {
+    let command = format!(
+        "khala bench latency --subscribers {} --rate {} --seconds {} --payload-bytes {}{}",
+        args.subscribers,
+        args.rate,
+        args.seconds,
+        args.payload_bytes,
+        if args.skip_bare { " --skip-bare" } else { "" }
+    ) + if args.no_ack { " --no-ack" } else { "" };
+    let (server, dir) = private_server()?;
+    let url = server.url();
+    let api = Api::new(&url);
+    let owner = api.new_identity()?;
+    let wasm = std::fs::read(khala_tools::module_wasm::build_module()?)?;
+    api.publish_module("lat", &wasm, &owner.token, false)?;
+    let publisher = api.new_identity()?;
+    grants::make_publisher(&api, "lat", &owner.token, &publisher.identity, &["bench.*"], 24 * 3600)?;
+
+    // The subscribers, each a granted non-owner identity running a real client.
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for n in 0..args.subscribers {
+        let reader = api.new_identity()?;
+        api.call("lat", "grant", json!([identity_arg(&reader.identity), STREAM, ["subscribe", "ack"], 3600]), &owner.token)?;
+        let token_file = dir.path().join(format!("reader-{n}.token"));
+        std::fs::write(&token_file, &reader.token)?;
+        let mut config = ClientConfig::new(url.clone(), "lat", token_file, dir.path().join(format!("reader-{n}.checkpoint")));
+        config.streams = vec![STREAM.to_string()];
+        config.ack = !args.no_ack;
+        let handler = LatencyHandler { subscriber: n, seen: seen.clone(), unpersisted: Vec::new() };
+        let mut client = SyncClient::new(config, handler)?;
+        let stop = stop.clone();
+        clients.push(std::thread::Builder::new().name(format!("khala-bench-sub-{n}")).spawn(move || client.run(&stop))?);
+    }
+
+    // Seq 1 warms every subscriber up (connected, subscribed, window open), untimed.
+    let sdk = SdkPublisher::connect(&url, "lat", &publisher.token)?;
+    let mut rng = rand::thread_rng();
+    let event = |seq: u64, rng: &mut rand::rngs::ThreadRng| khala_client::module_bindings::PublishEvent {
+        idempotency_key: format!("k{seq}"),
+        kind: "bench.lat".into(),
+        payload: payload(args.payload_bytes, rng),
+        authority_seq: Some(seq),
+        occurred_at_micros: 0,
+    };
+    sdk.send(STREAM, vec![event(1, &mut rng)])?;
+    let ready = Instant::now();
+    while seen.lock().expect("samples").applied.len() < args.subscribers {
+        anyhow::ensure!(ready.elapsed() < Duration::from_secs(120), "the subscribers did not all apply the warm-up event within 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    while sdk.next(Duration::ZERO).is_some() {}
+
+    let progress = khala_tools::progress::spinner(&format!("khala: {} events/s to {} subscribers", args.rate, args.subscribers));
+    let (sent, failed) = paced(args.rate, args.seconds, |seq| Ok(sdk.send(STREAM, vec![event(seq, &mut rng)])?), || sdk.next(Duration::ZERO))?;
+    let want = (sent as usize + 1) * args.subscribers;
+    drain(want, || seen.lock().expect("samples").applied.len());
+    // One more checkpoint interval, so the last events reach `persist`.
+    std::thread::sleep(Duration::from_millis(200));
+    progress.finish_and_clear();
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().map_err(|_| anyhow::anyhow!("a subscriber thread panicked"))?.context("a subscriber failed")?;
+    }
+    let seen = std::mem::take(&mut *seen.lock().expect("samples"));
+    let mut unique = seen.applied.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    let khala = json!({
+        "sent": sent,
+        "publish_failed": failed,
+        "expected_deliveries": sent as usize * args.subscribers,
+        "delivered": unique.len() - args.subscribers,
+        "missing": want - unique.len(),
+        "applied_twice": seen.applied.len() - unique.len(),
+        "publish_to_handler": percentiles(seen.handler_micros),
+        "publish_to_durable_checkpoint": percentiles(seen.durable_micros),
+    });
+
+    let bare = if args.skip_bare { Value::Null } else { bare_fan_out(&api, &url, &owner.token, &args)? };
+    println!("{}", serde_json::to_string_pretty(&json!({ "command": command, "khala": khala, "bare": bare }))?);
+    Ok(())
+}
+
+/// The same rate into the bare module, one row per call, to as many connections (each
+/// its own identity) subscribed to its whole public table: the engine's own fan-out, with no Khala code.
+fn bare_fan_out(api: &Api, url: &str, owner_token: &str, args: &LatencyArgs) -> anyhow::Result<Value> {
+    use khala_tools::bare_bindings::{BareSegmentTableAccess, DbConnection};
+    use spacetimedb_sdk::{DbContext, Table};
+    let wasm = std::fs::read(khala_tools::module_wasm::build_bare_module()?)?;
+    api.publish_module("lat-bare", &wasm, owner_token, false)?;
+    let micros = Arc::new(Mutex::new(Vec::<(usize, u64, i64)>::new()));
+    let (subscribed_tx, subscribed_rx) = std::sync::mpsc::channel::<()>();
+    let mut conns = Vec::new();
+    for n in 0..args.subscribers {
+        let reader = api.new_identity()?;
+        let conn = DbConnection::builder()
+            .with_uri(url)
+            .with_module_name("lat-bare")
+            .with_token(Some(reader.token))
+            .with_compression(spacetimedb_sdk::Compression::None)
+            .build()
+            .context("connecting a bare subscriber")?;
+        let micros = micros.clone();
+        conn.db.bare_segment().on_insert(move |_, row| {
+            let now = now_micros();
+            micros.lock().expect("samples").push((n, row.first_seq, now - sent_micros(&row.data)));
+        });
+        let subscribed = subscribed_tx.clone();
+        conn.subscription_builder()
+            .on_applied(move |_| {
+                let _ = subscribed.send(());
+            })
+            .subscribe(["SELECT * FROM bare_segment"]);
+        conn.run_threaded();
+        conns.push(conn);
+    }
+    for _ in 0..args.subscribers {
+        subscribed_rx.recv_timeout(Duration::from_secs(60)).context("a bare subscription was not applied within 60 s")?;
+    }
+    let publisher = BarePublisher::connect(url, "lat-bare", owner_token)?;
+    let mut rng = rand::thread_rng();
+    let (sent, failed) = paced(args.rate, args.seconds, |seq| Ok(publisher.send(STREAM, seq, seq, payload(args.payload_bytes, &mut rng))?), || publisher.next(Duration::ZERO))?;
+    let want = sent as usize * args.subscribers;
+    drain(want, || micros.lock().expect("samples").len());
+    for conn in &conns {
+        let _ = conn.disconnect();
+    }
+    let samples = std::mem::take(&mut *micros.lock().expect("samples"));
+    let mut unique: Vec<(usize, u64)> = samples.iter().map(|(n, s, _)| (*n, *s)).collect();
+    unique.sort_unstable();
+    unique.dedup();
+    Ok(json!({
+        "sent": sent,
+        "publish_failed": failed,
+        "expected_deliveries": want,
+        "delivered": unique.len(),
+        "missing": want - unique.len(),
+        "publish_to_callback": percentiles(samples.into_iter().map(|(_, _, m)| m).collect()),
+    }))
+}
