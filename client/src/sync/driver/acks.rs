@@ -6,14 +6,17 @@ use std::time::{Duration, Instant};
 
 /// No ack for this long after a refused one (it would be refused again at once).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// An ack unanswered for this long counts as lost (a call the server dropped, e.g.
+/// while the module was being republished) and the durable cursor is acked again.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default)]
 pub struct Acks {
     /// The highest seq the server confirmed in this session (0 after a reconnect: the
     /// server may have lost the last ack in a crash before its fsync).
     acked: u64,
-    /// The seq of the ack in flight.
-    in_flight: Option<u64>,
+    /// The seq of the ack in flight, and when it was sent.
+    in_flight: Option<(u64, Instant)>,
     /// A rebootstrap started a new history: no ack until a checkpoint has made a cursor
     /// of that history durable (the old durable cursor belongs to the old one).
     new_history: bool,
@@ -24,18 +27,19 @@ impl Acks {
     /// The seq to ack now, if any: the durable seq when it is past the last confirmed
     /// one. The caller checks the grant, the stream's mode and the `ack` setting.
     pub fn due(&self, durable_seq: u64, now: Instant) -> Option<u64> {
-        let idle = self.in_flight.is_none() && !self.new_history && self.retry_at.is_none_or(|t| t <= now);
+        let answered = self.in_flight.is_none_or(|(_, at)| now.saturating_duration_since(at) > ANSWER_WITHIN);
+        let idle = answered && !self.new_history && self.retry_at.is_none_or(|t| t <= now);
         (idle && durable_seq > self.acked).then_some(durable_seq)
     }
 
-    pub fn sent(&mut self, seq: u64) {
-        self.in_flight = Some(seq);
+    pub fn sent(&mut self, seq: u64, now: Instant) {
+        self.in_flight = Some((seq, now));
     }
 
     /// The server's answer to the ack of `seq`; `durable_seq` is the durable cursor now
     /// (a confirmation of an ack from before a rebootstrap moves nothing).
     pub fn answered(&mut self, seq: u64, ok: bool, durable_seq: u64, now: Instant) {
-        if self.in_flight == Some(seq) {
+        if self.in_flight.is_some_and(|(s, _)| s == seq) {
             self.in_flight = None;
         }
         if !ok {

@@ -546,7 +546,7 @@ impl Driver {
         for (id, s) in self.streams.iter_mut() {
             if self.settings.ack && s.grant.subscribed() && s.grant.can_ack && s.engine.mode() == &StreamMode::Normal && !s.rebuilding() {
                 if let Some(seq) = s.acks.due(s.durable.seq, now.at) {
-                    s.acks.sent(seq);
+                    s.acks.sent(seq, now.at);
                     out.push(Command::Ack { stream_id: id.clone(), seq, chain_hash: s.durable.chain_hash.clone() });
                 }
             }

@@ -134,6 +134,8 @@ struct Faults {
     persist: u32,
     rebootstrap: u32,
     ack: u32,
+    /// The server takes the next ack but its answer is lost.
+    ack_answer: u32,
     /// The process dies between the handler's persist and the checkpoint file's write.
     crash_in_checkpoint: bool,
 }
@@ -351,6 +353,9 @@ impl Sim {
                     s.acked = s.acked.max(seq);
                     Ok(())
                 };
+                if std::mem::take(&mut self.faults.ack_answer) > 0 {
+                    return;
+                }
                 self.push(Msg::Acked { stream_id, seq, result });
             }
             Command::Rebootstrap(stale) => {
@@ -711,6 +716,7 @@ enum Action {
     FailPersist,
     FailRebootstrap,
     RefuseAck,
+    LoseAckAnswer,
     Revoke(usize),
     Renew(usize),
     Disconnect,
@@ -735,6 +741,7 @@ fn action() -> impl Strategy<Value = Action> {
         1 => Just(Action::FailPersist),
         1 => Just(Action::FailRebootstrap),
         1 => Just(Action::RefuseAck),
+        1 => Just(Action::LoseAckAnswer),
         1 => stream.clone().prop_map(Action::Revoke),
         1 => stream.clone().prop_map(Action::Renew),
         1 => Just(Action::Disconnect),
@@ -765,6 +772,7 @@ fn run_case(owns: bool, actions: &[Action]) -> Sim {
             Action::FailPersist => sim.faults.persist = 1,
             Action::FailRebootstrap => sim.faults.rebootstrap = 1,
             Action::RefuseAck => sim.faults.ack = 1,
+            Action::LoseAckAnswer => sim.faults.ack_answer = 1,
             Action::Revoke(i) => sim.revoke(i),
             Action::Renew(i) => sim.renew(i),
             Action::Disconnect => sim.drop_connection("network"),
@@ -927,6 +935,30 @@ fn a_refused_ack_is_retried_after_a_pause_not_at_every_tick() {
     sim.advance(Duration::from_millis(50));
     sim.deliver(100);
     assert_eq!(sim.server["s.a"].acked, 3);
+}
+
+#[test]
+fn an_ack_whose_answer_is_lost_is_sent_again() {
+    let mut sim = live_sim(0);
+    sim.faults.ack_answer = 1;
+    sim.publish(0, 4);
+    for _ in 0..3 {
+        sim.deliver(100);
+        sim.advance(Duration::from_millis(50));
+    }
+    assert_eq!(sim.acks_sent, 1);
+    // The server has it, yet the client never heard; a later cursor waits for the answer
+    // until it counts as lost.
+    sim.publish(0, 2);
+    for _ in 0..3 {
+        sim.deliver(100);
+        sim.advance(Duration::from_millis(50));
+    }
+    assert_eq!((sim.acks_sent, sim.server["s.a"].acked), (1, 4));
+    sim.advance(super::acks::ANSWER_WITHIN + Duration::from_secs(1));
+    sim.deliver(100);
+    sim.advance(Duration::from_millis(50));
+    assert_eq!(sim.server["s.a"].acked, 6);
 }
 
 #[test]
