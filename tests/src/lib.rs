@@ -49,13 +49,29 @@ pub struct TestServer {
     process: Mutex<ServerProcess>,
     engine: Engine,
     url: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
-/// The server shared by every test of this test binary.
+static SHARED: OnceLock<TestServer> = OnceLock::new();
+
+/// The server shared by every test of this test binary. A static is never dropped, so
+/// the server is stopped and its data dir removed when the test process exits.
 pub fn shared_server() -> &'static TestServer {
-    static SERVER: OnceLock<TestServer> = OnceLock::new();
-    SERVER.get_or_init(TestServer::start)
+    SHARED.get_or_init(|| {
+        let server = TestServer::start();
+        // SAFETY: `atexit` only records the function; it runs once, at exit.
+        unsafe { libc::atexit(stop_shared_server) };
+        server
+    })
+}
+
+extern "C" fn stop_shared_server() {
+    if let Some(server) = SHARED.get() {
+        if let Ok(mut process) = server.process.lock() {
+            process.kill9();
+        }
+        let _ = std::fs::remove_dir_all(server.dir.path());
+    }
 }
 
 impl TestServer {
@@ -68,7 +84,7 @@ impl TestServer {
         let port = free_port().expect("a free port");
         let process = ServerProcess::start(&engine, &server_dir, port, Lifetime::TiedToThisProcess, START_TIMEOUT)
             .unwrap_or_else(|e| panic!("starting the test server: {e}"));
-        TestServer { url: process.url(), process: Mutex::new(process), engine, _dir: dir }
+        TestServer { url: process.url(), process: Mutex::new(process), engine, dir }
     }
 
     pub fn url(&self) -> &str {
@@ -80,7 +96,7 @@ impl TestServer {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self._dir.path().to_path_buf()
+        self.dir.path().to_path_buf()
     }
 
     /// SIGKILL the server, as a crash would; its data dir stays.
