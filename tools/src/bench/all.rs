@@ -6,7 +6,10 @@
 
 use super::chart::{self, Series};
 use super::redis_base::{self, RedisServer};
+use super::latency::{bare_fan_out, khala_latency, Load};
+use super::mirror::{mirror_file, MirrorBenchArgs};
 use super::{private_server, publish_bare, publish_http, publish_sdk, replay_client, PublishArgs};
+use khala_tools::mirror::publisher::Transport;
 use clap::Args;
 use khala_tools::api::Api;
 use khala_tools::grants;
@@ -38,6 +41,16 @@ pub struct AllArgs {
     /// Leave out Khala's HTTP JSON run.
     #[arg(long)]
     pub skip_http: bool,
+    /// Latency: events per second, one per call, to `--latency-subscribers` and then to
+    /// `--fan-out-subscribers` clients of one stream (Khala, then the bare module).
+    #[arg(long, default_value_t = 1_000)]
+    pub latency_rate: u64,
+    #[arg(long, default_value_t = 5)]
+    pub latency_seconds: u64,
+    #[arg(long, default_value_t = 10)]
+    pub latency_subscribers: usize,
+    #[arg(long, default_value_t = 100)]
+    pub fan_out_subscribers: usize,
     /// Where `bench.md`, `bench.json` and `bench.svg` go (created if missing).
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
@@ -54,7 +67,7 @@ struct Row {
 
 fn command(a: &AllArgs) -> String {
     format!(
-        "khala bench all --events {} --batch {} --streams {} --payload-bytes {} --curve-every {} --unbatched-events {} --unbatched-streams {}{} --out {}",
+        "khala bench all --events {} --batch {} --streams {} --payload-bytes {} --curve-every {} --unbatched-events {} --unbatched-streams {}{} --latency-rate {} --latency-seconds {} --latency-subscribers {} --fan-out-subscribers {} --out {}",
         a.events,
         a.batch,
         a.streams,
@@ -63,6 +76,10 @@ fn command(a: &AllArgs) -> String {
         a.unbatched_events,
         a.unbatched_streams,
         if a.skip_http { " --skip-http" } else { "" },
+        a.latency_rate,
+        a.latency_seconds,
+        a.latency_subscribers,
+        a.fan_out_subscribers,
         a.out.display()
     )
 }
@@ -127,7 +144,7 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
     if redis_binary.is_none() {
         eprintln!("redis_server_missing: the Redis Streams baseline needs `redis-server` (Debian package `{}`: apt-get install {}); running the rest without it", redis_base::PACKAGE, redis_base::PACKAGE);
     }
-    let steps = 6 + usize::from(!args.skip_http) + if redis_binary.is_some() { 3 } else { 0 };
+    let steps = 9 + usize::from(!args.skip_http) + if redis_binary.is_some() { 3 } else { 0 };
     let mut n = 0;
     let mut next = |what: &str| {
         n += 1;
@@ -174,6 +191,19 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
     std::fs::write(&token, &reader.token)?;
     let checkpoint = dir.path().join("all.checkpoint");
     let replay = replay_client(&server.url(), "sdk", &token, &streams, per_stream * args.streams, "a client", &["--checkpoint", &checkpoint.to_string_lossy()])?;
+
+    next("mirror: an authority log (JSONL) into Khala over the SDK, durable cursor on");
+    let mirror_args = MirrorBenchArgs { events: per_stream * args.streams, topics: args.streams as u32, payload_bytes: args.payload_bytes, batch: args.batch, durable_after_ms: 2_000, postgres: None, skip_http: true };
+    let mirror = mirror_file(&api, &owner.token, "mirror", dir.path(), &mirror_args, Transport::Sdk)?;
+
+    let mut latency = Vec::new();
+    for (subscribers, db) in [(args.latency_subscribers, "latency"), (args.fan_out_subscribers, "fan-out")] {
+        next(&format!("latency: {} events/s, one per call, to {subscribers} subscribers (Khala, then the bare module)", args.latency_rate));
+        let load = Load { subscribers, rate: args.latency_rate, seconds: args.latency_seconds, payload_bytes: args.payload_bytes, ack: true };
+        let khala = khala_latency(&api, &owner.token, db, dir.path(), load)?;
+        let bare = bare_fan_out(&api, &owner.token, &format!("{db}-bare"), load)?;
+        latency.push(json!({ "subscribers": subscribers, "rate": args.latency_rate, "seconds": args.latency_seconds, "khala": khala, "bare": bare }));
+    }
     drop(server);
 
     let mut redis = json!({ "skipped": "redis_server_missing", "install": format!("apt-get install {}", redis_base::PACKAGE) });
@@ -217,6 +247,10 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
         "bare_flatness": flatness(&bare.curve),
         "sdk_flatness": flatness(&sdk.curve),
         "redis": redis,
+        "mirror_file_sdk_publishing_events_per_sec": mirror.publishing_per_sec.round(),
+        "mirror_file_sdk_durable_events_per_sec": mirror.durable_per_sec.round(),
+        "mirror_to_bare": ratio(mirror.durable_per_sec, bare.events_per_sec),
+        "latency": latency,
     });
     if let Some(http) = http {
         figures["http_json_events_per_sec"] = json!(http.round());
@@ -225,6 +259,7 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
     let parameters = json!({
         "events": args.events, "batch": args.batch, "streams": args.streams, "payload_bytes": args.payload_bytes,
         "curve_every": every, "unbatched_events": args.unbatched_events, "unbatched_streams": args.unbatched_streams, "skip_http": args.skip_http,
+        "latency_rate": args.latency_rate, "latency_seconds": args.latency_seconds, "latency_subscribers": args.latency_subscribers, "fan_out_subscribers": args.fan_out_subscribers,
     });
     let report = json!({ "command": command, "machine": machine, "parameters": parameters, "figures": figures });
     std::fs::write(args.out.join("bench.json"), serde_json::to_string_pretty(&report)? + "\n")?;
@@ -240,6 +275,13 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
     }
     let missing = || format!("not run: install `{}`", redis_base::PACKAGE);
     rows.push(Row { scenario: batched_name, path: "Redis XADD, pipelined".into(), events_per_sec: redis_pipelined.as_ref().map(|r| r.events_per_sec), baseline: Some(bare.events_per_sec), note: if redis_binary.is_some() { format!("{} per pipeline", args.batch) } else { missing() } });
+    rows.push(Row {
+        scenario: batched_name,
+        path: "`khala mirror`, JSONL file → module (SDK)".into(),
+        events_per_sec: Some(mirror.durable_per_sec),
+        baseline: Some(bare.events_per_sec),
+        note: format!("to a durable cursor; {} events/s while publishing", grouped(mirror.publishing_per_sec)),
+    });
     let unbatched_name = "publish, unbatched";
     rows.push(Row { scenario: unbatched_name, path: "bare insert-only module (SDK)".into(), events_per_sec: Some(unbatched_bare.events_per_sec), baseline: Some(unbatched_bare.events_per_sec), note: format!("1 per call, {} in flight", args.unbatched_streams) });
     rows.push(Row { scenario: unbatched_name, path: "Khala `publish` (SDK, BSATN)".into(), events_per_sec: Some(unbatched_sdk.events_per_sec), baseline: Some(unbatched_bare.events_per_sec), note: String::new() });
@@ -279,6 +321,18 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
         if report["machine"]["worktree_dirty"] == json!(true) { " (with uncommitted changes)" } else { "" },
         report["machine"]["loadavg_at_start"].as_str().unwrap_or("?"),
     ));
+    md.push_str("\nLatency, one event per `publish` call at a steady rate, timed from the send to the subscriber's handler (Khala: a real client per granted identity) or insert callback (bare module), and for Khala to the `persist` before its checkpoint write:\n\n");
+    md.push_str("| subscribers | events/s | path | sent | delivered | missing | p50 | p99 | max | to checkpoint p99 |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for l in &latency {
+        for (path, r, hop) in [("Khala", &l["khala"], "publish_to_handler"), ("bare module", &l["bare"], "publish_to_callback")] {
+            let ms = |k: &str| r[hop][k].as_f64().map_or("—".to_string(), |v| format!("{v} ms"));
+            let durable = r["publish_to_durable_checkpoint"]["p99_ms"].as_f64().map_or("—".to_string(), |v| format!("{v} ms"));
+            md.push_str(&format!(
+                "| {} | {} | {path} | {} | {} | {} | {} | {} | {} | {durable} |\n",
+                l["subscribers"], l["rate"], r["sent"], r["delivered"], r["missing"], ms("p50_ms"), ms("p99_ms"), ms("max_ms")
+            ));
+        }
+    }
     std::fs::write(args.out.join("bench.md"), &md)?;
 
     let mut series = vec![

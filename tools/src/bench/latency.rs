@@ -46,6 +46,18 @@ pub struct LatencyArgs {
 const STREAM: &str = "bench.lat.0";
 /// How long delivery may stall after the last send before the rest counts as missing.
 const DRAIN: Duration = Duration::from_secs(10);
+/// The longest wait for deliveries after the last send, stalled or not.
+const DRAIN_MAX: Duration = Duration::from_secs(60);
+
+/// One latency run's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    pub subscribers: usize,
+    pub rate: u64,
+    pub seconds: u64,
+    pub payload_bytes: usize,
+    pub ack: bool,
+}
 
 fn now_micros() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
@@ -155,8 +167,9 @@ fn paced(rate: u64, seconds: u64, mut send: impl FnMut(u64) -> anyhow::Result<()
 
 /// Waits until `delivered()` reaches `want` or stops growing for [`DRAIN`].
 fn drain(want: usize, delivered: impl Fn() -> usize) {
+    let started = Instant::now();
     let (mut last, mut since) = (delivered(), Instant::now());
-    while last < want && since.elapsed() < DRAIN {
+    while last < want && since.elapsed() < DRAIN && started.elapsed() < DRAIN_MAX {
         std::thread::sleep(Duration::from_millis(20));
         let now = delivered();
         if now != last {
@@ -174,27 +187,37 @@ pub fn latency(args: LatencyArgs) -> anyhow::Result<()> {
         args.payload_bytes,
         if args.skip_bare { " --skip-bare" } else { "" }
     ) + if args.no_ack { " --no-ack" } else { "" };
+    let load = Load { subscribers: args.subscribers, rate: args.rate, seconds: args.seconds, payload_bytes: args.payload_bytes, ack: !args.no_ack };
     let (server, dir) = private_server()?;
-    let url = server.url();
-    let api = Api::new(&url);
+    let api = Api::new(&server.url());
     let owner = api.new_identity()?;
+    let khala = khala_latency(&api, &owner.token, "lat", dir.path(), load)?;
+    let bare = if args.skip_bare { Value::Null } else { bare_fan_out(&api, &owner.token, "lat-bare", load)? };
+    println!("{}", serde_json::to_string_pretty(&json!({ "command": command, "khala": khala, "bare": bare }))?);
+    Ok(())
+}
+
+/// Publishes `load` into a fresh database `db` of Khala's module and measures it at
+/// `load.subscribers` real clients.
+pub fn khala_latency(api: &Api, owner_token: &str, db: &str, dir: &std::path::Path, load: Load) -> anyhow::Result<Value> {
+    let url = api.base_url().to_string();
     let wasm = std::fs::read(khala_tools::module_wasm::build_module()?)?;
-    api.publish_module("lat", &wasm, &owner.token, false)?;
+    api.publish_module(db, &wasm, owner_token, false)?;
     let publisher = api.new_identity()?;
-    grants::make_publisher(&api, "lat", &owner.token, &publisher.identity, &["bench.*"], 24 * 3600)?;
+    grants::make_publisher(api, db, owner_token, &publisher.identity, &["bench.*"], 24 * 3600)?;
 
     // The subscribers, each a granted non-owner identity running a real client.
     let seen = Arc::new(Mutex::new(Seen::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
-    for n in 0..args.subscribers {
+    for n in 0..load.subscribers {
         let reader = api.new_identity()?;
-        api.call("lat", "grant", json!([identity_arg(&reader.identity), STREAM, ["subscribe", "ack"], 3600]), &owner.token)?;
-        let token_file = dir.path().join(format!("reader-{n}.token"));
+        api.call(db, "grant", json!([identity_arg(&reader.identity), STREAM, ["subscribe", "ack"], 3600]), owner_token)?;
+        let token_file = dir.join(format!("{db}-reader-{n}.token"));
         std::fs::write(&token_file, &reader.token)?;
-        let mut config = ClientConfig::new(url.clone(), "lat", token_file, dir.path().join(format!("reader-{n}.checkpoint")));
+        let mut config = ClientConfig::new(url.clone(), db, token_file, dir.join(format!("{db}-reader-{n}.checkpoint")));
         config.streams = vec![STREAM.to_string()];
-        config.ack = !args.no_ack;
+        config.ack = load.ack;
         let handler = LatencyHandler { subscriber: n, seen: seen.clone(), unpersisted: Vec::new() };
         let mut client = SyncClient::new(config, handler)?;
         let stop = stop.clone();
@@ -202,26 +225,26 @@ pub fn latency(args: LatencyArgs) -> anyhow::Result<()> {
     }
 
     // Seq 1 warms every subscriber up (connected, subscribed, window open), untimed.
-    let sdk = SdkPublisher::connect(&url, "lat", &publisher.token)?;
+    let sdk = SdkPublisher::connect(&url, db, &publisher.token)?;
     let mut rng = rand::thread_rng();
     let event = |seq: u64, rng: &mut rand::rngs::ThreadRng| khala_client::module_bindings::PublishEvent {
         idempotency_key: format!("k{seq}"),
         kind: "bench.lat".into(),
-        payload: payload(args.payload_bytes, rng),
+        payload: payload(load.payload_bytes, rng),
         authority_seq: Some(seq),
         occurred_at_micros: 0,
     };
     sdk.send(STREAM, vec![event(1, &mut rng)])?;
     let ready = Instant::now();
-    while seen.lock().expect("samples").applied.len() < args.subscribers {
+    while seen.lock().expect("samples").applied.len() < load.subscribers {
         anyhow::ensure!(ready.elapsed() < Duration::from_secs(120), "the subscribers did not all apply the warm-up event within 120 s");
         std::thread::sleep(Duration::from_millis(20));
     }
     while sdk.next(Duration::ZERO).is_some() {}
 
-    let progress = khala_tools::progress::spinner(&format!("khala: {} events/s to {} subscribers", args.rate, args.subscribers));
-    let (sent, failed) = paced(args.rate, args.seconds, |seq| Ok(sdk.send(STREAM, vec![event(seq, &mut rng)])?), || sdk.next(Duration::ZERO))?;
-    let want = (sent as usize + 1) * args.subscribers;
+    let progress = khala_tools::progress::spinner(&format!("khala: {} events/s to {} subscribers", load.rate, load.subscribers));
+    let (sent, failed) = paced(load.rate, load.seconds, |seq| Ok(sdk.send(STREAM, vec![event(seq, &mut rng)])?), || sdk.next(Duration::ZERO))?;
+    let want = (sent as usize + 1) * load.subscribers;
     drain(want, || seen.lock().expect("samples").applied.len());
     // One more checkpoint interval, so the last events reach `persist`.
     std::thread::sleep(Duration::from_millis(200));
@@ -234,37 +257,36 @@ pub fn latency(args: LatencyArgs) -> anyhow::Result<()> {
     let mut unique = seen.applied.clone();
     unique.sort_unstable();
     unique.dedup();
-    let khala = json!({
+    Ok(json!({
+        "subscribers": load.subscribers,
+        "rate": load.rate,
         "sent": sent,
         "publish_failed": failed,
-        "expected_deliveries": sent as usize * args.subscribers,
-        "delivered": unique.len() - args.subscribers,
+        "expected_deliveries": sent as usize * load.subscribers,
+        "delivered": unique.len().saturating_sub(load.subscribers),
         "missing": want - unique.len(),
         "applied_twice": seen.applied.len() - unique.len(),
         "publish_to_handler": percentiles(seen.handler_micros),
         "publish_to_durable_checkpoint": percentiles(seen.durable_micros),
-    });
-
-    let bare = if args.skip_bare { Value::Null } else { bare_fan_out(&api, &url, &owner.token, &args)? };
-    println!("{}", serde_json::to_string_pretty(&json!({ "command": command, "khala": khala, "bare": bare }))?);
-    Ok(())
+    }))
 }
 
 /// The same rate into the bare module, one row per call, to as many connections (each
 /// its own identity) subscribed to its whole public table: the engine's own fan-out, with no Khala code.
-fn bare_fan_out(api: &Api, url: &str, owner_token: &str, args: &LatencyArgs) -> anyhow::Result<Value> {
+pub fn bare_fan_out(api: &Api, owner_token: &str, db: &str, load: Load) -> anyhow::Result<Value> {
+    let url = api.base_url().to_string();
     use khala_tools::bare_bindings::{BareSegmentTableAccess, DbConnection};
     use spacetimedb_sdk::{DbContext, Table};
     let wasm = std::fs::read(khala_tools::module_wasm::build_bare_module()?)?;
-    api.publish_module("lat-bare", &wasm, owner_token, false)?;
+    api.publish_module(db, &wasm, owner_token, false)?;
     let micros = Arc::new(Mutex::new(Vec::<(usize, u64, i64)>::new()));
     let (subscribed_tx, subscribed_rx) = std::sync::mpsc::channel::<()>();
     let mut conns = Vec::new();
-    for n in 0..args.subscribers {
+    for n in 0..load.subscribers {
         let reader = api.new_identity()?;
         let conn = DbConnection::builder()
-            .with_uri(url)
-            .with_module_name("lat-bare")
+            .with_uri(&url)
+            .with_module_name(db)
             .with_token(Some(reader.token))
             .with_compression(spacetimedb_sdk::Compression::None)
             .build()
@@ -283,13 +305,13 @@ fn bare_fan_out(api: &Api, url: &str, owner_token: &str, args: &LatencyArgs) -> 
         conn.run_threaded();
         conns.push(conn);
     }
-    for _ in 0..args.subscribers {
+    for _ in 0..load.subscribers {
         subscribed_rx.recv_timeout(Duration::from_secs(60)).context("a bare subscription was not applied within 60 s")?;
     }
-    let publisher = BarePublisher::connect(url, "lat-bare", owner_token)?;
+    let publisher = BarePublisher::connect(&url, db, owner_token)?;
     let mut rng = rand::thread_rng();
-    let (sent, failed) = paced(args.rate, args.seconds, |seq| Ok(publisher.send(STREAM, seq, seq, payload(args.payload_bytes, &mut rng))?), || publisher.next(Duration::ZERO))?;
-    let want = sent as usize * args.subscribers;
+    let (sent, failed) = paced(load.rate, load.seconds, |seq| Ok(publisher.send(STREAM, seq, seq, payload(load.payload_bytes, &mut rng))?), || publisher.next(Duration::ZERO))?;
+    let want = sent as usize * load.subscribers;
     drain(want, || micros.lock().expect("samples").len());
     for conn in &conns {
         let _ = conn.disconnect();
@@ -299,6 +321,8 @@ fn bare_fan_out(api: &Api, url: &str, owner_token: &str, args: &LatencyArgs) -> 
     unique.sort_unstable();
     unique.dedup();
     Ok(json!({
+        "subscribers": load.subscribers,
+        "rate": load.rate,
         "sent": sent,
         "publish_failed": failed,
         "expected_deliveries": want,

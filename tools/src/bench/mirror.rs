@@ -47,12 +47,31 @@ pub struct MirrorBenchArgs {
 }
 
 /// One mirror run's figures.
-struct MirrorRun {
-    label: String,
-    published: u64,
-    publishing_per_sec: f64,
-    durable_per_sec: f64,
-    elapsed_secs: f64,
+pub struct MirrorRun {
+    pub label: String,
+    pub published: u64,
+    pub publishing_per_sec: f64,
+    pub durable_per_sec: f64,
+    pub elapsed_secs: f64,
+}
+
+/// A mirror run of `events` synthetic events over `topics` topics from a JSONL file, into
+/// a fresh database `db`, as a new publisher identity (files under `dir`).
+pub fn mirror_file(api: &Api, owner_token: &str, db: &str, dir: &Path, args: &MirrorBenchArgs, transport: Transport) -> anyhow::Result<MirrorRun> {
+    let publisher = api.new_identity()?;
+    let token_file = dir.join(format!("{db}.token"));
+    std::fs::write(&token_file, &publisher.token)?;
+    let log = dir.join(format!("{db}.jsonl"));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&log)?);
+    khala_tools::mirror::gen::write_events(&mut out, args.events, args.payload_bytes, args.topics, 42)?;
+    drop(out);
+    let wasm = std::fs::read(khala_tools::module_wasm::build_module()?)?;
+    prepare(api, db, &wasm, owner_token, &publisher.identity)?;
+    let name = format!("{transport:?}").to_lowercase();
+    let input = ["--input".to_string(), log.display().to_string()];
+    let run = run_mirror(&format!("JSONL file, {name}"), api.base_url(), db, &token_file, &dir.join(db), transport, args, &input, args.events);
+    let _ = std::fs::remove_file(&log);
+    run
 }
 
 pub fn mirror(args: MirrorBenchArgs) -> anyhow::Result<()> {
