@@ -36,6 +36,31 @@ fn next_outcome(results: &Receiver<Outcome>, timeout: Duration) -> Option<Outcom
     }
 }
 
+/// How long opening the WebSocket may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Runs an SDK `build()` on a thread of its own and waits at most [`CONNECT_TIMEOUT`]:
+/// `build()` waits for the WebSocket handshake with no limit, so a connection that is
+/// accepted and never answered (half-open, the network drill's blackhole) would hang the
+/// caller for ever. A connection that arrives after the caller gave up is closed.
+fn connect_within<C: Send + 'static>(
+    what: &str,
+    build: impl FnOnce() -> std::result::Result<C, spacetimedb_sdk::Error> + Send + 'static,
+    close_late: impl FnOnce(C) + Send + 'static,
+) -> Result<C> {
+    let (built_tx, built) = mpsc::channel();
+    std::thread::spawn(move || {
+        if let Err(mpsc::SendError(Ok(late))) = built_tx.send(build()) {
+            close_late(late);
+        }
+    });
+    match built.recv_timeout(CONNECT_TIMEOUT) {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(ToolError::Http { what: what.into(), detail: e.to_string() }),
+        Err(_) => Err(ToolError::Http { what: what.into(), detail: format!("no WebSocket handshake within {} s", CONNECT_TIMEOUT.as_secs()) }),
+    }
+}
+
 /// One SDK connection used for `publish` calls.
 pub struct SdkPublisher {
     conn: DbConnection,
@@ -46,17 +71,23 @@ impl SdkPublisher {
     pub fn connect(url: &str, database: &str, token: &str) -> Result<SdkPublisher> {
         let (tx, results) = mpsc::channel();
         let on_disconnect = tx.clone();
-        let conn = DbConnection::builder()
-            .with_uri(url)
-            .with_module_name(database)
-            .with_token(Some(token.to_string()))
-            .with_compression(spacetimedb_sdk::Compression::None)
-            .with_light_mode(true)
-            .on_disconnect(move |_, e| {
-                let _ = on_disconnect.send(Outcome::Disconnected(e.map_or_else(|| "closed".to_string(), |e| e.to_string())));
-            })
-            .build()
-            .map_err(|e| ToolError::Http { what: "connecting the SDK publisher".into(), detail: e.to_string() })?;
+        let (url, database, token) = (url.to_string(), database.to_string(), token.to_string());
+        let conn = connect_within(
+            "connecting the SDK publisher",
+            move || {
+                DbConnection::builder()
+                    .with_uri(url)
+                    .with_module_name(database)
+                    .with_token(Some(token))
+                    .with_compression(spacetimedb_sdk::Compression::None)
+                    .with_light_mode(true)
+                    .on_disconnect(move |_, e| {
+                        let _ = on_disconnect.send(Outcome::Disconnected(e.map_or_else(|| "closed".to_string(), |e| e.to_string())));
+                    })
+                    .build()
+            },
+            |late| drop(late.disconnect()),
+        )?;
         conn.reducers.on_publish(move |ctx, stream_id, _| {
             let _ = tx.send(outcome(stream_id, &ctx.event.status));
         });
@@ -96,17 +127,26 @@ impl BarePublisher {
         use crate::bare_bindings::{insert as _, DbConnection};
         let (tx, results) = mpsc::channel();
         let on_disconnect = tx.clone();
-        let conn = DbConnection::builder()
-            .with_uri(url)
-            .with_module_name(database)
-            .with_token(Some(token.to_string()))
-            .with_compression(spacetimedb_sdk::Compression::None)
-            .with_light_mode(true)
-            .on_disconnect(move |_, e| {
-                let _ = on_disconnect.send(Outcome::Disconnected(e.map_or_else(|| "closed".to_string(), |e| e.to_string())));
-            })
-            .build()
-            .map_err(|e| ToolError::Http { what: "connecting the bare publisher".into(), detail: e.to_string() })?;
+        let (url, database, token) = (url.to_string(), database.to_string(), token.to_string());
+        let conn = connect_within(
+            "connecting the bare publisher",
+            move || {
+                DbConnection::builder()
+                    .with_uri(url)
+                    .with_module_name(database)
+                    .with_token(Some(token))
+                    .with_compression(spacetimedb_sdk::Compression::None)
+                    .with_light_mode(true)
+                    .on_disconnect(move |_, e| {
+                        let _ = on_disconnect.send(Outcome::Disconnected(e.map_or_else(|| "closed".to_string(), |e| e.to_string())));
+                    })
+                    .build()
+            },
+            |late| {
+                use spacetimedb_sdk::DbContext as _;
+                drop(late.disconnect())
+            },
+        )?;
         conn.reducers.on_insert(move |ctx, stream_id, _, _, _| {
             let _ = tx.send(outcome(stream_id, &ctx.event.status));
         });
