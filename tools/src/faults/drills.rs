@@ -262,7 +262,8 @@ fn converge_limit(s: &Settings) -> Duration {
 /// silence, given up 30 s later (spacetimedb-sdk 1.2.0 websocket.rs), so at most 90 s.
 const HALF_OPEN_DETECTION: Duration = Duration::from_secs(90);
 
-/// The mirror gives up a call after 30 s (`mirror::REQUEST_TIMEOUT`), then reconciles
+/// The mirror gives up a call after 30 s (over the SDK `SDK_CALL_TIMEOUT` in
+/// `mirror/publisher.rs`, over HTTP `mirror::REQUEST_TIMEOUT`), then reconciles
 /// and republishes: it catches up within a minute of the last fault.
 const MIRROR_RECOVERY: Duration = Duration::from_secs(60);
 
@@ -449,7 +450,7 @@ fn network_mirror(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()>
 
 /// 5. The server is paused (SIGSTOP) for longer than the SDK's timeouts (its idle
 /// timeout gives up a silent connection after at most 90 s; the client's handshake
-/// timeout is 15 s, the mirror's HTTP timeout 30 s) while everything runs, then resumed.
+/// timeout is 15 s, the mirror's call timeout 30 s) while everything runs, then resumed.
 /// Every client must have lost its session during the pause (the timeouts really fired)
 /// and everything converges after the resume.
 fn server_pause(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
