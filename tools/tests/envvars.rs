@@ -14,8 +14,9 @@ fn root() -> PathBuf {
 /// Variables that are not a target's settings: `KHALA_ENV_FILE` picks the settings file
 /// itself (naming it inside is circular); `KHALA_CHAOS_KEEP` is a debugging switch of
 /// `khala chaos`, which runs its own private server (set at all means on, so naming it in
-/// a file would turn it on for every command run with that file).
-const NOT_IN_FILES: &[&str] = &["KHALA_ENV_FILE", "KHALA_CHAOS_KEEP"];
+/// a file would turn it on for every command run with that file); `KHALA_SIM_TRACE`
+/// prints the client driver's property-test simulation, read only by that unit test.
+const NOT_IN_FILES: &[&str] = &["KHALA_ENV_FILE", "KHALA_CHAOS_KEEP", "KHALA_SIM_TRACE"];
 
 /// Variables that only make sense next to the local server `khala up` runs.
 const LOCAL_ONLY: &[&str] = &["KHALA_DATA_DIR"];
