@@ -133,20 +133,33 @@ fn handshake_status(err: &spacetimedb_sdk::Error) -> Option<u16> {
 }
 
 /// How long opening the WebSocket may take.
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Runs an SDK `build()` on a thread of its own and waits at most `limit` for it: the
+/// SDK's `build()` waits for the WebSocket handshake with no time limit, so a connection
+/// that is accepted and never answered (half-open) would hang the caller for ever.
+/// `None` when the limit passed; a connection that arrives after that is closed by the
+/// thread. Found by the network drills (docs/RELIABILITY.md).
+pub fn build_within<C: DbContext + Send + 'static>(
+    limit: std::time::Duration,
+    build: impl FnOnce() -> Result<C, spacetimedb_sdk::Error> + Send + 'static,
+) -> Option<Result<C, spacetimedb_sdk::Error>> {
+    let (built_tx, built) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::SendError(Ok(late))) = built_tx.send(build()) {
+            let _ = late.disconnect();
+        }
+    });
+    built.recv_timeout(limit).ok()
+}
 
 /// Opens a connection and registers the callbacks that feed `tx`.
 pub fn connect(url: &str, database: &str, token: &str, compress: bool, tx: &Sender<Msg>) -> Result<DbConnection, ClientError> {
     let on_connect = tx.clone();
     let on_disconnect = tx.clone();
-    // The SDK's `build()` waits for the WebSocket handshake with no time limit, so a
-    // connection that is accepted and never answered (half-open) would hang the client
-    // for ever: it runs on its own thread, and we give up after CONNECT_TIMEOUT (a late
-    // connection is closed by that thread). Found by the network drill (docs/RELIABILITY.md).
     let (url, database, token) = (url.to_string(), database.to_string(), token.to_string());
-    let (built_tx, built) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let result = DbConnection::builder()
+    let built = build_within(CONNECT_TIMEOUT, move || {
+        DbConnection::builder()
             .with_uri(url)
             .with_module_name(database)
             .with_token(Some(token))
@@ -160,14 +173,10 @@ pub fn connect(url: &str, database: &str, token: &str, compress: bool, tx: &Send
             .on_disconnect(move |_, err| {
                 let _ = on_disconnect.send(Msg::Disconnected(err.map(|e| e.to_string())));
             })
-            .build();
-        if let Err(std::sync::mpsc::SendError(Ok(late))) = built_tx.send(result) {
-            let _ = late.disconnect();
-        }
+            .build()
     });
     let conn = built
-        .recv_timeout(CONNECT_TIMEOUT)
-        .map_err(|_| ClientError::Connect(format!("no WebSocket handshake within {} s", CONNECT_TIMEOUT.as_secs())))?
+        .ok_or_else(|| ClientError::Connect(format!("no WebSocket handshake within {} s", CONNECT_TIMEOUT.as_secs())))?
         .map_err(|e| match handshake_status(&e) {
             Some(401) => ClientError::Unauthorized(e.to_string()),
             _ => ClientError::Connect(e.to_string()),

@@ -36,28 +36,14 @@ fn next_outcome(results: &Receiver<Outcome>, timeout: Duration) -> Option<Outcom
     }
 }
 
-/// How long opening the WebSocket may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Runs an SDK `build()` on a thread of its own and waits at most [`CONNECT_TIMEOUT`]:
-/// `build()` waits for the WebSocket handshake with no limit, so a connection that is
-/// accepted and never answered (half-open, the network drill's blackhole) would hang the
-/// caller for ever. A connection that arrives after the caller gave up is closed.
-fn connect_within<C: Send + 'static>(
-    what: &str,
-    build: impl FnOnce() -> std::result::Result<C, spacetimedb_sdk::Error> + Send + 'static,
-    close_late: impl FnOnce(C) + Send + 'static,
-) -> Result<C> {
-    let (built_tx, built) = mpsc::channel();
-    std::thread::spawn(move || {
-        if let Err(mpsc::SendError(Ok(late))) = built_tx.send(build()) {
-            close_late(late);
-        }
-    });
-    match built.recv_timeout(CONNECT_TIMEOUT) {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(ToolError::Http { what: what.into(), detail: e.to_string() }),
-        Err(_) => Err(ToolError::Http { what: what.into(), detail: format!("no WebSocket handshake within {} s", CONNECT_TIMEOUT.as_secs()) }),
+/// Opens a connection with [`khala_client::transport::build_within`]'s limit on the
+/// handshake (the client's own), so a half-open connection cannot hang the caller.
+fn connect_within<C: DbContext + Send + 'static>(what: &str, build: impl FnOnce() -> std::result::Result<C, spacetimedb_sdk::Error> + Send + 'static) -> Result<C> {
+    let limit = khala_client::transport::CONNECT_TIMEOUT;
+    match khala_client::transport::build_within(limit, build) {
+        Some(Ok(conn)) => Ok(conn),
+        Some(Err(e)) => Err(ToolError::Http { what: what.into(), detail: e.to_string() }),
+        None => Err(ToolError::Http { what: what.into(), detail: format!("no WebSocket handshake within {} s", limit.as_secs()) }),
     }
 }
 
@@ -86,7 +72,6 @@ impl SdkPublisher {
                     })
                     .build()
             },
-            |late| drop(late.disconnect()),
         )?;
         conn.reducers.on_publish(move |ctx, stream_id, _| {
             let _ = tx.send(outcome(stream_id, &ctx.event.status));
@@ -141,10 +126,6 @@ impl BarePublisher {
                         let _ = on_disconnect.send(Outcome::Disconnected(e.map_or_else(|| "closed".to_string(), |e| e.to_string())));
                     })
                     .build()
-            },
-            |late| {
-                use spacetimedb_sdk::DbContext as _;
-                drop(late.disconnect())
             },
         )?;
         conn.reducers.on_insert(move |ctx, stream_id, _, _, _| {
