@@ -17,7 +17,7 @@ use khala_tools::api::Api;
 use khala_tools::grants;
 use khala_tools::mirror::publisher::Transport;
 use serde_json::{json, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 #[derive(Args, Debug)]
@@ -55,23 +55,30 @@ pub struct MirrorRun {
     pub elapsed_secs: f64,
 }
 
-/// A mirror run of `events` synthetic events over `topics` topics from a JSONL file, into
-/// a fresh database `db`, as a new publisher identity (files under `dir`).
+/// A mirror run of `args.events` synthetic events over `args.topics` topics from a JSONL
+/// file (written under `dir`, removed after), into a fresh database `db`.
 pub fn mirror_file(api: &Api, owner_token: &str, db: &str, dir: &Path, args: &MirrorBenchArgs, transport: Transport) -> anyhow::Result<MirrorRun> {
-    let publisher = api.new_identity()?;
-    let token_file = dir.join(format!("{db}.token"));
-    std::fs::write(&token_file, &publisher.token)?;
     let log = dir.join(format!("{db}.jsonl"));
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&log)?);
-    khala_tools::mirror::gen::write_events(&mut out, args.events, args.payload_bytes, args.topics, 42)?;
-    drop(out);
+    write_log(&log, args)?;
     let wasm = std::fs::read(khala_tools::module_wasm::build_module()?)?;
-    prepare(api, db, &wasm, owner_token, &publisher.identity)?;
-    let name = format!("{transport:?}").to_lowercase();
-    let input = ["--input".to_string(), log.display().to_string()];
-    let run = run_mirror(&format!("JSONL file, {name}"), api.base_url(), db, &token_file, &dir.join(db), transport, args, &input, args.events);
+    let run = run_file(api, &wasm, owner_token, db, dir, args, transport, &log);
     let _ = std::fs::remove_file(&log);
     run
+}
+
+/// The synthetic authority log the mirror reads.
+fn write_log(path: &Path, args: &MirrorBenchArgs) -> anyhow::Result<()> {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    khala_tools::mirror::gen::write_events(&mut out, args.events, args.payload_bytes, args.topics, 42)?;
+    Ok(std::io::Write::flush(&mut out)?)
+}
+
+/// Mirrors the JSONL file `log` into a fresh database `db` over `transport`.
+#[allow(clippy::too_many_arguments)]
+fn run_file(api: &Api, wasm: &[u8], owner_token: &str, db: &str, dir: &Path, args: &MirrorBenchArgs, transport: Transport, log: &Path) -> anyhow::Result<MirrorRun> {
+    let token_file = prepare(api, db, wasm, owner_token, dir)?;
+    let input = ["--input".to_string(), log.display().to_string()];
+    run_mirror(&format!("JSONL file, {}", transport.name()), api.base_url(), db, &token_file, &dir.join(db), transport, args, &input, args.events)
 }
 
 pub fn mirror(args: MirrorBenchArgs) -> anyhow::Result<()> {
@@ -89,16 +96,10 @@ pub fn mirror(args: MirrorBenchArgs) -> anyhow::Result<()> {
     let url = server.url();
     let api = Api::new(&url);
     let owner = api.new_identity()?;
-    let publisher = api.new_identity()?;
-    let token_file = dir.path().join("mirror.token");
-    std::fs::write(&token_file, &publisher.token)?;
     let wasm = std::fs::read(khala_tools::module_wasm::build_module()?)?;
     let bare_wasm = std::fs::read(khala_tools::module_wasm::build_bare_module()?)?;
-
     let log = dir.path().join("authority.jsonl");
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&log)?);
-    khala_tools::mirror::gen::write_events(&mut out, args.events, args.payload_bytes, args.topics, 42)?;
-    drop(out);
+    write_log(&log, &args)?;
 
     api.publish_module("mir-bare", &bare_wasm, &owner.token, false)?;
     let bare_args = PublishArgs { events: args.events, batch: args.batch, streams: u64::from(args.topics), payload_bytes: args.payload_bytes, curve_every: 0, skip_http: true };
@@ -110,15 +111,11 @@ pub fn mirror(args: MirrorBenchArgs) -> anyhow::Result<()> {
     }
     let mut runs = Vec::new();
     for transport in transports {
-        let name = format!("{transport:?}").to_lowercase();
-        let db = format!("mir-{name}");
-        prepare(&api, &db, &wasm, &owner.token, &publisher.identity)?;
-        let input = ["--input".to_string(), log.display().to_string()];
-        runs.push(run_mirror(&format!("JSONL file, {name}"), &url, &db, &token_file, &dir.path().join(&db), transport, &args, &input, args.events)?);
+        runs.push(run_file(&api, &wasm, &owner.token, &format!("mir-{}", transport.name()), dir.path(), &args, transport, &log)?);
     }
     if let Some(pg) = &args.postgres {
         let rows = fill_outbox(pg, args.events, args.topics, args.payload_bytes)?;
-        prepare(&api, "mir-pg", &wasm, &owner.token, &publisher.identity)?;
+        let token_file = prepare(&api, "mir-pg", &wasm, &owner.token, dir.path())?;
         let input = ["--postgres".to_string(), pg.clone(), "--once".to_string(), "--cursor-name".to_string(), "khala-bench".to_string()];
         runs.push(run_mirror("Postgres outbox, sdk", &url, "mir-pg", &token_file, &dir.path().join("mir-pg"), Transport::Sdk, &args, &input, rows)?);
     }
@@ -148,11 +145,15 @@ pub fn mirror(args: MirrorBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A database for one run, the mirror's identity granted `runtime.*` on it.
-fn prepare(api: &Api, db: &str, wasm: &[u8], owner_token: &str, publisher: &str) -> anyhow::Result<()> {
+/// A database for one run and a new publisher identity granted `runtime.*` on it, as
+/// the mirror runs (not the owner); returns the file under `dir` holding its token.
+fn prepare(api: &Api, db: &str, wasm: &[u8], owner_token: &str, dir: &Path) -> anyhow::Result<PathBuf> {
     api.publish_module(db, wasm, owner_token, false)?;
-    grants::make_publisher(api, db, owner_token, publisher, &[grants::MIRROR_PATTERN], grants::STANDING_TTL_SECS)?;
-    Ok(())
+    let publisher = api.new_identity()?;
+    grants::make_publisher(api, db, owner_token, &publisher.identity, &[grants::MIRROR_PATTERN], grants::STANDING_TTL_SECS)?;
+    let token_file = dir.join(format!("{db}.token"));
+    std::fs::write(&token_file, &publisher.token)?;
+    Ok(token_file)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -167,8 +168,7 @@ fn run_mirror(label: &str, url: &str, db: &str, token_file: &Path, state_dir: &P
         .arg("--state-dir")
         .arg(state_dir)
         .args(["--batch-events", &args.batch.to_string(), "--durable-after-ms", &args.durable_after_ms.to_string()])
-        .arg("--transport")
-        .arg(format!("{transport:?}").to_lowercase())
+        .args(["--transport", transport.name()])
         .env("RUST_LOG", "warn")
         .output()?;
     progress.finish_and_clear();

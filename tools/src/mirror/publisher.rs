@@ -29,9 +29,19 @@ pub enum Transport {
     Http,
 }
 
-/// Longest wait for a call's result on the SDK connection before it counts as lost
-/// (the HTTP transport's request timeout is the same).
-const SDK_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+impl Transport {
+    /// The name `--transport` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Sdk => "sdk",
+            Transport::Http => "http",
+        }
+    }
+}
+
+/// Longest wait for a call's result on the SDK connection before it counts as lost: the
+/// HTTP transport's request timeout.
+const SDK_CALL_TIMEOUT: Duration = super::REQUEST_TIMEOUT;
 
 /// One batch for one stream.
 #[derive(Debug)]
