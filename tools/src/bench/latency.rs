@@ -14,6 +14,7 @@ use clap::Args;
 use khala_client::{ClientConfig, Event, Handler, HandlerError, SyncClient};
 use khala_proto::StaleCursor;
 use khala_tools::api::{identity_arg, Api};
+use khala_tools::faults::rig::unix_micros;
 use khala_tools::grants;
 use khala_tools::sdk_publish::{BarePublisher, Outcome, SdkPublisher};
 use rand::RngCore;
@@ -59,10 +60,6 @@ pub struct Load {
     pub ack: bool,
 }
 
-fn now_micros() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
-}
-
 /// What the subscribers saw, shared by all of them.
 #[derive(Default)]
 struct Seen {
@@ -87,7 +84,7 @@ fn sent_micros(payload: &[u8]) -> i64 {
 
 impl Handler for LatencyHandler {
     fn apply(&mut self, event: &Event) -> Result<(), HandlerError> {
-        let now = now_micros();
+        let now = unix_micros();
         let sent = sent_micros(&event.payload);
         let mut seen = self.seen.lock().expect("latency samples");
         seen.applied.push((self.subscriber, event.seq));
@@ -106,7 +103,7 @@ impl Handler for LatencyHandler {
         if self.unpersisted.is_empty() {
             return Ok(());
         }
-        let now = now_micros();
+        let now = unix_micros();
         let mut seen = self.seen.lock().expect("latency samples");
         seen.durable_micros.extend(self.unpersisted.drain(..).map(|sent| now - sent));
         Ok(())
@@ -117,7 +114,7 @@ impl Handler for LatencyHandler {
 fn payload(payload_bytes: usize, rng: &mut impl RngCore) -> Vec<u8> {
     let mut p = vec![0u8; payload_bytes.max(8)];
     rng.fill_bytes(&mut p[8..]);
-    p[..8].copy_from_slice(&now_micros().to_le_bytes());
+    p[..8].copy_from_slice(&unix_micros().to_le_bytes());
     p
 }
 
@@ -180,13 +177,14 @@ fn drain(want: usize, delivered: impl Fn() -> usize) {
 
 pub fn latency(args: LatencyArgs) -> anyhow::Result<()> {
     let command = format!(
-        "khala bench latency --subscribers {} --rate {} --seconds {} --payload-bytes {}{}",
+        "khala bench latency --subscribers {} --rate {} --seconds {} --payload-bytes {}{}{}",
         args.subscribers,
         args.rate,
         args.seconds,
         args.payload_bytes,
+        if args.no_ack { " --no-ack" } else { "" },
         if args.skip_bare { " --skip-bare" } else { "" }
-    ) + if args.no_ack { " --no-ack" } else { "" };
+    );
     let load = Load { subscribers: args.subscribers, rate: args.rate, seconds: args.seconds, payload_bytes: args.payload_bytes, ack: !args.no_ack };
     let (server, dir) = private_server()?;
     let api = Api::new(&server.url());
@@ -301,7 +299,7 @@ pub fn bare_fan_out(api: &Api, owner_token: &str, db: &str, load: Load) -> anyho
             .context("connecting a bare subscriber")?;
         let micros = micros.clone();
         conn.db.bare_segment().on_insert(move |_, row| {
-            let now = now_micros();
+            let now = unix_micros();
             micros.lock().expect("samples").push((n, row.first_seq, now - sent_micros(&row.data)));
         });
         let subscribed = subscribed_tx.clone();

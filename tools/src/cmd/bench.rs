@@ -321,6 +321,11 @@ fn sdk_events(from: u64, n: u64, payload_bytes: usize, rng: &mut impl RngCore) -
         .collect()
 }
 
+/// The same events in the server's JSON encoding, for `publish` over HTTP.
+fn json_events(from: u64, n: u64, payload_bytes: usize, rng: &mut impl RngCore) -> Vec<Value> {
+    sdk_events(from, n, payload_bytes, rng).into_iter().map(|e| publish_event_arg(&e.idempotency_key, &e.kind, &e.payload, e.authority_seq, 0)).collect()
+}
+
 /// Keeps one call in flight on each of `args.streams` streams until `args.events` events
 /// are sent, and returns events per second. `send(stream, first_seq, n)` sends a call of
 /// `n` events; `next` waits for an outcome.
@@ -415,10 +420,7 @@ fn publish_http(api: &Api, db: &str, token: &str, args: &PublishArgs) -> anyhow:
                     let mut seq = 1;
                     while seq <= per_stream {
                         let n = args.batch.min(per_stream - seq + 1);
-                        let events: Vec<Value> = sdk_events(seq, n, args.payload_bytes, &mut rng)
-                            .into_iter()
-                            .map(|e| publish_event_arg(&e.idempotency_key, &e.kind, &e.payload, e.authority_seq, 0))
-                            .collect();
+                        let events = json_events(seq, n, args.payload_bytes, &mut rng);
                         api.call(db, "publish", json!([format!("bench.pub.{s}"), events]), token)?;
                         progress.inc(n);
                         seq += n;
@@ -517,10 +519,7 @@ fn reducer_time(args: ReducerTimeArgs) -> anyhow::Result<()> {
             let mut micros = Vec::with_capacity(args.calls as usize);
             for call in 0..args.calls {
                 let first = call * args.batch + 1;
-                let events: Vec<Value> = sdk_events(first, args.batch, args.payload_bytes, &mut rng)
-                    .into_iter()
-                    .map(|e| publish_event_arg(&e.idempotency_key, &e.kind, &e.payload, e.authority_seq, 0))
-                    .collect();
+                let events = json_events(first, args.batch, args.payload_bytes, &mut rng);
                 let took = api
                     .call_timed(&format!("rt-{i}"), "publish", json!([stream, events]), &owner.token)?
                     .with_context(|| format!("{name}: the server reported no execution time"))?;
