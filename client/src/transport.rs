@@ -112,24 +112,21 @@ fn segment_in(row: &StreamSegment) -> Result<SegmentIn, String> {
     ))
 }
 
-/// The HTTP status the server refused the WebSocket handshake with, read from the error
-/// chain rather than from the whole message (whose URI may hold a port such as 34017).
+/// The HTTP status the server refused the WebSocket handshake with, as tungstenite's
+/// typed field.
 ///
 /// SDK 1.2.0 wraps the failure as `Error::FailedToConnect { source: InternalError }`;
 /// `InternalError` hides its cause from `source()` but gives it out through the
 /// deprecated `cause()`: the SDK's `WsError::Tungstenite`, whose `source()` is
-/// tungstenite's own `Error::Http(response)`. The status is a typed field there, but
-/// reaching it takes a downcast to `tungstenite::Error`, a crate this one does not
-/// depend on (the SDK does not re-export it, and dependencies are pinned). So the last
-/// step reads that one error's text, which tungstenite writes as `HTTP error: 401
-/// Unauthorized`, and nothing else.
+/// tungstenite's own `Error::Http(response)`.
 fn handshake_status(err: &spacetimedb_sdk::Error) -> Option<u16> {
     let spacetimedb_sdk::Error::FailedToConnect { source } = err else { return None };
     #[allow(deprecated)]
     let ws = std::error::Error::cause(source)?;
-    let tungstenite = ws.source()?.to_string();
-    let code = tungstenite.strip_prefix("HTTP error: ")?.get(..3)?;
-    code.bytes().all(|b| b.is_ascii_digit()).then(|| code.parse().ok()).flatten()
+    match ws.source()?.downcast_ref::<tungstenite::Error>()? {
+        tungstenite::Error::Http(response) => Some(response.status().as_u16()),
+        _ => None,
+    }
 }
 
 /// How long opening the WebSocket may take.
@@ -269,36 +266,34 @@ mod tests {
     /// The SDK's `WsError::Tungstenite` as far as the chain goes: its text names the URI,
     /// its source is tungstenite's error.
     #[derive(Debug)]
-    struct Ws(&'static str, Inner);
-    #[derive(Debug)]
-    struct Inner(&'static str);
+    struct Ws(&'static str, tungstenite::Error);
     impl std::fmt::Display for Ws {
         fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            write!(f, "Error in WebSocket connection with {}: {}", self.0, self.1 .0)
+            write!(f, "Error in WebSocket connection with {}: {}", self.0, self.1)
         }
     }
-    impl std::fmt::Display for Inner {
-        fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str(self.0)
-        }
-    }
-    impl std::error::Error for Inner {}
     impl std::error::Error for Ws {
         fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
             Some(&self.1)
         }
     }
 
-    fn failed(uri: &'static str, inner: &'static str) -> spacetimedb_sdk::Error {
-        spacetimedb_sdk::Error::FailedToConnect { source: InternalError::failed_parse("x", "y").with_cause(Ws(uri, Inner(inner))) }
+    fn failed(uri: &'static str, inner: tungstenite::Error) -> spacetimedb_sdk::Error {
+        spacetimedb_sdk::Error::FailedToConnect { source: InternalError::failed_parse("x", "y").with_cause(Ws(uri, inner)) }
+    }
+
+    fn refused(status: u16) -> tungstenite::Error {
+        let response = tungstenite::http::Response::builder().status(status).body(None).unwrap();
+        tungstenite::Error::Http(response)
     }
 
     #[test]
-    fn reads_the_handshake_status_from_tungstenites_error_only() {
-        assert_eq!(handshake_status(&failed("ws://127.0.0.1:3000/v1/database/d/subscribe", "HTTP error: 401 Unauthorized")), Some(401));
-        assert_eq!(handshake_status(&failed("ws://127.0.0.1:3000/", "HTTP error: 404 Not Found")), Some(404));
-        // A port or a path that looks like a status is never read.
-        assert_eq!(handshake_status(&failed("ws://127.0.0.1:34017/v1/database/401/subscribe", "IO error: refused")), None);
+    fn reads_the_handshake_status_from_tungstenites_typed_error() {
+        assert_eq!(handshake_status(&failed("ws://127.0.0.1:3000/v1/database/d/subscribe", refused(401))), Some(401));
+        assert_eq!(handshake_status(&failed("ws://127.0.0.1:3000/", refused(404))), Some(404));
+        // A port or a path that looks like a status is never read; other errors have none.
+        let io = tungstenite::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(handshake_status(&failed("ws://127.0.0.1:34017/v1/database/401/subscribe", io)), None);
         assert_eq!(handshake_status(&spacetimedb_sdk::Error::Disconnected), None);
     }
 }
