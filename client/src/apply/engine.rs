@@ -4,11 +4,7 @@ use khala_proto::hash::{Hash32, GENESIS};
 use khala_proto::segment::event_chain;
 use khala_proto::v1::RebootstrapReason;
 use khala_proto::{SegmentEvent, StaleCursor, StreamCursor};
-use std::collections::BTreeMap;
-
-/// Most events held back while waiting for a gap to fill. Past this, later events are
-/// dropped from the buffer (never skipped: they are fetched again after the resubscribe).
-pub const MAX_PENDING: usize = 200_000;
+use super::pending::Pending;
 
 /// The server's view of a stream (its `stream` row).
 #[derive(Debug, Clone, PartialEq)]
@@ -121,7 +117,7 @@ pub struct StreamEngine {
     chain: Hash32,
     mode: StreamMode,
     /// Verified events after `applied`, by seq, with their chain hashes.
-    pending: BTreeMap<u64, Event>,
+    pending: Pending,
     /// The last server view, for stale checks and health.
     info: Option<StreamInfo>,
 }
@@ -135,7 +131,7 @@ impl StreamEngine {
             applied: cursor.seq,
             chain: khala_proto::hash::from_slice(&cursor.chain_hash).unwrap_or(GENESIS),
             mode: StreamMode::Normal,
-            pending: BTreeMap::new(),
+            pending: Pending::default(),
             info: None,
         }
     }
@@ -247,7 +243,7 @@ impl StreamEngine {
             // head > applied: the segment holding the cursor decides (see `offer`).
             self.mode = StreamMode::ServerBehind { head: info.head_seq };
         }
-        if self.applied + 1 < info.oldest_seq && self.pending.first_key_value().is_none_or(|(s, _)| *s != self.applied + 1) {
+        if self.applied + 1 < info.oldest_seq && self.pending.first_seq() != Some(self.applied + 1) {
             alerts.push(self.rebootstrap(&info, RebootstrapReason::StaleCursor));
         }
         alerts
@@ -310,8 +306,8 @@ impl StreamEngine {
         // they do not, the buffer holds another history (the server lost and re-took
         // commits): drop it; the cursor itself was checked above.
         let joins_before = segment.first_seq > self.applied + 1
-            && self.pending.get(&(segment.first_seq - 1)).is_some_and(|p| p.chain_hash != segment.prev_hash);
-        let joins_after = self.pending.get(&(segment.last_seq + 1)).is_some_and(|n| n.prev_chain != segment.last_hash);
+            && self.pending.get(segment.first_seq - 1).is_some_and(|p| p.chain_hash != segment.prev_hash);
+        let joins_after = self.pending.get(segment.last_seq + 1).is_some_and(|n| n.prev_chain != segment.last_hash);
         if joins_before || joins_after {
             self.pending.clear();
         }
@@ -325,7 +321,7 @@ impl StreamEngine {
                 offer.duplicates += 1;
                 continue;
             }
-            if let Some(buffered) = self.pending.get(&e.seq) {
+            if let Some(buffered) = self.pending.get(e.seq) {
                 if buffered.chain_hash == hash {
                     offer.duplicates += 1;
                     continue;
@@ -334,25 +330,30 @@ impl StreamEngine {
                 // only what this newer delivery says.
                 self.pending.clear();
             }
-            if self.pending.len() >= MAX_PENDING && e.seq > self.applied + 1 {
-                continue;
+            let event = Event {
+                stream_id: self.stream_id.clone(),
+                epoch: segment.epoch,
+                seq: e.seq,
+                kind: e.kind,
+                payload: e.payload,
+                chain_hash: hash,
+                prev_chain,
+                occurred_at_micros: e.occurred_at_micros,
+            };
+            // Too far from what is held: refused, and fetched again after the
+            // resubscribe. The next event to apply is always taken, in place of the rest.
+            let held = match self.pending.insert(event) {
+                Err(event) if event.seq == self.applied + 1 => {
+                    self.pending.clear();
+                    self.pending.insert(event)
+                }
+                other => other,
+            };
+            if held.is_ok() {
+                offer.accepted += 1;
             }
-            offer.accepted += 1;
-            self.pending.insert(
-                e.seq,
-                Event {
-                    stream_id: self.stream_id.clone(),
-                    epoch: segment.epoch,
-                    seq: e.seq,
-                    kind: e.kind,
-                    payload: e.payload,
-                    chain_hash: hash,
-                    prev_chain,
-                    occurred_at_micros: e.occurred_at_micros,
-                },
-            );
         }
-        if let Some((&first, _)) = self.pending.first_key_value() {
+        if let Some(first) = self.pending.first_seq() {
             if first > self.applied + 1 {
                 offer.alerts.push(Alert::Gap { cursor: self.applied, next_seen: first });
             }
@@ -369,10 +370,10 @@ impl StreamEngine {
             return None;
         }
         let seq = self.applied + 1;
-        if self.pending.get(&seq).is_some_and(|e| e.prev_chain != self.chain) {
+        if self.pending.get(seq).is_some_and(|e| e.prev_chain != self.chain) {
             self.pending.clear();
         }
-        self.pending.get(&seq)
+        self.pending.get(seq)
     }
 
     /// Drops everything buffered (after a reconnect: it may come from a history the
@@ -394,7 +395,7 @@ impl StreamEngine {
     /// buffered, yet the head is past the cursor.
     pub fn starved(&self) -> bool {
         self.mode == StreamMode::Normal
-            && !self.pending.contains_key(&(self.applied + 1))
+            && !self.pending.contains(self.applied + 1)
             && self.info.as_ref().is_some_and(|i| i.head_seq > self.applied)
     }
 
@@ -403,7 +404,7 @@ impl StreamEngine {
         if seq != self.applied + 1 {
             return;
         }
-        if let Some(event) = self.pending.remove(&seq) {
+        if let Some(event) = self.pending.pop_first(seq) {
             self.applied = seq;
             self.chain = event.chain_hash;
         }

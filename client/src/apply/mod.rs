@@ -14,6 +14,7 @@
 //!   the cursor is compared.
 
 mod engine;
+mod pending;
 #[cfg(test)]
 mod tests;
 

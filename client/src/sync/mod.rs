@@ -152,7 +152,13 @@ impl<H: Handler> SyncClient<H> {
     /// Steps the driver with `input` and carries out its commands in order, each
     /// command's own result first (depth first). `Some` ends the run.
     fn step(&mut self, input: Input, shutdown: &AtomicBool) -> Option<Result<(), ClientError>> {
-        for command in self.driver.step(input, now()) {
+        self.step_at(input, now(), shutdown)
+    }
+
+    /// [`SyncClient::step`] at a time already read (the apply loop reads the clock once
+    /// per pump, not twice per event).
+    fn step_at(&mut self, input: Input, at: Now, shutdown: &AtomicBool) -> Option<Result<(), ClientError>> {
+        for command in self.driver.step(input, at) {
             let next = match self.execute(command, shutdown) {
                 Ok(Some(next)) => next,
                 Ok(None) => continue,
@@ -280,7 +286,7 @@ impl<H: Handler> SyncClient<H> {
                 }
             };
             let failed = matches!(input, Input::ApplyFailed { .. });
-            if let Some(end) = self.step(input, shutdown) {
+            if let Some(end) = self.step_at(input, at, shutdown) {
                 return Err(end);
             }
             if failed {

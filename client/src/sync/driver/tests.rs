@@ -318,7 +318,7 @@ impl Sim {
                 if !s.granted {
                     out.push(Msg::WindowCall { stream_id, bucket: b, open: true, result: Err(coded(ErrorCode::ForbiddenStream, "no live subscribe grant")) });
                 } else if !s.windows.contains(&b) {
-                    assert!(s.windows.len() < MAX_WINDOWS_PER_STREAM, "more than {MAX_WINDOWS_PER_STREAM} windows on {}", s.id);
+                    assert!(s.windows.len() < MAX_WINDOWS_PER_STREAM, "more than {MAX_WINDOWS_PER_STREAM} windows on {}: {:?} opening {b}", s.id, s.windows);
                     s.windows.insert(b);
                     out.push(Msg::WindowOpen(s.window_row(b)));
                     out.extend(s.visible_segments(b));

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 /// Window buckets kept open ahead of the one holding the cursor.
-pub const PREFETCH_BUCKETS: u64 = 1;
+pub const PREFETCH_BUCKETS: u64 = 2;
 /// Most buckets [`Windows`] wants open at once: the one before the cursor's, the
 /// cursor's, and [`PREFETCH_BUCKETS`] after it.
 pub const MAX_WANTED: usize = PREFETCH_BUCKETS as usize + 2;
@@ -95,8 +95,8 @@ impl Windows {
     /// The calls that keep the windows around `fetch_after`: the bucket holding the next
     /// seq, the one before (it may hold the segment that starts before it) and
     /// [`PREFETCH_BUCKETS`] after, so replay rarely waits on a round trip and memory stays
-    /// bounded by [`MAX_WANTED`] buckets of events. New windows are opened before old
-    /// ones are closed, and at most [`MAX_WANTED`] opens are in flight. The caller checks
+    /// bounded by [`MAX_WANTED`] buckets of events. Old windows are closed before new
+    /// ones are opened, and at most [`MAX_WANTED`] opens are in flight. The caller checks
     /// `usable` and the grant first.
     pub fn plan(&mut self, fetch_after: u64, now: Instant) -> Vec<WindowCall> {
         let mut calls = Vec::new();
@@ -117,6 +117,16 @@ impl Windows {
         }
         let b0 = bucket(fetch_after + 1);
         let want: BTreeSet<u64> = (b0.saturating_sub(1)..=b0 + PREFETCH_BUCKETS).collect();
+        // Closes go first: the server holds at most `MAX_WINDOWS_PER_STREAM` (8) per
+        // stream, and a cursor that jumped would otherwise have every old window and
+        // every new one open at once.
+        for b in self.mine.clone() {
+            if !want.contains(&b) && self.open.contains(&b) && !self.closing.contains(&b) {
+                calls.push(WindowCall::Close(b));
+                self.closing.insert(b);
+                self.mine.remove(&b);
+            }
+        }
         for b in &want {
             // At most MAX_WANTED opens in flight: a cursor that moves faster than the
             // server answers waits for it instead of piling up windows.
@@ -130,13 +140,6 @@ impl Windows {
                 calls.push(WindowCall::Open(*b));
                 self.opening.insert(*b);
                 self.mine.insert(*b);
-            }
-        }
-        for b in self.mine.clone() {
-            if !want.contains(&b) && self.open.contains(&b) && !self.closing.contains(&b) {
-                calls.push(WindowCall::Close(b));
-                self.closing.insert(b);
-                self.mine.remove(&b);
             }
         }
         calls
