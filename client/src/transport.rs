@@ -100,7 +100,8 @@ pub fn queries() -> Vec<String> {
 
 /// Decodes a segment row and computes its chain hashes.
 fn segment_in(row: &StreamSegment) -> Result<SegmentIn, String> {
-    let events = khala_proto::segment::decode(&row.data).map_err(|e| format!("segment {} of {} does not decode: {e}", row.id, row.stream_id))?;
+    // One copy of the row's bytes; every payload is then a slice of it.
+    let events = khala_proto::segment::decode_view(bytes::Bytes::copy_from_slice(&row.data)).map_err(|e| format!("segment {} of {} does not decode: {e}", row.id, row.stream_id))?;
     Ok(SegmentIn::new(
         &row.stream_id,
         row.epoch,

@@ -34,33 +34,83 @@ pub fn encode(events: Vec<SegmentEvent>) -> Vec<u8> {
 
 /// Decodes segment data and checks that its seqs are contiguous.
 pub fn decode(data: &[u8]) -> Result<Vec<SegmentEvent>, SegmentError> {
-    let (&version, body) = data.split_first().ok_or(SegmentError::Empty)?;
-    if version != SEGMENT_FORMAT_V1 {
-        return Err(SegmentError::UnknownVersion(version));
-    }
-    let body = SegmentBody::decode(body).map_err(|e| SegmentError::Malformed(e.to_string()))?;
-    for pair in body.events.windows(2) {
-        if pair[1].seq != pair[0].seq + 1 {
-            return Err(SegmentError::NotContiguous { previous: pair[0].seq, found: pair[1].seq });
-        }
-    }
+    let body = SegmentBody::decode(body(data)?).map_err(|e| SegmentError::Malformed(e.to_string()))?;
+    contiguous(body.events.iter().map(|e| e.seq))?;
     Ok(body.events)
+}
+
+/// The protobuf body of segment data, after its version byte is checked.
+fn body(data: &[u8]) -> Result<&[u8], SegmentError> {
+    match data.split_first() {
+        None => Err(SegmentError::Empty),
+        Some((&SEGMENT_FORMAT_V1, body)) => Ok(body),
+        Some((&version, _)) => Err(SegmentError::UnknownVersion(version)),
+    }
+}
+
+/// Checks that `seqs` follow one another.
+fn contiguous(mut seqs: impl Iterator<Item = u64>) -> Result<(), SegmentError> {
+    let Some(mut previous) = seqs.next() else { return Ok(()) };
+    for found in seqs {
+        if found != previous + 1 {
+            return Err(SegmentError::NotContiguous { previous, found });
+        }
+        previous = found;
+    }
+    Ok(())
+}
+
+/// Decodes segment data for a reader, as [`decode`] does, but without a copy per event:
+/// each payload is a slice of `data`, and the idempotency keys (the module's business)
+/// are skipped. The client's replay decodes every segment this way.
+pub fn decode_view(data: bytes::Bytes) -> Result<Vec<EventView>, SegmentError> {
+    body(&data)?;
+    let body = ViewBody::decode(data.slice(1..)).map_err(|e| SegmentError::Malformed(e.to_string()))?;
+    contiguous(body.events.iter().map(|e| e.seq))?;
+    Ok(body.events)
+}
+
+/// `SegmentBody` seen through [`EventView`].
+#[derive(Clone, PartialEq, prost::Message)]
+struct ViewBody {
+    #[prost(message, repeated, tag = "1")]
+    events: Vec<EventView>,
+}
+
+/// A `SegmentEvent` as a reader sees it: every field but `idempotency_key` (tag 4), with
+/// the payload a slice of the segment's buffer. The tags are `SegmentEvent`'s; the tests
+/// decode the same bytes both ways.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct EventView {
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    #[prost(string, tag = "2")]
+    pub kind: String,
+    #[prost(bytes = "bytes", tag = "3")]
+    pub payload: bytes::Bytes,
+    #[prost(int64, tag = "5")]
+    pub occurred_at_micros: i64,
+}
+
+impl EventView {
+    /// The chain hash of this event given its predecessor's, as [`event_chain`] computes it.
+    pub fn chain(&self, prev: &Hash32, stream_id: &str) -> Hash32 {
+        chain_hash(prev, stream_id, self.seq, &self.kind, &payload_hash(&self.payload))
+    }
+}
+
+impl From<SegmentEvent> for EventView {
+    fn from(e: SegmentEvent) -> Self {
+        EventView { seq: e.seq, kind: e.kind, payload: e.payload.into(), occurred_at_micros: e.occurred_at_micros }
+    }
 }
 
 /// The idempotency keys of segment data, in seq order, without copying payloads: what
 /// the module needs to delete a segment's `event_key` rows (retention, `reset_stream`).
 /// Checks the version byte and seq contiguity like [`decode`].
 pub fn idempotency_keys(data: &[u8]) -> Result<Vec<String>, SegmentError> {
-    let (&version, body) = data.split_first().ok_or(SegmentError::Empty)?;
-    if version != SEGMENT_FORMAT_V1 {
-        return Err(SegmentError::UnknownVersion(version));
-    }
-    let body = KeysBody::decode(body).map_err(|e| SegmentError::Malformed(e.to_string()))?;
-    for pair in body.events.windows(2) {
-        if pair[1].seq != pair[0].seq + 1 {
-            return Err(SegmentError::NotContiguous { previous: pair[0].seq, found: pair[1].seq });
-        }
-    }
+    let body = KeysBody::decode(body(data)?).map_err(|e| SegmentError::Malformed(e.to_string()))?;
+    contiguous(body.events.iter().map(|e| e.seq))?;
     Ok(body.events.into_iter().map(|e| e.idempotency_key).collect())
 }
 
@@ -108,9 +158,26 @@ mod tests {
         }
 
         #[test]
+        fn the_view_reads_what_decode_reads(first in 1u64..1_000_000, payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 1..20)) {
+            let events: Vec<_> = payloads.into_iter().enumerate().map(|(i, p)| SegmentEvent { occurred_at_micros: i as i64 - 3, ..event(first + i as u64, p) }).collect();
+            let data = bytes::Bytes::from(encode(events.clone()));
+            let view = decode_view(data.clone()).unwrap();
+            prop_assert_eq!(&view, &events.iter().cloned().map(EventView::from).collect::<Vec<_>>());
+            let mut prev = [7u8; 32];
+            for (v, e) in view.iter().zip(&events) {
+                prop_assert_eq!(v.chain(&prev, "s"), event_chain(&prev, "s", e));
+                prev = v.chain(&prev, "s");
+                // Each payload is a slice of the segment's buffer, not a copy.
+                let range = data.as_ptr() as usize..data.as_ptr() as usize + data.len();
+                prop_assert!(v.payload.is_empty() || range.contains(&(v.payload.as_ptr() as usize)));
+            }
+        }
+
+        #[test]
         fn never_panics_on_garbage(data in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode(&data);
             let _ = idempotency_keys(&data);
+            let _ = decode_view(data.into());
         }
 
         #[test]
@@ -130,5 +197,8 @@ mod tests {
         assert_eq!(idempotency_keys(&[]), Err(SegmentError::Empty));
         assert_eq!(idempotency_keys(&[9, 0]), Err(SegmentError::UnknownVersion(9)));
         assert_eq!(idempotency_keys(&gap), Err(SegmentError::NotContiguous { previous: 1, found: 3 }));
+        assert_eq!(decode_view(bytes::Bytes::new()), Err(SegmentError::Empty));
+        assert_eq!(decode_view(vec![9, 0].into()), Err(SegmentError::UnknownVersion(9)));
+        assert_eq!(decode_view(gap.into()), Err(SegmentError::NotContiguous { previous: 1, found: 3 }));
     }
 }

@@ -1,9 +1,9 @@
 //! [`StreamEngine`]: the state machine of one stream's cursor.
 
 use khala_proto::hash::{Hash32, GENESIS};
-use khala_proto::segment::event_chain;
+use khala_proto::segment::EventView;
 use khala_proto::v1::RebootstrapReason;
-use khala_proto::{SegmentEvent, StaleCursor, StreamCursor};
+use khala_proto::{StaleCursor, StreamCursor};
 use super::pending::Pending;
 
 /// The server's view of a stream (its `stream` row).
@@ -25,17 +25,17 @@ pub struct SegmentIn {
     pub last_seq: u64,
     pub prev_hash: Hash32,
     pub last_hash: Hash32,
-    pub events: Vec<SegmentEvent>,
+    pub events: Vec<EventView>,
     chains: Vec<Hash32>,
 }
 
 impl SegmentIn {
-    pub fn new(stream_id: &str, epoch: u32, first_seq: u64, last_seq: u64, prev_hash: Hash32, last_hash: Hash32, events: Vec<SegmentEvent>) -> Self {
+    pub fn new(stream_id: &str, epoch: u32, first_seq: u64, last_seq: u64, prev_hash: Hash32, last_hash: Hash32, events: Vec<EventView>) -> Self {
         let mut chain = prev_hash;
         let chains = events
             .iter()
             .map(|e| {
-                chain = event_chain(&chain, stream_id, e);
+                chain = e.chain(&chain, stream_id);
                 chain
             })
             .collect();
@@ -50,7 +50,8 @@ pub struct Event {
     pub epoch: u32,
     pub seq: u64,
     pub kind: String,
-    pub payload: Vec<u8>,
+    /// A slice of the segment's buffer (cheap to clone; derefs to `[u8]`).
+    pub payload: bytes::Bytes,
     pub chain_hash: Hash32,
     /// Chain hash at `seq - 1`, as the event's segment states it.
     pub prev_chain: Hash32,

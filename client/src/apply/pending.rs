@@ -108,7 +108,7 @@ mod tests {
             epoch: 1,
             seq,
             kind: "k".into(),
-            payload: seq.to_be_bytes().to_vec(),
+            payload: seq.to_be_bytes().to_vec().into(),
             chain_hash: GENESIS,
             prev_chain: GENESIS,
             occurred_at_micros: 0,

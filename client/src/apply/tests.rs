@@ -31,7 +31,7 @@ fn segments(all: &[SegmentEvent], sizes: &[usize], epoch: u32) -> Vec<SegmentIn>
         let size = sizes.get(k).copied().unwrap_or(1).max(1).min(all.len() - i);
         let chunk = all[i..i + size].to_vec();
         let last = chain_through(&prev, STREAM, &chunk);
-        out.push(SegmentIn::new(STREAM, epoch, chunk[0].seq, chunk[chunk.len() - 1].seq, prev, last, chunk));
+        out.push(SegmentIn::new(STREAM, epoch, chunk[0].seq, chunk[chunk.len() - 1].seq, prev, last, chunk.into_iter().map(Into::into).collect()));
         prev = last;
         i += size;
         k += 1;
@@ -196,7 +196,7 @@ fn an_epoch_change_rebootstraps() {
 fn a_tampered_segment_is_refused_whole() {
     let segs = segments(&events(4), &[4], 1);
     let mut events = segs[0].events.clone();
-    events[2].payload = b"tampered".to_vec();
+    events[2].payload = bytes::Bytes::from_static(b"tampered");
     let tampered = SegmentIn::new(STREAM, 1, 1, 4, segs[0].prev_hash, segs[0].last_hash, events);
     let mut engine = fresh();
     let offer = engine.offer(tampered);

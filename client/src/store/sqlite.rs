@@ -233,7 +233,7 @@ impl SqliteStore {
                 .conn
                 .prepare_cached("INSERT INTO events (stream_id, seq, epoch, kind, payload, chain_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
                 .map_err(|e| self.err(e))?;
-            stmt.execute(params![e.stream_id, as_i64(e.seq), e.epoch, e.kind, e.payload, &e.chain_hash[..]])
+            stmt.execute(params![e.stream_id, as_i64(e.seq), e.epoch, e.kind, &e.payload[..], &e.chain_hash[..]])
         };
         match inserted {
             Ok(_) => {}
@@ -360,7 +360,7 @@ mod tests {
             .map(|seq| {
                 let payload = format!("p{seq}").into_bytes();
                 let chain = chain_hash(&prev, stream, seq, "k", &payload_hash(&payload));
-                let e = Event { stream_id: stream.into(), epoch: 1, seq, kind: "k".into(), payload, chain_hash: chain, prev_chain: prev, occurred_at_micros: 0 };
+                let e = Event { stream_id: stream.into(), epoch: 1, seq, kind: "k".into(), payload: payload.into(), chain_hash: chain, prev_chain: prev, occurred_at_micros: 0 };
                 prev = chain;
                 e
             })

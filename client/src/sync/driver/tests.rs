@@ -93,7 +93,7 @@ impl ServerStream {
     fn segment(&self, (first, last): (u64, u64)) -> Msg {
         let t = self.truth();
         let events = t.events[first as usize - 1..last as usize].to_vec();
-        Msg::Segment(self.id.into(), Ok(SegmentIn::new(self.id, self.epoch, first, last, t.chain(first - 1), t.chain(last), events)), 0)
+        Msg::Segment(self.id.into(), Ok(SegmentIn::new(self.id, self.epoch, first, last, t.chain(first - 1), t.chain(last), events.into_iter().map(Into::into).collect())), 0)
     }
 
     fn visible_segments(&self, b: u64) -> Vec<Msg> {
