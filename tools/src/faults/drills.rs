@@ -353,7 +353,13 @@ fn mirror_kill(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
     let mut scene = Scene::new(rig, "mirror-kill", s.pick(4_000, 15_000), s.seed)?;
     let mut feeder = Feeder::start(&scene.input, scene.lines.clone(), feed_secs(s))?;
     let url = rig.url();
-    scene.mirror(rig, &url)?;
+    // The mirror publishes through a proxy that caps its bandwidth below the feed's rate,
+    // so it always holds events it has read and the module has not committed: a kill
+    // then lands with a batch on the wire, and a cursor that ran ahead of the module's
+    // acknowledgements would skip those events after the restart.
+    let proxy = Proxy::start(rig.server_addr(), FaultPlan::new(s.seed, &[FaultKind::Bandwidth], u64::MAX).with_bandwidth_kib(96, 192))
+        .map_err(|e| DrillError::Io { what: "starting the proxy".into(), source: e })?;
+    scene.mirror(rig, &proxy.url())?;
     scene.clients(rig, &url, 2, 3600)?;
     let mut rng = s.rng(3);
     let mut last = Instant::now();
@@ -376,6 +382,11 @@ fn mirror_kill(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
     feeder.join()?;
     scene.converge(rig, converge_limit(s))?;
     run.recovered(last.elapsed());
+    let capped = proxy.counters().faults(FaultKind::Bandwidth);
+    run.fault("mirror_bandwidth_capped", capped);
+    if capped == 0 {
+        run.problems.push("no_fault_injected: the mirror's connections were not capped".into());
+    }
     scene.finish(rig, run, true)
 }
 
