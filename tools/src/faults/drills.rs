@@ -774,9 +774,18 @@ fn module_republish(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<(
     }
     feeder.join()?;
     scene.converge(rig, converge_limit(s))?;
-    run.recovered(last.elapsed());
+    let recovery = last.elapsed();
+    run.recovered(recovery);
+    // An update closes the mirror's connection (clients keep theirs): it must reconnect
+    // and go on, not wait out a call timeout. Measured: 0.3-3.5 s from the last update.
+    if recovery > REPUBLISH_RECOVERY {
+        run.problems.push(format!("converged {} s after the last update (bound {} s)", recovery.as_secs(), REPUBLISH_RECOVERY.as_secs()));
+    }
     scene.finish(rig, run, true)
 }
+
+/// Longest time from the last module update to convergence in `module_republish`.
+const REPUBLISH_RECOVERY: Duration = Duration::from_secs(15);
 
 /// The module plus one table and reducer (`bench/module-next`), if that fixture exists.
 fn additive_wasm() -> Option<std::result::Result<Vec<u8>, String>> {
