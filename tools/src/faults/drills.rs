@@ -674,7 +674,15 @@ fn grant_expiry_storm(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result
     let (first_expiry, last_expiry) = (*expires.iter().min().unwrap_or(&0), *expires.iter().max().unwrap_or(&0));
     let spread_ms = (last_expiry - first_expiry) / 1000;
     let mut feeder = Feeder::start(&scene.input, scene.lines.clone(), Duration::from_secs(lease_secs + 6))?;
-    scene.mirror(rig, &url)?;
+    // At the mirror's default 50 ms batching, 3 streams make about 60 commits a second;
+    // fanned out to 100 subscribers that is over what the server evaluates on 2 cores
+    // (about 5,000 subscriber-commits a second, docs/BENCHMARKS.md), it falls behind, and
+    // every client hears of its grant's delete only after that backlog (17 s measured).
+    // Batching at 250 ms keeps the server live, so the bound measures the lease.
+    let mut m = rig.mirror(&url, &scene.db, &scene.input, &format!("{}-mirror", scene.db));
+    m.batch_ms = Some(250);
+    rig.spawn_mirror(&mut m)?;
+    scene.mirror = Some(m);
     // Renew the even half two seconds before the common expiry.
     let until = |t: u64| Duration::from_secs(t).saturating_sub(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default());
     std::thread::sleep(until(expiry_unix - 2));

@@ -137,7 +137,7 @@ impl Rig {
 
     /// A mirror of `input` (followed as it grows) into `database` at `url`.
     pub fn mirror(&self, url: &str, database: &str, input: &Path, state: &str) -> MirrorProc {
-        MirrorProc { command_url: url.to_string(), database: database.into(), input: input.into(), state: self.dir.join(state), runs: Vec::new(), child: None, follow: true }
+        MirrorProc { command_url: url.to_string(), database: database.into(), input: input.into(), state: self.dir.join(state), runs: Vec::new(), child: None, follow: true, batch_ms: None }
     }
 
     /// A client process of `database` at `url` (not started).
@@ -176,6 +176,9 @@ impl Rig {
         let mut c = self.command(&m.command_url, &m.database);
         c.arg("mirror").arg("--input").arg(&m.input).arg("--state-dir").arg(&m.state).arg("--token-file").arg(&self.mirror_token);
         c.args(["--batch-events", "200", "--durable-after-ms", "1000"]);
+        if let Some(ms) = m.batch_ms {
+            c.args(["--batch-ms", &ms.to_string()]);
+        }
         if m.follow {
             c.arg("--follow");
         }
@@ -214,6 +217,8 @@ pub struct MirrorProc {
     pub runs: Vec<(PathBuf, PathBuf)>,
     pub child: Option<Child>,
     pub follow: bool,
+    /// `--batch-ms` (the mirror's default, 50 ms, when `None`).
+    pub batch_ms: Option<u64>,
 }
 
 /// Whether the process in `child` is still running.
