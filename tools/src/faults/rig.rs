@@ -200,6 +200,10 @@ impl Rig {
         }
         cmd.stdout(std::fs::File::create(&log).map_err(io("creating a client log"))?);
         cmd.stderr(std::fs::File::create(&err).map_err(io("creating a client log"))?);
+        // What the last incarnation wrote after the last look counts too: a process killed
+        // just after it reached the head, restarted with nothing left to apply, would
+        // otherwise never be seen there.
+        c.refresh();
         c.child = Some(cmd.spawn().map_err(io("starting a client"))?);
         c.logs.push(log);
         c.read = ReadState::default();
