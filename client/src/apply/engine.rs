@@ -343,14 +343,10 @@ impl StreamEngine {
             };
             // Too far from what is held: refused, and fetched again after the
             // resubscribe. The next event to apply is always taken, in place of the rest.
-            let held = match self.pending.insert(event) {
-                Err(event) if event.seq == self.applied + 1 => {
-                    self.pending.clear();
-                    self.pending.insert(event)
-                }
-                other => other,
-            };
-            if held.is_ok() {
+            if e.seq == self.applied + 1 && !self.pending.fits(e.seq) {
+                self.pending.clear();
+            }
+            if self.pending.insert(event) {
                 offer.accepted += 1;
             }
         }

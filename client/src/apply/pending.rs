@@ -41,19 +41,25 @@ impl Pending {
         self.get(seq).is_some()
     }
 
-    /// Holds `event` at `event.seq` (replacing what was there); gives it back when
-    /// holding it would stretch the span past [`MAX_SPAN`].
-    pub fn insert(&mut self, event: Event) -> Result<(), Event> {
+    /// Whether an event at `seq` can be held without stretching the span past
+    /// [`MAX_SPAN`].
+    pub fn fits(&self, seq: u64) -> bool {
+        let Some(last) = (self.slots.len() as u64).checked_sub(1).map(|n| self.base + n) else { return true };
+        seq.max(last) - seq.min(self.base) < MAX_SPAN
+    }
+
+    /// Holds `event` at `event.seq` (replacing what was there); `false`, holding
+    /// nothing, when it does not [`fit`](Pending::fits).
+    pub fn insert(&mut self, event: Event) -> bool {
         let seq = event.seq;
+        if !self.fits(seq) {
+            return false;
+        }
         if self.slots.is_empty() {
             self.base = seq;
             self.slots.push_back(Some(event));
             self.len = 1;
-            return Ok(());
-        }
-        let last = self.base + self.slots.len() as u64 - 1;
-        if seq.max(last) - seq.min(self.base) >= MAX_SPAN {
-            return Err(event);
+            return true;
         }
         if seq < self.base {
             for _ in seq + 1..self.base {
@@ -62,7 +68,7 @@ impl Pending {
             self.slots.push_front(Some(event));
             self.base = seq;
             self.len += 1;
-            return Ok(());
+            return true;
         }
         let index = (seq - self.base) as usize;
         if index >= self.slots.len() {
@@ -71,7 +77,7 @@ impl Pending {
         if self.slots[index].replace(event).is_none() {
             self.len += 1;
         }
-        Ok(())
+        true
     }
 
     /// Takes the event at `seq` if it is the first one held.
@@ -145,7 +151,8 @@ mod tests {
                         let lo = model.keys().next().copied().unwrap_or(seq).min(seq);
                         let hi = model.keys().last().copied().unwrap_or(seq).max(seq);
                         let fits = hi - lo < MAX_SPAN;
-                        prop_assert_eq!(ring.insert(event(seq)).is_ok(), fits);
+                        prop_assert_eq!(ring.fits(seq), fits);
+                        prop_assert_eq!(ring.insert(event(seq)), fits);
                         if fits {
                             model.insert(seq, event(seq));
                         }
