@@ -262,7 +262,8 @@ pub fn khala_latency(api: &Api, owner_token: &str, db: &str, dir: &std::path::Pa
 /// The counts of a run: `applied` holds `(subscriber, seq)` of every delivery.
 fn deliveries(load: Load, sent: u64, failed: u64, applied: Vec<(usize, u64)>) -> Value {
     let expected = sent as usize * load.subscribers;
-    let mut unique = applied.clone();
+    let applied_len = applied.len();
+    let mut unique = applied;
     unique.sort_unstable();
     unique.dedup();
     json!({
@@ -273,7 +274,7 @@ fn deliveries(load: Load, sent: u64, failed: u64, applied: Vec<(usize, u64)>) ->
         "expected_deliveries": expected,
         "delivered": unique.len(),
         "missing": expected.saturating_sub(unique.len()),
-        "applied_twice": applied.len() - unique.len(),
+        "applied_twice": applied_len - unique.len(),
     })
 }
 

@@ -150,7 +150,13 @@ impl Scene {
     }
 
     fn mirror(&mut self, rig: &Rig, url: &str) -> Result<()> {
+        self.mirror_batched(rig, url, None)
+    }
+
+    /// [`Scene::mirror`] with `--batch-ms` (`None`: the mirror's default).
+    fn mirror_batched(&mut self, rig: &Rig, url: &str, batch_ms: Option<u64>) -> Result<()> {
         let mut m = rig.mirror(url, &self.db, &self.input, &format!("{}-mirror", self.db));
+        m.batch_ms = batch_ms;
         rig.spawn_mirror(&mut m)?;
         self.mirror = Some(m);
         Ok(())
@@ -679,10 +685,7 @@ fn grant_expiry_storm(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result
     // (about 5,000 subscriber-commits a second, docs/BENCHMARKS.md), it falls behind, and
     // every client hears of its grant's delete only after that backlog (17 s measured).
     // Batching at 250 ms keeps the server live, so the bound measures the lease.
-    let mut m = rig.mirror(&url, &scene.db, &scene.input, &format!("{}-mirror", scene.db));
-    m.batch_ms = Some(250);
-    rig.spawn_mirror(&mut m)?;
-    scene.mirror = Some(m);
+    scene.mirror_batched(rig, &url, Some(250))?;
     // Renew the even half two seconds before the common expiry.
     let until = |t: u64| Duration::from_secs(t).saturating_sub(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default());
     std::thread::sleep(until(expiry_unix - 2));
