@@ -20,6 +20,7 @@ pub const CONNECT_ATTEMPTS: &str = "khala_client_connect_attempts_total";
 pub const RECONNECTS: &str = "khala_client_reconnects_total";
 pub const AUTH_FAILURES: &str = "khala_client_auth_failures_total";
 pub const LEASE_EXPIRIES: &str = "khala_client_lease_expiries_total";
+pub const CORRUPT_SEGMENTS: &str = "khala_client_corrupt_segments_total";
 pub const STATE: &str = "khala_client_state";
 pub const STREAMS: &str = "khala_client_streams";
 pub const LEASE_SECONDS_LEFT: &str = "khala_client_lease_seconds_left";
@@ -33,7 +34,7 @@ pub const LATENCY_BUCKETS: [f64; 13] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
 const MAX_SEGMENTS: usize = 65_536;
 
 /// Every connection state, for gauges that show 0 for the states not taken.
-const STATES: [ConnectionState; 10] = [
+const STATES: [ConnectionState; 11] = [
     ConnectionState::Unspecified,
     ConnectionState::Connecting,
     ConnectionState::Replaying,
@@ -44,6 +45,7 @@ const STATES: [ConnectionState; 10] = [
     ConnectionState::UpgradeRequired,
     ConnectionState::ServerBehind,
     ConnectionState::Forbidden,
+    ConnectionState::Corrupt,
 ];
 
 /// The snake_case label of a rebootstrap reason (`stale_cursor`, `chain_mismatch`,
@@ -82,6 +84,7 @@ fn register_stream_counters(stream: &str) {
         counter!(REBOOTSTRAPS, "stream" => stream.to_string(), "reason" => reason_name(reason as i32)).increment(0);
     }
     counter!(LEASE_EXPIRIES, "stream" => stream.to_string()).increment(0);
+    counter!(CORRUPT_SEGMENTS, "stream" => stream.to_string()).increment(0);
 }
 
 /// Counts a rebootstrap of `stream`.
@@ -97,6 +100,11 @@ pub fn auth_failure(kind: &'static str) {
 /// Counts the end of `stream`'s grant (expired or revoked).
 pub fn lease_ended(stream: &str) {
     counter!(LEASE_EXPIRIES, "stream" => stream.to_string()).increment(1);
+}
+
+/// Counts a segment of `stream` refused because it failed its own chain hashes.
+pub fn corrupt_segment(stream: &str) {
+    counter!(CORRUPT_SEGMENTS, "stream" => stream.to_string()).increment(1);
 }
 
 /// One received segment: where it starts, and when it was published.
@@ -333,6 +341,7 @@ mod tests {
         // The counters alerts take increase() of exist at 0 before their first event.
         assert_eq!(snapshot["khala_client_rebootstraps_total{stream=a,reason=stale_cursor}"], DebugValue::Counter(0));
         assert_eq!(snapshot["khala_client_lease_expiries_total{stream=a}"], DebugValue::Counter(0));
+        assert_eq!(snapshot["khala_client_corrupt_segments_total{stream=a}"], DebugValue::Counter(0));
         assert_eq!(snapshot["khala_client_auth_failures_total{kind=unauthorized}"], DebugValue::Counter(0));
         assert_eq!(snapshot["khala_client_auth_failures_total{kind=forbidden}"], DebugValue::Counter(0));
         let count = |source: &str| match &snapshot[&format!("khala_client_delivery_latency_seconds{{source={source}}}")] {

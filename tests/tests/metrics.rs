@@ -143,6 +143,7 @@ fn tail_serves_applied_counts_lag_latency_state_rebootstraps_and_lease_ends() {
     // The counters the alert rules take increase() of are served at 0 before their first event.
     assert_eq!(s.get(&key("khala_client_rebootstraps_total", &[("reason", "stale_cursor"), ("stream", stream)])), Some(&0.0));
     assert_eq!(s.get(&key("khala_client_lease_expiries_total", &s_label)), Some(&0.0));
+    assert_eq!(s.get(&key("khala_client_corrupt_segments_total", &s_label)), Some(&0.0));
     assert_eq!(s.get(&key("khala_client_auth_failures_total", &[("kind", "unauthorized")])), Some(&0.0));
     let lease = s[&key("khala_client_lease_seconds_left", &s_label)];
     assert!((3500.0..=3600.0).contains(&lease), "lease seconds left {lease}");

@@ -88,6 +88,9 @@ pub enum StreamMode {
 pub enum Alert {
     /// Events after the cursor are missing: resubscribe from `cursor`.
     Gap { cursor: u64, next_seen: u64 },
+    /// A segment whose events do not hash to the chain hashes it carries was refused
+    /// whole. Refetching may bring a sound copy; the server's data may also be corrupt.
+    CorruptSegment { first_seq: u64, last_seq: u64 },
     /// The stream restarts from the floor; the application must drop its projection of
     /// this stream before applying what follows.
     Rebootstrap(StaleCursor),
@@ -270,7 +273,7 @@ impl StreamEngine {
         }
         if segment.chains.len() != segment.events.len() || prev != segment.last_hash {
             // A corrupt segment: refuse it whole; the transport will refetch.
-            offer.alerts.push(Alert::Gap { cursor: self.applied, next_seen: segment.first_seq });
+            offer.alerts.push(Alert::CorruptSegment { first_seq: segment.first_seq, last_seq: segment.last_seq });
             return offer;
         }
         if let StreamMode::Rebootstrapping { from } = self.mode {

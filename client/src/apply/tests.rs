@@ -201,6 +201,7 @@ fn a_tampered_segment_is_refused_whole() {
     let mut engine = fresh();
     let offer = engine.offer(tampered);
     assert_eq!(offer.accepted, 0);
+    assert_eq!(offer.alerts, vec![Alert::CorruptSegment { first_seq: 1, last_seq: 4 }]);
     assert!(engine.next_ready().is_none());
 }
 

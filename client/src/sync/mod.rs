@@ -250,6 +250,7 @@ impl<H: Handler> SyncClient<H> {
                     }
                 }
                 Note::LeaseEnded { stream_id } => crate::metrics::lease_ended(&stream_id),
+                Note::CorruptSegment { stream_id } => crate::metrics::corrupt_segment(&stream_id),
                 Note::AuthFailure(kind) => crate::metrics::auth_failure(kind),
             },
             Command::Reconnect { delay } => {

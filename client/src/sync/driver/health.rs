@@ -11,6 +11,8 @@ pub fn stream_state(s: &StreamState) -> ConnectionState {
     let head = s.engine.info().map_or(0, |i| i.head_seq);
     if s.grant.forbidden() {
         ConnectionState::Forbidden
+    } else if s.corrupt_ahead().is_some() {
+        ConnectionState::Corrupt
     } else if matches!(s.engine.mode(), StreamMode::ServerBehind { .. }) {
         ConnectionState::ServerBehind
     } else if s.rebuilding() {
@@ -51,6 +53,9 @@ impl Driver {
             .map(|(id, s)| {
                 let head = s.engine.info().map_or(0, |i| i.head_seq);
                 let applied = s.engine.applied();
+                if let Some((first, last)) = s.corrupt_ahead() {
+                    notes.push(format!("{id}: segment_corrupt: seqs {first}..={last} do not hash to their chain hashes (refused at cursor {applied})"));
+                }
                 if let Some(behind) = s.hold.reported_behind_for(now.at) {
                     notes.push(format!("{id}: server behind the checkpoint for {}s (head {head}, checkpoint {applied})", behind.as_secs()));
                 }

@@ -147,6 +147,8 @@ pub enum Command {
 pub enum Note {
     Rebootstrap { stream_id: String, reason: i32 },
     LeaseEnded { stream_id: String },
+    /// A segment of the stream failed its own chain hashes and was refused.
+    CorruptSegment { stream_id: String },
     /// A refused token (`unauthorized`) or a refused stream call (`forbidden`).
     AuthFailure(&'static str),
 }

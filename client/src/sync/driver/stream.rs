@@ -26,6 +26,9 @@ pub struct StreamState {
     pub retry: HandlerRetry,
     /// Events the handler may still take in this round (see `APPLY_PER_ROUND`).
     pub budget: usize,
+    /// The seqs of the refused segment (failing its own chain hashes) nearest the
+    /// cursor. The stream reads as corrupt while the cursor is below its end.
+    pub corrupt: Option<(u64, u64)>,
 }
 
 impl StreamState {
@@ -39,6 +42,7 @@ impl StreamState {
             hold: Hold::default(),
             retry: HandlerRetry::default(),
             budget: 0,
+            corrupt: None,
         }
     }
 
@@ -46,6 +50,11 @@ impl StreamState {
     /// floor segment has not arrived. The durable cursor does not move meanwhile.
     pub fn rebuilding(&self) -> bool {
         self.retry.rebootstrap_due.is_some() || matches!(self.engine.mode(), StreamMode::Rebootstrapping { .. })
+    }
+
+    /// The refused corrupt segment the cursor has not passed, if any.
+    pub fn corrupt_ahead(&self) -> Option<(u64, u64)> {
+        self.corrupt.filter(|(_, last)| self.engine.applied() < *last)
     }
 
     /// Waiting for one segment the server has: the floor segment of a rebuild, or (held
@@ -78,6 +87,17 @@ impl StreamState {
                     log::debug!("{id}: waiting for seqs after {cursor} (next seen {next_seen})");
                     self.hold.gap(now);
                 }
+                Alert::CorruptSegment { first_seq, last_seq } => {
+                    // Never applied; refetched like a gap, in case only this copy is bad.
+                    log::error!("{id}: segment_corrupt: seqs {first_seq}..={last_seq} do not hash to the segment's chain hashes; refused, nothing past {} is applied", self.engine.applied());
+                    // The one nearest the cursor is the one that stops the stream.
+                    self.corrupt = match self.corrupt_ahead() {
+                        Some(nearer) if nearer.0 <= first_seq => Some(nearer),
+                        _ => Some((first_seq, last_seq)),
+                    };
+                    notes.push(Note::CorruptSegment { stream_id: id.to_string() });
+                    self.hold.gap(now);
+                }
                 Alert::Rebootstrap(stale) => {
                     log::warn!(
                         "{id}: rebootstrap ({:?}): requested {}, oldest available {}, head {}",
@@ -87,6 +107,7 @@ impl StreamState {
                         stale.head
                     );
                     notes.push(Note::Rebootstrap { stream_id: id.to_string(), reason: stale.reason });
+                    self.corrupt = None;
                     self.retry.rebootstrap(stale);
                     self.windows.reset();
                     self.acks.rebootstrapped();

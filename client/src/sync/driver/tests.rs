@@ -168,6 +168,8 @@ struct Sim {
     reoffered: u64,
     rebootstraps: u64,
     acks_sent: u64,
+    /// Segments refused as corrupt (`Note::CorruptSegment`).
+    corrupt_notes: u64,
     seed: u64,
 }
 
@@ -197,6 +199,7 @@ impl Sim {
             reoffered: 0,
             rebootstraps: 0,
             acks_sent: 0,
+            corrupt_notes: 0,
             seed: 1,
         }
     }
@@ -416,6 +419,7 @@ impl Sim {
             Command::ReportHealth { .. } => {
                 let _ = self.driver.health(now);
             }
+            Command::Note(Note::CorruptSegment { .. }) => self.corrupt_notes += 1,
             Command::Note(_) => {}
             Command::Reconnect { delay } => {
                 self.alive = false;
@@ -1018,6 +1022,42 @@ fn a_revoked_stream_is_forbidden_and_opens_no_window() {
         sim.advance(Duration::from_millis(50));
     }
     assert_eq!(sim.driver.applied()["s.a"], 7);
+}
+
+/// A segment whose events do not hash to its own chain hashes is refused: nothing of it
+/// is applied, the stream reads as corrupt and names the seqs, and the metric's note is
+/// out. A sound copy, fetched when the windows reopen, heals it.
+#[test]
+fn a_corrupt_segment_is_refused_and_named_until_a_sound_copy_arrives() {
+    // The segment on its way is swapped for one whose last hash is wrong.
+    fn corrupt_next_segment(sim: &mut Sim) {
+        let q = sim.conn.as_mut().unwrap();
+        let at = q.iter().rposition(|m| matches!(m, Msg::Segment(..))).expect("the new segment is on its way");
+        let Some(Msg::Segment(id, Ok(sound), published)) = q.remove(at) else { unreachable!() };
+        let corrupt = SegmentIn::new(&id, sound.epoch, sound.first_seq, sound.last_seq, sound.prev_hash, [7; 32], sound.events.clone());
+        q.insert(at, Msg::Segment(id, Ok(corrupt), published));
+    }
+    let mut sim = live_sim(4);
+    sim.publish(0, 3);
+    corrupt_next_segment(&mut sim);
+    sim.publish(0, 2);
+    corrupt_next_segment(&mut sim);
+    sim.deliver(100);
+    let h = sim.driver.health(sim.now());
+    let a = h.streams.iter().find(|s| s.stream_id == "s.a").unwrap();
+    assert_eq!((a.state, a.cursor), (ConnectionState::Corrupt as i32, 4));
+    assert!(h.last_error.contains("s.a: segment_corrupt: seqs 5..=7"), "{}", h.last_error);
+    // Both were refused; the one at the cursor is named.
+    assert_eq!(sim.corrupt_notes, 2);
+    // The gap wait ends, the windows reopen, and the server sends its sound copy.
+    for _ in 0..10 {
+        sim.advance(Duration::from_secs(1));
+        sim.deliver(100);
+    }
+    assert_eq!(sim.driver.applied()["s.a"], 9);
+    let h = sim.driver.health(sim.now());
+    assert_eq!(h.streams.iter().find(|s| s.stream_id == "s.a").unwrap().state, ConnectionState::Live as i32);
+    assert!(!h.last_error.contains("segment_corrupt"));
 }
 
 #[test]
