@@ -9,7 +9,7 @@ use super::{DrillError, FaultKind, FaultPlan, Proxy};
 use crate::api::identity_arg;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -172,17 +172,34 @@ impl Scene {
         let heads = self.heads();
         let total = self.authority.total();
         let started = Instant::now();
-        wait_until("the module to hold the authority's log", limit, || Ok(self.module_total(rig) >= total))?;
+        let (db, mirror) = (&self.db, &mut self.mirror);
+        wait_until("the module to hold the authority's log", limit, || {
+            // A mirror that gave up will not get there: say why now.
+            if let Some(status) = mirror.as_mut().and_then(MirrorProc::failed) {
+                let output = mirror.as_ref().map(MirrorProc::output).unwrap_or_default();
+                let tail: Vec<&str> = output.lines().rev().take(8).collect();
+                return Err(DrillError::Process(format!("the mirror exited ({status}) before the module held the authority's log: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" / "))));
+            }
+            Ok(rig.module_heads(db).map(|h| h.values().sum::<u64>()).unwrap_or(0) >= total)
+        })?;
         let left = limit.saturating_sub(started.elapsed());
         let clients = &mut self.clients;
-        wait_until("every client to reach the authority's head", left, || {
+        let reached = wait_until("every client to reach the authority's head", left, || {
             for c in clients.iter_mut() {
                 if !c.alive() {
                     return Err(DrillError::Process(format!("a client exited early: {}", std::fs::read_to_string(c.logs.last().unwrap().with_extension("err")).unwrap_or_default().trim())));
                 }
             }
             Ok(clients.iter_mut().all(|c| c.at(&heads)))
-        })?;
+        });
+        if let Err(DrillError::Timeout { what, secs }) = reached {
+            // Name what the clients left behind say about themselves (a refused corrupt
+            // segment, a server behind the checkpoint...).
+            let said: BTreeSet<String> = clients.iter_mut().filter_map(|c| if c.at(&heads) { None } else { c.health() }).filter_map(|h| h["last_error"].as_str().filter(|e| !e.is_empty()).map(str::to_string)).collect();
+            let what = if said.is_empty() { what } else { format!("{what}; the clients behind report: {}", said.into_iter().collect::<Vec<_>>().join(" | ")) };
+            return Err(DrillError::Timeout { what, secs });
+        }
+        reached?;
         let took = started.elapsed();
         // Acks follow durable checkpoints, so every client's ack reaches the head too
         // (an ack the server lost must be sent again: docs/DURABILITY.md).
@@ -274,7 +291,7 @@ const HALF_OPEN_DETECTION: Duration = Duration::from_secs(90);
 const MIRROR_RECOVERY: Duration = Duration::from_secs(60);
 
 /// 1. The server is killed (-9) several times while the mirror publishes, and restarted
-/// on the same data dir. Kills that land while the module is behind the authority count.
+///    on the same data dir. Kills that land while the module is behind the authority count.
 fn server_kill(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
     let mut scene = Scene::new(rig, "server-kill", s.pick(6_000, 20_000), s.seed)?;
     let mut feeder = Feeder::start(&scene.input, scene.lines.clone(), feed_secs(s))?;
@@ -303,7 +320,7 @@ fn server_kill(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
 }
 
 /// 2. Each client is killed (-9) while it applies a replay (its log is growing and it is
-/// not at the head), several times, and restarted from its checkpoint.
+///    not at the head), several times, and restarted from its checkpoint.
 fn client_kill(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
     let mut scene = Scene::new(rig, "client-kill", s.pick(9_000, 30_000), s.seed)?;
     Feeder::all_at_once(&scene.input, &scene.lines)?;
@@ -354,7 +371,7 @@ fn client_kill(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
 }
 
 /// 3. The mirror is killed (-9) while it publishes batches (the module is behind the
-/// authority), several times, and restarted on the same state dir.
+///    authority), several times, and restarted on the same state dir.
 fn mirror_kill(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
     let mut scene = Scene::new(rig, "mirror-kill", s.pick(4_000, 15_000), s.seed)?;
     let mut feeder = Feeder::start(&scene.input, scene.lines.clone(), feed_secs(s))?;
@@ -466,10 +483,10 @@ fn network_mirror(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()>
 }
 
 /// 5. The server is paused (SIGSTOP) for longer than the SDK's timeouts (its idle
-/// timeout gives up a silent connection after at most 90 s; the client's handshake
-/// timeout is 15 s, the mirror's call timeout 30 s) while everything runs, then resumed.
-/// Every client must have lost its session during the pause (the timeouts really fired)
-/// and everything converges after the resume.
+///    timeout gives up a silent connection after at most 90 s; the client's handshake
+///    timeout is 15 s, the mirror's call timeout 30 s) while everything runs, then resumed.
+///    Every client must have lost its session during the pause (the timeouts really fired)
+///    and everything converges after the resume.
 fn server_pause(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
     let mut scene = Scene::new(rig, "pause", s.pick(2_000, 8_000), s.seed)?;
     let mut feeder = Feeder::start(&scene.input, scene.lines.clone(), feed_secs(s))?;
@@ -496,9 +513,9 @@ fn server_pause(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
 }
 
 /// 6. Retention overtakes a live client: it follows the stream, loses its connection
-/// (the proxy closes every attempt at once) while the mirror publishes far past the
-/// retention limit and the sweep trims past its cursor; back online it is told to
-/// rebootstrap (with its cursor, the new floor and the head), then converges.
+///    (the proxy closes every attempt at once) while the mirror publishes far past the
+///    retention limit and the sweep trims past its cursor; back online it is told to
+///    rebootstrap (with its cursor, the new floor and the head), then converges.
 fn retention_overtakes(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
     let mut scene = Scene::new(rig, "retention", s.pick(4_000, 12_000), s.seed)?;
     let keep = s.pick(300, 600);
@@ -556,8 +573,8 @@ fn retention_overtakes(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Resul
 }
 
 /// 7. An event the module already holds is changed at the source: a mirror that reads
-/// the log again (a fresh state dir, as after losing its disk) names it,
-/// `authority_divergence` with the stream and seq, and publishes nothing over it.
+///    the log again (a fresh state dir, as after losing its disk) names it,
+///    `authority_divergence` with the stream and seq, and publishes nothing over it.
 fn authority_divergence(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
     let mut scene = Scene::new(rig, "divergence", s.pick(1_500, 6_000), s.seed)?;
     Feeder::all_at_once(&scene.input, &scene.lines)?;
@@ -604,10 +621,10 @@ fn authority_divergence(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Resu
 }
 
 /// 8. Many clients, connected through the proxy, are all dropped at once while the
-/// mirror publishes, and the server stays unreachable for a few seconds (the proxy
-/// closes every attempt): the herd that comes back when it returns. All resume with no
-/// loss, and the reconnect rate once it is back stays bounded thanks to the backoff's
-/// jitter.
+///    mirror publishes, and the server stays unreachable for a few seconds (the proxy
+///    closes every attempt): the herd that comes back when it returns. All resume with no
+///    loss, and the reconnect rate once it is back stays bounded thanks to the backoff's
+///    jitter.
 fn reconnect_storm(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
     let n = s.pick(50, 100) as usize;
     let mut scene = Scene::new(rig, "storm", s.pick(1_500, 6_000), s.seed)?;
@@ -667,7 +684,7 @@ fn reconnect_storm(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()
 const STORM_OUTAGE: Duration = Duration::from_secs(4);
 
 /// 9. Many clients whose leases end in the same second; half renewed just before. The
-/// renewed half are not interrupted; the others stop (`forbidden`) within the bound.
+///    renewed half are not interrupted; the others stop (`forbidden`) within the bound.
 fn grant_expiry_storm(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
     let n = s.pick(40, 100) as usize;
     let mut scene = Scene::new(rig, "expiry", s.pick(3_000, 8_000), s.seed)?;
@@ -780,7 +797,7 @@ fn grant_expiry_storm(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result
 }
 
 /// 10. The module is republished (same schema, then an additive change when the
-/// `bench/module-next` fixture exists) with clients connected and the mirror running.
+///    `bench/module-next` fixture exists) with clients connected and the mirror running.
 fn module_republish(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
     // Built before the traffic starts: a cargo build between the updates could outlast it.
     let additive = match additive_wasm() {

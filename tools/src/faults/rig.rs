@@ -262,6 +262,12 @@ impl MirrorProc {
         stop_child(&mut self.child, grace)
     }
 
+    /// The exit status, if the process has ended with a failure.
+    pub fn failed(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        (!status.success()).then_some(status)
+    }
+
     /// Waits for the process to exit on its own.
     pub fn wait(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
         let Some(c) = self.child.as_mut() else { return Err(DrillError::Process("the mirror is not running".into())) };
