@@ -133,6 +133,25 @@ fn handshake_status(err: &spacetimedb_sdk::Error) -> Option<u16> {
 /// How long opening the WebSocket may take.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// Calls `on_panic` if the SDK's connection thread (`run_threaded`'s `runner`) panics.
+/// SDK 1.2.0's thread panics instead of reporting a disconnect when a reducer call is
+/// queued just as the socket closes (db_connection.rs:353): no disconnect callback runs,
+/// and without this the caller would wait for results that never come. Found by the
+/// network drills (docs/RELIABILITY.md).
+pub fn on_runner_panic(runner: std::thread::JoinHandle<()>, on_panic: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(move || {
+        if runner.join().is_err() {
+            on_panic();
+        }
+    });
+}
+
+/// Runs an SDK `disconnect()`, which panics on the sender lock that the panic above
+/// poisoned: contained, since the connection is gone either way.
+pub fn disconnect_contained(disconnect: impl FnOnce()) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(disconnect));
+}
+
 /// Runs an SDK `build()` on a thread of its own and waits at most `limit` for it: the
 /// SDK's `build()` waits for the WebSocket handshake with no time limit, so a connection
 /// that is accepted and never answered (half-open) would hang the caller for ever.
@@ -232,15 +251,9 @@ pub fn connect(url: &str, database: &str, token: &str, compress: bool, tx: &Send
     conn.reducers.on_ack(move |ctx, stream_id, seq, _| {
         let _ = t.send(Msg::Acked { stream_id: stream_id.clone(), seq: *seq, result: status(&ctx.event.status) });
     });
-    let runner = conn.run_threaded();
     let t = tx.clone();
-    std::thread::spawn(move || {
-        // SDK 1.2.0's thread panics instead of reporting a disconnect when a reducer call
-        // is queued just as the socket closes (db_connection.rs:353): without this the
-        // session would wait for messages that never come. Found by the network drill.
-        if runner.join().is_err() {
-            let _ = t.send(Msg::Disconnected(Some("the SDK's connection thread panicked".into())));
-        }
+    on_runner_panic(conn.run_threaded(), move || {
+        let _ = t.send(Msg::Disconnected(Some("the SDK's connection thread panicked".into())));
     });
     Ok(conn)
 }

@@ -73,10 +73,13 @@ impl SdkPublisher {
                     .build()
             },
         )?;
+        let lost = tx.clone();
         conn.reducers.on_publish(move |ctx, stream_id, _| {
             let _ = tx.send(outcome(stream_id, &ctx.event.status));
         });
-        conn.run_threaded();
+        khala_client::transport::on_runner_panic(conn.run_threaded(), move || {
+            let _ = lost.send(Outcome::Disconnected("the SDK's connection thread panicked".into()));
+        });
         Ok(SdkPublisher { conn, results })
     }
 
@@ -97,7 +100,9 @@ impl SdkPublisher {
 
 impl Drop for SdkPublisher {
     fn drop(&mut self) {
-        let _ = self.conn.disconnect();
+        khala_client::transport::disconnect_contained(|| {
+            let _ = self.conn.disconnect();
+        });
     }
 }
 
@@ -128,10 +133,13 @@ impl BarePublisher {
                     .build()
             },
         )?;
+        let lost = tx.clone();
         conn.reducers.on_insert(move |ctx, stream_id, _, _, _| {
             let _ = tx.send(outcome(stream_id, &ctx.event.status));
         });
-        conn.run_threaded();
+        khala_client::transport::on_runner_panic(conn.run_threaded(), move || {
+            let _ = lost.send(Outcome::Disconnected("the SDK's connection thread panicked".into()));
+        });
         Ok(BarePublisher { conn, results })
     }
 
@@ -152,6 +160,8 @@ impl BarePublisher {
 impl Drop for BarePublisher {
     fn drop(&mut self) {
         use spacetimedb_sdk::DbContext as _;
-        let _ = self.conn.disconnect();
+        khala_client::transport::disconnect_contained(|| {
+            let _ = self.conn.disconnect();
+        });
     }
 }

@@ -308,10 +308,9 @@ impl<H: Handler> SyncClient<H> {
 
     fn disconnect(&mut self) {
         if let Some(c) = self.conn.take() {
-            // After SDK 1.2.0's connection thread panicked holding its sender lock (see
-            // `transport::connect`), `disconnect` panics on the poisoned lock: contain it,
-            // the connection is gone either way.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.db.disconnect()));
+            crate::transport::disconnect_contained(|| {
+                let _ = c.db.disconnect();
+            });
         }
     }
 
