@@ -23,18 +23,30 @@ pub struct PublishEvent {
     pub occurred_at_micros: i64,
 }
 
-fn validate_event(index: usize, event: &PublishEvent, max_payload: u32) -> ReducerResult {
-    if event.idempotency_key.is_empty() || event.idempotency_key.len() > MAX_KEY_LEN {
+/// The checks every event passes, whichever reducer brought it.
+fn validate_event(index: usize, key: &str, kind: &str, payload_len: usize, max_payload: u32) -> ReducerResult {
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
         return Err(fail(ErrorCode::InvalidArgument, format!("event={index}: idempotency_key must be 1..={MAX_KEY_LEN} bytes")));
     }
-    if event.kind.is_empty() || event.kind.len() > MAX_KIND_LEN {
+    if kind.is_empty() || kind.len() > MAX_KIND_LEN {
         return Err(fail(ErrorCode::InvalidArgument, format!("event={index}: kind must be 1..={MAX_KIND_LEN} bytes")));
     }
-    if event.payload.len() > max_payload as usize {
-        return Err(fail(
-            ErrorCode::PayloadTooLarge,
-            format!("event={index} (key {}) has {} bytes; the limit is {max_payload}", event.idempotency_key, event.payload.len()),
-        ));
+    if payload_len > max_payload as usize {
+        return Err(fail(ErrorCode::PayloadTooLarge, format!("event={index} (key {key}) has {payload_len} bytes; the limit is {max_payload}")));
+    }
+    Ok(())
+}
+
+/// The batch limits (`khala_config`): events per call and payload bytes per call.
+fn check_batch(cfg: &crate::config::KhalaConfig, events: usize, payload_bytes: usize) -> ReducerResult {
+    if events == 0 {
+        return Err(fail(ErrorCode::InvalidArgument, "a publish batch needs at least one event"));
+    }
+    if events > cfg.max_batch_events as usize {
+        return Err(fail(ErrorCode::BatchTooLarge, format!("{events} events in one batch; the limit is {}", cfg.max_batch_events)));
+    }
+    if payload_bytes > cfg.max_batch_bytes as usize {
+        return Err(fail(ErrorCode::BatchTooLarge, format!("{payload_bytes} payload bytes in one batch; the limit is {}", cfg.max_batch_bytes)));
     }
     Ok(())
 }
@@ -77,21 +89,12 @@ pub fn publish(ctx: &ReducerContext, stream_id: String, events: Vec<PublishEvent
     validate_stream_id(&stream_id)?;
     access::require_publish(ctx, &stream_id)?;
     let cfg = config(ctx);
-    if events.is_empty() {
-        return Err(fail(ErrorCode::InvalidArgument, "a publish batch needs at least one event"));
-    }
-    if events.len() > cfg.max_batch_events as usize {
-        return Err(fail(ErrorCode::BatchTooLarge, format!("{} events in one batch; the limit is {}", events.len(), cfg.max_batch_events)));
-    }
-    let batch_bytes: usize = events.iter().map(|e| e.payload.len()).sum();
-    if batch_bytes > cfg.max_batch_bytes as usize {
-        return Err(fail(ErrorCode::BatchTooLarge, format!("{batch_bytes} payload bytes in one batch; the limit is {}", cfg.max_batch_bytes)));
-    }
+    check_batch(&cfg, events.len(), events.iter().map(|e| e.payload.len()).sum())?;
     let addressing = addressing(&events)?;
 
     let existing = ctx.db.stream().stream_id().find(&stream_id);
     let existed = existing.is_some();
-    let mut row = existing.unwrap_or_else(|| new_stream(ctx, stream_id.clone()));
+    let row = existing.unwrap_or_else(|| new_stream(ctx, stream_id.clone()));
     let keyed = ctx.db.keyed_stream().stream_id().find(&stream_id).is_some();
     match (addressing, keyed) {
         (Addressing::BySeq, true) => {
@@ -106,19 +109,78 @@ pub fn publish(ctx: &ReducerContext, stream_id: String, events: Vec<PublishEvent
         _ => {}
     }
 
-    let prev_hash = from_slice(&row.head_hash).unwrap_or(GENESIS);
-    let mut batch = Batch { stream_id: &stream_id, chain: prev_hash, head: row.head_seq, packed: Vec::with_capacity(events.len()), duplicates: 0 };
+    let mut batch = Batch::new(&stream_id, &row, events.len());
     let mut stored = StoredEvents::new(&row);
     for (index, event) in events.into_iter().enumerate() {
-        validate_event(index, &event, cfg.max_payload_bytes)?;
+        validate_event(index, &event.idempotency_key, &event.kind, event.payload.len(), cfg.max_payload_bytes)?;
         match addressing {
             Addressing::BySeq => batch.by_seq(ctx, &mut stored, index, event)?,
             Addressing::ByKey => batch.by_key(ctx, index, event)?,
         }
     }
+    let data = (!batch.packed.is_empty()).then(|| segment::encode(std::mem::take(&mut batch.packed)));
+    commit(ctx, row, existed, batch, data);
+    Ok(())
+}
 
-    let Batch { chain, head, packed, duplicates, .. } = batch;
-    if !packed.is_empty() {
+/// Appends a publisher's segment, already encoded as the module stores it
+/// (`[SEGMENT_FORMAT_V1] ‖ SegmentBody`, docs/SEGMENTS.md), to `stream_id`: the mirror's
+/// way in. Every event's `seq` is the authority's, as `authority_seq` is in [`publish`],
+/// and the checks, errors and duplicate handling are `publish`'s for a stream addressed
+/// by seq (`event=N` counts events in the segment). The module does not decode the
+/// events into structs nor encode a segment: when every event is new, the bytes sent are
+/// the bytes stored. `invalid_argument` when the data does not decode, its seqs are not
+/// contiguous, or it carries anything besides its events (`segment::decode_incoming`).
+#[reducer]
+pub fn publish_segment(ctx: &ReducerContext, stream_id: String, data: Vec<u8>) -> ReducerResult {
+    validate_stream_id(&stream_id)?;
+    access::require_publish(ctx, &stream_id)?;
+    let cfg = config(ctx);
+    let data = bytes::Bytes::from(data);
+    let events = segment::decode_incoming(data.clone()).map_err(|e| fail(ErrorCode::InvalidArgument, format!("the segment for stream {stream_id}: {e}")))?;
+    check_batch(&cfg, events.len(), events.iter().map(|e| e.payload.len()).sum())?;
+
+    let existing = ctx.db.stream().stream_id().find(&stream_id);
+    let existed = existing.is_some();
+    let row = existing.unwrap_or_else(|| new_stream(ctx, stream_id.clone()));
+    if ctx.db.keyed_stream().stream_id().find(&stream_id).is_some() {
+        return Err(fail(ErrorCode::InvalidArgument, format!("stream {stream_id} is addressed by key: publish it without authority_seq")));
+    }
+    let mut batch = Batch::new(&stream_id, &row, 0);
+    let mut stored = StoredEvents::new(&row);
+    // The seqs are contiguous: duplicates (at or below the head) come first, then the
+    // new events, from `first_new` on.
+    let mut first_new = None;
+    for (index, event) in events.iter().enumerate() {
+        validate_event(index, &event.idempotency_key, &event.kind, event.payload.len(), cfg.max_payload_bytes)?;
+        if event.seq == batch.head + 1 {
+            batch.link(&event.kind, &payload_hash(&event.payload));
+            first_new.get_or_insert(index);
+        } else if event.seq > batch.head || event.seq == 0 {
+            return Err(batch.sequence_conflict(index, event.seq));
+        } else {
+            batch.duplicate(ctx, &mut stored, index, event.seq, &event.idempotency_key, &event.kind, &event.payload)?;
+        }
+    }
+    let data = match first_new {
+        None => None,
+        Some(0) => {
+            // The payloads are slices of `data`: once they are gone its buffer is unshared.
+            drop(events);
+            Some(Vec::from(data))
+        }
+        Some(i) => Some(segment::encode(events.into_iter().skip(i).map(SegmentEvent::from).collect())),
+    };
+    commit(ctx, row, existed, batch, data);
+    Ok(())
+}
+
+/// Stores a batch: the segment row of its new events (`data`, when there are any) and the
+/// stream's new head, or the stream itself when this publish created it.
+fn commit(ctx: &ReducerContext, mut row: crate::streams::Stream, existed: bool, batch: Batch, data: Option<Vec<u8>>) {
+    let Batch { stream_id, prev_hash, chain, head, duplicates, .. } = batch;
+    let stream_id = stream_id.to_string();
+    if let Some(data) = data {
         let first_seq = row.head_seq + 1;
         ctx.db.stream_segment().insert(StreamSegment {
             id: 0,
@@ -131,7 +193,7 @@ pub fn publish(ctx: &ReducerContext, stream_id: String, events: Vec<PublishEvent
             last_hash: chain.to_vec(),
             published_at: ctx.timestamp,
             publisher: ctx.sender,
-            data: segment::encode(packed),
+            data,
         });
         row.segment_count += 1;
         if row.oldest_seq > row.head_seq {
@@ -149,30 +211,41 @@ pub fn publish(ctx: &ReducerContext, stream_id: String, events: Vec<PublishEvent
         ctx.db.stream().insert(row);
         access::on_stream_created(ctx, &stream_id);
     }
-    Ok(())
 }
 
-/// The batch being built: the new events, the chain and head after them.
+/// The batch being built: the chain and head after its new events, and (for `publish`)
+/// the new events themselves.
 struct Batch<'a> {
     stream_id: &'a str,
+    /// The chain hash at the stream's head before this batch.
+    prev_hash: Hash32,
     chain: Hash32,
     head: u64,
     packed: Vec<SegmentEvent>,
     duplicates: u64,
 }
 
-impl Batch<'_> {
+impl<'a> Batch<'a> {
+    fn new(stream_id: &'a str, row: &crate::streams::Stream, capacity: usize) -> Self {
+        let prev_hash = from_slice(&row.head_hash).unwrap_or(GENESIS);
+        Batch { stream_id, prev_hash, chain: prev_hash, head: row.head_seq, packed: Vec::with_capacity(capacity), duplicates: 0 }
+    }
+
+    /// Links the next event (at `head + 1`) into the chain.
+    fn link(&mut self, kind: &str, phash: &Hash32) {
+        self.head += 1;
+        self.chain = chain_hash(&self.chain, self.stream_id, self.head, kind, phash);
+    }
+
     fn append(&mut self, event: PublishEvent, phash: &Hash32) {
-        let seq = self.head + 1;
-        self.chain = chain_hash(&self.chain, self.stream_id, seq, &event.kind, phash);
+        self.link(&event.kind, phash);
         self.packed.push(SegmentEvent {
-            seq,
+            seq: self.head,
             kind: event.kind,
             payload: event.payload,
             idempotency_key: event.idempotency_key,
             occurred_at_micros: event.occurred_at_micros,
         });
-        self.head = seq;
     }
 
     fn sequence_conflict(&self, index: usize, actual: u64) -> String {
@@ -189,7 +262,14 @@ impl Batch<'_> {
         if seq > self.head || seq == 0 {
             return Err(self.sequence_conflict(index, seq));
         }
-        // At or below the head: the event must be the one stored at that seq.
+        self.duplicate(ctx, stored, index, seq, &event.idempotency_key, &event.kind, &event.payload)
+    }
+
+    /// An event at or below the head must be the one held at that seq (in this batch or
+    /// stored): then it is a duplicate, skipped and counted; otherwise
+    /// `idempotency_conflict`, or `sequence_conflict` below the retention floor.
+    #[allow(clippy::too_many_arguments)]
+    fn duplicate(&mut self, ctx: &ReducerContext, stored: &mut StoredEvents, index: usize, seq: u64, key: &str, kind: &str, payload: &[u8]) -> ReducerResult {
         let first_new = self.head + 1 - self.packed.len() as u64;
         let held = if seq >= first_new {
             Some(&self.packed[(seq - first_new) as usize])
@@ -198,14 +278,11 @@ impl Batch<'_> {
         };
         match held {
             None => Err(self.sequence_conflict(index, seq)),
-            Some(e) if e.idempotency_key == event.idempotency_key && e.kind == event.kind && e.payload == event.payload => {
+            Some(e) if e.idempotency_key == key && e.kind == kind && e.payload == payload => {
                 self.duplicates += 1;
                 Ok(())
             }
-            Some(_) => Err(fail(
-                ErrorCode::IdempotencyConflict,
-                format!("event={index}: seq={seq} of stream {} holds another event (key {})", self.stream_id, event.idempotency_key),
-            )),
+            Some(_) => Err(fail(ErrorCode::IdempotencyConflict, format!("event={index}: seq={seq} of stream {} holds another event (key {key})", self.stream_id))),
         }
     }
 

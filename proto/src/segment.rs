@@ -21,6 +21,8 @@ pub enum SegmentError {
     Malformed(String),
     #[error("segment events are not contiguous: seq {found} follows {previous}")]
     NotContiguous { previous: u64, found: u64 },
+    #[error("segment data holds {extra} bytes beyond its events' own encoding (unknown or repeated fields, or padding)")]
+    NotCanonical { extra: usize },
 }
 
 /// Encodes events (already in ascending, contiguous seq order) into segment data.
@@ -105,6 +107,51 @@ impl From<SegmentEvent> for EventView {
     }
 }
 
+/// Decodes a publisher's segment data for the module (`publish_segment`): every field,
+/// each payload a slice of `data`. Besides the version byte and contiguous seqs, the
+/// data must be exactly as long as its events' own encoding: nothing unknown, repeated or
+/// padded rides along, so the bytes the module stores decode, for any reader, to exactly
+/// the events it checked.
+pub fn decode_incoming(data: bytes::Bytes) -> Result<Vec<IncomingEvent>, SegmentError> {
+    body(&data)?;
+    let body = IncomingBody::decode(data.slice(1..)).map_err(|e| SegmentError::Malformed(e.to_string()))?;
+    contiguous(body.events.iter().map(|e| e.seq))?;
+    let own = 1 + body.encoded_len();
+    if own != data.len() {
+        return Err(SegmentError::NotCanonical { extra: data.len().saturating_sub(own) });
+    }
+    Ok(body.events)
+}
+
+/// `SegmentBody` seen through [`IncomingEvent`].
+#[derive(Clone, PartialEq, prost::Message)]
+struct IncomingBody {
+    #[prost(message, repeated, tag = "1")]
+    events: Vec<IncomingEvent>,
+}
+
+/// A `SegmentEvent` as the module reads a publisher's segment: every field, the payload
+/// a slice of the call's buffer instead of a copy.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct IncomingEvent {
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    #[prost(string, tag = "2")]
+    pub kind: String,
+    #[prost(bytes = "bytes", tag = "3")]
+    pub payload: bytes::Bytes,
+    #[prost(string, tag = "4")]
+    pub idempotency_key: String,
+    #[prost(int64, tag = "5")]
+    pub occurred_at_micros: i64,
+}
+
+impl From<IncomingEvent> for SegmentEvent {
+    fn from(e: IncomingEvent) -> Self {
+        SegmentEvent { seq: e.seq, kind: e.kind, payload: e.payload.into(), idempotency_key: e.idempotency_key, occurred_at_micros: e.occurred_at_micros }
+    }
+}
+
 /// The idempotency keys of segment data, in seq order, without copying payloads: what
 /// the module needs to delete a segment's `event_key` rows (retention, `reset_stream`).
 /// Checks the version byte and seq contiguity like [`decode`].
@@ -174,7 +221,29 @@ mod tests {
         }
 
         #[test]
+        fn incoming_reads_what_decode_reads(first in 1u64..1_000_000, payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 1..20)) {
+            let events: Vec<_> = payloads.into_iter().enumerate().map(|(i, p)| SegmentEvent { occurred_at_micros: i as i64 - 3, ..event(first + i as u64, p) }).collect();
+            let incoming = decode_incoming(encode(events.clone()).into()).unwrap();
+            prop_assert_eq!(incoming.into_iter().map(SegmentEvent::from).collect::<Vec<_>>(), events);
+        }
+
+        /// Anything appended to a canonical segment (an unknown field, a repeated one,
+        /// a second copy of an event's field) is refused, never stored along.
+        #[test]
+        fn incoming_refuses_anything_riding_along(first in 1u64..1_000_000, n in 1usize..5, tail in proptest::collection::vec(any::<u8>(), 1..16)) {
+            let events: Vec<_> = (0..n).map(|i| event(first + i as u64, vec![i as u8; 3])).collect();
+            let mut data = encode(events);
+            // An unknown field (tag 9, length-delimited) of the body, then garbage in it.
+            data.push(0x4a);
+            data.push(tail.len() as u8);
+            data.extend_from_slice(&tail);
+            prop_assert!(decode(&data).is_ok(), "prost itself skips the unknown field");
+            prop_assert_eq!(decode_incoming(data.into()), Err(SegmentError::NotCanonical { extra: 2 + tail.len() }));
+        }
+
+        #[test]
         fn never_panics_on_garbage(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_incoming(data.clone().into());
             let _ = decode(&data);
             let _ = idempotency_keys(&data);
             let _ = decode_view(data.into());

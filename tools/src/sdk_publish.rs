@@ -4,7 +4,7 @@
 //! stream id names the call a result belongs to.
 
 use crate::error::{Result, ToolError};
-use khala_client::module_bindings::{publish as _, DbConnection, PublishEvent};
+use khala_client::module_bindings::{publish as _, publish_segment as _, DbConnection, PublishEvent};
 use khala_proto::CodedError;
 use spacetimedb_sdk::{DbContext, Status};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -74,8 +74,12 @@ impl SdkPublisher {
             },
         )?;
         let lost = tx.clone();
+        let segments = tx.clone();
         conn.reducers.on_publish(move |ctx, stream_id, _| {
             let _ = tx.send(outcome(stream_id, &ctx.event.status));
+        });
+        conn.reducers.on_publish_segment(move |ctx, stream_id, _| {
+            let _ = segments.send(outcome(stream_id, &ctx.event.status));
         });
         khala_client::transport::on_runner_panic(conn.run_threaded(), move || {
             let _ = lost.send(Outcome::Disconnected("the SDK's connection thread panicked".into()));
@@ -90,6 +94,16 @@ impl SdkPublisher {
             .reducers
             .publish(stream_id.to_string(), events)
             .map_err(|e| ToolError::Http { what: format!("sending publish for {stream_id}"), detail: e.to_string() })
+    }
+
+    /// Sends one `publish_segment` call with segment `data` as the module stores it
+    /// (`khala_proto::segment::encode`); its [`Outcome`] arrives through [`SdkPublisher::next`].
+    pub fn send_segment(&self, stream_id: &str, data: Vec<u8>) -> Result<()> {
+        use khala_client::module_bindings::publish_segment;
+        self.conn
+            .reducers
+            .publish_segment(stream_id.to_string(), data)
+            .map_err(|e| ToolError::Http { what: format!("sending publish_segment for {stream_id}"), detail: e.to_string() })
     }
 
     /// The next outcome, waiting at most `timeout`.

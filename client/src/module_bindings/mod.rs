@@ -42,6 +42,7 @@ pub mod publish_event_type;
 pub mod publish_grant_table;
 pub mod publish_grant_type;
 pub mod publish_reducer;
+pub mod publish_segment_reducer;
 pub mod reset_stream_reducer;
 pub mod retention_schedule_table;
 pub mod retention_schedule_type;
@@ -112,6 +113,9 @@ pub use publish_event_type::PublishEvent;
 pub use publish_grant_table::*;
 pub use publish_grant_type::PublishGrant;
 pub use publish_reducer::{publish, set_flags_for_publish, PublishCallbackId};
+pub use publish_segment_reducer::{
+    publish_segment, set_flags_for_publish_segment, PublishSegmentCallbackId,
+};
 pub use reset_stream_reducer::{reset_stream, set_flags_for_reset_stream, ResetStreamCallbackId};
 pub use retention_schedule_table::*;
 pub use retention_schedule_type::RetentionSchedule;
@@ -194,6 +198,10 @@ pub enum Reducer {
         stream_id: String,
         events: Vec<PublishEvent>,
     },
+    PublishSegment {
+        stream_id: String,
+        data: Vec<u8>,
+    },
     ResetStream {
         stream_id: String,
     },
@@ -250,6 +258,7 @@ impl __sdk::Reducer for Reducer {
             Reducer::Hello { .. } => "hello",
             Reducer::OpenWindow { .. } => "open_window",
             Reducer::Publish { .. } => "publish",
+            Reducer::PublishSegment { .. } => "publish_segment",
             Reducer::ResetStream { .. } => "reset_stream",
             Reducer::Revoke { .. } => "revoke",
             Reducer::SetCompaction { .. } => "set_compaction",
@@ -320,6 +329,10 @@ impl TryFrom<__ws::ReducerCallInfo<__ws::BsatnFormat>> for Reducer {
                 "publish",
                 &value.args,
             )?
+            .into()),
+            "publish_segment" => Ok(__sdk::parse_reducer_args::<
+                publish_segment_reducer::PublishSegmentArgs,
+            >("publish_segment", &value.args)?
             .into()),
             "reset_stream" => Ok(
                 __sdk::parse_reducer_args::<reset_stream_reducer::ResetStreamArgs>(

@@ -168,7 +168,7 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
     // Baseline first, then Khala, then Redis, each path on a database of its own.
     next("batched publish: bare insert-only module (SDK)");
     let bare = publish_bare(&server.url(), "bare", &owner.token, &batched)?;
-    next("batched publish: Khala `publish` (SDK)");
+    next("batched publish: Khala `publish_segment` (SDK)");
     let sdk = publish_sdk(&server.url(), "sdk", &owner.token, &batched)?;
     let http = if args.skip_http {
         None
@@ -235,8 +235,8 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
     let ratio = |x: f64, base: f64| (x / base * 1000.0).round() / 1000.0;
     let mut figures = json!({
         "bare_sdk_events_per_sec": bare.events_per_sec.round(),
-        "sdk_bsatn_events_per_sec": sdk.events_per_sec.round(),
-        "sdk_to_bare": ratio(sdk.events_per_sec, bare.events_per_sec),
+        "sdk_segment_events_per_sec": sdk.events_per_sec.round(),
+        "sdk_segment_to_bare": ratio(sdk.events_per_sec, bare.events_per_sec),
         "unbatched_bare_events_per_sec": unbatched_bare.events_per_sec.round(),
         "unbatched_sdk_events_per_sec": unbatched_sdk.events_per_sec.round(),
         "unbatched_sdk_to_bare": ratio(unbatched_sdk.events_per_sec, unbatched_bare.events_per_sec),
@@ -268,7 +268,7 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
     let batched_name = "publish, batched";
     let mut rows = vec![
         Row { scenario: batched_name, path: "bare insert-only module (SDK)".into(), events_per_sec: Some(bare.events_per_sec), baseline: Some(bare.events_per_sec), note: format!("{} per call, {} streams", args.batch, args.streams) },
-        Row { scenario: batched_name, path: "Khala `publish` (SDK, BSATN)".into(), events_per_sec: Some(sdk.events_per_sec), baseline: Some(bare.events_per_sec), note: String::new() },
+        Row { scenario: batched_name, path: "Khala `publish_segment` (SDK, one encoded segment per call)".into(), events_per_sec: Some(sdk.events_per_sec), baseline: Some(bare.events_per_sec), note: String::new() },
     ];
     if let Some(http) = http {
         rows.push(Row { scenario: batched_name, path: "Khala `publish` (HTTP JSON)".into(), events_per_sec: Some(http), baseline: Some(bare.events_per_sec), note: String::new() });
@@ -284,7 +284,7 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
     });
     let unbatched_name = "publish, unbatched";
     rows.push(Row { scenario: unbatched_name, path: "bare insert-only module (SDK)".into(), events_per_sec: Some(unbatched_bare.events_per_sec), baseline: Some(unbatched_bare.events_per_sec), note: format!("1 per call, {} in flight", args.unbatched_streams) });
-    rows.push(Row { scenario: unbatched_name, path: "Khala `publish` (SDK, BSATN)".into(), events_per_sec: Some(unbatched_sdk.events_per_sec), baseline: Some(unbatched_bare.events_per_sec), note: String::new() });
+    rows.push(Row { scenario: unbatched_name, path: "Khala `publish_segment` (SDK)".into(), events_per_sec: Some(unbatched_sdk.events_per_sec), baseline: Some(unbatched_bare.events_per_sec), note: String::new() });
     rows.push(Row { scenario: unbatched_name, path: "Redis XADD, unpipelined".into(), events_per_sec: redis_unpipelined, baseline: Some(unbatched_bare.events_per_sec), note: if redis_binary.is_some() { format!("{} connections, 1 in flight each", args.unbatched_streams) } else { missing() } });
     rows.push(Row { scenario: "replay", path: "Khala client (`khala tail`, fresh)".into(), events_per_sec: replay["events_per_sec"].as_f64(), baseline: None, note: format!("{} MiB peak RSS", replay["peak_rss_mib"]) });
     rows.push(Row { scenario: "replay", path: "Redis XRANGE".into(), events_per_sec: redis_xrange, baseline: None, note: if redis_binary.is_some() { format!("COUNT {}", args.batch) } else { missing() } });
@@ -301,7 +301,7 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
     }
     md.push_str(&format!("\nThe 0→{} curve, events/s per slice of {} events (mean; lowest and highest slice against it):\n\n", chart::si(args.events as f64), chart::si(every as f64)));
     md.push_str("| path | mean | lowest | highest |\n|---|---|---|---|\n");
-    let mut curves: Vec<(&str, &[(u64, f64)])> = vec![("bare insert-only module (SDK)", &bare.curve), ("Khala `publish` (SDK)", &sdk.curve)];
+    let mut curves: Vec<(&str, &[(u64, f64)])> = vec![("bare insert-only module (SDK)", &bare.curve), ("Khala `publish_segment` (SDK)", &sdk.curve)];
     if let Some(r) = &redis_pipelined {
         curves.push(("Redis XADD, pipelined", &r.curve));
     }

@@ -306,17 +306,19 @@ fn small_segments(args: SmallArgs) -> anyhow::Result<()> {
 
 /// `n` events with random payloads, seqs from `from`.
 fn sdk_events(from: u64, n: u64, payload_bytes: usize, rng: &mut impl RngCore) -> Vec<khala_client::module_bindings::PublishEvent> {
+    segment_events(from, n, payload_bytes, rng)
+        .into_iter()
+        .map(|e| khala_client::module_bindings::PublishEvent { idempotency_key: e.idempotency_key, kind: e.kind, payload: e.payload, authority_seq: Some(e.seq), occurred_at_micros: 0 })
+        .collect()
+}
+
+/// The same events as segment events (the bare module's and `publish_segment`'s form).
+fn segment_events(from: u64, n: u64, payload_bytes: usize, rng: &mut impl RngCore) -> Vec<khala_proto::SegmentEvent> {
     (from..from + n)
         .map(|seq| {
             let mut payload = vec![0u8; payload_bytes];
             rng.fill_bytes(&mut payload);
-            khala_client::module_bindings::PublishEvent {
-                idempotency_key: format!("k{seq}"),
-                kind: "bench".into(),
-                payload,
-                authority_seq: Some(seq),
-                occurred_at_micros: 0,
-            }
+            khala_proto::SegmentEvent { seq, kind: "bench".into(), payload, idempotency_key: format!("k{seq}"), occurred_at_micros: 0 }
         })
         .collect()
 }
@@ -381,8 +383,21 @@ fn drive(
     Ok(Rate { events_per_sec, curve })
 }
 
-/// Khala's `publish` over the SDK.
+/// Khala's ingest over the SDK as the mirror does it: one pre-encoded segment per
+/// `publish_segment` call.
 fn publish_sdk(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow::Result<Rate> {
+    let publisher = khala_tools::sdk_publish::SdkPublisher::connect(url, db, token)?;
+    let mut rng = rand::thread_rng();
+    drive(
+        "khala publish_segment (SDK)",
+        args,
+        |stream, first, n| Ok(publisher.send_segment(stream, khala_proto::segment::encode(segment_events(first, n, args.payload_bytes, &mut rng)))?),
+        |t| publisher.next(t),
+    )
+}
+
+/// Khala's `publish` over the SDK: the events as a list of `PublishEvent` structs.
+fn publish_sdk_events(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow::Result<Rate> {
     let publisher = khala_tools::sdk_publish::SdkPublisher::connect(url, db, token)?;
     let mut rng = rand::thread_rng();
     drive("khala publish (SDK)", args, |stream, first, n| Ok(publisher.send(stream, sdk_events(first, n, args.payload_bytes, &mut rng))?), |t| publisher.next(t))
@@ -396,13 +411,7 @@ fn publish_bare(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow:
     drive(
         "bare insert (SDK)",
         args,
-        |stream, first, n| {
-            let events = sdk_events(first, n, args.payload_bytes, &mut rng)
-                .into_iter()
-                .map(|e| khala_proto::SegmentEvent { seq: e.authority_seq.unwrap_or_default(), kind: e.kind, payload: e.payload, idempotency_key: e.idempotency_key, occurred_at_micros: 0 })
-                .collect();
-            Ok(publisher.send(stream, first, first + n - 1, khala_proto::segment::encode(events))?)
-        },
+        |stream, first, n| Ok(publisher.send(stream, first, first + n - 1, khala_proto::segment::encode(segment_events(first, n, args.payload_bytes, &mut rng)))?),
         |t| publisher.next(t),
     )
 }
@@ -457,18 +466,22 @@ fn publish(args: PublishArgs) -> anyhow::Result<()> {
     api.publish_module("pub-bare", &bare_wasm, &owner.token, false)?;
     api.publish_module("pub-http", &wasm, &owner.token, false)?;
     api.publish_module("pub-sdk", &wasm, &owner.token, false)?;
-    for db in ["pub-http", "pub-sdk"] {
+    api.publish_module("pub-sdk-events", &wasm, &owner.token, false)?;
+    for db in ["pub-http", "pub-sdk", "pub-sdk-events"] {
         grants::make_publisher(&api, db, &owner.token, &owner.identity, &["bench.*"], 24 * 3600)?;
     }
     // Baseline first, then Khala, on the same server in the same run (ratios are the figures to trust).
     let bare = publish_bare(&server.url(), "pub-bare", &owner.token, &args)?;
     let sdk = publish_sdk(&server.url(), "pub-sdk", &owner.token, &args)?;
+    let events = publish_sdk_events(&server.url(), "pub-sdk-events", &owner.token, &args)?;
     let ratio = |x: f64| (x / bare.events_per_sec * 1000.0).round() / 1000.0;
     let mut out = json!({
         "command": command,
         "bare_sdk_events_per_sec": bare.events_per_sec.round(),
-        "sdk_bsatn_events_per_sec": sdk.events_per_sec.round(),
-        "sdk_to_bare": ratio(sdk.events_per_sec),
+        "sdk_segment_events_per_sec": sdk.events_per_sec.round(),
+        "sdk_segment_to_bare": ratio(sdk.events_per_sec),
+        "sdk_bsatn_events_per_sec": events.events_per_sec.round(),
+        "sdk_bsatn_to_bare": ratio(events.events_per_sec),
     });
     if !args.skip_http {
         let http = publish_http(&api, "pub-http", &owner.token, &args)?;

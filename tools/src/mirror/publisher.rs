@@ -1,7 +1,8 @@
-//! Publish calls: batches sent to the module's `publish` reducer, and what the module
-//! said, sorted into what the mirror does next ([`Outcome`]). Two transports:
-//! - [`Transport::Sdk`] (the default): one SDK WebSocket connection carrying BSATN, every
-//!   call pipelined on it; results come back by callback, named by stream id.
+//! Publish calls: batches sent to the module, and what the module said, sorted into what
+//! the mirror does next ([`Outcome`]). Two transports:
+//! - [`Transport::Sdk`] (the default): one SDK WebSocket connection, every call pipelined
+//!   on it; each batch goes as one segment, encoded here as the module stores it, to the
+//!   `publish_segment` reducer; results come back by callback, named by stream id.
 //! - [`Transport::Http`]: worker threads, one `POST …/call/publish` of JSON each.
 //!
 //! The main loop hands out at most one batch per stream at a time, so calls in flight
@@ -12,8 +13,7 @@ use super::event::Event;
 use crate::api::{publish_event_arg, Api};
 use crate::sdk_publish::{self, SdkPublisher};
 use crate::ToolError;
-use khala_client::module_bindings::PublishEvent;
-use khala_proto::ErrorCode;
+use khala_proto::{ErrorCode, SegmentEvent};
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -98,18 +98,16 @@ pub fn transient(error: &ToolError) -> bool {
     }
 }
 
-/// The same events as the reducer's typed argument (the SDK transport).
-pub fn publish_events(events: &[Event]) -> Vec<PublishEvent> {
-    events
-        .iter()
-        .map(|e| PublishEvent {
-            idempotency_key: e.idempotency_key(),
-            kind: e.kind.clone(),
-            payload: e.payload.clone(),
-            authority_seq: Some(e.seq),
-            occurred_at_micros: e.occurred_at_micros,
-        })
-        .collect()
+/// A batch as the segment `publish_segment` stores (the SDK transport): the module checks
+/// its events and keeps these bytes. A batch's seqs are contiguous (a lane holds a stream
+/// in seq order and stops at a gap).
+pub fn segment_data(events: &[Event]) -> Vec<u8> {
+    khala_proto::segment::encode(
+        events
+            .iter()
+            .map(|e| SegmentEvent { seq: e.seq, kind: e.kind.clone(), payload: e.payload.clone(), idempotency_key: e.idempotency_key(), occurred_at_micros: e.occurred_at_micros })
+            .collect(),
+    )
 }
 
 /// Sorts a publish result into an [`Outcome`].
@@ -290,7 +288,7 @@ impl SdkCalls {
             }
         }
         let link = self.link.as_ref().expect("connected above");
-        match link.send(&job.stream_id, publish_events(&job.events)) {
+        match link.send_segment(&job.stream_id, segment_data(&job.events)) {
             Ok(()) => {
                 let call = PendingCall { lane: job.lane, events: job.events, sent_at: Instant::now() };
                 if let Some(old) = self.pending.insert(job.stream_id, call) {
