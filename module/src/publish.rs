@@ -130,14 +130,14 @@ pub fn publish(ctx: &ReducerContext, stream_id: String, events: Vec<PublishEvent
 /// by seq (`event=N` counts events in the segment). The module does not decode the
 /// events into structs nor encode a segment: when every event is new, the bytes sent are
 /// the bytes stored. `invalid_argument` when the data does not decode, its seqs are not
-/// contiguous, or it carries anything besides its events (`segment::decode_incoming`).
+/// contiguous, or it is not in the canonical form `segment::encode` writes
+/// (`segment::decode_borrowed`: nothing else rides along in the bytes stored).
 #[reducer]
 pub fn publish_segment(ctx: &ReducerContext, stream_id: String, data: Vec<u8>) -> ReducerResult {
     validate_stream_id(&stream_id)?;
     access::require_publish(ctx, &stream_id)?;
     let cfg = config(ctx);
-    let data = bytes::Bytes::from(data);
-    let events = segment::decode_incoming(data.clone()).map_err(|e| fail(ErrorCode::InvalidArgument, format!("the segment for stream {stream_id}: {e}")))?;
+    let events = segment::decode_borrowed(&data).map_err(|e| fail(ErrorCode::InvalidArgument, format!("the segment for stream {stream_id}: {e}")))?;
     check_batch(&cfg, events.len(), events.iter().map(|e| e.payload.len()).sum())?;
 
     let existing = ctx.db.stream().stream_id().find(&stream_id);
@@ -152,23 +152,19 @@ pub fn publish_segment(ctx: &ReducerContext, stream_id: String, data: Vec<u8>) -
     // new events, from `first_new` on.
     let mut first_new = None;
     for (index, event) in events.iter().enumerate() {
-        validate_event(index, &event.idempotency_key, &event.kind, event.payload.len(), cfg.max_payload_bytes)?;
+        validate_event(index, event.idempotency_key, event.kind, event.payload.len(), cfg.max_payload_bytes)?;
         if event.seq == batch.head + 1 {
-            batch.link(&event.kind, &payload_hash(&event.payload));
+            batch.link(event.kind, &payload_hash(event.payload));
             first_new.get_or_insert(index);
         } else if event.seq > batch.head || event.seq == 0 {
             return Err(batch.sequence_conflict(index, event.seq));
         } else {
-            batch.duplicate(ctx, &mut stored, index, event.seq, &event.idempotency_key, &event.kind, &event.payload)?;
+            batch.duplicate(ctx, &mut stored, index, event.seq, event.idempotency_key, event.kind, event.payload)?;
         }
     }
     let data = match first_new {
         None => None,
-        Some(0) => {
-            // The payloads are slices of `data`: once they are gone its buffer is unshared.
-            drop(events);
-            Some(Vec::from(data))
-        }
+        Some(0) => Some(data),
         Some(i) => Some(segment::encode(events.into_iter().skip(i).map(SegmentEvent::from).collect())),
     };
     commit(ctx, row, existed, batch, data);

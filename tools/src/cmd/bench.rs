@@ -74,6 +74,27 @@ pub struct ReducerTimeArgs {
     /// Rounds over the modules, each on a fresh stream; modules alternate within a round.
     #[arg(long, default_value_t = 2)]
     pub rounds: u64,
+    /// The reducers to time (each module must have them); repeat to compare.
+    #[arg(long = "reducer", value_enum, default_values_t = [IngestReducer::Publish, IngestReducer::PublishSegment])]
+    pub reducers: Vec<IngestReducer>,
+}
+
+/// The module's two ways in.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IngestReducer {
+    /// `publish`: a list of `PublishEvent`s.
+    Publish,
+    /// `publish_segment`: one segment, encoded as the module stores it.
+    PublishSegment,
+}
+
+impl IngestReducer {
+    fn name(self) -> &'static str {
+        match self {
+            IngestReducer::Publish => "publish",
+            IngestReducer::PublishSegment => "publish_segment",
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -508,13 +529,16 @@ fn reducer_time(args: ReducerTimeArgs) -> anyhow::Result<()> {
         modules.push(("khala".into(), khala_tools::module_wasm::build_module()?));
     }
     let command = format!(
-        "khala bench reducer-time{} --calls {} --batch {} --payload-bytes {} --rounds {}",
+        "khala bench reducer-time{} --calls {} --batch {} --payload-bytes {} --rounds {}{}",
         args.wasm.iter().map(|w| format!(" --wasm {w}")).collect::<String>(),
         args.calls,
         args.batch,
         args.payload_bytes,
-        args.rounds
+        args.rounds,
+        args.reducers.iter().map(|r| format!(" --reducer {}", r.name().replace('_', "-"))).collect::<String>()
     );
+    // Every (module, reducer) pair is timed, alternating within each round.
+    let pairs: Vec<(usize, String, IngestReducer)> = modules.iter().enumerate().flat_map(|(i, (name, _))| args.reducers.iter().map(move |r| (i, format!("{name} {}", r.name()), *r))).collect();
     let (server, _dir) = private_server()?;
     let api = Api::new(&server.url());
     let owner = api.new_identity()?;
@@ -525,28 +549,34 @@ fn reducer_time(args: ReducerTimeArgs) -> anyhow::Result<()> {
         grants::make_publisher(&api, &db, &owner.token, &owner.identity, &["bench.*"], 24 * 3600)?;
     }
     let mut rng = rand::thread_rng();
-    let mut medians: Vec<Vec<f64>> = vec![Vec::new(); modules.len()];
+    let mut medians: Vec<Vec<f64>> = vec![Vec::new(); pairs.len()];
     for round in 0..args.rounds {
-        for (i, (name, _)) in modules.iter().enumerate() {
-            let stream = format!("bench.rt.{round}");
+        for (p, (i, name, reducer)) in pairs.iter().enumerate() {
+            let stream = format!("bench.rt.{round}.{}", reducer.name());
             let mut micros = Vec::with_capacity(args.calls as usize);
             for call in 0..args.calls {
                 let first = call * args.batch + 1;
-                let events = json_events(first, args.batch, args.payload_bytes, &mut rng);
+                let arg = match reducer {
+                    IngestReducer::Publish => json!([stream, json_events(first, args.batch, args.payload_bytes, &mut rng)]),
+                    IngestReducer::PublishSegment => {
+                        json!([stream, khala_tools::api::bytes_arg(&khala_proto::segment::encode(segment_events(first, args.batch, args.payload_bytes, &mut rng)))])
+                    }
+                };
                 let took = api
-                    .call_timed(&format!("rt-{i}"), "publish", json!([stream, events]), &owner.token)?
+                    .call_timed(&format!("rt-{i}"), reducer.name(), arg, &owner.token)?
                     .with_context(|| format!("{name}: the server reported no execution time"))?;
                 micros.push(took.as_secs_f64() * 1e6);
             }
             micros.sort_by(f64::total_cmp);
-            medians[i].push(micros[micros.len() / 2]);
+            medians[p].push(micros[micros.len() / 2]);
         }
     }
     let base = medians[0].iter().sum::<f64>() / medians[0].len() as f64;
-    let rows: Vec<Value> = modules
+    let rows: Vec<Value> = pairs
         .iter()
+        .map(|(_, name, _)| name)
         .zip(&medians)
-        .map(|((name, _), m)| {
+        .map(|(name, m)| {
             let mean = m.iter().sum::<f64>() / m.len() as f64;
             json!({
                 "module": name,
