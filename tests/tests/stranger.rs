@@ -377,6 +377,14 @@ fn batch(stream_id: &str, from: u64, n: u64) -> Value {
     Value::Array((from..from + n).map(|s| event_json(&format!("k{s}"), "test.event", &test_payload(stream_id, s), Some(s))).collect())
 }
 
+/// The same events as [`batch`], as one encoded segment (`publish_segment`'s argument).
+fn segment_arg(stream_id: &str, from: u64, n: u64) -> Value {
+    let events = (from..from + n)
+        .map(|s| khala_proto::SegmentEvent { seq: s, kind: "test.event".into(), payload: test_payload(stream_id, s), idempotency_key: format!("k{s}"), occurred_at_micros: 0 })
+        .collect();
+    bytes_arg(&khala_proto::segment::encode(events))
+}
+
 fn head_hash(db: &TestDb, stream_id: &str) -> Vec<u8> {
     stream(db, stream_id).unwrap_or_else(|| panic!("stream {stream_id}")).head_hash
 }
@@ -806,6 +814,7 @@ fn every_reducer_refuses_the_attackers_tells_them_nothing_and_changes_nothing() 
     let attacks = |me: &Value| -> Vec<(&'static str, Value, Expect)> {
         vec![
             ("publish", json!([SB, batch(SB, SB_HEAD + 1, 1)]), Refused(ErrorCode::ForbiddenStream)),
+            ("publish_segment", json!([SB, segment_arg(SB, SB_HEAD + 1, 1)]), Refused(ErrorCode::ForbiddenStream)),
             ("ack", json!([SB, SB_HEAD, bytes_arg(&sb_hash)]), Refused(ErrorCode::ForbiddenStream)),
             ("grant", json!([me, SB, ["subscribe", "ack", "publish"], 600]), Refused(ErrorCode::Unauthorized)),
             ("grant", json!([me, "*", ["publish"], 600]), Refused(ErrorCode::Unauthorized)),
@@ -878,6 +887,12 @@ fn every_reducer_refuses_the_attackers_tells_them_nothing_and_changes_nothing() 
                 assert!(!err.message.contains(tell), "{}: {}", who.name, err.message);
             }
             assert!(!err.message.chars().any(|c| c.is_ascii_digit()), "{}: a number in {}", who.name, err.message);
+        }
+        // The same for a segment, bad data included: the check runs before decoding.
+        let forbidden_segment = nowhere("publish_segment", json!([NOWHERE, segment_arg(NOWHERE, 1, 1)]));
+        for probe in [segment_arg(SB, 1, 1), segment_arg(SB, 3, 1), segment_arg(SB, SB_HEAD + 1, 2), bytes_arg(&[9, 0])] {
+            let err = refusal(w.call_as(who, "publish_segment", json!([SB, probe])));
+            assert_eq!((err.code, err.message), (forbidden_segment.code, forbidden_segment.message.replace(NOWHERE, SB)), "{}: publish_segment to s.b", who.name);
         }
         let ack_nowhere = nowhere("ack", json!([NOWHERE, 1, bytes_arg(&[0; 32])]));
         let ack_sb = refusal(w.call_as(who, "ack", json!([SB, 1, bytes_arg(&[0; 32])])));
