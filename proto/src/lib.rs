@@ -66,7 +66,7 @@ mod snake_name_tests {
     fn every_enum_has_its_proto_names() {
         assert_eq!(check::<ErrorCode>("ERROR_CODE_", |v| v.as_str_name()), 19);
         assert_eq!(check::<RebootstrapReason>("REBOOTSTRAP_REASON_", |v| v.as_str_name()), 5);
-        assert_eq!(check::<ConnectionState>("CONNECTION_STATE_", |v| v.as_str_name()), 10);
+        assert_eq!(check::<ConnectionState>("CONNECTION_STATE_", |v| v.as_str_name()), 11);
         assert_eq!(ConnectionState::UpgradeRequired.snake_name(), "upgrade_required");
         assert_eq!(RebootstrapReason::from_snake_name("corrupt_checkpoint"), Some(RebootstrapReason::CorruptCheckpoint));
         assert_eq!(ConnectionState::from_snake_name("nope"), None);
