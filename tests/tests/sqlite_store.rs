@@ -101,7 +101,9 @@ fn kill_drill(label: &str, backlog: u64) {
             while extent(&file).0 <= before && Instant::now() < deadline && child.try_wait().unwrap().is_none() {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            std::thread::sleep(Duration::from_millis(rng.gen_range(0..150)));
+            // Short enough that 20 kills, each a commit or more apart, all land within the
+            // 100k backlog (at 0..150 ms one run reached 100,144 at the 20th kill).
+            std::thread::sleep(Duration::from_millis(rng.gen_range(0..60)));
             let alive = child.try_wait().unwrap().is_none();
             let published = head.load(Ordering::Relaxed);
             child.kill().unwrap();
