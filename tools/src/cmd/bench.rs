@@ -333,7 +333,12 @@ fn sdk_events(from: u64, n: u64, payload_bytes: usize, rng: &mut impl RngCore) -
         .collect()
 }
 
-/// The same events as segment events (the bare module's and `publish_segment`'s form).
+/// The same events encoded as one segment (what the bare module and `publish_segment` take).
+fn segment_data(from: u64, n: u64, payload_bytes: usize, rng: &mut impl RngCore) -> Vec<u8> {
+    khala_proto::segment::encode(segment_events(from, n, payload_bytes, rng))
+}
+
+/// The same events as segment events.
 fn segment_events(from: u64, n: u64, payload_bytes: usize, rng: &mut impl RngCore) -> Vec<khala_proto::SegmentEvent> {
     (from..from + n)
         .map(|seq| {
@@ -412,7 +417,7 @@ fn publish_sdk(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow::
     drive(
         "khala publish_segment (SDK)",
         args,
-        |stream, first, n| Ok(publisher.send_segment(stream, khala_proto::segment::encode(segment_events(first, n, args.payload_bytes, &mut rng)))?),
+        |stream, first, n| Ok(publisher.send_segment(stream, segment_data(first, n, args.payload_bytes, &mut rng))?),
         |t| publisher.next(t),
     )
 }
@@ -432,7 +437,7 @@ fn publish_bare(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow:
     drive(
         "bare insert (SDK)",
         args,
-        |stream, first, n| Ok(publisher.send(stream, first, first + n - 1, khala_proto::segment::encode(segment_events(first, n, args.payload_bytes, &mut rng)))?),
+        |stream, first, n| Ok(publisher.send(stream, first, first + n - 1, segment_data(first, n, args.payload_bytes, &mut rng))?),
         |t| publisher.next(t),
     )
 }
@@ -559,7 +564,7 @@ fn reducer_time(args: ReducerTimeArgs) -> anyhow::Result<()> {
                 let arg = match reducer {
                     IngestReducer::Publish => json!([stream, json_events(first, args.batch, args.payload_bytes, &mut rng)]),
                     IngestReducer::PublishSegment => {
-                        json!([stream, khala_tools::api::bytes_arg(&khala_proto::segment::encode(segment_events(first, args.batch, args.payload_bytes, &mut rng)))])
+                        json!([stream, khala_tools::api::bytes_arg(&segment_data(first, args.batch, args.payload_bytes, &mut rng))])
                     }
                 };
                 let took = api

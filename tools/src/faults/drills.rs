@@ -119,6 +119,11 @@ struct Scene {
     reoffer_bound: u64,
 }
 
+/// Events the module holds in database `db`, over every stream.
+fn module_total(rig: &Rig, db: &str) -> u64 {
+    rig.module_heads(db).map(|h| h.values().sum()).unwrap_or(0)
+}
+
 /// Events one pump applies per stream before it checkpoints (client/src/sync
 /// `APPLY_PER_PUMP`), twice: what a kill can at most make a restart apply again.
 const REOFFER_BOUND: u64 = 2 * 2_048;
@@ -163,7 +168,7 @@ impl Scene {
     }
 
     fn module_total(&self, rig: &Rig) -> u64 {
-        rig.module_heads(&self.db).map(|h| h.values().sum()).unwrap_or(0)
+        module_total(rig, &self.db)
     }
 
     /// Waits until the module holds the whole authority log and every client process
@@ -180,7 +185,7 @@ impl Scene {
                 let tail: Vec<&str> = output.lines().rev().take(8).collect();
                 return Err(DrillError::Process(format!("the mirror exited ({status}) before the module held the authority's log: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" / "))));
             }
-            Ok(rig.module_heads(db).map(|h| h.values().sum::<u64>()).unwrap_or(0) >= total)
+            Ok(module_total(rig, db) >= total)
         })?;
         let left = limit.saturating_sub(started.elapsed());
         let clients = &mut self.clients;
