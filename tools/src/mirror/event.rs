@@ -6,11 +6,14 @@
 //! stored as its canonical JSON ([`khala_proto::json::canonical_json`]), so equal JSON
 //! values always hash the same.
 
-use super::mapping::Mapping;
+use super::mapping::{Mapping, Unmappable};
 use super::source::Origin;
-use khala_proto::json::canonical_json;
+use khala_proto::json::{canonical_json, canonicalize};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Longest idempotency key and kind the module accepts.
 pub use khala_proto::limits::{MAX_KEY_LEN, MAX_KIND_LEN};
@@ -21,8 +24,8 @@ pub const GAP_KIND: &str = "khala.gap";
 /// One event ready to publish.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
-    pub stream_id: String,
-    pub topic: String,
+    pub stream_id: Arc<str>,
+    pub topic: Arc<str>,
     pub seq: u64,
     pub kind: String,
     /// Canonical JSON bytes.
@@ -52,8 +55,8 @@ impl Event {
     pub fn gap_marker(stream_id: &str, topic: &str, seq: u64, reason: &str, origin: Origin) -> Event {
         let payload = serde_json::json!({ "reason": reason, "seq": seq, "topic": topic });
         Event {
-            stream_id: stream_id.to_string(),
-            topic: topic.to_string(),
+            stream_id: stream_id.into(),
+            topic: topic.into(),
             seq,
             kind: GAP_KIND.to_string(),
             payload: canonical_json(&payload),
@@ -66,7 +69,7 @@ impl Event {
     /// read fine but refused by the module).
     pub fn to_json_line(&self) -> String {
         let payload: Value = serde_json::from_slice(&self.payload).unwrap_or(Value::Null);
-        serde_json::json!({ "topic": self.topic, "seq": self.seq.to_string(), "kind": self.kind, "payload": payload }).to_string()
+        serde_json::json!({ "topic": &*self.topic, "seq": self.seq.to_string(), "kind": self.kind, "payload": payload }).to_string()
     }
 }
 
@@ -95,34 +98,75 @@ pub struct Limits {
     pub mapping: &'static Mapping,
 }
 
+/// A line's fields as written: parsed only as far as needed. A field's own JSON is
+/// read in [`field`], borrowed where it can be, so the common line costs no allocation
+/// beyond the event's own fields.
 #[derive(Deserialize)]
-struct Line {
-    topic: Option<Value>,
-    seq: Option<Value>,
-    kind: Option<Value>,
-    #[serde(default)]
-    payload: Value,
-    occurred_at: Option<Value>,
+struct Line<'a> {
+    #[serde(borrow)]
+    topic: Option<&'a RawValue>,
+    #[serde(borrow)]
+    seq: Option<&'a RawValue>,
+    #[serde(borrow)]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow)]
+    occurred_at: Option<&'a RawValue>,
 }
 
-fn seq_of(value: Option<&Value>) -> Result<u64, Bad> {
-    let seq = match value {
-        None | Some(Value::Null) => return Err(Bad::new("invalid_seq", "seq is missing")),
-        Some(Value::Number(n)) => n.as_u64(),
-        Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s.parse().ok(),
-        Some(_) => None,
+/// A field as the checks below read it: a string without escapes is borrowed as it is
+/// written; anything else becomes a `Value`.
+enum Field<'a> {
+    Missing,
+    Text(&'a str),
+    Other(Value),
+}
+
+fn field(raw: Option<&RawValue>) -> Result<Field<'_>, Bad> {
+    let Some(raw) = raw else { return Ok(Field::Missing) };
+    let text = raw.get();
+    if let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')).filter(|inner| !inner.contains('\\')) {
+        return Ok(Field::Text(inner));
+    }
+    serde_json::from_str(text).map(Field::Other).map_err(|e| Bad::new("not_json", e.to_string()))
+}
+
+impl Field<'_> {
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Field::Text(s) => Some(s),
+            Field::Other(Value::String(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Field::Missing => String::new(),
+            Field::Text(s) => Value::String((*s).into()).to_string(),
+            Field::Other(value) => value.to_string(),
+        }
+    }
+}
+
+fn seq_of(field: &Field) -> Result<u64, Bad> {
+    let seq = match field {
+        Field::Missing | Field::Other(Value::Null) => return Err(Bad::new("invalid_seq", "seq is missing")),
+        Field::Other(Value::Number(n)) => n.as_u64(),
+        _ => field.as_str().filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).and_then(|s| s.parse().ok()),
     };
     match seq {
         Some(0) => Err(Bad::new("invalid_seq", "seq starts at 1")),
         Some(seq) => Ok(seq),
-        None => Err(Bad::new("invalid_seq", format!("seq must be a positive integer or a decimal string, not {}", value.map(Value::to_string).unwrap_or_default()))),
+        None => Err(Bad::new("invalid_seq", format!("seq must be a positive integer or a decimal string, not {}", field.describe()))),
     }
 }
 
-fn text_of(value: Option<&Value>, field: &str, reason: &'static str) -> Result<String, Bad> {
-    match value {
-        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-        _ => Err(Bad::new(reason, format!("{field} is missing or not a non-empty string"))),
+fn text_of<'f>(field: &'f Field, name: &str, reason: &'static str) -> Result<&'f str, Bad> {
+    match field.as_str() {
+        Some(s) if !s.is_empty() => Ok(s),
+        _ => Err(Bad::new(reason, format!("{name} is missing or not a non-empty string"))),
     }
 }
 
@@ -131,10 +175,52 @@ pub fn rfc3339_micros(text: &str) -> Option<i64> {
     chrono::DateTime::parse_from_rfc3339(text).ok().map(|t| t.timestamp_micros())
 }
 
-/// Parses one JSONL line.
-pub fn parse_line(line: &[u8], origin: Origin, limits: Limits) -> Result<Event, Bad> {
-    // One pass straight into `Line` for the lines that are events; a line that is not
-    // is parsed again, as any JSON, only to say what it is instead.
+/// Turns input into checked events: the settings, and the names of the topics met so far.
+pub struct Parser {
+    limits: Limits,
+    /// Each topic's name and stream id, shared by all of its events: the mirror meets the
+    /// same few topics on every line, and mapping each one again, with its two names
+    /// allocated per event, was about a tenth of its CPU.
+    topics: HashMap<Box<str>, Result<(Arc<str>, Arc<str>), Unmappable>>,
+}
+
+/// Topics remembered at most; past it the memory starts again (an authority with many
+/// topics costs a mapping per topic now and then, not unbounded memory).
+const MAX_TOPICS: usize = 4096;
+
+impl Parser {
+    pub fn new(limits: Limits) -> Parser {
+        Parser { limits, topics: HashMap::new() }
+    }
+
+    /// Parses one JSONL line.
+    pub fn parse_line(&mut self, line: &[u8], origin: Origin) -> Result<Event, Bad> {
+        parse_line(self, line, origin)
+    }
+
+    /// Builds a checked event from fields read elsewhere (the Postgres outbox).
+    pub fn build(&mut self, topic: &str, seq: u64, kind: Result<String, Bad>, payload: Result<Vec<u8>, Bad>, occurred_at: Result<i64, Bad>, origin: Origin) -> Result<Event, Bad> {
+        let (topic, stream_id) = self.names(topic).map_err(|e| Bad { topic: Some(topic.into()), seq: Some(seq), ..Bad::new("unmappable_topic", e.0) })?;
+        build(topic, stream_id, seq, kind, payload, occurred_at, origin, self.limits)
+    }
+
+    /// `topic` and its stream id, mapped once.
+    fn names(&mut self, topic: &str) -> Result<(Arc<str>, Arc<str>), Unmappable> {
+        if let Some(known) = self.topics.get(topic) {
+            return known.clone();
+        }
+        if self.topics.len() >= MAX_TOPICS {
+            self.topics.clear();
+        }
+        let names = self.limits.mapping.topic_to_stream(topic).map(|stream| (Arc::from(topic), Arc::from(stream)));
+        self.topics.insert(topic.into(), names.clone());
+        names
+    }
+}
+
+fn parse_line(parser: &mut Parser, line: &[u8], origin: Origin) -> Result<Event, Bad> {
+    // One pass over the line for the lines that are events; a line that is not is parsed
+    // again, as any JSON, only to say what it is instead.
     let parsed: Line = match serde_json::from_slice::<Line>(line) {
         Ok(parsed) => parsed,
         Err(not_line) => match serde_json::from_slice::<Value>(line) {
@@ -143,26 +229,35 @@ pub fn parse_line(line: &[u8], origin: Origin, limits: Limits) -> Result<Event, 
             Err(e) => return Err(Bad::new("not_json", e.to_string())),
         },
     };
-    let topic = text_of(parsed.topic.as_ref(), "topic", "missing_topic")?;
-    let seq = seq_of(parsed.seq.as_ref()).map_err(|mut bad| {
-        bad.topic = Some(topic.clone());
+    let topic_field = field(parsed.topic)?;
+    let topic = text_of(&topic_field, "topic", "missing_topic")?;
+    let seq = field(parsed.seq).and_then(|seq| seq_of(&seq)).map_err(|mut bad| {
+        bad.topic = Some(topic.into());
         bad
     })?;
-    let kind = text_of(parsed.kind.as_ref(), "kind", "missing_kind");
-    let occurred = match &parsed.occurred_at {
-        None | Some(Value::Null) => Ok(0),
-        Some(Value::String(s)) => rfc3339_micros(s).ok_or_else(|| Bad::new("invalid_occurred_at", format!("occurred_at {s:?} is not an RFC 3339 timestamp"))),
-        Some(other) => Err(Bad::new("invalid_occurred_at", format!("occurred_at must be an RFC 3339 string, not {other}"))),
+    let kind = field(parsed.kind).and_then(|kind| text_of(&kind, "kind", "missing_kind").map(str::to_string));
+    let occurred = field(parsed.occurred_at).and_then(|occurred| match occurred {
+        Field::Missing | Field::Other(Value::Null) => Ok(0),
+        Field::Text(_) | Field::Other(Value::String(_)) => {
+            let s = occurred.as_str().unwrap_or_default();
+            rfc3339_micros(s).ok_or_else(|| Bad::new("invalid_occurred_at", format!("occurred_at {s:?} is not an RFC 3339 timestamp")))
+        }
+        Field::Other(other) => Err(Bad::new("invalid_occurred_at", format!("occurred_at must be an RFC 3339 string, not {other}"))),
+    });
+    // A payload that is missing or `null` is stored as `null`.
+    let payload = match parsed.payload {
+        None => Ok(b"null".to_vec()),
+        Some(raw) => canonicalize(raw).map_err(|e| Bad::new("invalid_payload", e.to_string())),
     };
-    build(topic, seq, kind, canonical_json(&parsed.payload), occurred, origin, limits)
+    parser.build(topic, seq, kind, payload, occurred, origin)
 }
 
-/// Builds a checked event from fields read elsewhere (the Postgres outbox).
-pub fn build(topic: String, seq: u64, kind: Result<String, Bad>, payload: Vec<u8>, occurred_at: Result<i64, Bad>, origin: Origin, limits: Limits) -> Result<Event, Bad> {
-    let stream_id = limits.mapping.topic_to_stream(&topic).map_err(|e| Bad { topic: Some(topic.clone()), seq: Some(seq), ..Bad::new("unmappable_topic", e.0) })?;
+/// Checks an event whose topic is mapped.
+#[allow(clippy::too_many_arguments)]
+fn build(topic: Arc<str>, stream_id: Arc<str>, seq: u64, kind: Result<String, Bad>, payload: Result<Vec<u8>, Bad>, occurred_at: Result<i64, Bad>, origin: Origin, limits: Limits) -> Result<Event, Bad> {
     let known = |mut bad: Bad| {
-        bad.topic = Some(topic.clone());
-        bad.stream_id = Some(stream_id.clone());
+        bad.topic = Some(topic.to_string());
+        bad.stream_id = Some(stream_id.to_string());
         bad.seq = Some(seq);
         bad
     };
@@ -171,6 +266,7 @@ pub fn build(topic: String, seq: u64, kind: Result<String, Bad>, payload: Vec<u8
         return Err(known(Bad::new("invalid_kind", format!("kind is {} bytes; the limit is {MAX_KIND_LEN}", kind.len()))));
     }
     let occurred_at_micros = occurred_at.map_err(known)?;
+    let payload = payload.map_err(known)?;
     if payload.len() > limits.max_payload_bytes {
         return Err(known(Bad::new(
             "payload_too_large",
@@ -210,20 +306,45 @@ mod tests {
         }
     }
 
+    fn parse(line: &[u8]) -> Result<Event, Bad> {
+        Parser::new(LIMITS).parse_line(line, Origin::Line(1))
+    }
+
     fn reason(line: &str) -> &'static str {
-        parse_line(line.as_bytes(), Origin::Line(1), LIMITS).unwrap_err().reason
+        parse(line.as_bytes()).unwrap_err().reason
     }
 
     #[test]
     fn parses_the_proto3_json_mapping() {
-        let e = parse_line(br#"{"topic":"run:7:events","seq":"3","kind":"run.step","payload":{"b":1,"a":[true]},"occurred_at":"2024-05-01T10:00:00.5Z"}"#, Origin::Line(1), LIMITS).unwrap();
-        assert_eq!(e.stream_id, "runtime.run.7.events");
+        let e = parse(br#"{"topic":"run:7:events","seq":"3","kind":"run.step","payload":{"b":1,"a":[true]},"occurred_at":"2024-05-01T10:00:00.5Z"}"#).unwrap();
+        assert_eq!(&*e.stream_id, "runtime.run.7.events");
         assert_eq!(e.seq, 3);
         assert_eq!(e.payload, br#"{"a":[true],"b":1}"#);
         assert_eq!(e.occurred_at_micros, 1_714_557_600_500_000);
         assert_eq!(e.idempotency_key(), "topic:run:7:events:seq:3:kind:run.step");
-        let n = parse_line(br#"{"topic":"t","seq":9,"kind":"k"}"#, Origin::Line(1), LIMITS).unwrap();
+        let n = parse(br#"{"topic":"t","seq":9,"kind":"k"}"#).unwrap();
         assert_eq!((n.seq, n.payload.as_slice(), n.occurred_at_micros), (9, b"null".as_slice(), 0));
+        let escaped = parse(br#"{"topic":"r\u0075n:1:events","seq":"\u0032","kind":"k\"q","payload":null,"occurred_at":null}"#).unwrap();
+        assert_eq!((&*escaped.stream_id, escaped.seq, escaped.kind.as_str(), escaped.payload.as_slice()), ("runtime.run.1.events", 2, "k\"q", b"null".as_slice()));
+        let spaced = parse(br#"{ "payload" : { "b" : 1 , "a" : "x" } , "kind" : "k" , "seq" : 1 , "topic" : "t" }"#).unwrap();
+        assert_eq!(spaced.payload, br#"{"a":"x","b":1}"#);
+    }
+
+    #[test]
+    fn a_topic_is_mapped_once_and_its_names_shared() {
+        let mut parser = Parser::new(LIMITS);
+        let a = parser.parse_line(br#"{"topic":"run:1:events","seq":1,"kind":"k"}"#, Origin::Line(1)).unwrap();
+        let b = parser.parse_line(br#"{"topic":"run:1:events","seq":2,"kind":"k"}"#, Origin::Line(2)).unwrap();
+        assert!(Arc::ptr_eq(&a.stream_id, &b.stream_id) && Arc::ptr_eq(&a.topic, &b.topic));
+        for _ in 0..2 {
+            let bad = parser.parse_line(br#"{"topic":"a b","seq":3,"kind":"k"}"#, Origin::Line(3)).unwrap_err();
+            assert_eq!((bad.reason, bad.topic.as_deref(), bad.seq), ("unmappable_topic", Some("a b"), Some(3)));
+        }
+        for i in 0..MAX_TOPICS + 10 {
+            let line = format!(r#"{{"topic":"t{i}","seq":1,"kind":"k"}}"#);
+            assert_eq!(&*parser.parse_line(line.as_bytes(), Origin::Line(4)).unwrap().stream_id, format!("runtime.topic.t{i}"));
+        }
+        assert!(parser.topics.len() <= MAX_TOPICS, "the memory of topics is bounded");
     }
 
     #[test]
@@ -238,15 +359,22 @@ mod tests {
         assert_eq!(reason(r#"{"topic":"t","seq":1}"#), "missing_kind");
         assert_eq!(reason(r#"{"topic":"a b","seq":1,"kind":"k"}"#), "unmappable_topic");
         assert_eq!(reason(r#"{"topic":"t","seq":1,"kind":"k","occurred_at":"yesterday"}"#), "invalid_occurred_at");
+        assert_eq!(reason(r#"{"topic":"t","seq":1,"kind":"k","occurred_at":7}"#), "invalid_occurred_at");
+        assert_eq!(reason(r#"{"topic":7,"seq":1,"kind":"k"}"#), "missing_topic");
+        assert_eq!(reason(r#"{"topic":"t","seq":"1","kind":""}"#), "missing_kind");
+        assert_eq!(reason(r#"{"topic":"t","topic":"u","seq":1,"kind":"k"}"#), "not_an_event");
+        let deep = format!(r#"{{"topic":"t","seq":5,"kind":"k","payload":{}{}}}"#, "[".repeat(200), "]".repeat(200));
+        let bad = parse(deep.as_bytes()).unwrap_err();
+        assert_eq!((bad.reason, bad.stream_id.as_deref(), bad.seq), ("invalid_payload", Some("runtime.topic.t"), Some(5)), "{}", bad.detail);
         let big = format!(r#"{{"topic":"t","seq":4,"kind":"k","payload":"{}"}}"#, "x".repeat(80));
-        let bad = parse_line(big.as_bytes(), Origin::Line(1), LIMITS).unwrap_err();
+        let bad = parse(big.as_bytes()).unwrap_err();
         assert_eq!((bad.reason, bad.stream_id.as_deref(), bad.seq), ("payload_too_large", Some("runtime.topic.t"), Some(4)));
     }
 
     #[test]
     fn a_refused_event_round_trips_through_its_json_line() {
-        let e = parse_line(br#"{"topic":"t","seq":2,"kind":"k","payload":{"x":[1,2]}}"#, Origin::Line(1), LIMITS).unwrap();
-        let again = parse_line(e.to_json_line().as_bytes(), Origin::Line(1), LIMITS).unwrap();
+        let e = parse(br#"{"topic":"t","seq":2,"kind":"k","payload":{"x":[1,2]}}"#).unwrap();
+        let again = parse(e.to_json_line().as_bytes()).unwrap();
         assert_eq!(again, e);
     }
 }

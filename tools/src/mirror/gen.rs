@@ -63,17 +63,18 @@ pub fn write_events(out: &mut impl Write, count: u64, payload_bytes: usize, topi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mirror::event::{parse_line, Limits};
+    use crate::mirror::event::{Limits, Parser};
     use crate::mirror::source::Origin;
 
     #[test]
     fn events_parse_with_the_asked_payload_size() {
         let mut out = Vec::new();
         write_events(&mut out, 7, 256, 3, 1).unwrap();
-        let events: Vec<_> = out.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| parse_line(l, Origin::Line(1), Limits { max_payload_bytes: 1024, mapping: &crate::mirror::mapping::DEFAULT_MAPPING }).unwrap()).collect();
+        let mut parser = Parser::new(Limits { max_payload_bytes: 1024, mapping: &crate::mirror::mapping::DEFAULT_MAPPING });
+        let events: Vec<_> = out.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| parser.parse_line(l, Origin::Line(1)).unwrap()).collect();
         assert_eq!(events.len(), 7);
         assert!(events.iter().all(|e| e.payload.len() == 256));
-        assert_eq!((events[4].topic.as_str(), events[4].seq), ("run:1:events", 2));
+        assert_eq!((&*events[4].topic, events[4].seq), ("run:1:events", 2));
         assert_ne!(events[0].payload, events[3].payload);
     }
 }

@@ -14,7 +14,7 @@
 //! from the mirror's loop, so the backlog gauges keep moving while the mirror is stuck.
 
 use super::error::{MirrorError, Result};
-use super::event::{build, Bad, Limits};
+use super::event::{Bad, Limits, Parser};
 use super::source::{Mark, Origin, Read, Record, Source};
 use khala_proto::json::canonical_json;
 use serde_json::{json, Value};
@@ -102,7 +102,7 @@ pub struct Outbox {
     follow: bool,
     poll: Duration,
     last_empty_poll: Option<Instant>,
-    limits: Limits,
+    parser: Parser,
     _backlog: Option<BacklogWatch>,
 }
 
@@ -154,21 +154,21 @@ fn mark(id: i64) -> Mark {
 }
 
 /// One outbox row as a record.
-fn record(id: i64, topic: String, seq: i64, kind: String, payload: &str, occurred: Option<i64>, limits: Limits) -> Record {
+fn record(id: i64, topic: String, seq: i64, kind: String, payload: &str, occurred: Option<i64>, parser: &mut Parser) -> Record {
     let origin = Origin::OutboxId(id);
     let parsed_payload = serde_json::from_str::<Value>(payload);
     let raw_payload = parsed_payload.as_ref().map_or_else(|_| Value::String(payload.into()), Clone::clone);
     let raw = json!({ "id": id, "topic": topic, "seq": seq, "kind": kind, "payload": raw_payload, "occurred_at_micros": occurred }).to_string();
     let kind = if kind.is_empty() { Err(Bad { reason: "missing_kind", detail: "kind is empty".into(), topic: None, stream_id: None, seq: None }) } else { Ok(kind) };
-    let parsed = match parsed_payload {
-        _ if seq <= 0 => Err(Bad { reason: "invalid_seq", detail: format!("seq {seq}: seqs start at 1"), topic: Some(topic), stream_id: None, seq: None }),
-        Ok(payload) => build(topic, seq as u64, kind, canonical_json(&payload), Ok(occurred.unwrap_or(0)), origin, limits),
-        // jsonb can hold numbers serde_json cannot read (beyond f64, in builds without
-        // arbitrary_precision): refuse them rather than change them.
-        Err(e) => {
-            let bad = Bad { reason: "invalid_payload", detail: format!("the payload does not fit Khala's JSON numbers: {e}"), topic: None, stream_id: None, seq: None };
-            build(topic, seq as u64, Err(bad), Vec::new(), Ok(0), origin, limits)
-        }
+    // jsonb can hold numbers serde_json cannot read (beyond f64, in builds without
+    // arbitrary_precision): refuse them rather than change them.
+    let payload = parsed_payload
+        .map(|payload| canonical_json(&payload))
+        .map_err(|e| Bad { reason: "invalid_payload", detail: format!("the payload does not fit Khala's JSON numbers: {e}"), topic: None, stream_id: None, seq: None });
+    let parsed = if seq <= 0 {
+        Err(Bad { reason: "invalid_seq", detail: format!("seq {seq}: seqs start at 1"), topic: Some(topic), stream_id: None, seq: None })
+    } else {
+        parser.build(&topic, seq as u64, kind, payload, Ok(occurred.unwrap_or(0)), origin)
     };
     Record { end: mark(id), origin, parsed: parsed.map_err(|bad| (bad, raw)) }
 }
@@ -187,7 +187,7 @@ impl Outbox {
             follow,
             poll,
             last_empty_poll: None,
-            limits,
+            parser: Parser::new(limits),
             _backlog: None,
         };
         outbox.connect().map_err(with_hint)?;
@@ -280,7 +280,7 @@ impl Source for Outbox {
             .iter()
             .map(|row| {
                 let payload: String = row.get(4);
-                record(row.get(0), row.get(1), row.get(2), row.get(3), &payload, row.get(5), self.limits)
+                record(row.get(0), row.get(1), row.get(2), row.get(3), &payload, row.get(5), &mut self.parser)
             })
             .collect();
         self.read_id = rows.last().map_or(self.read_id, |row| row.get(0));
@@ -329,17 +329,17 @@ mod tests {
 
     #[test]
     fn rows_become_records_or_dead_letters() {
-        let good = record(5, "run:1:events".into(), 2, "run.step".into(), r#"{"b": 1, "a": 2}"#, Some(7), LIMITS);
+        let good = record(5, "run:1:events".into(), 2, "run.step".into(), r#"{"b": 1, "a": 2}"#, Some(7), &mut Parser::new(LIMITS));
         let event = good.parsed.unwrap();
-        assert_eq!((event.stream_id.as_str(), event.seq, event.payload.as_slice(), event.occurred_at_micros), ("runtime.run.1.events", 2, br#"{"a":2,"b":1}"#.as_slice(), 7));
+        assert_eq!((&*event.stream_id, event.seq, event.payload.as_slice(), event.occurred_at_micros), ("runtime.run.1.events", 2, br#"{"a":2,"b":1}"#.as_slice(), 7));
         assert_eq!((good.end.offset, good.origin), (5, Origin::OutboxId(5)));
-        let (bad, raw) = record(6, "t".into(), 0, "k".into(), "{}", None, LIMITS).parsed.unwrap_err();
+        let (bad, raw) = record(6, "t".into(), 0, "k".into(), "{}", None, &mut Parser::new(LIMITS)).parsed.unwrap_err();
         assert_eq!(bad.reason, "invalid_seq");
         assert!(raw.contains("\"id\":6"));
-        let (bad, _) = record(7, "t".into(), 1, "k".into(), &format!("\"{}\"", "x".repeat(40)), None, LIMITS).parsed.unwrap_err();
+        let (bad, _) = record(7, "t".into(), 1, "k".into(), &format!("\"{}\"", "x".repeat(40)), None, &mut Parser::new(LIMITS)).parsed.unwrap_err();
         assert_eq!((bad.reason, bad.seq), ("payload_too_large", Some(1)));
         // A payload serde_json cannot read is refused, never turned into null.
-        let (bad, raw) = record(8, "t".into(), 1, "k".into(), r#"{"n": tru"#, None, LIMITS).parsed.unwrap_err();
+        let (bad, raw) = record(8, "t".into(), 1, "k".into(), r#"{"n": tru"#, None, &mut Parser::new(LIMITS)).parsed.unwrap_err();
         assert_eq!((bad.reason, bad.stream_id.as_deref()), ("invalid_payload", Some("runtime.topic.t")));
         assert!(raw.contains("tru"), "{raw}");
     }

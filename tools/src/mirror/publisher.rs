@@ -13,7 +13,8 @@ use super::event::Event;
 use crate::api::{publish_event_arg, Api};
 use crate::sdk_publish::{self, SdkPublisher};
 use crate::ToolError;
-use khala_proto::{ErrorCode, SegmentEvent};
+use khala_proto::segment::EventRef;
+use khala_proto::ErrorCode;
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -102,12 +103,15 @@ pub fn transient(error: &ToolError) -> bool {
 /// its events and keeps these bytes. A batch's seqs are contiguous (a lane holds a stream
 /// in seq order and stops at a gap).
 pub fn segment_data(events: &[Event]) -> Vec<u8> {
-    khala_proto::segment::encode(
-        events
-            .iter()
-            .map(|e| SegmentEvent { seq: e.seq, kind: e.kind.clone(), payload: e.payload.clone(), idempotency_key: e.idempotency_key(), occurred_at_micros: e.occurred_at_micros })
-            .collect(),
-    )
+    // Borrowed, not cloned into `SegmentEvent`s: copying each payload and kind was about
+    // a tenth of the mirror's CPU.
+    let keys: Vec<String> = events.iter().map(Event::idempotency_key).collect();
+    let refs: Vec<EventRef> = events
+        .iter()
+        .zip(&keys)
+        .map(|(e, key)| EventRef { seq: e.seq, kind: &e.kind, payload: &e.payload, idempotency_key: key, occurred_at_micros: e.occurred_at_micros })
+        .collect();
+    khala_proto::segment::encode_refs(&refs)
 }
 
 /// Sorts a publish result into an [`Outcome`].
@@ -392,6 +396,18 @@ mod tests {
             occurred_at_micros: 5,
             origin: super::super::source::Origin::Line(1),
         };
+        let data = segment_data(std::slice::from_ref(&event));
+        let decoded = khala_proto::segment::decode(&data).unwrap();
+        assert_eq!(
+            decoded,
+            vec![khala_proto::SegmentEvent {
+                seq: 7,
+                kind: "run.step".into(),
+                payload: b"{}".to_vec(),
+                idempotency_key: "topic:run:1:events:seq:7:kind:run.step".into(),
+                occurred_at_micros: 5
+            }]
+        );
         let args = publish_args("runtime.run.1.events", &[event]);
         assert_eq!(
             args,

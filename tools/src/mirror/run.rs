@@ -479,7 +479,7 @@ impl Mirror {
         self.stats.failure(code.name());
         let suffix = events.split_off(index + 1);
         let bad = events.pop().expect("index is in range");
-        let record = Bad { reason: code.name(), detail: detail.clone(), topic: Some(bad.topic.clone()), stream_id: Some(bad.stream_id.clone()), seq: Some(bad.seq) };
+        let record = Bad { reason: code.name(), detail: detail.clone(), topic: Some(bad.topic.to_string()), stream_id: Some(bad.stream_id.to_string()), seq: Some(bad.seq) };
         if self.dead.write(bad.origin, &record, &bad.to_json_line())? {
             self.stats.dead_lettered();
         }

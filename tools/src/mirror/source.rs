@@ -8,7 +8,7 @@
 
 use super::cursor::{tail_check, CursorFile, Saved};
 use super::error::{MirrorError, Result};
-use super::event::{parse_line, Bad, Event, Limits};
+use super::event::{Bad, Event, Limits, Parser};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -110,7 +110,7 @@ impl LineReader {
 
     /// The next line ending before `limit` bytes (`None`: the end of the file).
     /// `accept_partial` takes a last line without a newline as a line.
-    pub fn next(&mut self, limit: Option<u64>, accept_partial: bool, limits: Limits) -> Result<Step> {
+    pub fn next(&mut self, limit: Option<u64>, accept_partial: bool, parser: &mut Parser) -> Result<Step> {
         loop {
             if limit.is_some_and(|l| self.pos.offset >= l) {
                 return Ok(Step::AtEnd);
@@ -133,7 +133,7 @@ impl LineReader {
                 continue;
             }
             let origin = Origin::Line(self.pos.line);
-            let parsed = parse_line(text, origin, limits).map_err(|bad| (bad, String::from_utf8_lossy(text).into_owned()));
+            let parsed = parser.parse_line(text, origin).map_err(|bad| (bad, String::from_utf8_lossy(text).into_owned()));
             return Ok(Step::Line(Record { end: self.pos, origin, parsed }));
         }
     }
@@ -151,7 +151,7 @@ pub struct FileSource {
     cursor: CursorFile,
     start: Mark,
     follow: bool,
-    limits: Limits,
+    parser: Parser,
 }
 
 impl FileSource {
@@ -177,7 +177,7 @@ impl FileSource {
                 return Err(changed("the bytes before it differ".into()));
             }
         }
-        Ok(FileSource { id, reader, cursor, start, follow, limits })
+        Ok(FileSource { id, reader, cursor, start, follow, parser: Parser::new(limits) })
     }
 }
 
@@ -193,7 +193,7 @@ impl Source for FileSource {
     fn read(&mut self, max: usize, wait: Duration) -> Result<Read> {
         let mut records = Vec::new();
         while records.len() < max {
-            match self.reader.next(None, !self.follow, self.limits)? {
+            match self.reader.next(None, !self.follow, &mut self.parser)? {
                 Step::Line(record) => records.push(record),
                 Step::Partial | Step::AtEnd => break,
             }

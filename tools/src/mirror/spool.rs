@@ -10,7 +10,7 @@
 
 use super::cursor::{sync_dir, tail_check, CursorFile, Saved};
 use super::error::{MirrorError, Result};
-use super::event::Limits;
+use super::event::{Limits, Parser};
 use super::source::{LineReader, Mark, Read, Record, Source, Step};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -69,7 +69,7 @@ pub struct SpoolSource {
     start: Mark,
     /// Lines in old segments after the cursor, counted at open (for the lag gauge).
     old_lines: u64,
-    limits: Limits,
+    parser: Parser,
 }
 
 impl SpoolSource {
@@ -118,7 +118,7 @@ impl SpoolSource {
             .name("khala-mirror-spool".into())
             .spawn(move || writer.run(input))
             .map_err(|e| MirrorError::io("starting the spool thread", e))?;
-        Ok(SpoolSource { dir, shared, reader, cursor, start, old_lines, limits })
+        Ok(SpoolSource { dir, shared, reader, cursor, start, old_lines, parser: Parser::new(limits) })
     }
 
     /// The first segment after `segment` that exists (the live one always does).
@@ -156,7 +156,7 @@ impl Source for SpoolSource {
             let segment = self.reader.pos.segment;
             // A sealed segment is read to its end, a torn last line included (it then
             // fails to parse and is dead-lettered); the live one up to what is fsynced.
-            let step = if segment < tail_segment { self.reader.next(None, true, self.limits)? } else { self.reader.next(Some(tail_len), false, self.limits)? };
+            let step = if segment < tail_segment { self.reader.next(None, true, &mut self.parser)? } else { self.reader.next(Some(tail_len), false, &mut self.parser)? };
             match step {
                 Step::Line(record) => records.push(record),
                 Step::AtEnd | Step::Partial if segment < tail_segment => self.move_to(self.next_segment(segment))?,
