@@ -92,14 +92,10 @@ pub fn publish(ctx: &ReducerContext, stream_id: String, events: Vec<PublishEvent
     check_batch(&cfg, events.len(), events.iter().map(|e| e.payload.len()).sum())?;
     let addressing = addressing(&events)?;
 
-    let existing = ctx.db.stream().stream_id().find(&stream_id);
-    let existed = existing.is_some();
-    let row = existing.unwrap_or_else(|| new_stream(ctx, stream_id.clone()));
+    let (row, existed) = stream_row(ctx, &stream_id);
     let keyed = ctx.db.keyed_stream().stream_id().find(&stream_id).is_some();
     match (addressing, keyed) {
-        (Addressing::BySeq, true) => {
-            return Err(fail(ErrorCode::InvalidArgument, format!("stream {stream_id} is addressed by key: publish it without authority_seq")));
-        }
+        (Addressing::BySeq, true) => return Err(addressed_by_key(&stream_id)),
         (Addressing::ByKey, false) if row.head_seq > 0 || row.epoch > 1 => {
             return Err(fail(ErrorCode::InvalidArgument, format!("stream {stream_id} is addressed by seq: give every event its authority_seq")));
         }
@@ -140,11 +136,9 @@ pub fn publish_segment(ctx: &ReducerContext, stream_id: String, data: Vec<u8>) -
     let events = segment::decode_borrowed(&data).map_err(|e| fail(ErrorCode::InvalidArgument, format!("the segment for stream {stream_id}: {e}")))?;
     check_batch(&cfg, events.len(), events.iter().map(|e| e.payload.len()).sum())?;
 
-    let existing = ctx.db.stream().stream_id().find(&stream_id);
-    let existed = existing.is_some();
-    let row = existing.unwrap_or_else(|| new_stream(ctx, stream_id.clone()));
+    let (row, existed) = stream_row(ctx, &stream_id);
     if ctx.db.keyed_stream().stream_id().find(&stream_id).is_some() {
-        return Err(fail(ErrorCode::InvalidArgument, format!("stream {stream_id} is addressed by key: publish it without authority_seq")));
+        return Err(addressed_by_key(&stream_id));
     }
     let mut batch = Batch::new(&stream_id, &row, 0);
     let mut stored = StoredEvents::new(&row);
@@ -165,10 +159,24 @@ pub fn publish_segment(ctx: &ReducerContext, stream_id: String, data: Vec<u8>) -
     let data = match first_new {
         None => None,
         Some(0) => Some(data),
-        Some(i) => Some(segment::encode(events.into_iter().skip(i).map(SegmentEvent::from).collect())),
+        Some(i) => Some(segment::encode_refs(&events[i..])),
     };
     commit(ctx, row, existed, batch, data);
     Ok(())
+}
+
+/// The stream's row, and whether it is stored yet (`commit` stores a new one).
+#[allow(clippy::ptr_arg)] // the unique index looks up by `&String`
+fn stream_row(ctx: &ReducerContext, stream_id: &String) -> (crate::streams::Stream, bool) {
+    match ctx.db.stream().stream_id().find(stream_id) {
+        Some(row) => (row, true),
+        None => (new_stream(ctx, stream_id.clone()), false),
+    }
+}
+
+/// The refusal of events addressed by seq to a stream addressed by key.
+fn addressed_by_key(stream_id: &str) -> String {
+    fail(ErrorCode::InvalidArgument, format!("stream {stream_id} is addressed by key: publish it without authority_seq"))
 }
 
 /// Stores a batch: the segment row of its new events (`data`, when there are any) and the
