@@ -6,8 +6,9 @@
 use crate::error::{Result, ToolError};
 use khala_client::module_bindings::{publish as _, publish_segment as _, DbConnection, PublishEvent};
 use khala_proto::CodedError;
-use spacetimedb_sdk::{DbContext, Status};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use spacetimedb_sdk::__codegen::SpacetimeModule;
+use spacetimedb_sdk::{DbConnectionBuilder, DbContext, Status};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::Duration;
 
 /// What a publish call came to.
@@ -36,15 +37,57 @@ fn next_outcome(results: &Receiver<Outcome>, timeout: Duration) -> Option<Outcom
     }
 }
 
-/// Opens a connection with [`khala_client::transport::build_within`]'s limit on the
-/// handshake (the client's own), so a half-open connection cannot hang the caller.
-fn connect_within<C: DbContext + Send + 'static>(what: &str, build: impl FnOnce() -> std::result::Result<C, spacetimedb_sdk::Error> + Send + 'static) -> Result<C> {
+/// Opens a publisher's connection to `database`: light mode (no subscriptions), no
+/// compression, [`khala_client::transport::build_within`]'s limit on the handshake (the
+/// client's own, so a half-open connection cannot hang the caller), and a closed
+/// connection reported on `lost` as [`Outcome::Disconnected`]. `wire` registers the
+/// reducer callbacks before the connection starts running; a panic of the SDK's
+/// connection thread is reported on `lost` too. Both publishers connect this way; only
+/// their generated module types differ.
+fn connect<M, C>(
+    what: &str,
+    builder: fn() -> DbConnectionBuilder<M>,
+    run: fn(&C) -> std::thread::JoinHandle<()>,
+    (url, database, token): (&str, &str, &str),
+    lost: Sender<Outcome>,
+    wire: impl FnOnce(&C),
+) -> Result<C>
+where
+    M: SpacetimeModule<DbConnection = C>,
+    C: DbContext + Send + 'static,
+{
+    let on_disconnect = lost.clone();
+    let (url, database, token) = (url.to_string(), database.to_string(), token.to_string());
     let limit = khala_client::transport::CONNECT_TIMEOUT;
-    match khala_client::transport::build_within(limit, build) {
-        Some(Ok(conn)) => Ok(conn),
-        Some(Err(e)) => Err(ToolError::Http { what: what.into(), detail: e.to_string() }),
-        None => Err(ToolError::Http { what: what.into(), detail: format!("no WebSocket handshake within {} s", limit.as_secs()) }),
-    }
+    let built = khala_client::transport::build_within(limit, move || {
+        builder()
+            .with_uri(url)
+            .with_module_name(database)
+            .with_token(Some(token))
+            .with_compression(spacetimedb_sdk::Compression::None)
+            .with_light_mode(true)
+            .on_disconnect(move |_, e| {
+                let _ = on_disconnect.send(Outcome::Disconnected(e.map_or_else(|| "closed".to_string(), |e| e.to_string())));
+            })
+            .build()
+    });
+    let conn = match built {
+        Some(Ok(conn)) => conn,
+        Some(Err(e)) => return Err(ToolError::Http { what: what.into(), detail: e.to_string() }),
+        None => return Err(ToolError::Http { what: what.into(), detail: format!("no WebSocket handshake within {} s", limit.as_secs()) }),
+    };
+    wire(&conn);
+    khala_client::transport::on_runner_panic(run(&conn), move || {
+        let _ = lost.send(Outcome::Disconnected("the SDK's connection thread panicked".into()));
+    });
+    Ok(conn)
+}
+
+/// Closes a publisher's connection, containing the SDK's panic on a poisoned lock.
+fn disconnect(conn: &impl DbContext) {
+    khala_client::transport::disconnect_contained(|| {
+        let _ = conn.disconnect();
+    });
 }
 
 /// One SDK connection used for `publish` calls.
@@ -56,34 +99,15 @@ pub struct SdkPublisher {
 impl SdkPublisher {
     pub fn connect(url: &str, database: &str, token: &str) -> Result<SdkPublisher> {
         let (tx, results) = mpsc::channel();
-        let on_disconnect = tx.clone();
-        let (url, database, token) = (url.to_string(), database.to_string(), token.to_string());
-        let conn = connect_within(
-            "connecting the SDK publisher",
-            move || {
-                DbConnection::builder()
-                    .with_uri(url)
-                    .with_module_name(database)
-                    .with_token(Some(token))
-                    .with_compression(spacetimedb_sdk::Compression::None)
-                    .with_light_mode(true)
-                    .on_disconnect(move |_, e| {
-                        let _ = on_disconnect.send(Outcome::Disconnected(e.map_or_else(|| "closed".to_string(), |e| e.to_string())));
-                    })
-                    .build()
-            },
-        )?;
-        let lost = tx.clone();
-        let segments = tx.clone();
-        conn.reducers.on_publish(move |ctx, stream_id, _| {
-            let _ = tx.send(outcome(stream_id, &ctx.event.status));
-        });
-        conn.reducers.on_publish_segment(move |ctx, stream_id, _| {
-            let _ = segments.send(outcome(stream_id, &ctx.event.status));
-        });
-        khala_client::transport::on_runner_panic(conn.run_threaded(), move || {
-            let _ = lost.send(Outcome::Disconnected("the SDK's connection thread panicked".into()));
-        });
+        let (published, segments) = (tx.clone(), tx.clone());
+        let conn = connect("connecting the SDK publisher", DbConnection::builder, DbConnection::run_threaded, (url, database, token), tx, |conn: &DbConnection| {
+            conn.reducers.on_publish(move |ctx, stream_id, _| {
+                let _ = published.send(outcome(stream_id, &ctx.event.status));
+            });
+            conn.reducers.on_publish_segment(move |ctx, stream_id, _| {
+                let _ = segments.send(outcome(stream_id, &ctx.event.status));
+            });
+        })?;
         Ok(SdkPublisher { conn, results })
     }
 
@@ -114,9 +138,7 @@ impl SdkPublisher {
 
 impl Drop for SdkPublisher {
     fn drop(&mut self) {
-        khala_client::transport::disconnect_contained(|| {
-            let _ = self.conn.disconnect();
-        });
+        disconnect(&self.conn);
     }
 }
 
@@ -130,30 +152,12 @@ impl BarePublisher {
     pub fn connect(url: &str, database: &str, token: &str) -> Result<BarePublisher> {
         use crate::bare_bindings::{insert as _, DbConnection};
         let (tx, results) = mpsc::channel();
-        let on_disconnect = tx.clone();
-        let (url, database, token) = (url.to_string(), database.to_string(), token.to_string());
-        let conn = connect_within(
-            "connecting the bare publisher",
-            move || {
-                DbConnection::builder()
-                    .with_uri(url)
-                    .with_module_name(database)
-                    .with_token(Some(token))
-                    .with_compression(spacetimedb_sdk::Compression::None)
-                    .with_light_mode(true)
-                    .on_disconnect(move |_, e| {
-                        let _ = on_disconnect.send(Outcome::Disconnected(e.map_or_else(|| "closed".to_string(), |e| e.to_string())));
-                    })
-                    .build()
-            },
-        )?;
-        let lost = tx.clone();
-        conn.reducers.on_insert(move |ctx, stream_id, _, _, _| {
-            let _ = tx.send(outcome(stream_id, &ctx.event.status));
-        });
-        khala_client::transport::on_runner_panic(conn.run_threaded(), move || {
-            let _ = lost.send(Outcome::Disconnected("the SDK's connection thread panicked".into()));
-        });
+        let inserted = tx.clone();
+        let conn = connect("connecting the bare publisher", DbConnection::builder, DbConnection::run_threaded, (url, database, token), tx, |conn: &DbConnection| {
+            conn.reducers.on_insert(move |ctx, stream_id, _, _, _| {
+                let _ = inserted.send(outcome(stream_id, &ctx.event.status));
+            });
+        })?;
         Ok(BarePublisher { conn, results })
     }
 
@@ -173,9 +177,6 @@ impl BarePublisher {
 
 impl Drop for BarePublisher {
     fn drop(&mut self) {
-        use spacetimedb_sdk::DbContext as _;
-        khala_client::transport::disconnect_contained(|| {
-            let _ = self.conn.disconnect();
-        });
+        disconnect(&self.conn);
     }
 }
