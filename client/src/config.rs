@@ -3,6 +3,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Streams that catch up at once by default: one, so that a client far behind on many
+/// streams holds about one stream's replay windows, not all of them.
+pub const DEFAULT_REPLAY_SLOTS: usize = 1;
+
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     /// e.g. `http://127.0.0.1:3000`.
@@ -25,6 +29,9 @@ pub struct ClientConfig {
     /// loopback (compression only costs CPU there), on elsewhere. The SDK's own default,
     /// brotli, cost more CPU than it saved on every measurement here.
     pub compress: Option<bool>,
+    /// Streams that may catch up at once (replay windows cost about 50–65 MB per stream
+    /// catching up; live streams need no slot); 0 for no limit. See docs/CLIENT.md.
+    pub replay_slots: usize,
 }
 
 impl ClientConfig {
@@ -39,6 +46,7 @@ impl ClientConfig {
             server_behind_limit: Duration::from_secs(60),
             ack: true,
             compress: None,
+            replay_slots: DEFAULT_REPLAY_SLOTS,
         }
     }
 

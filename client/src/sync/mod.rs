@@ -81,6 +81,7 @@ impl<H: Handler> SyncClient<H> {
             server_behind_limit: config.server_behind_limit,
             handler_owns_cursors,
             seed: rand::random(),
+            replay_slots: config.replay_slots,
         };
         let driver = Driver::new(settings, stored);
         let health = HealthHandle::default();

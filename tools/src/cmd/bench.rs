@@ -154,6 +154,12 @@ pub struct ReplayArgs {
     /// The SQLite store's commits: `batch` or `event` (one transaction per event).
     #[arg(long, value_enum, default_value_t = super::tail::SqliteCommit::Batch, requires = "sqlite")]
     pub sqlite_commit: super::tail::SqliteCommit,
+    /// Streams the backlog is spread over (the client follows them all).
+    #[arg(long, default_value_t = 1)]
+    pub streams: u64,
+    /// The client's `--replay-slots`: streams that catch up at once (0: no limit).
+    #[arg(long, default_value_t = khala_client::config::DEFAULT_REPLAY_SLOTS)]
+    pub replay_slots: usize,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -178,7 +184,11 @@ pub(super) fn private_server() -> anyhow::Result<(ServerProcess, tempfile::TempD
 }
 
 fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.streams >= 1, "--streams must be at least 1");
     let mut command = format!("khala bench replay --events {} --payload-bytes {} --batch {}", args.events, args.payload_bytes, args.batch);
+    if args.streams > 1 || args.replay_slots != khala_client::config::DEFAULT_REPLAY_SLOTS {
+        command.push_str(&format!(" --streams {} --replay-slots {}", args.streams, args.replay_slots));
+    }
     if args.sqlite {
         command.push_str(&format!(" --sqlite --sqlite-commit {}", if args.sqlite_commit == super::tail::SqliteCommit::Event { "event" } else { "batch" }));
     }
@@ -187,42 +197,54 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let owner = api.new_identity()?;
     let wasm = std::fs::read(khala_tools::module_wasm::build_module()?)?;
     api.publish_module("bench", &wasm, &owner.token, false)?;
-    let stream = "bench.replay";
-    grants::make_publisher(&api, "bench", &owner.token, &owner.identity, &[stream], 24 * 3600)?;
+    let streams: Vec<String> = if args.streams == 1 { vec!["bench.replay".into()] } else { (0..args.streams).map(|i| format!("bench.replay.{i}")).collect() };
+    let per_stream = args.events / args.streams;
+    let events_total = per_stream * args.streams;
+    let stream_refs: Vec<&str> = streams.iter().map(String::as_str).collect();
+    grants::make_publisher(&api, "bench", &owner.token, &owner.identity, &stream_refs, 24 * 3600)?;
 
     let started = Instant::now();
-    let progress = khala_tools::progress::bar(args.events, "publishing the history");
+    let progress = khala_tools::progress::bar(events_total, "publishing the history");
     let mut rng = rand::thread_rng();
     let mut payload = vec![0u8; args.payload_bytes];
-    let mut seq = 1;
-    while seq <= args.events {
-        let upto = (seq + args.batch).min(args.events + 1);
-        let events: Vec<Value> = (seq..upto)
-            .map(|s| {
-                rng.fill_bytes(&mut payload);
-                publish_event_arg(&format!("k{s}"), "bench", &payload, Some(s), 0)
-            })
-            .collect();
-        api.call("bench", "publish", json!([stream, events]), &owner.token)?;
-        progress.inc(upto - seq);
-        seq = upto;
+    for stream in &streams {
+        let mut seq = 1;
+        while seq <= per_stream {
+            let upto = (seq + args.batch).min(per_stream + 1);
+            let events: Vec<Value> = (seq..upto)
+                .map(|s| {
+                    rng.fill_bytes(&mut payload);
+                    publish_event_arg(&format!("k{s}"), "bench", &payload, Some(s), 0)
+                })
+                .collect();
+            api.call("bench", "publish", json!([stream, events]), &owner.token)?;
+            progress.inc(upto - seq);
+            seq = upto;
+        }
     }
     let publish_secs = started.elapsed().as_secs_f64();
     progress.finish_and_clear();
 
     let reader = api.new_identity()?;
-    api.call("bench", "grant", json!([reader.identity_arg(), stream, ["subscribe"], 3600]), &owner.token)?;
+    for stream in &streams {
+        api.call("bench", "grant", json!([reader.identity_arg(), stream, ["subscribe"], 3600]), &owner.token)?;
+    }
     let token = dir.path().join("reader.token");
     std::fs::write(&token, &reader.token)?;
-    let streams = [stream.to_string()];
-    let replay_with = |what: &str, store: &[&str]| replay_client(&server.url(), "bench", &token, &streams, args.events, what, store);
+    let slots = args.replay_slots.to_string();
+    let replay_with = |what: &str, store: &[&str]| {
+        let store: Vec<&str> = store.iter().copied().chain(["--replay-slots", slots.as_str()]).collect();
+        replay_client(&server.url(), "bench", &token, &streams, events_total, what, &store)
+    };
     let checkpoint = dir.path().join("replay.checkpoint");
     let report = replay_with("a client", &["--checkpoint", &checkpoint.to_string_lossy()])?;
     let mut result = json!({
         "command": command,
-        "events": args.events,
+        "events": events_total,
+        "streams": args.streams,
+        "replay_slots": args.replay_slots,
         "payload_bytes": args.payload_bytes,
-        "publish_events_per_sec": (args.events as f64 / publish_secs).round(),
+        "publish_events_per_sec": (events_total as f64 / publish_secs).round(),
         "replay_secs": report["secs"],
         "replay_events_per_sec": report["events_per_sec"],
         "client_peak_rss_mib": report["peak_rss_mib"],
@@ -232,8 +254,11 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         let db = dir.path().join("replay.db");
         let commit = if args.sqlite_commit == super::tail::SqliteCommit::Event { "event" } else { "batch" };
         let store = replay_with("a client with a SQLite store", &["--sqlite", &db.to_string_lossy(), "--sqlite-commit", commit])?;
-        let stored = khala_client::store::sqlite::SqliteStore::open_read_only(&db)?.extent(stream)?;
-        anyhow::ensure!(stored == (args.events, args.events), "the SQLite store holds {stored:?} (events, last seq), not {}", args.events);
+        let store_db = khala_client::store::sqlite::SqliteStore::open_read_only(&db)?;
+        for stream in &streams {
+            let stored = store_db.extent(stream)?;
+            anyhow::ensure!(stored == (per_stream, per_stream), "the SQLite store holds {stored:?} (events, last seq) of {stream}, not {per_stream}");
+        }
         result["sqlite"] = json!({
             "commit": commit,
             "replay_secs": store["secs"],

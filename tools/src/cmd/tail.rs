@@ -59,6 +59,10 @@ pub struct TailArgs {
     /// Serve the client's metrics as Prometheus text on this address, e.g. 127.0.0.1:9466.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Streams that may catch up at once, each holding its replay windows (about 50–65 MB
+    /// per stream at 256-byte payloads); the others wait their turn. 0 for no limit.
+    #[arg(long, default_value_t = khala_client::config::DEFAULT_REPLAY_SLOTS)]
+    pub replay_slots: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -245,6 +249,7 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
     let mut config = ClientConfig::new(&args.target.server, &args.target.database, token_file, &checkpoint);
     config.streams = args.streams.clone();
     config.ack = !args.no_ack;
+    config.replay_slots = args.replay_slots;
     let stop = Arc::new(AtomicBool::new(false));
     let printer = Printer { store, json: args.json, quiet: args.quiet, applied: 0, max_events: args.max_events, stop: stop.clone(), out: std::io::BufWriter::new(std::io::stdout()) };
     if let Some(addr) = args.metrics_addr {

@@ -10,7 +10,8 @@
 //! [`grant`] (grant, lease, visibility), [`acks`], [`hold`] (gaps and server-behind
 //! holds), [`retry`] (the handler's rebootstrap and backoff), composed in [`stream`]
 //! around the pure apply engine ([`StreamEngine`](crate::apply::StreamEngine)).
-//! [`session`] is the connection's life and its backoff; [`health`] reads the state.
+//! [`session`] is the connection's life and its backoff; [`slots`] shares the replay
+//! windows among the streams catching up; [`health`] reads the state.
 
 pub mod acks;
 pub mod grant;
@@ -18,6 +19,7 @@ pub mod health;
 pub mod hold;
 pub mod retry;
 pub mod session;
+pub mod slots;
 pub mod stream;
 pub mod windows;
 #[cfg(test)]
@@ -30,6 +32,7 @@ use khala_proto::hash::GENESIS;
 use khala_proto::v1::ConnectionState;
 use khala_proto::{CodedError, ErrorCode, StaleCursor, StreamCursor};
 use session::{Phase, Session, HANDSHAKE_TIMEOUT};
+use slots::ReplaySlots;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -69,6 +72,9 @@ pub struct Settings {
     pub handler_owns_cursors: bool,
     /// Seeds the backoff's jitter.
     pub seed: u64,
+    /// Streams that may catch up at once, each with its replay windows ([`slots`]);
+    /// 0 for no limit.
+    pub replay_slots: usize,
 }
 
 /// Where the streams start: stored cursors, or a checkpoint that could not be read.
@@ -165,6 +171,7 @@ pub struct Driver {
     /// Cursors of streams this client does not sync now, kept as they were.
     other_cursors: Vec<StreamCursor>,
     session: Session,
+    slots: ReplaySlots,
     /// This connection's identity: rows of other identities (the owner sees them) are
     /// ignored.
     me: Option<spacetimedb_sdk::Identity>,
@@ -208,6 +215,7 @@ impl Driver {
         let other_cursors = cursors.into_iter().filter(|c| !streams.contains_key(&c.stream_id)).collect();
         Driver {
             session: Session::new(settings.seed),
+            slots: ReplaySlots::new(settings.replay_slots),
             settings,
             streams,
             other_cursors,
@@ -528,7 +536,12 @@ impl Driver {
         }
         self.applied_any = false;
         self.more_ready = false;
+        self.slots.assign(self.streams.iter().filter(|(_, s)| s.windows.usable && s.grant.subscribed()).map(|(id, s)| (id.as_str(), s.catching_up())));
         for (id, s) in self.streams.iter_mut() {
+            if s.catching_up() && !self.slots.holds(id) {
+                // Waiting for a replay slot: nothing is expected to arrive.
+                continue;
+            }
             if s.engine.starved() {
                 // Nothing applicable is here although the head is further on: the floor
                 // may have passed the cursor, or rows were dropped; wait, then refetch.
@@ -557,7 +570,8 @@ impl Driver {
                     log::warn!("{id}: a gap after {} did not fill; reopening the windows", s.engine.applied());
                     s.windows.reset();
                 }
-                for call in s.windows.plan(s.engine.fetch_after(), now.at) {
+                let calls = if s.catching_up() && !self.slots.holds(id) { s.windows.release() } else { s.windows.plan(s.engine.fetch_after(), now.at) };
+                for call in calls {
                     out.push(match call {
                         WindowCall::Open(bucket) => Command::OpenWindow { stream_id: id.clone(), bucket },
                         WindowCall::Close(bucket) => Command::CloseWindow { stream_id: id.clone(), bucket },

@@ -8,6 +8,7 @@ use super::retry::HandlerRetry;
 use super::windows::Windows;
 use super::Note;
 use crate::apply::{Alert, StreamEngine, StreamMode};
+use khala_proto::hash::bucket;
 use khala_proto::v1::RebootstrapReason;
 use khala_proto::{StaleCursor, StreamCursor};
 use std::time::Instant;
@@ -50,6 +51,13 @@ impl StreamState {
     /// floor segment has not arrived. The durable cursor does not move meanwhile.
     pub fn rebuilding(&self) -> bool {
         self.retry.rebootstrap_due.is_some() || matches!(self.engine.mode(), StreamMode::Rebootstrapping { .. })
+    }
+
+    /// Whether the stream's backlog reaches past the buckets a live stream keeps open
+    /// (the cursor's and the next): it is catching up, and needs a replay slot
+    /// ([`super::slots`]) to keep windows. A stream whose head is not known yet is not.
+    pub fn catching_up(&self) -> bool {
+        self.engine.info().is_some_and(|i| bucket(i.head_seq) > bucket(self.engine.fetch_after() + 1) + 1)
     }
 
     /// The refused corrupt segment the cursor has not passed, if any.

@@ -174,7 +174,14 @@ struct Sim {
 }
 
 fn settings(owns: bool, seed: u64) -> Settings {
-    Settings { streams: STREAMS.iter().map(|s| s.to_string()).collect(), ack: true, server_behind_limit: Duration::from_secs(60), handler_owns_cursors: owns, seed }
+    Settings {
+        streams: STREAMS.iter().map(|s| s.to_string()).collect(),
+        ack: true,
+        server_behind_limit: Duration::from_secs(60),
+        handler_owns_cursors: owns,
+        seed,
+        replay_slots: crate::config::DEFAULT_REPLAY_SLOTS,
+    }
 }
 
 impl Sim {
@@ -488,6 +495,27 @@ impl Sim {
         for id in STREAMS {
             assert!(self.driver.windows_held(id) <= 2 * MAX_WANTED, "{id}: {} windows held", self.driver.windows_held(id));
         }
+        // After a round: a stream catching up without a replay slot keeps no window of
+        // its own, so at most `replay_slots` streams hold a replay's windows.
+        if matches!(self.driver.session.phase, Phase::Up { subscribed: true }) {
+            let limit = self.driver.settings.replay_slots;
+            let holders = self.driver.slots.holders().count();
+            assert!(limit == 0 || holders <= limit, "{holders} streams hold one of {limit} replay slots");
+            for (id, s) in &self.driver.streams {
+                // (A stream without a live grant has no windows to keep: the module
+                // closes them.)
+                if s.windows.usable && s.grant.subscribed() && s.catching_up() && !self.driver.slots.holds(id) {
+                    assert!(s.windows.mine.is_empty(), "{id} waits for a replay slot but keeps windows {:?}", s.windows.mine);
+                }
+            }
+        }
+    }
+
+    /// A burst far beyond the client's windows: five segments of 4,000 events each.
+    fn burst(&mut self, i: usize) {
+        for _ in 0..5 {
+            self.publish(i, 4_000);
+        }
     }
 
     // The things that happen.
@@ -711,6 +739,8 @@ impl Sim {
 #[derive(Debug, Clone)]
 enum Action {
     Publish(usize, u64),
+    /// [`Sim::burst`].
+    Burst(usize),
     Deliver(usize),
     Tick(u64),
     Duplicate(usize, usize),
@@ -758,6 +788,11 @@ fn action() -> impl Strategy<Value = Action> {
     ]
 }
 
+/// The actions, with bursts far beyond the windows now and then.
+fn action_with_bursts() -> impl Strategy<Value = Action> {
+    prop_oneof![1 => (0..STREAMS.len()).prop_map(Action::Burst), 10 => action()]
+}
+
 /// Cases the main property test runs (`PROPTEST_CASES` overrides it).
 const CASES: u32 = 2048;
 
@@ -767,6 +802,7 @@ fn run_case(owns: bool, actions: &[Action]) -> Sim {
     for a in actions {
         match a.clone() {
             Action::Publish(i, k) => sim.publish(i, k),
+            Action::Burst(i) => sim.burst(i),
             Action::Deliver(n) => sim.deliver(n),
             Action::Tick(ms) => sim.advance(Duration::from_millis(ms)),
             Action::Duplicate(i, p) => sim.duplicate(i, p),
@@ -965,6 +1001,48 @@ fn an_ack_whose_answer_is_lost_is_sent_again() {
     assert_eq!(sim.server["s.a"].acked, 6);
 }
 
+/// Cases of the burst property test: each burst is 20,000 events through the
+/// simulated server, so fewer cases than the main test.
+const BURST_CASES: u32 = 16;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(BURST_CASES))]
+
+    /// The main property test's interleavings with bursts of 20,000 events, so that
+    /// streams fall far behind and wait for a replay slot (one, the default): besides
+    /// every check of the main test, a stream catching up without a slot keeps no window
+    /// of its own after any round, and every stream still reaches its head.
+    #[test]
+    fn streams_far_behind_take_the_replay_slot_in_turn(owns in any::<bool>(), actions in proptest::collection::vec(action_with_bursts(), 0..40)) {
+        run_case(owns, &actions);
+    }
+}
+
+/// Two streams far behind: the second opens no window until the first has caught up,
+/// then catches up in its turn.
+#[test]
+fn two_streams_far_behind_catch_up_one_after_the_other() {
+    let mut sim = Sim::new(false);
+    sim.burst(0);
+    sim.burst(1);
+    let (a, b) = (STREAMS[0], STREAMS[1]);
+    let mut first_done_at = None;
+    for step in 0..400 {
+        sim.deliver(20);
+        sim.advance(Duration::from_millis(30));
+        let a_behind = sim.driver.streams[a].catching_up() || sim.driver.streams[a].engine.info().is_none();
+        if a_behind {
+            assert!(sim.server[b].windows.is_empty(), "step {step}: {b} has windows {:?} while {a} catches up", sim.server[b].windows);
+        } else if first_done_at.is_none() {
+            first_done_at = Some(step);
+        }
+    }
+    assert!(first_done_at.is_some(), "{a} never caught up");
+    sim.heal();
+    sim.check_settled();
+    assert_eq!(sim.applied, 40_000);
+}
+
 #[test]
 fn health_is_a_read_and_the_backoff_resets_only_when_live() {
     let mut driver = Driver::new(settings(false, 9), Stored::Cursors(Vec::new()));
@@ -1135,3 +1213,4 @@ fn a_lost_segment_at_the_held_cursor_is_fetched_again() {
     use Action::*;
     run_case(true, &[Publish(1, 5), Publish(1, 4), Deliver(7), Deliver(6), ServerRestart(1, 2), Publish(1, 1), Publish(1, 1), Publish(1, 3), Deliver(1), Deliver(5), Retention(1, 1), ServerRestart(0, 2), Deliver(1), Deliver(7), Deliver(8), LoseSegment]);
 }
+

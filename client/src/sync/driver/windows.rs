@@ -92,6 +92,21 @@ impl Windows {
         !self.usable || (self.open.contains(&b0) && self.open.contains(&(b0 + 1)))
     }
 
+    /// The calls that close every window this process opened: the stream waits for a
+    /// replay slot ([`super::slots`]). A window still opening is closed too: the server
+    /// answers calls in order, so the close follows the open. Afterwards none is ours (one
+    /// asked for before a reconnect and never opened is held by no one).
+    pub fn release(&mut self) -> Vec<WindowCall> {
+        let mut calls = Vec::new();
+        for b in std::mem::take(&mut self.mine) {
+            if (self.open.contains(&b) || self.opening.contains(&b)) && !self.closing.contains(&b) {
+                calls.push(WindowCall::Close(b));
+                self.closing.insert(b);
+            }
+        }
+        calls
+    }
+
     /// The calls that keep the windows around `fetch_after`: the bucket holding the next
     /// seq, the one before (it may hold the segment that starts before it) and
     /// [`PREFETCH_BUCKETS`] after, so replay rarely waits on a round trip and memory stays
