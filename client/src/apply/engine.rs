@@ -5,6 +5,7 @@ use khala_proto::segment::EventView;
 use khala_proto::v1::RebootstrapReason;
 use khala_proto::{StaleCursor, StreamCursor};
 use super::pending::Pending;
+use std::collections::BTreeSet;
 
 /// The server's view of a stream (its `stream` row).
 #[derive(Debug, Clone, PartialEq)]
@@ -122,6 +123,11 @@ pub struct StreamEngine {
     mode: StreamMode,
     /// Verified events after `applied`, by seq, with their chain hashes.
     pending: Pending,
+    /// The last seqs of the segments the buffered events came in: applying one puts the
+    /// cursor on a segment's end. Cleared with `pending`.
+    segment_ends: BTreeSet<u64>,
+    /// The cursor is the last seq of a segment (or 0), so the next event starts one.
+    at_segment_end: bool,
     /// The last server view, for stale checks and health.
     info: Option<StreamInfo>,
 }
@@ -136,6 +142,8 @@ impl StreamEngine {
             chain: khala_proto::hash::from_slice(&cursor.chain_hash).unwrap_or(GENESIS),
             mode: StreamMode::Normal,
             pending: Pending::default(),
+            segment_ends: BTreeSet::new(),
+            at_segment_end: cursor.seq == 0,
             info: None,
         }
     }
@@ -189,16 +197,18 @@ impl StreamEngine {
             reason: reason as i32,
         });
         self.epoch = info.epoch;
-        self.pending.clear();
+        self.drop_pending();
         if from == 0 {
             self.applied = 0;
             self.chain = GENESIS;
             self.mode = StreamMode::Normal;
+            self.at_segment_end = true;
         } else if from == info.head_seq {
             // Everything was trimmed: there is no floor segment to wait for.
             self.applied = from;
             self.chain = info.head_hash;
             self.mode = StreamMode::Normal;
+            self.at_segment_end = true;
         } else {
             self.mode = StreamMode::Rebootstrapping { from };
         }
@@ -229,7 +239,7 @@ impl StreamEngine {
             if self.mode == StreamMode::Normal {
                 alerts.push(Alert::ServerBehind { cursor: self.applied, head: info.head_seq });
                 // What was buffered came from the history the server lost.
-                self.pending.clear();
+                self.drop_pending();
             }
             self.mode = StreamMode::ServerBehind { head: info.head_seq };
             return alerts;
@@ -285,6 +295,7 @@ impl StreamEngine {
             self.applied = from;
             self.chain = segment.prev_hash;
             self.mode = StreamMode::Normal;
+            self.at_segment_end = true;
             offer.alerts.push(Alert::Resumed { cursor: from });
         }
         // The chain at the cursor, where this segment covers it, must equal ours.
@@ -313,7 +324,7 @@ impl StreamEngine {
             && self.pending.get(segment.first_seq - 1).is_some_and(|p| p.chain_hash != segment.prev_hash);
         let joins_after = self.pending.get(segment.last_seq + 1).is_some_and(|n| n.prev_chain != segment.last_hash);
         if joins_before || joins_after {
-            self.pending.clear();
+            self.drop_pending();
         }
         if let StreamMode::ServerBehind { .. } = self.mode {
             // Nothing beyond the cursor may be applied before the cursor is confirmed.
@@ -332,7 +343,7 @@ impl StreamEngine {
                 }
                 // Two histories disagree (the server lost and re-took commits): keep
                 // only what this newer delivery says.
-                self.pending.clear();
+                self.drop_pending();
             }
             let event = Event {
                 stream_id: self.stream_id.clone(),
@@ -347,11 +358,16 @@ impl StreamEngine {
             // Too far from what is held: refused, and fetched again after the
             // resubscribe. The next event to apply is always taken, in place of the rest.
             if e.seq == self.applied + 1 && !self.pending.fits(e.seq) {
-                self.pending.clear();
+                self.drop_pending();
             }
             if self.pending.insert(event) {
                 offer.accepted += 1;
             }
+        }
+        if self.pending.contains(segment.last_seq) {
+            self.segment_ends.insert(segment.last_seq);
+        } else if segment.last_seq == self.applied {
+            self.at_segment_end = true;
         }
         if let Some(first) = self.pending.first_seq() {
             if first > self.applied + 1 {
@@ -371,7 +387,7 @@ impl StreamEngine {
         }
         let seq = self.applied + 1;
         if self.pending.get(seq).is_some_and(|e| e.prev_chain != self.chain) {
-            self.pending.clear();
+            self.drop_pending();
         }
         self.pending.get(seq)
     }
@@ -379,7 +395,25 @@ impl StreamEngine {
     /// Drops everything buffered (after a reconnect: it may come from a history the
     /// server no longer has).
     pub fn clear_pending(&mut self) {
+        self.drop_pending();
+    }
+
+    fn drop_pending(&mut self) {
         self.pending.clear();
+        self.segment_ends.clear();
+    }
+
+    /// Whether the segment holding the next event may have begun in the window bucket
+    /// before that event's, so that the bucket must stay open: not when the next event
+    /// is buffered already, nor when the cursor ends a segment (the next one begins at
+    /// the next seq), nor while waiting for a rebuild's floor segment (it begins there).
+    /// A live stream so keeps the bucket after the one it has applied closed.
+    pub fn may_straddle(&self) -> bool {
+        match self.mode {
+            StreamMode::Rebootstrapping { .. } => false,
+            StreamMode::ServerBehind { .. } => true,
+            StreamMode::Normal => !self.at_segment_end && !self.pending.contains(self.applied + 1),
+        }
     }
 
     /// Checks the last server view again (a stale cursor is found even when no new
@@ -407,6 +441,10 @@ impl StreamEngine {
         if let Some(event) = self.pending.pop_first(seq) {
             self.applied = seq;
             self.chain = event.chain_hash;
+            self.at_segment_end = self.segment_ends.remove(&seq);
+            while self.segment_ends.first().is_some_and(|end| *end < seq) {
+                self.segment_ends.pop_first();
+            }
         }
     }
 

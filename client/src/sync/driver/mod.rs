@@ -570,7 +570,7 @@ impl Driver {
                     log::warn!("{id}: a gap after {} did not fill; reopening the windows", s.engine.applied());
                     s.windows.reset();
                 }
-                let calls = if s.catching_up() && !self.slots.holds(id) { s.windows.release() } else { s.windows.plan(s.engine.fetch_after(), now.at) };
+                let calls = if s.catching_up() && !self.slots.holds(id) { s.windows.release() } else { s.windows.plan(s.engine.fetch_after(), s.engine.may_straddle(), now.at) };
                 for call in calls {
                     out.push(match call {
                         WindowCall::Open(bucket) => Command::OpenWindow { stream_id: id.clone(), bucket },

@@ -108,12 +108,13 @@ impl Windows {
     }
 
     /// The calls that keep the windows around `fetch_after`: the bucket holding the next
-    /// seq, the one before (it may hold the segment that starts before it) and
+    /// seq, the one before when `straddle` (it may hold the segment that starts before
+    /// it: `StreamEngine::may_straddle`) and
     /// [`PREFETCH_BUCKETS`] after, so replay rarely waits on a round trip and memory stays
     /// bounded by [`MAX_WANTED`] buckets of events. Old windows are closed before new
     /// ones are opened, and at most [`MAX_WANTED`] opens are in flight. The caller checks
     /// `usable` and the grant first.
-    pub fn plan(&mut self, fetch_after: u64, now: Instant) -> Vec<WindowCall> {
+    pub fn plan(&mut self, fetch_after: u64, straddle: bool, now: Instant) -> Vec<WindowCall> {
         let mut calls = Vec::new();
         if self.reset {
             // Close, and reopen once closed, so that the rows of every bucket are
@@ -131,7 +132,8 @@ impl Windows {
             return calls;
         }
         let b0 = bucket(fetch_after + 1);
-        let want: BTreeSet<u64> = (b0.saturating_sub(1)..=b0 + PREFETCH_BUCKETS).collect();
+        let from = if straddle { b0.saturating_sub(1) } else { b0 };
+        let want: BTreeSet<u64> = (from..=b0 + PREFETCH_BUCKETS).collect();
         // Closes go first: the server holds at most `MAX_WINDOWS_PER_STREAM` (8) per
         // stream, and a cursor that jumped would otherwise have every old window and
         // every new one open at once.
