@@ -242,12 +242,16 @@ impl StreamEngine {
                 self.drop_pending();
             }
             self.mode = StreamMode::ServerBehind { head: info.head_seq };
+            // The segment holding the cursor may come back cut differently.
+            self.at_segment_end = false;
             return alerts;
         }
         if let StreamMode::ServerBehind { .. } = self.mode {
             if info.head_seq == self.applied {
                 if info.head_hash == self.chain {
                     self.mode = StreamMode::Normal;
+                    // The head is the last seq of the last segment.
+                    self.at_segment_end = true;
                     alerts.push(Alert::Resumed { cursor: self.applied });
                 } else {
                     alerts.push(self.rebootstrap(&info, RebootstrapReason::ChainMismatch));
@@ -256,6 +260,8 @@ impl StreamEngine {
             }
             // head > applied: the segment holding the cursor decides (see `offer`).
             self.mode = StreamMode::ServerBehind { head: info.head_seq };
+            // The segment holding the cursor may come back cut differently.
+            self.at_segment_end = false;
         }
         if self.applied + 1 < info.oldest_seq && self.pending.first_seq() != Some(self.applied + 1) {
             alerts.push(self.rebootstrap(&info, RebootstrapReason::StaleCursor));
@@ -407,7 +413,7 @@ impl StreamEngine {
     /// before that event's, so that the bucket must stay open: not when the next event
     /// is buffered already, nor when the cursor ends a segment (the next one begins at
     /// the next seq), nor while waiting for a rebuild's floor segment (it begins there).
-    /// A live stream so keeps the bucket after the one it has applied closed.
+    /// So a live stream keeps the bucket before its cursor's, all applied, closed.
     pub fn may_straddle(&self) -> bool {
         match self.mode {
             StreamMode::Rebootstrapping { .. } => false,

@@ -182,6 +182,34 @@ fn a_cursor_ahead_of_the_head_holds_then_resumes_on_equal_chain() {
     assert_eq!(applied, vec![7, 8], "no double apply, no rebootstrap");
 }
 
+/// The segment holding the cursor comes back cut differently after the server lost it:
+/// the cursor that ended a segment is now inside one, so the bucket before must stay
+/// reachable once nothing is buffered.
+#[test]
+fn a_recut_segment_makes_the_cursor_straddle_again() {
+    let all = events(8);
+    let before = segments(&all, &[4, 4], 1);
+    let mut engine = fresh();
+    engine.offer(before[0].clone());
+    let mut applied = Vec::new();
+    drain(&mut engine, &mut applied);
+    assert!(!engine.may_straddle(), "the cursor ends the segment 1..=4");
+    // The server lost 3..=4; the mirror republishes 3..=8 as one segment.
+    engine.observe(StreamInfo { epoch: 1, head_seq: 2, oldest_seq: 1, head_hash: chain_through(&GENESIS, STREAM, &all[..2]) });
+    assert!(engine.may_straddle());
+    let after = segments(&all, &[2, 6], 1);
+    engine.observe(StreamInfo { epoch: 1, head_seq: 8, oldest_seq: 1, head_hash: after[1].last_hash });
+    let offer = engine.offer(after[1].clone());
+    assert!(offer.alerts.contains(&Alert::Resumed { cursor: 4 }), "{offer:?}");
+    assert!(!engine.may_straddle(), "5 is buffered");
+    engine.clear_pending();
+    assert!(engine.may_straddle(), "4 is inside 3..=8 now: the segment may begin a bucket earlier");
+    engine.offer(after[1].clone());
+    drain(&mut engine, &mut applied);
+    assert_eq!(applied, (1..=8).collect::<Vec<_>>());
+    assert!(!engine.may_straddle(), "the cursor ends 3..=8");
+}
+
 #[test]
 fn a_cursor_ahead_of_the_head_with_other_history_rebootstraps() {
     let all = events(8);
