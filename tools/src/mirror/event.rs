@@ -181,8 +181,11 @@ pub struct Parser {
     /// Each topic's name and stream id, shared by all of its events: the mirror meets the
     /// same few topics on every line, and mapping each one again, with its two names
     /// allocated per event, was about a tenth of its CPU.
-    topics: HashMap<Box<str>, Result<(Arc<str>, Arc<str>), Unmappable>>,
+    topics: HashMap<Box<str>, Names>,
 }
+
+/// A topic's name and stream id, or why it has no stream.
+type Names = Result<(Arc<str>, Arc<str>), Unmappable>;
 
 /// Topics remembered at most; past it the memory starts again (an authority with many
 /// topics costs a mapping per topic now and then, not unbounded memory).
@@ -205,7 +208,7 @@ impl Parser {
     }
 
     /// `topic` and its stream id, mapped once.
-    fn names(&mut self, topic: &str) -> Result<(Arc<str>, Arc<str>), Unmappable> {
+    fn names(&mut self, topic: &str) -> Names {
         if let Some(known) = self.topics.get(topic) {
             return known.clone();
         }
