@@ -116,7 +116,8 @@ struct Line<'a> {
 }
 
 /// A field as the checks below read it: a string without escapes is borrowed as it is
-/// written; anything else becomes a `Value`.
+/// written; anything else becomes a `Value`. A field written `null` is `Missing` (serde
+/// reads it into `Option<&RawValue>` as `None`).
 enum Field<'a> {
     Missing,
     Text(&'a str),
@@ -152,7 +153,7 @@ impl Field<'_> {
 
 fn seq_of(field: &Field) -> Result<u64, Bad> {
     let seq = match field {
-        Field::Missing | Field::Other(Value::Null) => return Err(Bad::new("invalid_seq", "seq is missing")),
+        Field::Missing => return Err(Bad::new("invalid_seq", "seq is missing")),
         Field::Other(Value::Number(n)) => n.as_u64(),
         _ => field.as_str().filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).and_then(|s| s.parse().ok()),
     };
@@ -198,13 +199,67 @@ impl Parser {
 
     /// Parses one JSONL line.
     pub fn parse_line(&mut self, line: &[u8], origin: Origin) -> Result<Event, Bad> {
-        parse_line(self, line, origin)
+        // One pass over the line for the lines that are events; a line that is not is
+        // parsed again, as any JSON, only to say what it is instead.
+        let parsed: Line = match serde_json::from_slice::<Line>(line) {
+            Ok(parsed) => parsed,
+            Err(not_line) => match serde_json::from_slice::<Value>(line) {
+                Ok(Value::Object(_)) => return Err(Bad::new("not_an_event", not_line.to_string())),
+                Ok(other) => return Err(Bad::new("not_an_event", format!("a line must be a JSON object, not {}", kind_name(&other)))),
+                Err(e) => return Err(Bad::new("not_json", e.to_string())),
+            },
+        };
+        let topic_field = field(parsed.topic)?;
+        let topic = text_of(&topic_field, "topic", "missing_topic")?;
+        let seq = field(parsed.seq).and_then(|seq| seq_of(&seq)).map_err(|mut bad| {
+            bad.topic = Some(topic.into());
+            bad
+        })?;
+        let kind = field(parsed.kind).and_then(|kind| text_of(&kind, "kind", "missing_kind").map(str::to_string));
+        let occurred = field(parsed.occurred_at).and_then(|occurred| match occurred {
+            Field::Missing => Ok(0),
+            Field::Text(_) | Field::Other(Value::String(_)) => {
+                let s = occurred.as_str().unwrap_or_default();
+                rfc3339_micros(s).ok_or_else(|| Bad::new("invalid_occurred_at", format!("occurred_at {s:?} is not an RFC 3339 timestamp")))
+            }
+            Field::Other(other) => Err(Bad::new("invalid_occurred_at", format!("occurred_at must be an RFC 3339 string, not {other}"))),
+        });
+        // A payload that is missing or `null` is stored as `null`.
+        let payload = match parsed.payload {
+            None => Ok(b"null".to_vec()),
+            Some(raw) => canonicalize(raw).map_err(|e| Bad::new("invalid_payload", e.to_string())),
+        };
+        self.build(topic, seq, kind, payload, occurred, origin)
     }
 
-    /// Builds a checked event from fields read elsewhere (the Postgres outbox).
+    /// Builds a checked event from fields read elsewhere (the Postgres outbox), or from a
+    /// line ([`Parser::parse_line`]).
     pub fn build(&mut self, topic: &str, seq: u64, kind: Result<String, Bad>, payload: Result<Vec<u8>, Bad>, occurred_at: Result<i64, Bad>, origin: Origin) -> Result<Event, Bad> {
         let (topic, stream_id) = self.names(topic).map_err(|e| Bad { topic: Some(topic.into()), seq: Some(seq), ..Bad::new("unmappable_topic", e.0) })?;
-        build(topic, stream_id, seq, kind, payload, occurred_at, origin, self.limits)
+        let known = |mut bad: Bad| {
+            bad.topic = Some(topic.to_string());
+            bad.stream_id = Some(stream_id.to_string());
+            bad.seq = Some(seq);
+            bad
+        };
+        let kind = kind.map_err(known)?;
+        if kind.len() > MAX_KIND_LEN {
+            return Err(known(Bad::new("invalid_kind", format!("kind is {} bytes; the limit is {MAX_KIND_LEN}", kind.len()))));
+        }
+        let occurred_at_micros = occurred_at.map_err(known)?;
+        let payload = payload.map_err(known)?;
+        if payload.len() > self.limits.max_payload_bytes {
+            return Err(known(Bad::new(
+                "payload_too_large",
+                format!("the canonical payload has {} bytes; the limit (--max-payload-bytes) is {}", payload.len(), self.limits.max_payload_bytes),
+            )));
+        }
+        let event = Event { stream_id: stream_id.clone(), topic: topic.clone(), seq, kind, payload, occurred_at_micros, origin };
+        let key_len = event.idempotency_key_len();
+        if key_len > MAX_KEY_LEN {
+            return Err(known(Bad::new("key_too_long", format!("the idempotency key is {key_len} bytes; the limit is {MAX_KEY_LEN}"))));
+        }
+        Ok(event)
     }
 
     /// `topic` and its stream id, mapped once.
@@ -219,69 +274,6 @@ impl Parser {
         self.topics.insert(topic.into(), names.clone());
         names
     }
-}
-
-fn parse_line(parser: &mut Parser, line: &[u8], origin: Origin) -> Result<Event, Bad> {
-    // One pass over the line for the lines that are events; a line that is not is parsed
-    // again, as any JSON, only to say what it is instead.
-    let parsed: Line = match serde_json::from_slice::<Line>(line) {
-        Ok(parsed) => parsed,
-        Err(not_line) => match serde_json::from_slice::<Value>(line) {
-            Ok(Value::Object(_)) => return Err(Bad::new("not_an_event", not_line.to_string())),
-            Ok(other) => return Err(Bad::new("not_an_event", format!("a line must be a JSON object, not {}", kind_name(&other)))),
-            Err(e) => return Err(Bad::new("not_json", e.to_string())),
-        },
-    };
-    let topic_field = field(parsed.topic)?;
-    let topic = text_of(&topic_field, "topic", "missing_topic")?;
-    let seq = field(parsed.seq).and_then(|seq| seq_of(&seq)).map_err(|mut bad| {
-        bad.topic = Some(topic.into());
-        bad
-    })?;
-    let kind = field(parsed.kind).and_then(|kind| text_of(&kind, "kind", "missing_kind").map(str::to_string));
-    let occurred = field(parsed.occurred_at).and_then(|occurred| match occurred {
-        Field::Missing | Field::Other(Value::Null) => Ok(0),
-        Field::Text(_) | Field::Other(Value::String(_)) => {
-            let s = occurred.as_str().unwrap_or_default();
-            rfc3339_micros(s).ok_or_else(|| Bad::new("invalid_occurred_at", format!("occurred_at {s:?} is not an RFC 3339 timestamp")))
-        }
-        Field::Other(other) => Err(Bad::new("invalid_occurred_at", format!("occurred_at must be an RFC 3339 string, not {other}"))),
-    });
-    // A payload that is missing or `null` is stored as `null`.
-    let payload = match parsed.payload {
-        None => Ok(b"null".to_vec()),
-        Some(raw) => canonicalize(raw).map_err(|e| Bad::new("invalid_payload", e.to_string())),
-    };
-    parser.build(topic, seq, kind, payload, occurred, origin)
-}
-
-/// Checks an event whose topic is mapped.
-#[allow(clippy::too_many_arguments)]
-fn build(topic: Arc<str>, stream_id: Arc<str>, seq: u64, kind: Result<String, Bad>, payload: Result<Vec<u8>, Bad>, occurred_at: Result<i64, Bad>, origin: Origin, limits: Limits) -> Result<Event, Bad> {
-    let known = |mut bad: Bad| {
-        bad.topic = Some(topic.to_string());
-        bad.stream_id = Some(stream_id.to_string());
-        bad.seq = Some(seq);
-        bad
-    };
-    let kind = kind.map_err(known)?;
-    if kind.len() > MAX_KIND_LEN {
-        return Err(known(Bad::new("invalid_kind", format!("kind is {} bytes; the limit is {MAX_KIND_LEN}", kind.len()))));
-    }
-    let occurred_at_micros = occurred_at.map_err(known)?;
-    let payload = payload.map_err(known)?;
-    if payload.len() > limits.max_payload_bytes {
-        return Err(known(Bad::new(
-            "payload_too_large",
-            format!("the canonical payload has {} bytes; the limit (--max-payload-bytes) is {}", payload.len(), limits.max_payload_bytes),
-        )));
-    }
-    let event = Event { stream_id: stream_id.clone(), topic: topic.clone(), seq, kind, payload, occurred_at_micros, origin };
-    let key_len = event.idempotency_key_len();
-    if key_len > MAX_KEY_LEN {
-        return Err(known(Bad::new("key_too_long", format!("the idempotency key is {key_len} bytes; the limit is {MAX_KEY_LEN}"))));
-    }
-    Ok(event)
 }
 
 fn kind_name(value: &Value) -> &'static str {
@@ -356,6 +348,9 @@ mod tests {
         assert_eq!(reason("[1]"), "not_an_event");
         assert_eq!(reason(r#"{"seq":1,"kind":"k"}"#), "missing_topic");
         assert_eq!(reason(r#"{"topic":"t","kind":"k"}"#), "invalid_seq");
+        let null_seq = parse(br#"{"topic":"t","seq":null,"kind":"k"}"#).unwrap_err();
+        assert_eq!((null_seq.reason, null_seq.detail.as_str()), ("invalid_seq", "seq is missing"));
+        assert_eq!(reason(r#"{"topic":null,"seq":1,"kind":"k"}"#), "missing_topic");
         assert_eq!(reason(r#"{"topic":"t","seq":0,"kind":"k"}"#), "invalid_seq");
         assert_eq!(reason(r#"{"topic":"t","seq":-1,"kind":"k"}"#), "invalid_seq");
         assert_eq!(reason(r#"{"topic":"t","seq":"1e3","kind":"k"}"#), "invalid_seq");
