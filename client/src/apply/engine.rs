@@ -197,7 +197,7 @@ impl StreamEngine {
             reason: reason as i32,
         });
         self.epoch = info.epoch;
-        self.drop_pending();
+        self.clear_pending();
         if from == 0 {
             self.applied = 0;
             self.chain = GENESIS;
@@ -213,6 +213,14 @@ impl StreamEngine {
             self.mode = StreamMode::Rebootstrapping { from };
         }
         alert
+    }
+
+    /// Holds at the cursor while the server's head is `head`, behind it or not yet past
+    /// the segment holding it. That segment may come back cut differently, so the cursor
+    /// is no longer known to end one.
+    fn hold_behind(&mut self, head: u64) {
+        self.mode = StreamMode::ServerBehind { head };
+        self.at_segment_end = false;
     }
 
     /// Takes in the server's `stream` row.
@@ -239,11 +247,9 @@ impl StreamEngine {
             if self.mode == StreamMode::Normal {
                 alerts.push(Alert::ServerBehind { cursor: self.applied, head: info.head_seq });
                 // What was buffered came from the history the server lost.
-                self.drop_pending();
+                self.clear_pending();
             }
-            self.mode = StreamMode::ServerBehind { head: info.head_seq };
-            // The segment holding the cursor may come back cut differently.
-            self.at_segment_end = false;
+            self.hold_behind(info.head_seq);
             return alerts;
         }
         if let StreamMode::ServerBehind { .. } = self.mode {
@@ -259,9 +265,7 @@ impl StreamEngine {
                 return alerts;
             }
             // head > applied: the segment holding the cursor decides (see `offer`).
-            self.mode = StreamMode::ServerBehind { head: info.head_seq };
-            // The segment holding the cursor may come back cut differently.
-            self.at_segment_end = false;
+            self.hold_behind(info.head_seq);
         }
         if self.applied + 1 < info.oldest_seq && self.pending.first_seq() != Some(self.applied + 1) {
             alerts.push(self.rebootstrap(&info, RebootstrapReason::StaleCursor));
@@ -330,7 +334,7 @@ impl StreamEngine {
             && self.pending.get(segment.first_seq - 1).is_some_and(|p| p.chain_hash != segment.prev_hash);
         let joins_after = self.pending.get(segment.last_seq + 1).is_some_and(|n| n.prev_chain != segment.last_hash);
         if joins_before || joins_after {
-            self.drop_pending();
+            self.clear_pending();
         }
         if let StreamMode::ServerBehind { .. } = self.mode {
             // Nothing beyond the cursor may be applied before the cursor is confirmed.
@@ -349,7 +353,7 @@ impl StreamEngine {
                 }
                 // Two histories disagree (the server lost and re-took commits): keep
                 // only what this newer delivery says.
-                self.drop_pending();
+                self.clear_pending();
             }
             let event = Event {
                 stream_id: self.stream_id.clone(),
@@ -364,7 +368,7 @@ impl StreamEngine {
             // Too far from what is held: refused, and fetched again after the
             // resubscribe. The next event to apply is always taken, in place of the rest.
             if e.seq == self.applied + 1 && !self.pending.fits(e.seq) {
-                self.drop_pending();
+                self.clear_pending();
             }
             if self.pending.insert(event) {
                 offer.accepted += 1;
@@ -393,7 +397,7 @@ impl StreamEngine {
         }
         let seq = self.applied + 1;
         if self.pending.get(seq).is_some_and(|e| e.prev_chain != self.chain) {
-            self.drop_pending();
+            self.clear_pending();
         }
         self.pending.get(seq)
     }
@@ -401,10 +405,6 @@ impl StreamEngine {
     /// Drops everything buffered (after a reconnect: it may come from a history the
     /// server no longer has).
     pub fn clear_pending(&mut self) {
-        self.drop_pending();
-    }
-
-    fn drop_pending(&mut self) {
         self.pending.clear();
         self.segment_ends.clear();
     }
