@@ -538,7 +538,7 @@ impl Driver {
         self.more_ready = false;
         self.slots.assign(self.streams.iter().filter(|(_, s)| s.windows.usable && s.grant.subscribed()).map(|(id, s)| (id.as_str(), s.catching_up())));
         for (id, s) in self.streams.iter_mut() {
-            if s.catching_up() && !self.slots.holds(id) {
+            if self.slots.waits(id, s.catching_up()) {
                 // Waiting for a replay slot: nothing is expected to arrive.
                 continue;
             }
@@ -570,7 +570,7 @@ impl Driver {
                     log::warn!("{id}: a gap after {} did not fill; reopening the windows", s.engine.applied());
                     s.windows.reset();
                 }
-                let calls = if s.catching_up() && !self.slots.holds(id) { s.windows.release() } else { s.windows.plan(s.engine.fetch_after(), s.engine.may_straddle(), now.at) };
+                let calls = if self.slots.waits(id, s.catching_up()) { s.windows.release() } else { s.windows.plan(s.engine.fetch_after(), s.engine.may_straddle(), now.at) };
                 for call in calls {
                     out.push(match call {
                         WindowCall::Open(bucket) => Command::OpenWindow { stream_id: id.clone(), bucket },

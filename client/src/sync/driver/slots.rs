@@ -47,6 +47,11 @@ impl ReplaySlots {
         self.limit == 0 || self.holders.contains(stream_id)
     }
 
+    /// Whether `stream_id`, catching up or not, waits for a slot (and keeps no windows).
+    pub fn waits(&self, stream_id: &str, catching_up: bool) -> bool {
+        catching_up && !self.holds(stream_id)
+    }
+
     /// The streams holding a slot now.
     pub fn holders(&self) -> impl Iterator<Item = &str> {
         self.holders.iter().map(String::as_str)

@@ -504,7 +504,7 @@ impl Sim {
             for (id, s) in &self.driver.streams {
                 // (A stream without a live grant has no windows to keep: the module
                 // closes them.)
-                if s.windows.usable && s.grant.subscribed() && s.catching_up() && !self.driver.slots.holds(id) {
+                if s.windows.usable && s.grant.subscribed() && self.driver.slots.waits(id, s.catching_up()) {
                     assert!(s.windows.mine.is_empty(), "{id} waits for a replay slot but keeps windows {:?}", s.windows.mine);
                 }
             }
