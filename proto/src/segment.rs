@@ -129,9 +129,9 @@ impl EventRef<'_> {
     /// The length of this event's protobuf message, fields at their default left out.
     fn body_len(&self) -> usize {
         use prost::encoding::{encoded_len_varint as varint_len, key_len};
-        let bytes = |len: usize| if len == 0 { 0 } else { key_len(2) + varint_len(len as u64) + len };
-        let scalar = |value: u64| if value == 0 { 0 } else { key_len(1) + varint_len(value) };
-        scalar(self.seq) + bytes(self.kind.len()) + bytes(self.payload.len()) + bytes(self.idempotency_key.len()) + scalar(self.occurred_at_micros as u64)
+        let bytes = |tag: u32, len: usize| if len == 0 { 0 } else { key_len(tag) + varint_len(len as u64) + len };
+        let scalar = |tag: u32, value: u64| if value == 0 { 0 } else { key_len(tag) + varint_len(value) };
+        scalar(1, self.seq) + bytes(2, self.kind.len()) + bytes(3, self.payload.len()) + bytes(4, self.idempotency_key.len()) + scalar(5, self.occurred_at_micros as u64)
     }
 
     /// Writes this event's fields as prost writes a `SegmentEvent`'s: in tag order, each
