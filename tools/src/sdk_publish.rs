@@ -150,12 +150,15 @@ pub struct BarePublisher {
 
 impl BarePublisher {
     pub fn connect(url: &str, database: &str, token: &str) -> Result<BarePublisher> {
-        use crate::bare_bindings::{insert as _, DbConnection};
+        use crate::bare_bindings::{insert as _, insert_guarded as _, DbConnection};
         let (tx, results) = mpsc::channel();
-        let inserted = tx.clone();
+        let (inserted, guarded) = (tx.clone(), tx.clone());
         let conn = connect("connecting the bare publisher", DbConnection::builder, DbConnection::run_threaded, (url, database, token), tx, |conn: &DbConnection| {
             conn.reducers.on_insert(move |ctx, stream_id, _, _, _| {
                 let _ = inserted.send(outcome(stream_id, &ctx.event.status));
+            });
+            conn.reducers.on_insert_guarded(move |ctx, stream_id, _, _, _| {
+                let _ = guarded.send(outcome(stream_id, &ctx.event.status));
             });
         })?;
         Ok(BarePublisher { conn, results })
@@ -168,6 +171,15 @@ impl BarePublisher {
             .reducers
             .insert(stream_id.to_string(), first_seq, last_seq, data)
             .map_err(|e| ToolError::Http { what: format!("sending insert for {stream_id}"), detail: e.to_string() })
+    }
+
+    /// The same into `bare_guarded_segment`, the table behind one row-level-security rule.
+    pub fn send_guarded(&self, stream_id: &str, first_seq: u64, last_seq: u64, data: Vec<u8>) -> Result<()> {
+        use crate::bare_bindings::insert_guarded;
+        self.conn
+            .reducers
+            .insert_guarded(stream_id.to_string(), first_seq, last_seq, data)
+            .map_err(|e| ToolError::Http { what: format!("sending insert_guarded for {stream_id}"), detail: e.to_string() })
     }
 
     pub fn next(&self, timeout: Duration) -> Option<Outcome> {

@@ -6,12 +6,26 @@
 #![allow(unused, clippy::all)]
 use spacetimedb_sdk::__codegen::{self as __sdk, __lib, __sats, __ws};
 
+pub mod add_reader_reducer;
+pub mod bare_guarded_segment_table;
+pub mod bare_guarded_segment_type;
+pub mod bare_reader_table;
+pub mod bare_reader_type;
 pub mod bare_segment_table;
 pub mod bare_segment_type;
+pub mod insert_guarded_reducer;
 pub mod insert_reducer;
 
+pub use add_reader_reducer::{add_reader, set_flags_for_add_reader, AddReaderCallbackId};
+pub use bare_guarded_segment_table::*;
+pub use bare_guarded_segment_type::BareGuardedSegment;
+pub use bare_reader_table::*;
+pub use bare_reader_type::BareReader;
 pub use bare_segment_table::*;
 pub use bare_segment_type::BareSegment;
+pub use insert_guarded_reducer::{
+    insert_guarded, set_flags_for_insert_guarded, InsertGuardedCallbackId,
+};
 pub use insert_reducer::{insert, set_flags_for_insert, InsertCallbackId};
 
 #[derive(Clone, PartialEq, Debug)]
@@ -22,7 +36,17 @@ pub use insert_reducer::{insert, set_flags_for_insert, InsertCallbackId};
 /// to indicate which reducer caused the event.
 
 pub enum Reducer {
+    AddReader {
+        reader: __sdk::Identity,
+        stream_id: String,
+    },
     Insert {
+        stream_id: String,
+        first_seq: u64,
+        last_seq: u64,
+        data: Vec<u8>,
+    },
+    InsertGuarded {
         stream_id: String,
         first_seq: u64,
         last_seq: u64,
@@ -37,7 +61,9 @@ impl __sdk::InModule for Reducer {
 impl __sdk::Reducer for Reducer {
     fn reducer_name(&self) -> &'static str {
         match self {
+            Reducer::AddReader { .. } => "add_reader",
             Reducer::Insert { .. } => "insert",
+            Reducer::InsertGuarded { .. } => "insert_guarded",
         }
     }
 }
@@ -45,10 +71,21 @@ impl TryFrom<__ws::ReducerCallInfo<__ws::BsatnFormat>> for Reducer {
     type Error = __sdk::Error;
     fn try_from(value: __ws::ReducerCallInfo<__ws::BsatnFormat>) -> __sdk::Result<Self> {
         match &value.reducer_name[..] {
+            "add_reader" => Ok(
+                __sdk::parse_reducer_args::<add_reader_reducer::AddReaderArgs>(
+                    "add_reader",
+                    &value.args,
+                )?
+                .into(),
+            ),
             "insert" => Ok(__sdk::parse_reducer_args::<insert_reducer::InsertArgs>(
                 "insert",
                 &value.args,
             )?
+            .into()),
+            "insert_guarded" => Ok(__sdk::parse_reducer_args::<
+                insert_guarded_reducer::InsertGuardedArgs,
+            >("insert_guarded", &value.args)?
             .into()),
             unknown => {
                 Err(
@@ -64,6 +101,8 @@ impl TryFrom<__ws::ReducerCallInfo<__ws::BsatnFormat>> for Reducer {
 #[allow(non_snake_case)]
 #[doc(hidden)]
 pub struct DbUpdate {
+    bare_guarded_segment: __sdk::TableUpdate<BareGuardedSegment>,
+    bare_reader: __sdk::TableUpdate<BareReader>,
     bare_segment: __sdk::TableUpdate<BareSegment>,
 }
 
@@ -73,6 +112,12 @@ impl TryFrom<__ws::DatabaseUpdate<__ws::BsatnFormat>> for DbUpdate {
         let mut db_update = DbUpdate::default();
         for table_update in raw.tables {
             match &table_update.table_name[..] {
+                "bare_guarded_segment" => db_update.bare_guarded_segment.append(
+                    bare_guarded_segment_table::parse_table_update(table_update)?,
+                ),
+                "bare_reader" => db_update
+                    .bare_reader
+                    .append(bare_reader_table::parse_table_update(table_update)?),
                 "bare_segment" => db_update
                     .bare_segment
                     .append(bare_segment_table::parse_table_update(table_update)?),
@@ -102,6 +147,15 @@ impl __sdk::DbUpdate for DbUpdate {
     ) -> AppliedDiff<'_> {
         let mut diff = AppliedDiff::default();
 
+        diff.bare_guarded_segment = cache
+            .apply_diff_to_table::<BareGuardedSegment>(
+                "bare_guarded_segment",
+                &self.bare_guarded_segment,
+            )
+            .with_updates_by_pk(|row| &row.id);
+        diff.bare_reader = cache
+            .apply_diff_to_table::<BareReader>("bare_reader", &self.bare_reader)
+            .with_updates_by_pk(|row| &row.id);
         diff.bare_segment = cache
             .apply_diff_to_table::<BareSegment>("bare_segment", &self.bare_segment)
             .with_updates_by_pk(|row| &row.id);
@@ -114,6 +168,8 @@ impl __sdk::DbUpdate for DbUpdate {
 #[allow(non_snake_case)]
 #[doc(hidden)]
 pub struct AppliedDiff<'r> {
+    bare_guarded_segment: __sdk::TableAppliedDiff<'r, BareGuardedSegment>,
+    bare_reader: __sdk::TableAppliedDiff<'r, BareReader>,
     bare_segment: __sdk::TableAppliedDiff<'r, BareSegment>,
 }
 
@@ -127,6 +183,12 @@ impl<'r> __sdk::AppliedDiff<'r> for AppliedDiff<'r> {
         event: &EventContext,
         callbacks: &mut __sdk::DbCallbacks<RemoteModule>,
     ) {
+        callbacks.invoke_table_row_callbacks::<BareGuardedSegment>(
+            "bare_guarded_segment",
+            &self.bare_guarded_segment,
+            event,
+        );
+        callbacks.invoke_table_row_callbacks::<BareReader>("bare_reader", &self.bare_reader, event);
         callbacks.invoke_table_row_callbacks::<BareSegment>(
             "bare_segment",
             &self.bare_segment,
@@ -707,6 +769,8 @@ impl __sdk::SpacetimeModule for RemoteModule {
     type SubscriptionHandle = SubscriptionHandle;
 
     fn register_tables(client_cache: &mut __sdk::ClientCache<Self>) {
+        bare_guarded_segment_table::register_table(client_cache);
+        bare_reader_table::register_table(client_cache);
         bare_segment_table::register_table(client_cache);
     }
 }

@@ -6,7 +6,7 @@
 
 use super::chart::{self, Series};
 use super::redis_base::{self, RedisServer};
-use super::latency::{bare_fan_out, khala_latency, Load};
+use super::latency::{bare_fan_out, khala_latency, BareTable, Load};
 use super::mirror::{mirror_file, MirrorBenchArgs};
 use super::{private_server, publish_bare, publish_http, publish_sdk, replay_client, PublishArgs};
 use khala_tools::mirror::publisher::Transport;
@@ -42,7 +42,8 @@ pub struct AllArgs {
     #[arg(long)]
     pub skip_http: bool,
     /// Latency: events per second, one per call, to `--latency-subscribers` and then to
-    /// `--fan-out-subscribers` clients of one stream (Khala, then the bare module).
+    /// `--fan-out-subscribers` clients of one stream (Khala, then the bare module without
+    /// and with a row-level-security rule).
     #[arg(long, default_value_t = 1_000)]
     pub latency_rate: u64,
     #[arg(long, default_value_t = 5)]
@@ -198,11 +199,12 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
 
     let mut latency = Vec::new();
     for (subscribers, db) in [(args.latency_subscribers, "latency"), (args.fan_out_subscribers, "fan-out")] {
-        next(&format!("latency: {} events/s, one per call, to {subscribers} subscribers (Khala, then the bare module)", args.latency_rate));
+        next(&format!("latency: {} events/s, one per call, to {subscribers} subscribers (Khala, then the bare module without and with an RLS rule)", args.latency_rate));
         let load = Load { subscribers, rate: args.latency_rate, seconds: args.latency_seconds, payload_bytes: args.payload_bytes, ack: true };
         let khala = khala_latency(&api, &owner.token, db, dir.path(), load)?;
-        let bare = bare_fan_out(&api, &owner.token, &format!("{db}-bare"), load)?;
-        latency.push(json!({ "subscribers": subscribers, "rate": args.latency_rate, "seconds": args.latency_seconds, "khala": khala, "bare": bare }));
+        let bare = bare_fan_out(&api, &owner.token, &format!("{db}-bare"), load, BareTable::Public)?;
+        let bare_rls = bare_fan_out(&api, &owner.token, &format!("{db}-bare-rls"), load, BareTable::Guarded)?;
+        latency.push(json!({ "subscribers": subscribers, "rate": args.latency_rate, "seconds": args.latency_seconds, "khala": khala, "bare": bare, "bare_rls": bare_rls }));
     }
     drop(server);
 
@@ -321,10 +323,14 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
         if report["machine"]["worktree_dirty"] == json!(true) { " (with uncommitted changes)" } else { "" },
         report["machine"]["loadavg_at_start"].as_str().unwrap_or("?"),
     ));
-    md.push_str("\nLatency, one event per `publish` call at a steady rate, timed from the send to the subscriber's handler (Khala: a real client per granted identity) or insert callback (bare module), and for Khala to the `persist` before its checkpoint write:\n\n");
+    md.push_str("\nLatency, one event per `publish` call at a steady rate, timed from the send to the subscriber's handler (Khala: a real client per granted identity) or insert callback (bare module; with one RLS rule, each subscriber has its own query plan as with Khala), and for Khala to the `persist` before its checkpoint write:\n\n");
     md.push_str("| subscribers | events/s | path | sent | delivered | missing | p50 | p99 | max | to checkpoint p99 |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for l in &latency {
-        for (path, r, hop) in [("Khala", &l["khala"], "publish_to_handler"), ("bare module", &l["bare"], "publish_to_callback")] {
+        for (path, r, hop) in [
+            ("Khala", &l["khala"], "publish_to_handler"),
+            ("bare module", &l["bare"], "publish_to_callback"),
+            ("bare module, one RLS rule", &l["bare_rls"], "publish_to_callback"),
+        ] {
             let ms = |k: &str| r[hop][k].as_f64().map_or("—".to_string(), |v| format!("{v} ms"));
             let durable = r["publish_to_durable_checkpoint"]["p99_ms"].as_f64().map_or("—".to_string(), |v| format!("{v} ms"));
             md.push_str(&format!(

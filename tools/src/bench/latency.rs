@@ -1,6 +1,8 @@
 //! `khala bench latency`: publish → client handler, and publish → durable checkpoint, at a
 //! steady rate to N subscribers of one stream; and the same fan-out through the bare
-//! module (no Khala code on either side) as the engine's own figure from the same run.
+//! module (no Khala code on either side) as the engine's own figure from the same run,
+//! once from its public table and once from a table behind one row-level-security rule
+//! (a query plan per subscriber, as Khala's rules give).
 //!
 //! Every event is one `publish` call over the SDK carrying, in its first 8 payload bytes,
 //! the wall-clock microseconds at which it was sent. Each subscriber is a real
@@ -39,7 +41,7 @@ pub struct LatencyArgs {
     /// Subscribers do not ack (acks are reducer calls: one per subscriber per checkpoint).
     #[arg(long)]
     pub no_ack: bool,
-    /// Leave out the bare module's fan-out.
+    /// Leave out the bare module's fan-out (public and behind an RLS rule).
     #[arg(long)]
     pub skip_bare: bool,
 }
@@ -190,8 +192,12 @@ pub fn latency(args: LatencyArgs) -> anyhow::Result<()> {
     let api = Api::new(&server.url());
     let owner = api.new_identity()?;
     let khala = khala_latency(&api, &owner.token, "lat", dir.path(), load)?;
-    let bare = if args.skip_bare { Value::Null } else { bare_fan_out(&api, &owner.token, "lat-bare", load)? };
-    println!("{}", serde_json::to_string_pretty(&json!({ "command": command, "khala": khala, "bare": bare }))?);
+    let (bare, bare_rls) = if args.skip_bare {
+        (Value::Null, Value::Null)
+    } else {
+        (bare_fan_out(&api, &owner.token, "lat-bare", load, BareTable::Public)?, bare_fan_out(&api, &owner.token, "lat-bare-rls", load, BareTable::Guarded)?)
+    };
+    println!("{}", serde_json::to_string_pretty(&json!({ "command": command, "khala": khala, "bare": bare, "bare_rls": bare_rls }))?);
     Ok(())
 }
 
@@ -278,19 +284,34 @@ fn deliveries(load: Load, sent: u64, failed: u64, applied: Vec<(usize, u64)>) ->
     })
 }
 
+/// Which table of the bare module the fan-out baseline publishes to and reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BareTable {
+    /// `bare_segment`: public, so every subscriber shares one query plan and one encoded
+    /// update per commit.
+    Public,
+    /// `bare_guarded_segment`: behind one row-level-security rule on `:sender`, so each
+    /// subscriber has a plan of its own, evaluated and encoded for it at every commit, as
+    /// with Khala's rules.
+    Guarded,
+}
+
 /// The same rate into the bare module, one row per call, to as many connections (each
-/// its own identity) subscribed to its whole public table: the engine's own fan-out, with no Khala code.
-pub fn bare_fan_out(api: &Api, owner_token: &str, db: &str, load: Load) -> anyhow::Result<Value> {
+/// its own identity) subscribed to the whole of `table`: the engine's own fan-out, with no Khala code.
+pub fn bare_fan_out(api: &Api, owner_token: &str, db: &str, load: Load, table: BareTable) -> anyhow::Result<Value> {
     let url = api.base_url().to_string();
-    use khala_tools::bare_bindings::{BareSegmentTableAccess, DbConnection};
+    use khala_tools::bare_bindings::{BareGuardedSegmentTableAccess, BareSegmentTableAccess, DbConnection};
     use spacetimedb_sdk::{DbContext, Table};
     let wasm = std::fs::read(khala_tools::module_wasm::build_bare_module()?)?;
     api.publish_module(db, &wasm, owner_token, false)?;
     let micros = Arc::new(Mutex::new(Vec::<(usize, u64, i64)>::new()));
-    let (subscribed_tx, subscribed_rx) = std::sync::mpsc::channel::<()>();
+    let (subscribed_tx, subscribed_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let mut conns = Vec::new();
     for n in 0..load.subscribers {
         let reader = api.new_identity()?;
+        if table == BareTable::Guarded {
+            api.call(db, "add_reader", json!([identity_arg(&reader.identity), STREAM]), owner_token)?;
+        }
         let conn = DbConnection::builder()
             .with_uri(&url)
             .with_module_name(db)
@@ -299,25 +320,45 @@ pub fn bare_fan_out(api: &Api, owner_token: &str, db: &str, load: Load) -> anyho
             .build()
             .context("connecting a bare subscriber")?;
         let micros = micros.clone();
-        conn.db.bare_segment().on_insert(move |_, row| {
+        let record = move |first_seq: u64, data: &[u8]| {
             let now = unix_micros();
-            micros.lock().expect("samples").push((n, row.first_seq, now - sent_micros(&row.data)));
-        });
-        let subscribed = subscribed_tx.clone();
+            micros.lock().expect("samples").push((n, first_seq, now - sent_micros(data)));
+        };
+        let query = match table {
+            BareTable::Public => {
+                conn.db.bare_segment().on_insert(move |_, row| record(row.first_seq, &row.data));
+                "SELECT * FROM bare_segment"
+            }
+            BareTable::Guarded => {
+                conn.db.bare_guarded_segment().on_insert(move |_, row| record(row.first_seq, &row.data));
+                "SELECT * FROM bare_guarded_segment"
+            }
+        };
+        let (subscribed, refused) = (subscribed_tx.clone(), subscribed_tx.clone());
         conn.subscription_builder()
             .on_applied(move |_| {
-                let _ = subscribed.send(());
+                let _ = subscribed.send(Ok(()));
             })
-            .subscribe(["SELECT * FROM bare_segment"]);
+            .on_error(move |_, e| {
+                let _ = refused.send(Err(e.to_string()));
+            })
+            .subscribe([query]);
         conn.run_threaded();
         conns.push(conn);
     }
     for _ in 0..load.subscribers {
-        subscribed_rx.recv_timeout(Duration::from_secs(60)).context("a bare subscription was not applied within 60 s")?;
+        subscribed_rx
+            .recv_timeout(Duration::from_secs(60))
+            .context("a bare subscription was not applied within 60 s")?
+            .map_err(|e| anyhow::anyhow!("a bare subscription was refused: {e}"))?;
     }
     let publisher = BarePublisher::connect(&url, db, owner_token)?;
     let mut rng = rand::thread_rng();
-    let (sent, failed) = paced(load.rate, load.seconds, |seq| Ok(publisher.send(STREAM, seq, seq, payload(load.payload_bytes, &mut rng))?), || publisher.next(Duration::ZERO))?;
+    let send = |seq: u64, data: Vec<u8>| match table {
+        BareTable::Public => publisher.send(STREAM, seq, seq, data),
+        BareTable::Guarded => publisher.send_guarded(STREAM, seq, seq, data),
+    };
+    let (sent, failed) = paced(load.rate, load.seconds, |seq| Ok(send(seq, payload(load.payload_bytes, &mut rng))?), || publisher.next(Duration::ZERO))?;
     let want = sent as usize * load.subscribers;
     drain(want, || micros.lock().expect("samples").len());
     for conn in &conns {

@@ -53,7 +53,8 @@ pub enum Which {
     /// module fed the same events in the same run.
     Mirror(mirror::MirrorBenchArgs),
     /// Publish → client handler and publish → durable checkpoint at a steady rate to N
-    /// subscribers of one stream, with the bare module's fan-out as the engine's figure.
+    /// subscribers of one stream, with the bare module's fan-out as the engine's figure
+    /// (from a public table, and from one behind a row-level-security rule).
     Latency(latency::LatencyArgs),
 }
 
