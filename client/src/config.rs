@@ -23,7 +23,8 @@ pub struct ClientConfig {
     /// How long a stream may wait for the server to catch up with the checkpoint
     /// (after a server crash) before it is reported.
     pub server_behind_limit: Duration,
-    /// Send acks after each durable checkpoint (needs the `ack` scope).
+    /// Ack each stream's durable cursor, at most every `ACK_EVERY` (500 ms; needs the
+    /// `ack` scope).
     pub ack: bool,
     /// Ask the server to gzip large messages. `None` decides by address: off on
     /// loopback (compression only costs CPU there), on elsewhere. The SDK's own default,

@@ -959,6 +959,24 @@ fn a_quiet_stream_acks_its_durable_cursor_again_after_a_reconnect() {
 }
 
 #[test]
+fn under_steady_traffic_acks_go_once_per_ack_every_and_end_at_the_durable_cursor() {
+    let mut sim = live_sim(0);
+    let sent = sim.acks_sent;
+    // Two seconds of events every 10 ms: about a hundred checkpoints.
+    for _ in 0..200 {
+        sim.publish(0, 1);
+        sim.deliver(100);
+        sim.advance(Duration::from_millis(10));
+    }
+    let spaced = (Duration::from_secs(2).as_millis() / super::acks::ACK_EVERY.as_millis()) as u64 + 1;
+    assert!(sim.acks_sent - sent <= spaced, "{} acks in 2 s", sim.acks_sent - sent);
+    sim.advance(super::acks::ACK_EVERY);
+    sim.deliver(100);
+    sim.advance(Duration::from_millis(50));
+    assert_eq!(sim.server["s.a"].acked, 200);
+}
+
+#[test]
 fn a_refused_ack_is_retried_after_a_pause_not_at_every_tick() {
     let mut sim = live_sim(0);
     sim.faults.ack = 1;
