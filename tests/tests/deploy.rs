@@ -220,7 +220,7 @@ fn with_both_flags_the_breaking_change_is_accepted_and_the_data_is_gone() {
     assert_eq!(report["classes"]["worst"], "data_losing");
 
     let schema = live_schema(&db.name);
-    assert_eq!(schema.tables.keys().collect::<Vec<_>>(), vec!["bare_segment"]);
+    assert_eq!(schema.tables.keys().collect::<Vec<_>>(), vec!["bare_guarded_segment", "bare_reader", "bare_segment"]);
     assert_eq!(live_hash(&db), wasm_hash(&wasms().bare));
     assert!(db.api.sql(&db.name, "SELECT * FROM stream", &db.owner.token).is_err(), "the stream table is gone");
 }
