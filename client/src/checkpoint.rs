@@ -121,9 +121,21 @@ fn decode_v1(bytes: &[u8]) -> Result<Vec<StreamCursor>, String> {
 /// Decodes a whole file: the newest valid slot's generation and cursors (a version 1
 /// file counts as generation 0), or `Err(reason)` when nothing in it is valid.
 pub fn decode(bytes: &[u8]) -> Result<(u64, Vec<StreamCursor>), String> {
-    if bytes.len() >= 6 && &bytes[..4] == MAGIC && u16::from_be_bytes([bytes[4], bytes[5]]) == VERSION_1 {
-        return decode_v1(bytes).map(|cursors| (0, cursors));
+    // A file that starts like version 1 is read as one; if it is not a valid one, its
+    // slots are still tried (a damaged first slot must not hide a sound second one).
+    let v1 = (bytes.len() >= 6 && &bytes[..4] == MAGIC && u16::from_be_bytes([bytes[4], bytes[5]]) == VERSION_1).then(|| decode_v1(bytes));
+    if let Some(Ok(cursors)) = v1 {
+        return Ok((0, cursors));
     }
+    match (decode_slots(bytes), v1) {
+        (Ok(newest), _) => Ok(newest),
+        (Err(_), Some(Err(reason))) => Err(reason),
+        (Err(reason), _) => Err(reason),
+    }
+}
+
+/// The valid slot with the higher generation of a two-slot file.
+fn decode_slots(bytes: &[u8]) -> Result<(u64, Vec<StreamCursor>), String> {
     if bytes.len() % 2 != 0 || bytes.len() / 2 < HEADER {
         return Err(format!("{} bytes is not two slots", bytes.len()));
     }
@@ -327,6 +339,20 @@ mod tests {
         next.store(vec![cursor("a", 5)]).unwrap();
         next.store(vec![cursor("a", 6)]).unwrap();
         assert_eq!(file.load().unwrap().unwrap(), vec![cursor("a", 6)]);
+    }
+
+    #[test]
+    fn a_first_slot_damaged_into_a_version_1_header_does_not_hide_the_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = CheckpointFile::new(dir.path().join("cp"));
+        file.store(vec![cursor("a", 1)]).unwrap();
+        file.store(vec![cursor("a", 2)]).unwrap();
+        let mut bytes = fs::read(file.path()).unwrap();
+        bytes[5] = VERSION_1 as u8;
+        fs::write(file.path(), &bytes).unwrap();
+        let second = slot_of(1, bytes.len());
+        assert!(second.start > 0, "generation 1 is in the second slot");
+        assert_eq!(file.load().unwrap().unwrap(), vec![cursor("a", 1)]);
     }
 
     #[test]
