@@ -38,7 +38,8 @@ pub struct LatencyArgs {
     pub seconds: u64,
     #[arg(long, default_value_t = 256)]
     pub payload_bytes: usize,
-    /// Subscribers do not ack (acks are reducer calls: one per subscriber per checkpoint).
+    /// Subscribers do not ack (acks are reducer calls: one per subscriber and stream at
+    /// most every 500 ms).
     #[arg(long)]
     pub no_ack: bool,
     /// Leave out the bare module's fan-out (public and behind an RLS rule).
