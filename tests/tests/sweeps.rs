@@ -376,7 +376,22 @@ fn sweeps_reach_every_stream_under_a_log_far_larger_than_their_budget() {
 
     // With nothing left to do, no run loads a segment: the hints skip every stream
     // (including the small streams' trailing runs, which were rescanned every second).
-    let before = loads(&db);
+    // Compaction may still have the probe's last one-event segments to merge (published
+    // while retention ran; a CI run saw it load them in the idle window), so first wait
+    // for a sweep interval and a half in which no run loaded anything. Sweeps that never
+    // go quiet fail here.
+    let quiet_by = Instant::now() + DEADLINE;
+    let mut before = loads(&db);
+    loop {
+        std::thread::sleep(Duration::from_millis(1500));
+        let now = loads(&db);
+        let quiet = (now.0.runs, now.1.runs) == (before.0.runs, before.1.runs);
+        before = now;
+        if quiet {
+            break;
+        }
+        assert!(Instant::now() < quiet_by, "the sweeps still loaded segments {DEADLINE:?} after retention was done");
+    }
     std::thread::sleep(Duration::from_millis(2500));
     let (r, c) = loads(&db);
     eprintln!("idle for 2.5 s: retention {}, compaction {}", r.since(before.0), c.since(before.1));
