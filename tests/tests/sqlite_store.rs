@@ -101,9 +101,11 @@ fn kill_drill(label: &str, backlog: u64) {
             while extent(&file).0 <= before && Instant::now() < deadline && child.try_wait().unwrap().is_none() {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            // Short enough that 20 kills, each a commit or more apart, all land within the
-            // 100k backlog (at 0..150 ms one run reached 100,144 at the 20th kill).
-            std::thread::sleep(Duration::from_millis(rng.gen_range(0..60)));
+            // One commit interval (the client persists every 20 ms while it applies), so
+            // the kill lands anywhere in the batch being applied, and 20 kills, each a
+            // commit or more apart, all land within the 100k backlog: at 0..150 ms one run
+            // reached 100,144 at the 20th kill, and at 0..60 ms one on a faster day 102,144.
+            std::thread::sleep(Duration::from_millis(rng.gen_range(0..20)));
             let alive = child.try_wait().unwrap().is_none();
             let published = head.load(Ordering::Relaxed);
             child.kill().unwrap();
