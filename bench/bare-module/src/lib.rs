@@ -7,7 +7,15 @@
 
 use spacetimedb::{client_visibility_filter, reducer, table, Filter, Identity, ReducerContext, Table};
 
+/// One pre-packed batch of one stream. Two tables hold these rows: `bare_segment`, which
+/// every subscriber sees, and `bare_guarded_segment`, the same rows behind one
+/// row-level-security rule (`GUARDED_VISIBILITY`) for `khala bench latency`'s second
+/// baseline: a subscriber sees the rows of the streams it has a [`BareReader`] row for.
+/// A rule that names `:sender` gives every subscriber a query plan of its own, evaluated
+/// and encoded for each of them at every commit, as Khala's rules do; that table measures
+/// what this costs the engine with no Khala code around it.
 #[table(name = bare_segment, public)]
+#[table(name = bare_guarded_segment, public)]
 pub struct BareSegment {
     #[primary_key]
     #[auto_inc]
@@ -23,23 +31,6 @@ pub struct BareSegment {
 #[reducer]
 pub fn insert(ctx: &ReducerContext, stream_id: String, first_seq: u64, last_seq: u64, data: Vec<u8>) {
     ctx.db.bare_segment().insert(BareSegment { id: 0, stream_id, first_seq, last_seq, data });
-}
-
-/// The same rows behind one row-level-security rule, for `khala bench latency`'s second
-/// baseline: a subscriber sees the rows of the streams it has a [`BareReader`] row for.
-/// A rule that names `:sender` gives every subscriber a query plan of its own, evaluated
-/// and encoded for each of them at every commit, as Khala's rules do; this table measures
-/// what that costs the engine with no Khala code around it.
-#[table(name = bare_guarded_segment, public)]
-pub struct BareGuardedSegment {
-    #[primary_key]
-    #[auto_inc]
-    pub id: u64,
-    #[index(btree)]
-    pub stream_id: String,
-    pub first_seq: u64,
-    pub last_seq: u64,
-    pub data: Vec<u8>,
 }
 
 /// Who may read which stream of `bare_guarded_segment` (one grant, Khala's `stream_grant`).
@@ -67,7 +58,7 @@ const GUARDED_VISIBILITY: Filter = Filter::Sql(
 /// Stores one guarded row, nothing else.
 #[reducer]
 pub fn insert_guarded(ctx: &ReducerContext, stream_id: String, first_seq: u64, last_seq: u64, data: Vec<u8>) {
-    ctx.db.bare_guarded_segment().insert(BareGuardedSegment { id: 0, stream_id, first_seq, last_seq, data });
+    ctx.db.bare_guarded_segment().insert(BareSegment { id: 0, stream_id, first_seq, last_seq, data });
 }
 
 /// Lets `reader` see `stream_id` in `bare_guarded_segment`. Unchecked, like everything in

@@ -4,7 +4,7 @@
 // This was generated using spacetimedb cli version 1.2.0 (commit ).
 
 #![allow(unused, clippy::all)]
-use super::bare_guarded_segment_type::BareGuardedSegment;
+use super::bare_segment_type::BareSegment;
 use spacetimedb_sdk::__codegen::{self as __sdk, __lib, __sats, __ws};
 
 /// Table handle for the table `bare_guarded_segment`.
@@ -16,7 +16,7 @@ use spacetimedb_sdk::__codegen::{self as __sdk, __lib, __sats, __ws};
 /// but to directly chain method calls,
 /// like `ctx.db.bare_guarded_segment().on_insert(...)`.
 pub struct BareGuardedSegmentTableHandle<'ctx> {
-    imp: __sdk::TableHandle<BareGuardedSegment>,
+    imp: __sdk::TableHandle<BareSegment>,
     ctx: std::marker::PhantomData<&'ctx super::RemoteTables>,
 }
 
@@ -33,9 +33,7 @@ pub trait BareGuardedSegmentTableAccess {
 impl BareGuardedSegmentTableAccess for super::RemoteTables {
     fn bare_guarded_segment(&self) -> BareGuardedSegmentTableHandle<'_> {
         BareGuardedSegmentTableHandle {
-            imp: self
-                .imp
-                .get_table::<BareGuardedSegment>("bare_guarded_segment"),
+            imp: self.imp.get_table::<BareSegment>("bare_guarded_segment"),
             ctx: std::marker::PhantomData,
         }
     }
@@ -45,13 +43,13 @@ pub struct BareGuardedSegmentInsertCallbackId(__sdk::CallbackId);
 pub struct BareGuardedSegmentDeleteCallbackId(__sdk::CallbackId);
 
 impl<'ctx> __sdk::Table for BareGuardedSegmentTableHandle<'ctx> {
-    type Row = BareGuardedSegment;
+    type Row = BareSegment;
     type EventContext = super::EventContext;
 
     fn count(&self) -> u64 {
         self.imp.count()
     }
-    fn iter(&self) -> impl Iterator<Item = BareGuardedSegment> + '_ {
+    fn iter(&self) -> impl Iterator<Item = BareSegment> + '_ {
         self.imp.iter()
     }
 
@@ -84,7 +82,7 @@ impl<'ctx> __sdk::Table for BareGuardedSegmentTableHandle<'ctx> {
 
 #[doc(hidden)]
 pub(super) fn register_table(client_cache: &mut __sdk::ClientCache<super::RemoteModule>) {
-    let _table = client_cache.get_or_make_table::<BareGuardedSegment>("bare_guarded_segment");
+    let _table = client_cache.get_or_make_table::<BareSegment>("bare_guarded_segment");
     _table.add_unique_constraint::<u64>("id", |row| &row.id);
 }
 pub struct BareGuardedSegmentUpdateCallbackId(__sdk::CallbackId);
@@ -107,9 +105,9 @@ impl<'ctx> __sdk::TableWithPrimaryKey for BareGuardedSegmentTableHandle<'ctx> {
 #[doc(hidden)]
 pub(super) fn parse_table_update(
     raw_updates: __ws::TableUpdate<__ws::BsatnFormat>,
-) -> __sdk::Result<__sdk::TableUpdate<BareGuardedSegment>> {
+) -> __sdk::Result<__sdk::TableUpdate<BareSegment>> {
     __sdk::TableUpdate::parse_table_update(raw_updates).map_err(|e| {
-        __sdk::InternalError::failed_parse("TableUpdate<BareGuardedSegment>", "TableUpdate")
+        __sdk::InternalError::failed_parse("TableUpdate<BareSegment>", "TableUpdate")
             .with_cause(e)
             .into()
     })
@@ -123,7 +121,7 @@ pub(super) fn parse_table_update(
 /// but to directly chain method calls,
 /// like `ctx.db.bare_guarded_segment().id().find(...)`.
 pub struct BareGuardedSegmentIdUnique<'ctx> {
-    imp: __sdk::UniqueConstraintHandle<BareGuardedSegment, u64>,
+    imp: __sdk::UniqueConstraintHandle<BareSegment, u64>,
     phantom: std::marker::PhantomData<&'ctx super::RemoteTables>,
 }
 
@@ -140,7 +138,7 @@ impl<'ctx> BareGuardedSegmentTableHandle<'ctx> {
 impl<'ctx> BareGuardedSegmentIdUnique<'ctx> {
     /// Find the subscribed row whose `id` column value is equal to `col_val`,
     /// if such a row is present in the client cache.
-    pub fn find(&self, col_val: &u64) -> Option<BareGuardedSegment> {
+    pub fn find(&self, col_val: &u64) -> Option<BareSegment> {
         self.imp.find(col_val)
     }
 }

@@ -8,7 +8,6 @@ use spacetimedb_sdk::__codegen::{self as __sdk, __lib, __sats, __ws};
 
 pub mod add_reader_reducer;
 pub mod bare_guarded_segment_table;
-pub mod bare_guarded_segment_type;
 pub mod bare_reader_table;
 pub mod bare_reader_type;
 pub mod bare_segment_table;
@@ -18,7 +17,6 @@ pub mod insert_reducer;
 
 pub use add_reader_reducer::{add_reader, set_flags_for_add_reader, AddReaderCallbackId};
 pub use bare_guarded_segment_table::*;
-pub use bare_guarded_segment_type::BareGuardedSegment;
 pub use bare_reader_table::*;
 pub use bare_reader_type::BareReader;
 pub use bare_segment_table::*;
@@ -101,7 +99,7 @@ impl TryFrom<__ws::ReducerCallInfo<__ws::BsatnFormat>> for Reducer {
 #[allow(non_snake_case)]
 #[doc(hidden)]
 pub struct DbUpdate {
-    bare_guarded_segment: __sdk::TableUpdate<BareGuardedSegment>,
+    bare_guarded_segment: __sdk::TableUpdate<BareSegment>,
     bare_reader: __sdk::TableUpdate<BareReader>,
     bare_segment: __sdk::TableUpdate<BareSegment>,
 }
@@ -148,10 +146,7 @@ impl __sdk::DbUpdate for DbUpdate {
         let mut diff = AppliedDiff::default();
 
         diff.bare_guarded_segment = cache
-            .apply_diff_to_table::<BareGuardedSegment>(
-                "bare_guarded_segment",
-                &self.bare_guarded_segment,
-            )
+            .apply_diff_to_table::<BareSegment>("bare_guarded_segment", &self.bare_guarded_segment)
             .with_updates_by_pk(|row| &row.id);
         diff.bare_reader = cache
             .apply_diff_to_table::<BareReader>("bare_reader", &self.bare_reader)
@@ -168,7 +163,7 @@ impl __sdk::DbUpdate for DbUpdate {
 #[allow(non_snake_case)]
 #[doc(hidden)]
 pub struct AppliedDiff<'r> {
-    bare_guarded_segment: __sdk::TableAppliedDiff<'r, BareGuardedSegment>,
+    bare_guarded_segment: __sdk::TableAppliedDiff<'r, BareSegment>,
     bare_reader: __sdk::TableAppliedDiff<'r, BareReader>,
     bare_segment: __sdk::TableAppliedDiff<'r, BareSegment>,
 }
@@ -183,7 +178,7 @@ impl<'r> __sdk::AppliedDiff<'r> for AppliedDiff<'r> {
         event: &EventContext,
         callbacks: &mut __sdk::DbCallbacks<RemoteModule>,
     ) {
-        callbacks.invoke_table_row_callbacks::<BareGuardedSegment>(
+        callbacks.invoke_table_row_callbacks::<BareSegment>(
             "bare_guarded_segment",
             &self.bare_guarded_segment,
             event,
