@@ -301,7 +301,7 @@ pub enum BareTable {
 /// its own identity) subscribed to the whole of `table`: the engine's own fan-out, with no Khala code.
 pub fn bare_fan_out(api: &Api, owner_token: &str, db: &str, load: Load, table: BareTable) -> anyhow::Result<Value> {
     let url = api.base_url().to_string();
-    use khala_tools::bare_bindings::{BareGuardedSegmentTableAccess, BareSegmentTableAccess, DbConnection};
+    use khala_tools::bare_bindings::{BareGuardedSegmentTableAccess, BareSegment, BareSegmentTableAccess, DbConnection, EventContext};
     use spacetimedb_sdk::{DbContext, Table};
     let wasm = std::fs::read(khala_tools::module_wasm::build_bare_module()?)?;
     api.publish_module(db, &wasm, owner_token, false)?;
@@ -321,17 +321,18 @@ pub fn bare_fan_out(api: &Api, owner_token: &str, db: &str, load: Load, table: B
             .build()
             .context("connecting a bare subscriber")?;
         let micros = micros.clone();
-        let record = move |first_seq: u64, data: &[u8]| {
+        // Both tables hold `BareSegment` rows.
+        let record = move |_: &EventContext, row: &BareSegment| {
             let now = unix_micros();
-            micros.lock().expect("samples").push((n, first_seq, now - sent_micros(data)));
+            micros.lock().expect("samples").push((n, row.first_seq, now - sent_micros(&row.data)));
         };
         let query = match table {
             BareTable::Public => {
-                conn.db.bare_segment().on_insert(move |_, row| record(row.first_seq, &row.data));
+                conn.db.bare_segment().on_insert(record);
                 "SELECT * FROM bare_segment"
             }
             BareTable::Guarded => {
-                conn.db.bare_guarded_segment().on_insert(move |_, row| record(row.first_seq, &row.data));
+                conn.db.bare_guarded_segment().on_insert(record);
                 "SELECT * FROM bare_guarded_segment"
             }
         };
