@@ -27,7 +27,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 const MAGIC: &[u8; 4] = b"KHCP";
 /// A whole-file checkpoint, as written before slots (read, never written).
@@ -160,7 +159,7 @@ struct Slots {
 #[derive(Debug)]
 pub struct CheckpointFile {
     path: PathBuf,
-    slots: Mutex<Option<Slots>>,
+    slots: Option<Slots>,
 }
 
 impl Clone for CheckpointFile {
@@ -172,7 +171,7 @@ impl Clone for CheckpointFile {
 
 impl CheckpointFile {
     pub fn new(path: impl Into<PathBuf>) -> CheckpointFile {
-        CheckpointFile { path: path.into(), slots: Mutex::new(None) }
+        CheckpointFile { path: path.into(), slots: None }
     }
 
     pub fn path(&self) -> &Path {
@@ -198,8 +197,8 @@ impl CheckpointFile {
 
     /// Moves a corrupt file aside (`<file>.corrupt-<unix ms>`) and returns where it went.
     /// The next store writes a new file.
-    pub fn set_aside(&self) -> Result<PathBuf, CheckpointError> {
-        *self.slots.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    pub fn set_aside(&mut self) -> Result<PathBuf, CheckpointError> {
+        self.slots = None;
         let millis = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
         let mut aside = self.path.clone().into_os_string();
         aside.push(format!(".corrupt-{millis}"));
@@ -210,30 +209,29 @@ impl CheckpointFile {
 
     /// Makes `cursors` the stored checkpoint: over the older slot in place when this
     /// process has written the file whole before and they fit, else the whole file anew.
-    pub fn store(&self, cursors: Vec<StreamCursor>) -> Result<(), CheckpointError> {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let generation = match slots.as_ref() {
+    pub fn store(&mut self, cursors: Vec<StreamCursor>) -> Result<(), CheckpointError> {
+        let generation = match &self.slots {
             Some(open) => open.generation,
             // A file this process has not written yet: continue its generations (a
             // corrupt one counts as none; the driver sets it aside first).
             None => self.read().ok().flatten().map_or(0, |(generation, _)| generation),
         } + 1;
         let slot = encode_slot(generation, cursors);
-        if let Some(open) = slots.as_mut().filter(|open| slot.len() <= open.slot_len) {
+        if let Some(open) = self.slots.as_mut().filter(|open| slot.len() <= open.slot_len) {
             let offset = (generation % 2) * open.slot_len as u64;
-            match open.file.write_all_at(&slot, offset).and_then(|()| open.file.sync_data()) {
-                Ok(()) => open.generation = generation,
-                Err(e) => {
-                    // The slot may be torn (the other still holds the last checkpoint):
-                    // the next store writes the file whole.
-                    *slots = None;
-                    return Err(self.io(e));
-                }
+            if let Err(e) = open.file.write_all_at(&slot, offset).and_then(|()| open.file.sync_data()) {
+                // The slot may be torn (the other still holds the last checkpoint):
+                // the next store writes the file whole.
+                self.slots = None;
+                return Err(self.io(e));
             }
+            open.generation = generation;
             return Ok(());
         }
-        *slots = None;
-        *slots = Some(self.write_whole(generation, &slot)?);
+        // Until the new file is written and renamed into place, a failure leaves nothing
+        // open, so the next store writes it whole again.
+        self.slots = None;
+        self.slots = Some(self.write_whole(generation, &slot)?);
         Ok(())
     }
 
@@ -252,7 +250,7 @@ impl CheckpointFile {
         let mut tmp = self.path.clone().into_os_string();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
-        let mut file = OpenOptions::new().create(true).read(true).write(true).truncate(true).open(&tmp).map_err(|e| self.io(e))?;
+        let mut file = OpenOptions::new().create(true).write(true).truncate(true).open(&tmp).map_err(|e| self.io(e))?;
         file.write_all(&image).map_err(|e| self.io(e))?;
         file.sync_all().map_err(|e| self.io(e))?;
         fs::rename(&tmp, &self.path).map_err(|e| self.io(e))?;
@@ -292,7 +290,7 @@ mod tests {
     #[test]
     fn stores_and_loads() {
         let dir = tempfile::tempdir().unwrap();
-        let file = CheckpointFile::new(dir.path().join("sub/cp"));
+        let mut file = CheckpointFile::new(dir.path().join("sub/cp"));
         assert!(file.load().unwrap().is_none());
         file.store(vec![cursor("a", 3), cursor("b", 9)]).unwrap();
         assert_eq!(file.load().unwrap().unwrap(), vec![cursor("a", 3), cursor("b", 9)]);
@@ -305,7 +303,7 @@ mod tests {
     #[test]
     fn stores_after_the_first_go_in_place_into_the_older_slot() {
         let dir = tempfile::tempdir().unwrap();
-        let file = CheckpointFile::new(dir.path().join("cp"));
+        let mut file = CheckpointFile::new(dir.path().join("cp"));
         file.store(vec![cursor("a", 1)]).unwrap();
         let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
         let first = inode(file.path());
@@ -322,7 +320,7 @@ mod tests {
     #[test]
     fn a_torn_newest_slot_leaves_the_checkpoint_before_it() {
         let dir = tempfile::tempdir().unwrap();
-        let file = CheckpointFile::new(dir.path().join("cp"));
+        let mut file = CheckpointFile::new(dir.path().join("cp"));
         for seq in 1..=4 {
             file.store(vec![cursor("a", seq)]).unwrap();
         }
@@ -335,7 +333,7 @@ mod tests {
         fs::write(file.path(), &bytes).unwrap();
         assert_eq!(file.load().unwrap().unwrap(), vec![cursor("a", 3)]);
         // A new process continues after the valid generation and writes the file whole.
-        let next = CheckpointFile::new(file.path());
+        let mut next = CheckpointFile::new(file.path());
         next.store(vec![cursor("a", 5)]).unwrap();
         next.store(vec![cursor("a", 6)]).unwrap();
         assert_eq!(file.load().unwrap().unwrap(), vec![cursor("a", 6)]);
@@ -344,7 +342,7 @@ mod tests {
     #[test]
     fn a_first_slot_damaged_into_a_version_1_header_does_not_hide_the_second() {
         let dir = tempfile::tempdir().unwrap();
-        let file = CheckpointFile::new(dir.path().join("cp"));
+        let mut file = CheckpointFile::new(dir.path().join("cp"));
         file.store(vec![cursor("a", 1)]).unwrap();
         file.store(vec![cursor("a", 2)]).unwrap();
         let mut bytes = fs::read(file.path()).unwrap();
@@ -359,11 +357,11 @@ mod tests {
     fn a_new_process_continues_the_generations() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cp");
-        let first = CheckpointFile::new(&path);
+        let mut first = CheckpointFile::new(&path);
         for seq in 1..=3 {
             first.store(vec![cursor("a", seq)]).unwrap();
         }
-        let second = CheckpointFile::new(&path);
+        let mut second = CheckpointFile::new(&path);
         second.store(vec![cursor("a", 4)]).unwrap();
         second.store(vec![cursor("a", 5)]).unwrap();
         let bytes = fs::read(&path).unwrap();
@@ -373,7 +371,7 @@ mod tests {
     #[test]
     fn a_checkpoint_that_outgrows_its_slot_is_written_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let file = CheckpointFile::new(dir.path().join("cp"));
+        let mut file = CheckpointFile::new(dir.path().join("cp"));
         file.store(vec![cursor("a", 1)]).unwrap();
         assert_eq!(fs::metadata(file.path()).unwrap().len(), 2 * MIN_SLOT as u64);
         let many: Vec<_> = (0..200).map(|i| cursor(&format!("runtime.run.{i}.events"), i)).collect();
@@ -387,7 +385,7 @@ mod tests {
     #[test]
     fn a_version_1_file_is_read_and_rewritten_in_slots() {
         let dir = tempfile::tempdir().unwrap();
-        let file = CheckpointFile::new(dir.path().join("cp"));
+        let mut file = CheckpointFile::new(dir.path().join("cp"));
         fs::write(file.path(), encode_v1(vec![cursor("a", 7)])).unwrap();
         assert_eq!(file.load().unwrap().unwrap(), vec![cursor("a", 7)]);
         file.store(vec![cursor("a", 8)]).unwrap();
@@ -398,7 +396,7 @@ mod tests {
     #[test]
     fn corrupt_files_are_reported_and_set_aside_never_read_as_empty() {
         let dir = tempfile::tempdir().unwrap();
-        let file = CheckpointFile::new(dir.path().join("cp"));
+        let mut file = CheckpointFile::new(dir.path().join("cp"));
         for garbage in [&b""[..], b"KHCP", b"not a checkpoint at all, really not", &[0u8; 64], &[0u8; 2 * MIN_SLOT]] {
             fs::write(file.path(), garbage).unwrap();
             assert!(matches!(file.load(), Err(CheckpointError::Corrupt { .. })), "{garbage:?}");
