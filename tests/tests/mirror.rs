@@ -421,8 +421,20 @@ fn the_postgres_outbox_is_mirrored_resumed_and_followed() {
     assert!(plain.contains("Sort"), "the planner no longer mis-plans a pruned outbox, so this check proves nothing:\n{plain}");
     let reader = explain(outbox::READER_SETTINGS);
     assert!(reader.contains("Index Scan using khala_outbox_pkey") && !reader.contains("Sort"), "{reader}");
-    run_ok(mirror(&db, dir.path(), &once));
-    assert_module_holds(&db, &outbox_expected(3, 240));
+    // A row's timestamp comes over the wire as it is stored; an infinite one is no time an
+    // event happened at, so its row is dead-lettered (it used to fail every read) and, with
+    // `--on-gap skip`, a marker takes its seq.
+    pg.psql("INSERT INTO khala_outbox (topic, seq, kind, payload, occurred_at) VALUES ('run:7:events', 1, 'pg.event', '{\"b\": 1, \"a\": [1, 2]}', '2024-05-01T10:00:00.5Z')");
+    pg.psql("INSERT INTO khala_outbox (topic, seq, kind, payload, occurred_at) VALUES ('run:8:events', 1, 'pg.event', '{}', 'infinity')");
+    let last = run_ok(mirror(&db, dir.path(), pg_args(&["--once", "--on-gap", "skip"])));
+    assert_eq!((last["published"].as_u64(), last["dead_lettered"].as_u64()), (Some(32), Some(1)), "{last}");
+    let mut expected = outbox_expected(3, 240);
+    expect(&mut expected, "runtime.run.7.events", "run:7:events", 1, "pg.event", &json!({ "a": [1, 2], "b": 1 }));
+    let marker = json!({ "reason": "invalid_occurred_at", "seq": 1, "topic": "run:8:events" });
+    expect(&mut expected, "runtime.run.8.events", "run:8:events", 1, "khala.gap", &marker);
+    assert_module_holds(&db, &expected);
+    let timed = &segments(&db, "runtime.run.7.events")[0].events[0];
+    assert_eq!(timed.occurred_at_micros, 1_714_557_600_500_000);
 }
 
 #[test]

@@ -27,7 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, Client, NoTls, Row};
+use tokio_postgres::types::{accepts, FromSql, Type};
+use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
 
 /// The migrations, in order: `(version, name, sql)`.
 pub const MIGRATIONS: [(i32, &str, &str); 1] = [(1, "0001_outbox", include_str!("../../migrations/0001_outbox.sql"))];
@@ -36,7 +37,7 @@ pub const MIGRATIONS: [(i32, &str, &str); 1] = [(1, "0001_outbox", include_str!(
 const MIGRATE_LOCK: i64 = 7_104_202_500;
 
 /// One page of rows past `$1`, at most `$2`: a range of the primary key's index.
-pub const READ_ROWS: &str = "SELECT id, topic, seq, kind, payload::text, (extract(epoch FROM occurred_at) * 1000000)::bigint \
+pub const READ_ROWS: &str = "SELECT id, topic, seq, kind, payload::text, occurred_at \
                          FROM khala_outbox WHERE id > $1 ORDER BY id LIMIT $2";
 
 /// The reading connection's planner settings. The keyset read must walk the primary key's
@@ -69,8 +70,13 @@ fn reader_runtime() -> Result<tokio::runtime::Runtime> {
         .map_err(|e| MirrorError::io("starting a Tokio runtime", e))
 }
 
-/// A connection and its notifications.
-type Connection = (Arc<Client>, UnboundedReceiver<()>);
+/// The reading connection: its client (shared with the page read ahead), its
+/// notifications, and the page read, prepared once (not parsed and planned per page).
+struct Connection {
+    client: Arc<Client>,
+    notes: UnboundedReceiver<()>,
+    read_rows: Statement,
+}
 
 /// The next page, asked for before the mirror wanted it.
 struct ReadAhead {
@@ -199,8 +205,34 @@ fn mark(id: i64) -> Mark {
     Mark { segment: 0, offset: id as u64, line: id as u64 }
 }
 
+/// Microseconds from 1970-01-01 to 2000-01-01, the epoch of Postgres' timestamps.
+const POSTGRES_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+/// A `timestamptz` as it comes over the wire (microseconds since 2000-01-01), so that
+/// Postgres does no arithmetic per row; `infinity` and `-infinity` are the extreme values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Timestamp(i64);
+
+impl<'a> FromSql<'a> for Timestamp {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Timestamp(i64::from_be_bytes(raw.try_into()?)))
+    }
+
+    accepts!(TIMESTAMPTZ);
+}
+
+impl Timestamp {
+    /// Microseconds since the Unix epoch; `None` for ±infinity, which no event happened at.
+    fn unix_micros(self) -> Option<i64> {
+        if self.0 == i64::MAX || self.0 == i64::MIN {
+            return None;
+        }
+        self.0.checked_add(POSTGRES_EPOCH_UNIX_MICROS)
+    }
+}
+
 /// One outbox row as a record.
-fn record(id: i64, topic: &str, seq: i64, kind: &str, payload: &str, occurred: Option<i64>, parser: &mut Parser) -> Record {
+fn record(id: i64, topic: &str, seq: i64, kind: &str, payload: &str, occurred: Option<Timestamp>, parser: &mut Parser) -> Record {
     let origin = Origin::OutboxId(id);
     let checked_kind = if kind.is_empty() { Err(Bad { reason: "missing_kind", detail: "kind is empty".into(), topic: None, stream_id: None, seq: None }) } else { Ok(kind.to_string()) };
     // jsonb can hold numbers serde_json cannot read (beyond f64, in builds without
@@ -211,12 +243,16 @@ fn record(id: i64, topic: &str, seq: i64, kind: &str, payload: &str, occurred: O
     let parsed = if seq <= 0 {
         Err(Bad { reason: "invalid_seq", detail: format!("seq {seq}: seqs start at 1"), topic: Some(topic.into()), stream_id: None, seq: None })
     } else {
-        parser.build(topic, seq as u64, checked_kind, payload_bytes, Ok(occurred.unwrap_or(0)), origin)
+        let occurred_at = match occurred {
+            None => Ok(0),
+            Some(at) => at.unix_micros().ok_or(Bad { reason: "invalid_occurred_at", detail: "occurred_at is infinite".into(), topic: None, stream_id: None, seq: None }),
+        };
+        parser.build(topic, seq as u64, checked_kind, payload_bytes, occurred_at, origin)
     };
     // The row as the dead-letter file keeps it, written only for a row refused.
     let dead_letter = |bad: Bad| {
         let payload = serde_json::from_str::<Value>(payload).unwrap_or_else(|_| Value::String(payload.into()));
-        (bad, json!({ "id": id, "topic": topic, "seq": seq, "kind": kind, "payload": payload, "occurred_at_micros": occurred }).to_string())
+        (bad, json!({ "id": id, "topic": topic, "seq": seq, "kind": kind, "payload": payload, "occurred_at_micros": occurred.map(|at| at.unix_micros()) }).to_string())
     };
     Record { end: mark(id), origin, parsed: parsed.map_err(dead_letter) }
 }
@@ -240,7 +276,7 @@ impl Outbox {
             _backlog: None,
         };
         outbox.connect().map_err(with_hint)?;
-        let client = &outbox.conn.as_ref().expect("connected").0;
+        let client = &outbox.conn.as_ref().expect("connected").client;
         let cursor = outbox.rt.block_on(client.query_opt("SELECT last_id FROM khala_mirror_cursor WHERE name = $1", &[&name]));
         let cursor = cursor.map_err(|e| with_hint(MirrorError::postgres("reading the cursor", e)))?.map_or(0, |row| row.get::<_, i64>(0));
         outbox.start = mark(cursor);
@@ -257,7 +293,8 @@ impl Outbox {
             let (client, notes) = self.rt.block_on(connect(&self.url))?;
             self.rt.block_on(client.batch_execute(READER_SETTINGS)).map_err(|e| MirrorError::postgres("setting up the reading connection", e))?;
             self.rt.block_on(client.batch_execute("LISTEN khala_outbox")).map_err(|e| MirrorError::postgres("listening", e))?;
-            self.conn = Some((Arc::new(client), notes));
+            let read_rows = self.rt.block_on(client.prepare(READ_ROWS)).map_err(|e| MirrorError::postgres("preparing the outbox read", e))?;
+            self.conn = Some(Connection { client: Arc::new(client), notes, read_rows });
         }
         Ok(())
     }
@@ -271,7 +308,7 @@ impl Outbox {
 
     fn refresh_head(&mut self) -> Result<()> {
         self.connect()?;
-        let client = &self.conn.as_ref().expect("connected").0;
+        let client = &self.conn.as_ref().expect("connected").client;
         match self.rt.block_on(client.query_one("SELECT coalesce(max(id), 0) FROM khala_outbox", &[])) {
             Ok(row) => {
                 self.head_id = self.head_id.max(row.get::<_, i64>(0));
@@ -283,7 +320,7 @@ impl Outbox {
 
     /// Waits up to `wait` for a notification; returns whether one came.
     fn wait_for_notification(&mut self, wait: Duration) -> bool {
-        let Some((_, notes)) = self.conn.as_mut() else { return false };
+        let Some(Connection { notes, .. }) = self.conn.as_mut() else { return false };
         let mut notified = false;
         while notes.try_recv().is_ok() {
             notified = true;
@@ -313,14 +350,15 @@ impl Source for Outbox {
                 return Ok(Read::Idle);
             }
         }
-        let client = self.conn.as_ref().expect("connected").0.clone();
+        let Connection { client, read_rows, .. } = self.conn.as_ref().expect("connected");
+        let (client, read_rows) = (client.clone(), read_rows.clone());
         let limit = max as i64;
         let rows = match self.read_ahead.take() {
             Some(mut ahead) if ahead.after == self.read_id && ahead.limit == limit => {
                 let rows = self.rt.block_on(&mut ahead.rows);
                 rows.expect("the read-ahead task is aborted only when dropped")
             }
-            _ => self.rt.block_on(client.query(READ_ROWS, &[&self.read_id, &limit])),
+            _ => self.rt.block_on(client.query(&read_rows, &[&self.read_id, &limit])),
         };
         let rows = match rows {
             Ok(rows) => rows,
@@ -334,19 +372,20 @@ impl Source for Outbox {
             return Ok(Read::Idle);
         }
         self.last_empty_poll = None;
+        self.read_id = rows.last().map_or(self.read_id, |row| row.get(0));
+        self.head_id = self.head_id.max(self.read_id);
+        if rows.len() as i64 == limit {
+            // Ask for the next page before working through this one.
+            let after = self.read_id;
+            let rows = self.rt.spawn(async move { client.query(&read_rows, &[&after, &limit]).await });
+            self.read_ahead = Some(ReadAhead { after, limit, rows });
+        }
         let records: Vec<Record> = rows
             .iter()
             .map(|row| {
                 record(row.get(0), row.get(1), row.get(2), row.get(3), row.get(4), row.get(5), &mut self.parser)
             })
             .collect();
-        self.read_id = rows.last().map_or(self.read_id, |row| row.get(0));
-        self.head_id = self.head_id.max(self.read_id);
-        if rows.len() as i64 == limit {
-            let after = self.read_id;
-            let rows = self.rt.spawn(async move { client.query(READ_ROWS, &[&after, &limit]).await });
-            self.read_ahead = Some(ReadAhead { after, limit, rows });
-        }
         Ok(Read::Records(records))
     }
 
@@ -359,7 +398,7 @@ impl Source for Outbox {
 
     fn persist(&mut self, durable: Mark) -> Result<()> {
         self.connect()?;
-        let client = &self.conn.as_ref().expect("connected").0;
+        let client = &self.conn.as_ref().expect("connected").client;
         let last_id = durable.offset as i64;
         let upsert = "INSERT INTO khala_mirror_cursor (name, last_id) VALUES ($1, $2) \
                       ON CONFLICT (name) DO UPDATE SET last_id = EXCLUDED.last_id, updated_at = now()";
@@ -392,7 +431,7 @@ mod tests {
 
     #[test]
     fn rows_become_records_or_dead_letters() {
-        let good = record(5, "run:1:events", 2, "run.step", r#"{"b": 1, "a": 2}"#, Some(7), &mut Parser::new(LIMITS));
+        let good = record(5, "run:1:events", 2, "run.step", r#"{"b": 1, "a": 2}"#, Some(Timestamp(7 - POSTGRES_EPOCH_UNIX_MICROS)), &mut Parser::new(LIMITS));
         let event = good.parsed.unwrap();
         assert_eq!((&*event.stream_id, event.seq, event.payload.as_slice(), event.occurred_at_micros), ("runtime.run.1.events", 2, br#"{"a":2,"b":1}"#.as_slice(), 7));
         assert_eq!((good.end.offset, good.origin), (5, Origin::OutboxId(5)));
@@ -405,5 +444,17 @@ mod tests {
         let (bad, raw) = record(8, "t", 1, "k", r#"{"n": tru"#, None, &mut Parser::new(LIMITS)).parsed.unwrap_err();
         assert_eq!((bad.reason, bad.stream_id.as_deref()), ("invalid_payload", Some("runtime.topic.t")));
         assert!(raw.contains("tru"), "{raw}");
+        let (bad, _) = record(9, "t", 1, "k", "{}", Some(Timestamp(i64::MAX)), &mut Parser::new(LIMITS)).parsed.unwrap_err();
+        assert_eq!((bad.reason, bad.seq), ("invalid_occurred_at", Some(1)));
+    }
+
+    #[test]
+    fn timestamps_are_read_from_their_wire_form() {
+        // 2024-05-01T10:00:00.5Z, as Postgres sends it: microseconds since 2000-01-01.
+        let wire = 767_872_800_500_000i64.to_be_bytes();
+        let at = Timestamp::from_sql(&Type::TIMESTAMPTZ, &wire).unwrap();
+        assert_eq!(at.unix_micros(), Some(1_714_557_600_500_000));
+        assert_eq!(Timestamp(i64::MIN).unix_micros(), None);
+        assert!(Timestamp::from_sql(&Type::TIMESTAMPTZ, &[0; 4]).is_err());
     }
 }
