@@ -46,7 +46,8 @@ pub enum Which {
     All(all::AllArgs),
     /// How long `publish` runs inside the module per call, as the server reports it
     /// (`spacetime-execution-duration-micros`): the module's own work without transport.
-    /// Compares modules (for example ablation builds) on one server, alternating them.
+    /// Compares modules (for example ablation builds) on one server, alternating them,
+    /// against the bare module's one-row `insert` of the same segment.
     ReducerTime(ReducerTimeArgs),
     /// `khala mirror` end to end (JSONL file, and with `--postgres` the outbox → the
     /// module, durable cursor on) over the SDK and HTTP transports, against the bare
@@ -568,11 +569,14 @@ fn reducer_time(args: ReducerTimeArgs) -> anyhow::Result<()> {
         args.rounds,
         args.reducers.iter().map(|r| format!(" --reducer {}", r.name().replace('_', "-"))).collect::<String>()
     );
-    // Every (module, reducer) pair is timed, alternating within each round.
-    let pairs: Vec<(usize, String, IngestReducer)> = modules.iter().enumerate().flat_map(|(i, (name, _))| args.reducers.iter().map(move |r| (i, format!("{name} {}", r.name()), *r))).collect();
+    // The bare module's insert first, the baseline; then every (module, reducer) pair,
+    // alternating within each round.
+    let mut pairs: Vec<(String, String, Option<IngestReducer>)> = vec![("rt-bare".into(), "bare insert".into(), None)];
+    pairs.extend(modules.iter().enumerate().flat_map(|(i, (name, _))| args.reducers.iter().map(move |r| (format!("rt-{i}"), format!("{name} {}", r.name()), Some(*r)))));
     let (server, _dir) = private_server()?;
     let api = Api::new(&server.url());
     let owner = api.new_identity()?;
+    api.publish_module("rt-bare", &std::fs::read(khala_tools::module_wasm::build_bare_module()?)?, &owner.token, false)?;
     for (i, (name, path)) in modules.iter().enumerate() {
         let wasm = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let db = format!("rt-{i}");
@@ -582,19 +586,19 @@ fn reducer_time(args: ReducerTimeArgs) -> anyhow::Result<()> {
     let mut rng = rand::thread_rng();
     let mut medians: Vec<Vec<f64>> = vec![Vec::new(); pairs.len()];
     for round in 0..args.rounds {
-        for (p, (i, name, reducer)) in pairs.iter().enumerate() {
-            let stream = format!("bench.rt.{round}.{}", reducer.name());
+        for (p, (db, name, reducer)) in pairs.iter().enumerate() {
+            let stream = format!("bench.rt.{round}.{}", reducer.map_or("insert", IngestReducer::name));
             let mut micros = Vec::with_capacity(args.calls as usize);
             for call in 0..args.calls {
                 let first = call * args.batch + 1;
+                let segment = |rng: &mut rand::rngs::ThreadRng| khala_tools::api::bytes_arg(&segment_data(first, args.batch, args.payload_bytes, rng));
                 let arg = match reducer {
-                    IngestReducer::Publish => json!([stream, json_events(first, args.batch, args.payload_bytes, &mut rng)]),
-                    IngestReducer::PublishSegment => {
-                        json!([stream, khala_tools::api::bytes_arg(&segment_data(first, args.batch, args.payload_bytes, &mut rng))])
-                    }
+                    None => json!([stream, first, first + args.batch - 1, segment(&mut rng)]),
+                    Some(IngestReducer::Publish) => json!([stream, json_events(first, args.batch, args.payload_bytes, &mut rng)]),
+                    Some(IngestReducer::PublishSegment) => json!([stream, segment(&mut rng)]),
                 };
                 let took = api
-                    .call_timed(&format!("rt-{i}"), reducer.name(), arg, &owner.token)?
+                    .call_timed(db, reducer.map_or("insert", IngestReducer::name), arg, &owner.token)?
                     .with_context(|| format!("{name}: the server reported no execution time"))?;
                 micros.push(took.as_secs_f64() * 1e6);
             }
@@ -613,7 +617,7 @@ fn reducer_time(args: ReducerTimeArgs) -> anyhow::Result<()> {
                 "module": name,
                 "p50_micros_per_call": m.iter().map(|x| x.round()).collect::<Vec<_>>(),
                 "micros_per_event": (mean / args.batch as f64 * 100.0).round() / 100.0,
-                "vs_first": (mean / base * 100.0).round() / 100.0,
+                "vs_bare": (mean / base * 100.0).round() / 100.0,
             })
         })
         .collect();
