@@ -370,7 +370,9 @@ fn the_postgres_outbox_is_mirrored_resumed_and_followed() {
 
     insert_rows(&pg, 3, 1, 200);
     pg.psql("INSERT INTO khala_outbox (topic, seq, kind, payload) VALUES ('run:9:events', 0, 'pg.event', '{}')");
-    let once = pg_args(&["--once"]);
+    // Pages of 256 rows (the least): the first read asks for one, then the reader task
+    // reads on ahead until a page comes back short.
+    let once = pg_args(&["--once", "--batch-events", "100"]);
     let first = run_ok(mirror(&db, dir.path(), &once));
     assert_eq!((first["events_read"].as_u64(), first["published"].as_u64(), first["dead_lettered"].as_u64()), (Some(601), Some(600), Some(1)), "{first}");
     assert_module_holds(&db, &outbox_expected(3, 200));

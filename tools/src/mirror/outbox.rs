@@ -5,10 +5,9 @@
 //! there. The schema and its triggers are `tools/migrations/*.sql` ([`migrate`]).
 //!
 //! `tokio-postgres` is async; the source owns a Tokio runtime with one worker thread and
-//! blocks on it, so the rest of the mirror stays synchronous. After a full page it asks
-//! for the next one at once, on the worker, so Postgres reads that page while the mirror
-//! works through this one (the two took turns before, and the mirror ran at two thirds
-//! of the speed). Any Postgres error drops the
+//! blocks on it, so the rest of the mirror stays synchronous. After a full page a reader
+//! task on the worker reads on ahead, a page at a time, so Postgres reads the next pages
+//! while the mirror works through this one (the two took turns before). Any Postgres error drops the
 //! connection and is reported as [`MirrorError::Postgres`], which the mirror treats as
 //! transient: it backs off, rewinds to the durable cursor and reconnects.
 //!
@@ -78,18 +77,47 @@ struct Connection {
     read_rows: Statement,
 }
 
-/// The next page, asked for before the mirror wanted it.
+/// Full pages read ahead and not yet taken, at most.
+const READ_AHEAD_PAGES: usize = 2;
+
+/// One page of rows, or why it could not be read.
+type Page = std::result::Result<Vec<Row>, tokio_postgres::Error>;
+
+/// The reader task, reading pages one after another while the mirror works through the
+/// ones before (see [`read_pages`]).
 struct ReadAhead {
-    /// The page starts after this id ...
+    /// The next page it hands over starts after this id ...
     after: i64,
     /// ... and holds at most this many rows.
     limit: i64,
-    rows: JoinHandle<std::result::Result<Vec<Row>, tokio_postgres::Error>>,
+    pages: tokio::sync::mpsc::Receiver<Page>,
+    task: JoinHandle<()>,
 }
 
 impl Drop for ReadAhead {
     fn drop(&mut self) {
-        self.rows.abort();
+        self.task.abort();
+    }
+}
+
+/// Reads the pages past `after` in order into `pages`, asking for each as soon as the one
+/// before has come (so Postgres is never idle waiting for the mirror), up to
+/// [`READ_AHEAD_PAGES`] ahead; stops after a page that is not full (the reader has caught
+/// up) or an error, which it hands over like a page.
+async fn read_pages(client: Arc<Client>, read_rows: Statement, mut after: i64, limit: i64, pages: tokio::sync::mpsc::Sender<Page>) {
+    loop {
+        let page = client.query(&read_rows, &[&after, &limit]).await;
+        let next = match &page {
+            Ok(rows) if rows.len() as i64 == limit => rows.last().map(|row| row.get::<_, i64>(0)),
+            _ => None,
+        };
+        if pages.send(page).await.is_err() {
+            return;
+        }
+        match next {
+            Some(id) => after = id,
+            None => return,
+        }
     }
 }
 
@@ -353,12 +381,14 @@ impl Source for Outbox {
         let Connection { client, read_rows, .. } = self.conn.as_ref().expect("connected");
         let (client, read_rows) = (client.clone(), read_rows.clone());
         let limit = max as i64;
-        let rows = match self.read_ahead.take() {
-            Some(mut ahead) if ahead.after == self.read_id && ahead.limit == limit => {
-                let rows = self.rt.block_on(&mut ahead.rows);
-                rows.expect("the read-ahead task is aborted only when dropped")
+        let ahead = self.read_ahead.as_mut().filter(|ahead| ahead.after == self.read_id && ahead.limit == limit);
+        let rows = match ahead.and_then(|ahead| self.rt.block_on(ahead.pages.recv())) {
+            Some(page) => page,
+            None => {
+                // No reader task, or it stopped after a short page: ask directly.
+                self.read_ahead = None;
+                self.rt.block_on(client.query(&read_rows, &[&self.read_id, &limit]))
             }
-            _ => self.rt.block_on(client.query(&read_rows, &[&self.read_id, &limit])),
         };
         let rows = match rows {
             Ok(rows) => rows,
@@ -374,11 +404,15 @@ impl Source for Outbox {
         self.last_empty_poll = None;
         self.read_id = rows.last().map_or(self.read_id, |row| row.get(0));
         self.head_id = self.head_id.max(self.read_id);
-        if rows.len() as i64 == limit {
-            // Ask for the next page before working through this one.
-            let after = self.read_id;
-            let rows = self.rt.spawn(async move { client.query(&read_rows, &[&after, &limit]).await });
-            self.read_ahead = Some(ReadAhead { after, limit, rows });
+        match self.read_ahead.as_mut() {
+            Some(ahead) => ahead.after = self.read_id,
+            None if rows.len() as i64 == limit => {
+                // A backlog: read on ahead while the mirror works through this page.
+                let (tx, pages) = tokio::sync::mpsc::channel(READ_AHEAD_PAGES);
+                let task = self.rt.spawn(read_pages(client, read_rows, self.read_id, limit, tx));
+                self.read_ahead = Some(ReadAhead { after: self.read_id, limit, pages, task });
+            }
+            None => {}
         }
         let records: Vec<Record> = rows
             .iter()
