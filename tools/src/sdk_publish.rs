@@ -2,13 +2,20 @@
 //! `publish` reducer, without hex-encoding every payload and one HTTP request per call.
 //! Results come back by callback; with at most one call in flight per stream, the
 //! stream id names the call a result belongs to.
+//!
+//! A publisher may hold several connections. The server takes a connection's next message
+//! only once it has answered the one before, so the calls in flight on one connection
+//! queue behind each other's decoding, execution and reply; on several, the database
+//! works on one call while the next is being decoded. Each stream keeps to one connection.
 
 use crate::error::{Result, ToolError};
 use khala_client::module_bindings::{publish as _, publish_segment as _, DbConnection, PublishEvent};
 use khala_proto::CodedError;
 use spacetimedb_sdk::__codegen::SpacetimeModule;
 use spacetimedb_sdk::{DbConnectionBuilder, DbContext, Status};
+use std::collections::HashMap;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// What a publish call came to.
@@ -90,31 +97,78 @@ fn disconnect(conn: &impl DbContext) {
     });
 }
 
-/// One SDK connection used for `publish` calls.
+/// A publisher's connections, and which one each stream takes (dealt round robin as
+/// streams first appear, so a few streams spread evenly).
+struct Connections<C: DbContext> {
+    conns: Vec<C>,
+    by_stream: Mutex<HashMap<String, usize>>,
+}
+
+impl<C: DbContext> Connections<C> {
+    /// Opens `count` (at least one) connections with `open`, every result on one channel.
+    fn open(count: usize, mut open: impl FnMut(Sender<Outcome>) -> Result<C>) -> Result<(Connections<C>, Receiver<Outcome>)> {
+        let (tx, results) = mpsc::channel();
+        let mut conns = Vec::new();
+        for _ in 0..count.max(1) {
+            match open(tx.clone()) {
+                Ok(conn) => conns.push(conn),
+                Err(e) => {
+                    conns.iter().for_each(disconnect);
+                    return Err(e);
+                }
+            }
+        }
+        Ok((Connections { conns, by_stream: Mutex::new(HashMap::new()) }, results))
+    }
+
+    /// The connection `stream_id`'s calls go on.
+    fn for_stream(&self, stream_id: &str) -> &C {
+        let mut by_stream = self.by_stream.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let dealt = by_stream.len();
+        let slot = *by_stream.entry(stream_id.to_string()).or_insert(dealt % self.conns.len());
+        &self.conns[slot]
+    }
+}
+
+impl<C: DbContext> Drop for Connections<C> {
+    fn drop(&mut self) {
+        self.conns.iter().for_each(disconnect);
+    }
+}
+
+/// SDK connections used for `publish` calls.
 pub struct SdkPublisher {
-    conn: DbConnection,
+    conns: Connections<DbConnection>,
     results: Receiver<Outcome>,
 }
 
 impl SdkPublisher {
+    /// One connection.
     pub fn connect(url: &str, database: &str, token: &str) -> Result<SdkPublisher> {
-        let (tx, results) = mpsc::channel();
-        let (published, segments) = (tx.clone(), tx.clone());
-        let conn = connect("connecting the SDK publisher", DbConnection::builder, DbConnection::run_threaded, (url, database, token), tx, |conn: &DbConnection| {
-            conn.reducers.on_publish(move |ctx, stream_id, _| {
-                let _ = published.send(outcome(stream_id, &ctx.event.status));
-            });
-            conn.reducers.on_publish_segment(move |ctx, stream_id, _| {
-                let _ = segments.send(outcome(stream_id, &ctx.event.status));
-            });
+        SdkPublisher::connect_many(url, database, token, 1)
+    }
+
+    /// `connections` connections, each stream's calls on one of them.
+    pub fn connect_many(url: &str, database: &str, token: &str, connections: usize) -> Result<SdkPublisher> {
+        let (conns, results) = Connections::open(connections, |tx| {
+            let (published, segments) = (tx.clone(), tx.clone());
+            connect("connecting the SDK publisher", DbConnection::builder, DbConnection::run_threaded, (url, database, token), tx, |conn: &DbConnection| {
+                conn.reducers.on_publish(move |ctx, stream_id, _| {
+                    let _ = published.send(outcome(stream_id, &ctx.event.status));
+                });
+                conn.reducers.on_publish_segment(move |ctx, stream_id, _| {
+                    let _ = segments.send(outcome(stream_id, &ctx.event.status));
+                });
+            })
         })?;
-        Ok(SdkPublisher { conn, results })
+        Ok(SdkPublisher { conns, results })
     }
 
     /// Sends one `publish` call; its [`Outcome`] arrives through [`SdkPublisher::next`].
     pub fn send(&self, stream_id: &str, events: Vec<PublishEvent>) -> Result<()> {
         use khala_client::module_bindings::publish;
-        self.conn
+        self.conns
+            .for_stream(stream_id)
             .reducers
             .publish(stream_id.to_string(), events)
             .map_err(|e| ToolError::Http { what: format!("sending publish for {stream_id}"), detail: e.to_string() })
@@ -124,7 +178,8 @@ impl SdkPublisher {
     /// (`khala_proto::segment::encode`); its [`Outcome`] arrives through [`SdkPublisher::next`].
     pub fn send_segment(&self, stream_id: &str, data: Vec<u8>) -> Result<()> {
         use khala_client::module_bindings::publish_segment;
-        self.conn
+        self.conns
+            .for_stream(stream_id)
             .reducers
             .publish_segment(stream_id.to_string(), data)
             .map_err(|e| ToolError::Http { what: format!("sending publish_segment for {stream_id}"), detail: e.to_string() })
@@ -136,38 +191,41 @@ impl SdkPublisher {
     }
 }
 
-impl Drop for SdkPublisher {
-    fn drop(&mut self) {
-        disconnect(&self.conn);
-    }
-}
 
 /// The same, for the bench's bare baseline module: one pre-packed row per `insert` call.
 pub struct BarePublisher {
-    conn: crate::bare_bindings::DbConnection,
+    conns: Connections<crate::bare_bindings::DbConnection>,
     results: Receiver<Outcome>,
 }
 
 impl BarePublisher {
+    /// One connection.
     pub fn connect(url: &str, database: &str, token: &str) -> Result<BarePublisher> {
+        BarePublisher::connect_many(url, database, token, 1)
+    }
+
+    /// `connections` connections, each stream's calls on one of them.
+    pub fn connect_many(url: &str, database: &str, token: &str, connections: usize) -> Result<BarePublisher> {
         use crate::bare_bindings::{insert as _, insert_guarded as _, DbConnection};
-        let (tx, results) = mpsc::channel();
-        let (inserted, guarded) = (tx.clone(), tx.clone());
-        let conn = connect("connecting the bare publisher", DbConnection::builder, DbConnection::run_threaded, (url, database, token), tx, |conn: &DbConnection| {
-            conn.reducers.on_insert(move |ctx, stream_id, _, _, _| {
-                let _ = inserted.send(outcome(stream_id, &ctx.event.status));
-            });
-            conn.reducers.on_insert_guarded(move |ctx, stream_id, _, _, _| {
-                let _ = guarded.send(outcome(stream_id, &ctx.event.status));
-            });
+        let (conns, results) = Connections::open(connections, |tx| {
+            let (inserted, guarded) = (tx.clone(), tx.clone());
+            connect("connecting the bare publisher", DbConnection::builder, DbConnection::run_threaded, (url, database, token), tx, |conn: &DbConnection| {
+                conn.reducers.on_insert(move |ctx, stream_id, _, _, _| {
+                    let _ = inserted.send(outcome(stream_id, &ctx.event.status));
+                });
+                conn.reducers.on_insert_guarded(move |ctx, stream_id, _, _, _| {
+                    let _ = guarded.send(outcome(stream_id, &ctx.event.status));
+                });
+            })
         })?;
-        Ok(BarePublisher { conn, results })
+        Ok(BarePublisher { conns, results })
     }
 
     /// Sends one `insert` of a pre-packed segment; its [`Outcome`] arrives through `next`.
     pub fn send(&self, stream_id: &str, first_seq: u64, last_seq: u64, data: Vec<u8>) -> Result<()> {
         use crate::bare_bindings::insert;
-        self.conn
+        self.conns
+            .for_stream(stream_id)
             .reducers
             .insert(stream_id.to_string(), first_seq, last_seq, data)
             .map_err(|e| ToolError::Http { what: format!("sending insert for {stream_id}"), detail: e.to_string() })
@@ -176,7 +234,8 @@ impl BarePublisher {
     /// The same into `bare_guarded_segment`, the table behind one row-level-security rule.
     pub fn send_guarded(&self, stream_id: &str, first_seq: u64, last_seq: u64, data: Vec<u8>) -> Result<()> {
         use crate::bare_bindings::insert_guarded;
-        self.conn
+        self.conns
+            .for_stream(stream_id)
             .reducers
             .insert_guarded(stream_id.to_string(), first_seq, last_seq, data)
             .map_err(|e| ToolError::Http { what: format!("sending insert_guarded for {stream_id}"), detail: e.to_string() })
@@ -187,8 +246,3 @@ impl BarePublisher {
     }
 }
 
-impl Drop for BarePublisher {
-    fn drop(&mut self) {
-        disconnect(&self.conn);
-    }
-}

@@ -139,8 +139,8 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
     let command = command(&args);
     std::fs::create_dir_all(&args.out)?;
     let machine = machine();
-    let batched = PublishArgs { events: args.events, batch: args.batch, streams: args.streams, payload_bytes: args.payload_bytes, curve_every: every, skip_http: args.skip_http };
-    let unbatched = PublishArgs { events: args.unbatched_events, batch: 1, streams: args.unbatched_streams, payload_bytes: args.payload_bytes, curve_every: 0, skip_http: true };
+    let batched = PublishArgs { events: args.events, batch: args.batch, streams: args.streams, payload_bytes: args.payload_bytes, curve_every: every, skip_http: args.skip_http, connections: 1 };
+    let unbatched = PublishArgs { events: args.unbatched_events, batch: 1, streams: args.unbatched_streams, payload_bytes: args.payload_bytes, curve_every: 0, skip_http: true, connections: 1 };
     let redis_binary = redis_base::find_binary();
     if redis_binary.is_none() {
         eprintln!("redis_server_missing: the Redis Streams baseline needs `redis-server` (Debian package `{}`: apt-get install {}); running the rest without it", redis_base::PACKAGE, redis_base::PACKAGE);

@@ -102,7 +102,7 @@ pub fn mirror(args: MirrorBenchArgs) -> anyhow::Result<()> {
     write_log(&log, &args)?;
 
     api.publish_module("mir-bare", &bare_wasm, &owner.token, false)?;
-    let bare_args = PublishArgs { events: args.events, batch: args.batch, streams: u64::from(args.topics), payload_bytes: args.payload_bytes, curve_every: 0, skip_http: true };
+    let bare_args = PublishArgs { events: args.events, batch: args.batch, streams: u64::from(args.topics), payload_bytes: args.payload_bytes, curve_every: 0, skip_http: true, connections: 1 };
     let bare = publish_bare(&url, "mir-bare", &owner.token, &bare_args)?.events_per_sec;
 
     let mut transports = vec![Transport::Sdk];

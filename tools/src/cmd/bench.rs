@@ -119,6 +119,10 @@ pub struct PublishArgs {
     /// Leave out the HTTP JSON run (it is the slowest; for long runs).
     #[arg(long)]
     pub skip_http: bool,
+    /// SDK connections per publisher, the streams dealt among them (the bare module's
+    /// publisher gets as many).
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
 }
 
 /// A run's rate, and its rate per slice of `curve_every` events.
@@ -439,7 +443,7 @@ fn drive(
 /// Khala's ingest over the SDK as the mirror does it: one pre-encoded segment per
 /// `publish_segment` call.
 fn publish_sdk(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow::Result<Rate> {
-    let publisher = khala_tools::sdk_publish::SdkPublisher::connect(url, db, token)?;
+    let publisher = khala_tools::sdk_publish::SdkPublisher::connect_many(url, db, token, args.connections)?;
     let mut rng = rand::thread_rng();
     drive(
         "khala publish_segment (SDK)",
@@ -451,7 +455,7 @@ fn publish_sdk(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow::
 
 /// Khala's `publish` over the SDK: the events as a list of `PublishEvent` structs.
 fn publish_sdk_events(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow::Result<Rate> {
-    let publisher = khala_tools::sdk_publish::SdkPublisher::connect(url, db, token)?;
+    let publisher = khala_tools::sdk_publish::SdkPublisher::connect_many(url, db, token, args.connections)?;
     let mut rng = rand::thread_rng();
     drive("khala publish (SDK)", args, |stream, first, n| Ok(publisher.send(stream, sdk_events(first, n, args.payload_bytes, &mut rng))?), |t| publisher.next(t))
 }
@@ -459,7 +463,7 @@ fn publish_sdk_events(url: &str, db: &str, token: &str, args: &PublishArgs) -> a
 /// The baseline: the same events, packed into one segment per call by the caller, into
 /// the bare insert-only module (`bench/bare-module`) over the SDK.
 fn publish_bare(url: &str, db: &str, token: &str, args: &PublishArgs) -> anyhow::Result<Rate> {
-    let publisher = khala_tools::sdk_publish::BarePublisher::connect(url, db, token)?;
+    let publisher = khala_tools::sdk_publish::BarePublisher::connect_many(url, db, token, args.connections)?;
     let mut rng = rand::thread_rng();
     drive(
         "bare insert (SDK)",
@@ -503,11 +507,12 @@ fn publish_http(api: &Api, db: &str, token: &str, args: &PublishArgs) -> anyhow:
 
 fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let command = format!(
-        "khala bench publish --events {} --batch {} --streams {} --payload-bytes {}{}{}",
+        "khala bench publish --events {} --batch {} --streams {} --payload-bytes {} --connections {}{}{}",
         args.events,
         args.batch,
         args.streams,
         args.payload_bytes,
+        args.connections,
         if args.curve_every > 0 { format!(" --curve-every {}", args.curve_every) } else { String::new() },
         if args.skip_http { " --skip-http" } else { "" }
     );
