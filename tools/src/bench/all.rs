@@ -7,7 +7,7 @@
 use super::chart::{self, Series};
 use super::redis_base::{self, RedisServer};
 use super::latency::{bare_fan_out, khala_latency, BareTable, Load};
-use super::mirror::{mirror_file, MirrorBenchArgs};
+use super::mirror::{mirror_file, mirror_outbox, MirrorBenchArgs, MirrorRun};
 use super::{private_server, publish_bare, publish_http, publish_sdk, replay_client, PublishArgs};
 use khala_tools::mirror::publisher::Transport;
 use clap::Args;
@@ -52,6 +52,10 @@ pub struct AllArgs {
     pub latency_subscribers: usize,
     #[arg(long, default_value_t = 100)]
     pub fan_out_subscribers: usize,
+    /// Also mirror the same events from the outbox of this PostgreSQL database (its
+    /// `khala_outbox` table is created if missing and must be empty).
+    #[arg(long)]
+    pub postgres: Option<String>,
     /// Where `bench.md`, `bench.json` and `bench.svg` go (created if missing).
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
@@ -68,7 +72,7 @@ struct Row {
 
 fn command(a: &AllArgs) -> String {
     format!(
-        "khala bench all --events {} --batch {} --streams {} --payload-bytes {} --curve-every {} --unbatched-events {} --unbatched-streams {}{} --latency-rate {} --latency-seconds {} --latency-subscribers {} --fan-out-subscribers {} --out {}",
+        "khala bench all --events {} --batch {} --streams {} --payload-bytes {} --curve-every {} --unbatched-events {} --unbatched-streams {}{} --latency-rate {} --latency-seconds {} --latency-subscribers {} --fan-out-subscribers {}{} --out {}",
         a.events,
         a.batch,
         a.streams,
@@ -81,6 +85,7 @@ fn command(a: &AllArgs) -> String {
         a.latency_seconds,
         a.latency_subscribers,
         a.fan_out_subscribers,
+        if a.postgres.is_some() { " --postgres URL" } else { "" },
         a.out.display()
     )
 }
@@ -196,6 +201,13 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
     next("mirror: an authority log (JSONL) into Khala over the SDK, durable cursor on");
     let mirror_args = MirrorBenchArgs { events: per_stream * args.streams, topics: args.streams as u32, payload_bytes: args.payload_bytes, batch: args.batch, durable_after_ms: 2_000, postgres: None, skip_http: true };
     let mirror = mirror_file(&api, &owner.token, "mirror", dir.path(), &mirror_args, Transport::Sdk)?;
+    let outbox = match &args.postgres {
+        Some(pg) => {
+            next("mirror: the same events from a Postgres outbox into Khala over the SDK, durable cursor on");
+            Some(mirror_outbox(&api, &owner.token, "mirror-pg", dir.path(), &mirror_args, pg)?)
+        }
+        None => None,
+    };
 
     let mut latency = Vec::new();
     for (subscribers, db) in [(args.latency_subscribers, "latency"), (args.fan_out_subscribers, "fan-out")] {
@@ -251,16 +263,23 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
         "redis": redis,
         "mirror_file_sdk_publishing_events_per_sec": mirror.publishing_per_sec.round(),
         "mirror_file_sdk_durable_events_per_sec": mirror.durable_per_sec.round(),
+        "mirror_file_sdk_final_wait_secs": (mirror.final_wait_secs * 100.0).round() / 100.0,
         "mirror_to_bare": ratio(mirror.durable_per_sec, bare.events_per_sec),
         "latency": latency,
     });
+    if let Some(outbox) = &outbox {
+        figures["mirror_outbox_sdk_publishing_events_per_sec"] = json!(outbox.publishing_per_sec.round());
+        figures["mirror_outbox_sdk_durable_events_per_sec"] = json!(outbox.durable_per_sec.round());
+        figures["mirror_outbox_sdk_final_wait_secs"] = json!((outbox.final_wait_secs * 100.0).round() / 100.0);
+        figures["mirror_outbox_to_bare"] = json!(ratio(outbox.durable_per_sec, bare.events_per_sec));
+    }
     if let Some(http) = http {
         figures["http_json_events_per_sec"] = json!(http.round());
         figures["http_to_bare"] = json!(ratio(http, bare.events_per_sec));
     }
     let parameters = json!({
         "events": args.events, "batch": args.batch, "streams": args.streams, "payload_bytes": args.payload_bytes,
-        "curve_every": every, "unbatched_events": args.unbatched_events, "unbatched_streams": args.unbatched_streams, "skip_http": args.skip_http,
+        "curve_every": every, "unbatched_events": args.unbatched_events, "unbatched_streams": args.unbatched_streams, "skip_http": args.skip_http, "postgres_outbox": args.postgres.is_some(),
         "latency_rate": args.latency_rate, "latency_seconds": args.latency_seconds, "latency_subscribers": args.latency_subscribers, "fan_out_subscribers": args.fan_out_subscribers,
     });
     let report = json!({ "command": command, "machine": machine, "parameters": parameters, "figures": figures });
@@ -277,13 +296,22 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
     }
     let missing = || format!("not run: install `{}`", redis_base::PACKAGE);
     rows.push(Row { scenario: batched_name, path: "Redis XADD, pipelined".into(), events_per_sec: redis_pipelined.as_ref().map(|r| r.events_per_sec), baseline: Some(bare.events_per_sec), note: if redis_binary.is_some() { format!("{} per pipeline", args.batch) } else { missing() } });
-    rows.push(Row {
+    let mirror_row = |path: &str, run: &MirrorRun| Row {
         scenario: batched_name,
-        path: "`khala mirror`, JSONL file → module (SDK)".into(),
-        events_per_sec: Some(mirror.durable_per_sec),
+        path: path.into(),
+        events_per_sec: Some(run.durable_per_sec),
         baseline: Some(bare.events_per_sec),
-        note: format!("to a durable cursor; {} events/s while publishing", grouped(mirror.publishing_per_sec)),
-    });
+        note: format!(
+            "to a durable cursor ({:.1} s of the {:.1} s run wait for the last commits to be durable); {} events/s while publishing",
+            run.final_wait_secs,
+            run.elapsed_secs,
+            grouped(run.publishing_per_sec)
+        ),
+    };
+    rows.push(mirror_row("`khala mirror`, JSONL file → module (SDK)", &mirror));
+    if let Some(outbox) = &outbox {
+        rows.push(mirror_row("`khala mirror`, Postgres outbox → module (SDK)", outbox));
+    }
     let unbatched_name = "publish, unbatched";
     rows.push(Row { scenario: unbatched_name, path: "bare insert-only module (SDK)".into(), events_per_sec: Some(unbatched_bare.events_per_sec), baseline: Some(unbatched_bare.events_per_sec), note: format!("1 per call, {} in flight", args.unbatched_streams) });
     rows.push(Row { scenario: unbatched_name, path: "Khala `publish_segment` (SDK)".into(), events_per_sec: Some(unbatched_sdk.events_per_sec), baseline: Some(unbatched_bare.events_per_sec), note: String::new() });
