@@ -362,6 +362,11 @@ fn the_postgres_outbox_is_mirrored_resumed_and_followed() {
     let url = pg.url();
     let pg_args = |extra: &[&str]| -> Vec<String> { ["--postgres", url.as_str(), "--durable-after-ms", "700"].iter().chain(extra).map(|s| s.to_string()).collect() };
 
+    // Before the schema is applied the mirror says so by name, and exits.
+    let output = mirror(&db, dir.path(), pg_args(&["--once"])).output().unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(text(&output).contains("khala: outbox_not_migrated:") && text(&output).contains("--migrate"), "{}", text(&output));
+
     // The migration applies once, then is a no-op.
     for expected in ["applied 0001_outbox", "the outbox schema is up to date"] {
         let output = mirror(&db, dir.path(), ["--postgres", &url, "--migrate"]).output().unwrap();

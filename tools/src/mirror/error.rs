@@ -23,6 +23,8 @@ pub enum MirrorError {
     StateLocked { dir: PathBuf },
     #[error("postgres: {what}: {detail}")]
     Postgres { what: String, detail: String },
+    #[error("the outbox schema is missing ({detail}); apply it first: khala mirror --postgres URL --migrate")]
+    OutboxNotMigrated { detail: String },
     #[error("the server refused the mirror: {0}")]
     Server(ToolError),
     #[error("stream {stream} stays invisible to the mirror's identity after publishing; reconciliation reads the heads of the streams it may publish, so grant it `publish` on the stream or a prefix of it (see docs/MIRROR.md)")]
@@ -50,6 +52,7 @@ impl MirrorError {
             MirrorError::InputChanged { .. } => "input_changed",
             MirrorError::StateLocked { .. } => "state_dir_locked",
             MirrorError::Postgres { .. } => "postgres_error",
+            MirrorError::OutboxNotMigrated { .. } => "outbox_not_migrated",
             MirrorError::Server(e) => e.code(),
             MirrorError::HeadsHidden { .. } => "heads_not_visible",
             MirrorError::NoPublishGrant { .. } => "no_publish_grant",

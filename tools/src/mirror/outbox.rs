@@ -303,10 +303,10 @@ impl Outbox {
             parser: Parser::new(limits),
             _backlog: None,
         };
-        outbox.connect().map_err(with_hint)?;
+        outbox.connect()?;
         let client = &outbox.conn.as_ref().expect("connected").client;
         let cursor = outbox.rt.block_on(client.query_opt("SELECT last_id FROM khala_mirror_cursor WHERE name = $1", &[&name]));
-        let cursor = cursor.map_err(|e| with_hint(MirrorError::postgres("reading the cursor", e)))?.map_or(0, |row| row.get::<_, i64>(0));
+        let cursor = cursor.map_err(|e| pg_error("reading the cursor", e))?.map_or(0, |row| row.get::<_, i64>(0));
         outbox.start = mark(cursor);
         outbox.read_id = cursor;
         outbox.refresh_head()?;
@@ -319,9 +319,9 @@ impl Outbox {
     fn connect(&mut self) -> Result<()> {
         if self.conn.is_none() {
             let (client, notes) = self.rt.block_on(connect(&self.url))?;
-            self.rt.block_on(client.batch_execute(READER_SETTINGS)).map_err(|e| MirrorError::postgres("setting up the reading connection", e))?;
-            self.rt.block_on(client.batch_execute("LISTEN khala_outbox")).map_err(|e| MirrorError::postgres("listening", e))?;
-            let read_rows = self.rt.block_on(client.prepare(READ_ROWS)).map_err(|e| MirrorError::postgres("preparing the outbox read", e))?;
+            self.rt.block_on(client.batch_execute(READER_SETTINGS)).map_err(|e| pg_error("setting up the reading connection", e))?;
+            self.rt.block_on(client.batch_execute("LISTEN khala_outbox")).map_err(|e| pg_error("listening", e))?;
+            let read_rows = self.rt.block_on(client.prepare(READ_ROWS)).map_err(|e| pg_error("preparing the outbox read", e))?;
             self.conn = Some(Connection { client: Arc::new(client), notes, read_rows });
         }
         Ok(())
@@ -331,7 +331,7 @@ impl Outbox {
     fn failed(&mut self, what: &str, e: tokio_postgres::Error) -> MirrorError {
         self.conn = None;
         self.read_ahead = None;
-        MirrorError::postgres(what, e)
+        pg_error(what, e)
     }
 
     fn refresh_head(&mut self) -> Result<()> {
@@ -447,14 +447,14 @@ impl Source for Outbox {
     }
 }
 
-/// A missing table means the migration was never applied: say so.
-fn with_hint(error: MirrorError) -> MirrorError {
-    match error {
-        MirrorError::Postgres { what, detail } if detail.contains("does not exist") => {
-            MirrorError::Postgres { what, detail: format!("{detail} (apply the schema first: khala mirror --postgres URL --migrate)") }
-        }
-        other => other,
+/// A Postgres error as the mirror's: a missing table means the schema was never applied
+/// ([`MirrorError::OutboxNotMigrated`], which retrying cannot mend); anything else is
+/// [`MirrorError::Postgres`], which the mirror rides out.
+fn pg_error(what: &str, e: tokio_postgres::Error) -> MirrorError {
+    if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+        return MirrorError::OutboxNotMigrated { detail: e.to_string() };
     }
+    MirrorError::postgres(what, e)
 }
 
 #[cfg(test)]
