@@ -29,14 +29,75 @@ pub fn canonical_json(value: &Value) -> Vec<u8> {
 /// each `:` and `,`, keys by length before bytes). The result is [`canonical_json`] of
 /// the value either way; the error is serde_json's (a value nested deeper than it reads).
 pub fn canonicalize(raw: &RawValue) -> serde_json::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(raw.get().len());
+    let text = raw.get();
+    // serde_json reads an object whose one key is one of its private markers as something
+    // else (with `arbitrary_precision`, `{"$serde_json::private::Number":"1"}` is the
+    // number 1), and only its full pass knows that. The rewrite reads each level anew, so
+    // it would never meet serde_json's depth limit: deep text takes the full pass too, and
+    // fails where it fails.
+    if memchr::memmem::find(text.as_bytes(), b"$serde_json::private::").is_some() || nesting(text.as_bytes()) > MAX_SCAN_DEPTH {
+        return Ok(canonical_json(&serde_json::from_str(text)?));
+    }
+    let mut out = Vec::with_capacity(text.len());
     rewrite(raw, &mut out, 0)?;
     Ok(out)
+}
+
+/// The deepest nesting of arrays and objects in `text` (valid JSON); strings are skipped.
+fn nesting(text: &[u8]) -> usize {
+    let (mut depth, mut deepest, mut at) = (0usize, 0usize, 0usize);
+    while at < text.len() {
+        match text[at] {
+            b'"' => loop {
+                at += 1;
+                match memchr::memchr2(b'"', b'\\', &text[at..]) {
+                    Some(i) if text[at + i] == b'\\' => at += i + 1,
+                    Some(i) => {
+                        at += i;
+                        break;
+                    }
+                    None => return deepest,
+                }
+            },
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        at += 1;
+    }
+    deepest
 }
 
 /// Deeper than this, [`rewrite`] hands the rest of a value to the full pass (each level
 /// reads its subtree once more).
 const MAX_REWRITE_DEPTH: usize = 8;
+
+/// An object's members in the order written, borrowed: a key with an escape cannot be
+/// borrowed, and fails to read.
+struct Members<'a>(Vec<(&'a str, &'a RawValue)>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Members<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Members<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Members<'a>, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry::<&'a str, &'a RawValue>()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
 
 /// Appends the canonical bytes of `raw`, which [`is_canonical`] may have refused.
 fn rewrite(raw: &RawValue, out: &mut Vec<u8>, depth: usize) -> serde_json::Result<()> {
@@ -55,8 +116,13 @@ fn rewrite(raw: &RawValue, out: &mut Vec<u8>, depth: usize) -> serde_json::Resul
         Some(b'{') => {
             // Borrowed keys are keys written without an escape, so they are written back
             // as they are; a key with one fails to borrow and the object takes the full
-            // pass. As in `Value`'s map, the last of two equal keys wins.
-            let Ok(members) = serde_json::from_str::<std::collections::BTreeMap<&str, &RawValue>>(text) else { return full_pass(out) };
+            // pass. So does an object with a key twice: `Value` keeps the last, and only
+            // the full pass checks the values it drops.
+            let Ok(Members(mut members)) = serde_json::from_str::<Members>(text) else { return full_pass(out) };
+            members.sort_by(|a, b| a.0.cmp(b.0));
+            if members.windows(2).any(|pair| pair[0].0 == pair[1].0) {
+                return full_pass(out);
+            }
             out.push(b'{');
             for (i, (key, value)) in members.into_iter().enumerate() {
                 if i > 0 {
@@ -71,7 +137,7 @@ fn rewrite(raw: &RawValue, out: &mut Vec<u8>, depth: usize) -> serde_json::Resul
             Ok(())
         }
         Some(b'[') => {
-            let items: Vec<&RawValue> = serde_json::from_str(text)?;
+            let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(text) else { return full_pass(out) };
             out.push(b'[');
             for (i, item) in items.into_iter().enumerate() {
                 if i > 0 {
@@ -311,6 +377,40 @@ mod tests {
         }
         let deep = format!("{}{}", "[ ".repeat(120), "]".repeat(120));
         assert_eq!(canon(&deep).unwrap(), format!("{}{}", "[".repeat(120), "]".repeat(120)).as_bytes());
+    }
+
+    /// `canonicalize` agrees with the full pass: the same bytes, or both an error.
+    fn agrees_with_the_full_pass(text: &str) {
+        let full = serde_json::from_str::<Value>(text).map(|v| canonical_json(&v));
+        // A `RawValue` reads what `ignore_value` accepts, which the full pass may refuse.
+        let Ok(raw) = serde_json::from_str::<&RawValue>(text) else { return assert!(full.is_err(), "{text}") };
+        match (canonicalize(raw), full) {
+            (Ok(ours), Ok(full)) => assert_eq!(String::from_utf8(ours).unwrap(), String::from_utf8(full).unwrap(), "{text}"),
+            (Err(_), Err(_)) => {}
+            (ours, full) => panic!("{text:.80}: canonicalize {:?}, the full pass {:?}", ours.map(String::from_utf8), full.map(String::from_utf8)),
+        }
+    }
+
+    #[test]
+    fn the_rewrite_fails_where_the_full_pass_fails() {
+        for depth in [99, 100, 101, 127, 128, 129, 136] {
+            agrees_with_the_full_pass(&format!("{}{}", "[ ".repeat(depth), "]".repeat(depth)));
+            agrees_with_the_full_pass(&format!("{}1{}", "{\"a\": ".repeat(depth), "}".repeat(depth)));
+        }
+        for text in [
+            // A key twice: `Value` keeps the last, but the first must still be readable.
+            r#"{"a": "\ud800", "a": 1}"#,
+            r#"{"b": 1, "a": 2, "a": 3}"#,
+            &format!(r#"{{"a": {}{}, "a": 0}}"#, "[".repeat(200), "]".repeat(200)),
+            // serde_json's private markers mean something else to `Value`.
+            r#"{"$serde_json::private::Number": "1"}"#,
+            r#"{"$serde_json::private::Number":"1"}"#,
+            r#"{"$serde_json::private::Number": "x"}"#,
+            r#"{"$serde_json::private::RawValue": "[1]"}"#,
+            r#"[{"k": "a \"quoted\" [not a bracket"}, {"z": 1, "y": [2]}]"#,
+        ] {
+            agrees_with_the_full_pass(text);
+        }
     }
 
     #[test]

@@ -53,9 +53,9 @@ pub struct MirrorRun {
     pub publishing_per_sec: f64,
     pub durable_per_sec: f64,
     pub elapsed_secs: f64,
-    /// From the last commit to the durable cursor: `--durable-after-ms` and a head read, a
-    /// latency every run pays once at its end (the cursor keeps the publishing pace,
-    /// that far behind).
+    /// From the last commit to the mirror's exit: mostly the wait for the durable cursor
+    /// (`--durable-after-ms`, then a head read), a latency every run pays once at its end
+    /// (the cursor keeps the publishing pace, that far behind), and the shutdown.
     pub final_wait_secs: f64,
 }
 
@@ -222,6 +222,9 @@ fn fill_outbox(url: &str, events: u64, topics: u32, payload_bytes: usize) -> any
         tokio::spawn(connection);
         let held: i64 = client.query_one("SELECT count(*) FROM khala_outbox", &[]).await?.get(0);
         anyhow::ensure!(held == 0, "khala_outbox already holds {held} rows; the bench needs an empty one");
+        // A cursor left by an earlier run would skip these rows (ids restart after
+        // `TRUNCATE … RESTART IDENTITY`).
+        client.execute("DELETE FROM khala_mirror_cursor WHERE name = $1", &[&"khala-bench"]).await?;
         let per_topic = events / u64::from(topics);
         let pad = payload_bytes.saturating_sub(r#"{"s":,"t":,"pad":""}"#.len() + 8);
         client

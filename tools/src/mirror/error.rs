@@ -25,6 +25,8 @@ pub enum MirrorError {
     Postgres { what: String, detail: String },
     #[error("the outbox schema is missing ({detail}); apply it first: khala mirror --postgres URL --migrate")]
     OutboxNotMigrated { detail: String },
+    #[error("khala_outbox's columns are not of the types the migration makes ({detail}); see tools/migrations/0001_outbox.sql")]
+    OutboxSchemaMismatch { detail: String },
     #[error("the server refused the mirror: {0}")]
     Server(ToolError),
     #[error("stream {stream} stays invisible to the mirror's identity after publishing; reconciliation reads the heads of the streams it may publish, so grant it `publish` on the stream or a prefix of it (see docs/MIRROR.md)")]
@@ -53,6 +55,7 @@ impl MirrorError {
             MirrorError::StateLocked { .. } => "state_dir_locked",
             MirrorError::Postgres { .. } => "postgres_error",
             MirrorError::OutboxNotMigrated { .. } => "outbox_not_migrated",
+            MirrorError::OutboxSchemaMismatch { .. } => "outbox_schema_mismatch",
             MirrorError::Server(e) => e.code(),
             MirrorError::HeadsHidden { .. } => "heads_not_visible",
             MirrorError::NoPublishGrant { .. } => "no_publish_grant",

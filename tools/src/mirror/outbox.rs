@@ -7,9 +7,10 @@
 //! `tokio-postgres` is async; the source owns a Tokio runtime with one worker thread and
 //! blocks on it, so the rest of the mirror stays synchronous. After a full page a reader
 //! task on the worker reads on ahead, a page at a time, so Postgres reads the next pages
-//! while the mirror works through this one (the two took turns before). Any Postgres error drops the
-//! connection and is reported as [`MirrorError::Postgres`], which the mirror treats as
-//! transient: it backs off, rewinds to the durable cursor and reconnects.
+//! while the mirror works through this one (the two took turns before). A Postgres error
+//! drops the connection and is reported as [`MirrorError::Postgres`], which the mirror
+//! treats as transient: it backs off, rewinds to the durable cursor and reconnects. A
+//! missing table is [`MirrorError::OutboxNotMigrated`] instead, which retrying cannot mend.
 //!
 //! While metrics are served, a watcher thread with its own connection counts the rows past
 //! the stored cursor (and the age of the oldest) once per poll interval (1 to 5 s), apart
@@ -101,19 +102,18 @@ impl Drop for ReadAhead {
 }
 
 /// Reads the pages past `after` in order into `pages`, asking for each as soon as the one
-/// before has come (so Postgres is never idle waiting for the mirror), up to
-/// [`READ_AHEAD_PAGES`] ahead; stops after a page that is not full (the reader has caught
-/// up) or an error, which it hands over like a page.
+/// before has come and there is room for it (so Postgres is never idle waiting for the
+/// mirror, and reads at most [`READ_AHEAD_PAGES`] ahead); stops after a page that is not
+/// full (the reader has caught up) or an error, which it hands over like a page.
 async fn read_pages(client: Arc<Client>, read_rows: Statement, mut after: i64, limit: i64, pages: tokio::sync::mpsc::Sender<Page>) {
     loop {
+        let Ok(room) = pages.reserve().await else { return };
         let page = client.query(&read_rows, &[&after, &limit]).await;
         let next = match &page {
             Ok(rows) if rows.len() as i64 == limit => rows.last().map(|row| row.get::<_, i64>(0)),
             _ => None,
         };
-        if pages.send(page).await.is_err() {
-            return;
-        }
+        room.send(page);
         match next {
             Some(id) => after = id,
             None => return,
@@ -236,8 +236,9 @@ fn mark(id: i64) -> Mark {
 /// Microseconds from 1970-01-01 to 2000-01-01, the epoch of Postgres' timestamps.
 const POSTGRES_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
-/// A `timestamptz` as it comes over the wire (microseconds since 2000-01-01), so that
-/// Postgres does no arithmetic per row; `infinity` and `-infinity` are the extreme values.
+/// A `timestamptz` (or a `timestamp`, read as UTC: the same wire form) as it comes over
+/// the wire, microseconds since 2000-01-01, so that Postgres does no arithmetic per row;
+/// `infinity` and `-infinity` are the extreme values.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Timestamp(i64);
 
@@ -246,10 +247,19 @@ impl<'a> FromSql<'a> for Timestamp {
         Ok(Timestamp(i64::from_be_bytes(raw.try_into()?)))
     }
 
-    accepts!(TIMESTAMPTZ);
+    accepts!(TIMESTAMPTZ, TIMESTAMP);
 }
 
 impl Timestamp {
+    /// As the dead-letter file keeps it: microseconds since the Unix epoch, or which infinity.
+    fn to_json(self) -> Value {
+        match self.unix_micros() {
+            Some(micros) => json!(micros),
+            None if self.0 > 0 => json!("infinity"),
+            None => json!("-infinity"),
+        }
+    }
+
     /// Microseconds since the Unix epoch; `None` for ±infinity, which no event happened at.
     fn unix_micros(self) -> Option<i64> {
         if self.0 == i64::MAX || self.0 == i64::MIN {
@@ -280,7 +290,7 @@ fn record(id: i64, topic: &str, seq: i64, kind: &str, payload: &str, occurred: O
     // The row as the dead-letter file keeps it, written only for a row refused.
     let dead_letter = |bad: Bad| {
         let payload = serde_json::from_str::<Value>(payload).unwrap_or_else(|_| Value::String(payload.into()));
-        (bad, json!({ "id": id, "topic": topic, "seq": seq, "kind": kind, "payload": payload, "occurred_at_micros": occurred.map(|at| at.unix_micros()) }).to_string())
+        (bad, json!({ "id": id, "topic": topic, "seq": seq, "kind": kind, "payload": payload, "occurred_at_micros": occurred.map(Timestamp::to_json) }).to_string())
     };
     Record { end: mark(id), origin, parsed: parsed.map_err(dead_letter) }
 }
@@ -414,12 +424,14 @@ impl Source for Outbox {
             }
             None => {}
         }
-        let records: Vec<Record> = rows
-            .iter()
-            .map(|row| {
-                record(row.get(0), row.get(1), row.get(2), row.get(3), row.get(4), row.get(5), &mut self.parser)
-            })
-            .collect();
+        let mut records = Vec::with_capacity(rows.len());
+        for row in &rows {
+            // Columns of other types than the migration makes (a table made by hand) are
+            // refused by name, not read as something else.
+            let columns = (|| Ok::<_, tokio_postgres::Error>((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, row.try_get(4)?, row.try_get(5)?)))();
+            let (id, topic, seq, kind, payload, occurred) = columns.map_err(|e| MirrorError::OutboxSchemaMismatch { detail: e.to_string() })?;
+            records.push(record(id, topic, seq, kind, payload, occurred, &mut self.parser));
+        }
         Ok(Read::Records(records))
     }
 
@@ -478,8 +490,9 @@ mod tests {
         let (bad, raw) = record(8, "t", 1, "k", r#"{"n": tru"#, None, &mut Parser::new(LIMITS)).parsed.unwrap_err();
         assert_eq!((bad.reason, bad.stream_id.as_deref()), ("invalid_payload", Some("runtime.topic.t")));
         assert!(raw.contains("tru"), "{raw}");
-        let (bad, _) = record(9, "t", 1, "k", "{}", Some(Timestamp(i64::MAX)), &mut Parser::new(LIMITS)).parsed.unwrap_err();
+        let (bad, raw) = record(9, "t", 1, "k", "{}", Some(Timestamp(i64::MAX)), &mut Parser::new(LIMITS)).parsed.unwrap_err();
         assert_eq!((bad.reason, bad.seq), ("invalid_occurred_at", Some(1)));
+        assert!(raw.contains(r#""occurred_at_micros":"infinity""#), "{raw}");
     }
 
     #[test]
@@ -490,5 +503,8 @@ mod tests {
         assert_eq!(at.unix_micros(), Some(1_714_557_600_500_000));
         assert_eq!(Timestamp(i64::MIN).unix_micros(), None);
         assert!(Timestamp::from_sql(&Type::TIMESTAMPTZ, &[0; 4]).is_err());
+        // A `timestamp without time zone` column (an outbox made before the migration) reads
+        // the same way; anything else is refused (`outbox_schema_mismatch`), not mistaken.
+        assert!(<Timestamp as FromSql>::accepts(&Type::TIMESTAMP) && !<Timestamp as FromSql>::accepts(&Type::INT8));
     }
 }
