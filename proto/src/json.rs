@@ -30,17 +30,30 @@ pub fn canonical_json(value: &Value) -> Vec<u8> {
 /// the value either way; the error is serde_json's (a value nested deeper than it reads).
 pub fn canonicalize(raw: &RawValue) -> serde_json::Result<Vec<u8>> {
     let text = raw.get();
+    let full_pass = || Ok(canonical_json(&serde_json::from_str(text)?));
     // serde_json reads an object whose one key is one of its private markers as something
     // else (with `arbitrary_precision`, `{"$serde_json::private::Number":"1"}` is the
-    // number 1), and only its full pass knows that. The rewrite reads each level anew, so
-    // it would never meet serde_json's depth limit: deep text takes the full pass too, and
-    // fails where it fails.
-    if memchr::memmem::find(text.as_bytes(), b"$serde_json::private::").is_some() || nesting(text.as_bytes()) > MAX_SCAN_DEPTH {
-        return Ok(canonical_json(&serde_json::from_str(text)?));
+    // number 1), and only its full pass knows that.
+    if names_a_private_marker(text.as_bytes()) {
+        return full_pass();
+    }
+    if is_canonical(text.as_bytes()) {
+        return Ok(text.as_bytes().to_vec());
+    }
+    // The rewrite reads each level anew, so it would never meet serde_json's depth limit:
+    // deep text takes the full pass, and fails where it fails.
+    if nesting(text.as_bytes()) > MAX_SCAN_DEPTH {
+        return full_pass();
     }
     let mut out = Vec::with_capacity(text.len());
     rewrite(raw, &mut out, 0)?;
     Ok(out)
+}
+
+/// Whether `text` holds serde_json's private marker prefix (almost never: a `$` first).
+fn names_a_private_marker(text: &[u8]) -> bool {
+    static MARKER: std::sync::LazyLock<memchr::memmem::Finder<'static>> = std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"$serde_json::private::"));
+    memchr::memchr(b'$', text).is_some() && MARKER.find(text).is_some()
 }
 
 /// The deepest nesting of arrays and objects in `text` (valid JSON); strings are skipped.
