@@ -78,13 +78,23 @@ impl Postgres {
 
     /// A connection string for `khala mirror --postgres`.
     pub fn url(&self) -> String {
-        format!("postgres://khala@127.0.0.1:{}/postgres", self.port)
+        self.url_of("postgres")
+    }
+
+    /// The connection string of another database of the cluster.
+    pub fn url_of(&self, database: &str) -> String {
+        format!("postgres://khala@127.0.0.1:{}/{database}", self.port)
     }
 
     /// Runs SQL with `psql` and returns its unaligned output (one row per line).
     pub fn psql(&self, sql: &str) -> String {
+        self.psql_in("postgres", sql)
+    }
+
+    /// The same, in another database of the cluster.
+    pub fn psql_in(&self, database: &str, sql: &str) -> String {
         let output = Command::new(self.bin.join("psql"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "khala", "-d", "postgres", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "khala", "-d", database, "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
             .output()
             .unwrap_or_else(|e| panic!("running psql: {e}"));
         String::from_utf8_lossy(&check(&format!("psql {sql:.80}"), output).stdout).trim().to_string()

@@ -367,6 +367,21 @@ fn the_postgres_outbox_is_mirrored_resumed_and_followed() {
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     assert!(text(&output).contains("khala: outbox_not_migrated:") && text(&output).contains("--migrate"), "{}", text(&output));
 
+    // An outbox made by hand with a column of another type (seq as `integer`) is refused
+    // by name, not read as something else.
+    pg.psql("CREATE DATABASE handmade");
+    pg.psql_in(
+        "handmade",
+        "CREATE TABLE khala_outbox (id bigserial PRIMARY KEY, topic text NOT NULL, seq integer NOT NULL, kind text NOT NULL, payload jsonb NOT NULL, \
+         occurred_at timestamptz, created_at timestamptz NOT NULL DEFAULT now()); \
+         CREATE TABLE khala_mirror_cursor (name text PRIMARY KEY, last_id bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now()); \
+         INSERT INTO khala_outbox (topic, seq, kind, payload) VALUES ('run:0:events', 1, 'k', '{}')",
+    );
+    let handmade_dir = tempfile::tempdir().unwrap();
+    let output = mirror(&db, handmade_dir.path(), ["--postgres", &pg.url_of("handmade"), "--once"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(text(&output).contains("khala: outbox_schema_mismatch:"), "{}", text(&output));
+
     // The migration applies once, then is a no-op.
     for expected in ["applied 0001_outbox", "the outbox schema is up to date"] {
         let output = mirror(&db, dir.path(), ["--postgres", &url, "--migrate"]).output().unwrap();
