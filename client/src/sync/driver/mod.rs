@@ -559,7 +559,11 @@ impl Driver {
             self.checkpoint(now, out);
         }
         for (id, s) in self.streams.iter_mut() {
-            if self.settings.ack && s.grant.subscribed() && s.grant.can_ack && s.engine.mode() == &StreamMode::Normal && !s.rebuilding() {
+            // Only once the server's row of the stream has shown the durable cursor's
+            // epoch: a process started from a checkpoint file may hold a cursor of a
+            // history the server has since replaced (and its handler may have rebuilt).
+            let same_history = s.engine.info().is_some_and(|info| info.epoch == s.durable.epoch);
+            if self.settings.ack && s.grant.subscribed() && s.grant.can_ack && s.engine.mode() == &StreamMode::Normal && !s.rebuilding() && same_history {
                 if let Some(seq) = s.acks.due(s.durable.seq, now.at) {
                     s.acks.sent(seq, now.at);
                     out.push(Command::Ack { stream_id: id.clone(), seq, chain_hash: s.durable.chain_hash.clone() });
