@@ -347,7 +347,7 @@ impl Outbox {
     fn refresh_head(&mut self) -> Result<()> {
         self.connect()?;
         let client = &self.conn.as_ref().expect("connected").client;
-        match self.rt.block_on(client.query_one("SELECT coalesce(max(id), 0) FROM khala_outbox", &[])) {
+        match self.rt.block_on(client.query_one("SELECT coalesce(max(id), 0)::bigint FROM khala_outbox", &[])) {
             Ok(row) => {
                 self.head_id = self.head_id.max(row.get::<_, i64>(0));
                 Ok(())
@@ -412,7 +412,14 @@ impl Source for Outbox {
             return Ok(Read::Idle);
         }
         self.last_empty_poll = None;
-        self.read_id = rows.last().map_or(self.read_id, |row| row.get(0));
+        // Columns of other types than the migration makes (a table made by hand) are
+        // refused by name, not read as something else.
+        let columns = rows
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, row.try_get(4)?, row.try_get(5)?)))
+            .collect::<std::result::Result<Vec<(i64, &str, i64, &str, &str, Option<Timestamp>)>, tokio_postgres::Error>>()
+            .map_err(|e| MirrorError::OutboxSchemaMismatch { detail: e.to_string() })?;
+        self.read_id = columns.last().map_or(self.read_id, |c| c.0);
         self.head_id = self.head_id.max(self.read_id);
         match self.read_ahead.as_mut() {
             Some(ahead) => ahead.after = self.read_id,
@@ -424,14 +431,7 @@ impl Source for Outbox {
             }
             None => {}
         }
-        let mut records = Vec::with_capacity(rows.len());
-        for row in &rows {
-            // Columns of other types than the migration makes (a table made by hand) are
-            // refused by name, not read as something else.
-            let columns = (|| Ok::<_, tokio_postgres::Error>((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, row.try_get(4)?, row.try_get(5)?)))();
-            let (id, topic, seq, kind, payload, occurred) = columns.map_err(|e| MirrorError::OutboxSchemaMismatch { detail: e.to_string() })?;
-            records.push(record(id, topic, seq, kind, payload, occurred, &mut self.parser));
-        }
+        let records = columns.into_iter().map(|(id, topic, seq, kind, payload, occurred)| record(id, topic, seq, kind, payload, occurred, &mut self.parser)).collect();
         Ok(Read::Records(records))
     }
 
