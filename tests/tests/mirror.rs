@@ -367,20 +367,39 @@ fn the_postgres_outbox_is_mirrored_resumed_and_followed() {
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     assert!(text(&output).contains("khala: outbox_not_migrated:") && text(&output).contains("--migrate"), "{}", text(&output));
 
-    // An outbox made by hand with a column of another type (seq as `integer`) is refused
-    // by name, not read as something else.
-    pg.psql("CREATE DATABASE handmade");
-    pg.psql_in(
-        "handmade",
-        "CREATE TABLE khala_outbox (id bigserial PRIMARY KEY, topic text NOT NULL, seq integer NOT NULL, kind text NOT NULL, payload jsonb NOT NULL, \
-         occurred_at timestamptz, created_at timestamptz NOT NULL DEFAULT now()); \
-         CREATE TABLE khala_mirror_cursor (name text PRIMARY KEY, last_id bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now()); \
-         INSERT INTO khala_outbox (topic, seq, kind, payload) VALUES ('run:0:events', 1, 'k', '{}')",
+    // Outboxes made by hand. Narrower integers (`serial` ids, `integer` seqs) and a `json`
+    // payload are read as the migration's types are; a column the mirror cannot read, or
+    // one missing, is refused by name and the mirror exits, not retried for ever (a
+    // `serial` id used to fail every read as a transient error).
+    let handmade_db = shared_server().new_database("mirror-pg-handmade");
+    let cursor_table = "CREATE TABLE khala_mirror_cursor (name text PRIMARY KEY, last_id bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())";
+    let handmade = |name: &str, columns: &str, insert: &str| {
+        pg.psql(&format!("CREATE DATABASE {name}"));
+        pg.psql_in(name, &format!("CREATE TABLE khala_outbox ({columns}); {cursor_table}; INSERT INTO khala_outbox {insert}"));
+        let output = mirror(&handmade_db, &dir.path().join(name), ["--postgres", &pg.url_of(name), "--once", "--durable-after-ms", "700"]).output().unwrap();
+        (output.status.code(), text(&output))
+    };
+    let (status, output) = handmade(
+        "narrow",
+        "id serial PRIMARY KEY, topic text NOT NULL, seq integer NOT NULL, kind text NOT NULL, payload json NOT NULL, occurred_at timestamp",
+        "(topic, seq, kind, payload, occurred_at) SELECT 'run:0:events', s, 'k', json_build_object('n', s), now() FROM generate_series(1, 300) s",
     );
-    let handmade_dir = tempfile::tempdir().unwrap();
-    let output = mirror(&db, handmade_dir.path(), ["--postgres", &pg.url_of("handmade"), "--once"]).output().unwrap();
-    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
-    assert!(text(&output).contains("khala: outbox_schema_mismatch:"), "{}", text(&output));
+    assert_eq!(status, Some(0), "{output}");
+    let mut narrow = Streams::new();
+    for s in 1..=300 {
+        expect(&mut narrow, "runtime.run.0.events", "run:0:events", s, "k", &json!({ "n": s }));
+    }
+    assert_module_holds(&handmade_db, &narrow);
+    let columns = |seq: &str| format!("id bigserial PRIMARY KEY, topic text NOT NULL, seq {seq} NOT NULL, kind text NOT NULL, payload jsonb NOT NULL, occurred_at timestamptz");
+    for (name, columns, insert) in [
+        ("seq_as_text", columns("text"), "(topic, seq, kind, payload) VALUES ('run:1:events', '1', 'k', '{}')"),
+        ("no_occurred_at", "id bigserial PRIMARY KEY, topic text NOT NULL, seq bigint NOT NULL, kind text NOT NULL, payload jsonb NOT NULL".into(), "(topic, seq, kind, payload) VALUES ('run:1:events', 1, 'k', '{}')"),
+    ] {
+        let (status, output) = handmade(name, &columns, insert);
+        assert_eq!(status, Some(1), "{name}: {output}");
+        assert!(output.contains("khala: outbox_schema_mismatch:"), "{name}: {output}");
+    }
+    assert_module_holds(&handmade_db, &narrow);
 
     // The migration applies once, then is a no-op.
     for expected in ["applied 0001_outbox", "the outbox schema is up to date"] {

@@ -25,7 +25,7 @@ pub enum MirrorError {
     Postgres { what: String, detail: String },
     #[error("the outbox schema is missing ({detail}); apply it first: khala mirror --postgres URL --migrate")]
     OutboxNotMigrated { detail: String },
-    #[error("khala_outbox's columns are not of the types the migration makes ({detail}); see tools/migrations/0001_outbox.sql")]
+    #[error("the outbox tables' columns are missing or of types the mirror cannot read ({detail}); see tools/migrations/0001_outbox.sql")]
     OutboxSchemaMismatch { detail: String },
     #[error("the server refused the mirror: {0}")]
     Server(ToolError),

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::task::JoinHandle;
-use tokio_postgres::types::{accepts, FromSql, Type};
+use tokio_postgres::types::{accepts, FromSql, Type, WrongType};
 use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
 
 /// The migrations, in order: `(version, name, sql)`.
@@ -36,9 +36,11 @@ pub const MIGRATIONS: [(i32, &str, &str); 1] = [(1, "0001_outbox", include_str!(
 /// The advisory lock that keeps two `--migrate` runs apart.
 const MIGRATE_LOCK: i64 = 7_104_202_500;
 
-/// One page of rows past `$1`, at most `$2`: a range of the primary key's index.
+/// One page of rows past `$1`, at most `$2`: a range of the primary key's index. `$1` is
+/// a `bigint` whatever `id` is, so an outbox made by hand with an `integer` id (`serial`)
+/// is read too: the comparison across the two is in the index's operator family.
 pub const READ_ROWS: &str = "SELECT id, topic, seq, kind, payload::text, occurred_at \
-                         FROM khala_outbox WHERE id > $1 ORDER BY id LIMIT $2";
+                         FROM khala_outbox WHERE id > $1::bigint ORDER BY id LIMIT $2";
 
 /// The reading connection's planner settings. The keyset read must walk the primary key's
 /// index, and the planner's estimate of what lies past the cursor is always stale: rows
@@ -110,7 +112,8 @@ async fn read_pages(client: Arc<Client>, read_rows: Statement, mut after: i64, l
         let Ok(room) = pages.reserve().await else { return };
         let page = client.query(&read_rows, &[&after, &limit]).await;
         let next = match &page {
-            Ok(rows) if rows.len() as i64 == limit => rows.last().map(|row| row.get::<_, i64>(0)),
+            // An id of another type ends the read ahead; `Outbox::read` reports it.
+            Ok(rows) if rows.len() as i64 == limit => rows.last().and_then(|row| row.try_get::<_, Integer>(0).ok()).map(|id| id.0),
             _ => None,
         };
         room.send(page);
@@ -269,6 +272,23 @@ impl Timestamp {
     }
 }
 
+/// An `id` or a `seq`: a `bigint` as the migration makes them, or a narrower integer
+/// (an outbox made by hand with `serial` ids). Anything else is refused by type.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Integer(i64);
+
+impl<'a> FromSql<'a> for Integer {
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Integer(match *ty {
+            Type::INT2 => i16::from_sql(ty, raw)?.into(),
+            Type::INT4 => i32::from_sql(ty, raw)?.into(),
+            _ => i64::from_sql(ty, raw)?,
+        }))
+    }
+
+    accepts!(INT2, INT4, INT8);
+}
+
 /// One outbox row as a record.
 fn record(id: i64, topic: &str, seq: i64, kind: &str, payload: &str, occurred: Option<Timestamp>, parser: &mut Parser) -> Record {
     let origin = Origin::OutboxId(id);
@@ -316,7 +336,10 @@ impl Outbox {
         outbox.connect()?;
         let client = &outbox.conn.as_ref().expect("connected").client;
         let cursor = outbox.rt.block_on(client.query_opt("SELECT last_id FROM khala_mirror_cursor WHERE name = $1", &[&name]));
-        let cursor = cursor.map_err(|e| pg_error("reading the cursor", e))?.map_or(0, |row| row.get::<_, i64>(0));
+        let cursor = match cursor.map_err(|e| pg_error("reading the cursor", e))? {
+            Some(row) => row.try_get::<_, i64>(0).map_err(|e| pg_error("reading the cursor", e))?,
+            None => 0,
+        };
         outbox.start = mark(cursor);
         outbox.read_id = cursor;
         outbox.refresh_head()?;
@@ -417,9 +440,9 @@ impl Source for Outbox {
         let columns = rows
             .iter()
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, row.try_get(4)?, row.try_get(5)?)))
-            .collect::<std::result::Result<Vec<(i64, &str, i64, &str, &str, Option<Timestamp>)>, tokio_postgres::Error>>()
+            .collect::<std::result::Result<Vec<(Integer, &str, Integer, &str, &str, Option<Timestamp>)>, tokio_postgres::Error>>()
             .map_err(|e| MirrorError::OutboxSchemaMismatch { detail: e.to_string() })?;
-        self.read_id = columns.last().map_or(self.read_id, |c| c.0);
+        self.read_id = columns.last().map_or(self.read_id, |c| c.0 .0);
         self.head_id = self.head_id.max(self.read_id);
         match self.read_ahead.as_mut() {
             Some(ahead) => ahead.after = self.read_id,
@@ -431,7 +454,7 @@ impl Source for Outbox {
             }
             None => {}
         }
-        let records = columns.into_iter().map(|(id, topic, seq, kind, payload, occurred)| record(id, topic, seq, kind, payload, occurred, &mut self.parser)).collect();
+        let records = columns.into_iter().map(|(id, topic, seq, kind, payload, occurred)| record(id.0, topic, seq.0, kind, payload, occurred, &mut self.parser)).collect();
         Ok(Read::Records(records))
     }
 
@@ -459,12 +482,24 @@ impl Source for Outbox {
     }
 }
 
-/// A Postgres error as the mirror's: a missing table means the schema was never applied
-/// ([`MirrorError::OutboxNotMigrated`], which retrying cannot mend); anything else is
-/// [`MirrorError::Postgres`], which the mirror rides out.
+/// A Postgres error as the mirror's. Retrying mends neither a missing table (the schema
+/// was never applied: [`MirrorError::OutboxNotMigrated`]) nor tables made by hand whose
+/// columns are missing or of types the mirror cannot read, whether Postgres says so
+/// (an unknown column, no operator for the types) or the driver does (a value of another
+/// type: [`MirrorError::OutboxSchemaMismatch`]). Anything else is [`MirrorError::Postgres`],
+/// which the mirror rides out: before this split a hand-made `integer` id failed every
+/// read as a transient error, and the mirror retried it for ever.
 fn pg_error(what: &str, e: tokio_postgres::Error) -> MirrorError {
-    if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
-        return MirrorError::OutboxNotMigrated { detail: e.to_string() };
+    use tokio_postgres::error::SqlState;
+    match e.code() {
+        Some(code) if *code == SqlState::UNDEFINED_TABLE => return MirrorError::OutboxNotMigrated { detail: e.to_string() },
+        Some(code) if [SqlState::UNDEFINED_COLUMN, SqlState::UNDEFINED_FUNCTION, SqlState::DATATYPE_MISMATCH].contains(code) => {
+            return MirrorError::OutboxSchemaMismatch { detail: format!("{what}: {e}") }
+        }
+        _ => {}
+    }
+    if std::error::Error::source(&e).is_some_and(|source| source.is::<WrongType>()) {
+        return MirrorError::OutboxSchemaMismatch { detail: format!("{what}: {e}") };
     }
     MirrorError::postgres(what, e)
 }
@@ -506,5 +541,14 @@ mod tests {
         // A `timestamp without time zone` column (an outbox made before the migration) reads
         // the same way; anything else is refused (`outbox_schema_mismatch`), not mistaken.
         assert!(<Timestamp as FromSql>::accepts(&Type::TIMESTAMP) && !<Timestamp as FromSql>::accepts(&Type::INT8));
+    }
+
+    #[test]
+    fn ids_and_seqs_are_read_from_any_integer_column() {
+        assert_eq!(Integer::from_sql(&Type::INT2, &(-2i16).to_be_bytes()).unwrap(), Integer(-2));
+        assert_eq!(Integer::from_sql(&Type::INT4, &7i32.to_be_bytes()).unwrap(), Integer(7));
+        assert_eq!(Integer::from_sql(&Type::INT8, &(1i64 << 40).to_be_bytes()).unwrap(), Integer(1 << 40));
+        assert!(Integer::from_sql(&Type::INT4, &[0; 8]).is_err());
+        assert!(!<Integer as FromSql>::accepts(&Type::TEXT) && !<Integer as FromSql>::accepts(&Type::NUMERIC));
     }
 }
