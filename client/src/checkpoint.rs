@@ -135,7 +135,7 @@ pub fn decode(bytes: &[u8]) -> Result<(u64, Vec<StreamCursor>), String> {
 
 /// The valid slot with the higher generation of a two-slot file.
 fn decode_slots(bytes: &[u8]) -> Result<(u64, Vec<StreamCursor>), String> {
-    if bytes.len() % 2 != 0 || bytes.len() / 2 < HEADER {
+    if bytes.len() % 2 == 1 || bytes.len() / 2 < HEADER {
         return Err(format!("{} bytes is not two slots", bytes.len()));
     }
     let (a, b) = bytes.split_at(bytes.len() / 2);

@@ -247,7 +247,7 @@ pub fn khala_latency(api: &Api, owner_token: &str, db: &str, dir: &std::path::Pa
     }
     while sdk.next(Duration::ZERO).is_some() {}
 
-    let progress = khala_tools::progress::spinner(&format!("khala: {} events/s to {} subscribers", load.rate, load.subscribers));
+    let progress = khala_tools::progress::spinner(format!("khala: {} events/s to {} subscribers", load.rate, load.subscribers));
     let (sent, failed) = paced(load.rate, load.seconds, |seq| Ok(sdk.send(STREAM, vec![event(seq, &mut rng)])?), || sdk.next(Duration::ZERO))?;
     let want = (sent as usize + 1) * load.subscribers;
     drain(want, || seen.lock().expect("samples").applied.len());

@@ -185,7 +185,7 @@ fn prepare(api: &Api, db: &str, wasm: &[u8], owner_token: &str, dir: &Path) -> a
 
 #[allow(clippy::too_many_arguments)]
 fn run_mirror(label: &str, url: &str, db: &str, token_file: &Path, state_dir: &Path, transport: Transport, args: &MirrorBenchArgs, input: &[String], expected: u64) -> anyhow::Result<MirrorRun> {
-    let progress = khala_tools::progress::spinner(&format!("khala mirror ({label})"));
+    let progress = khala_tools::progress::spinner(format!("khala mirror ({label})"));
     let output = Command::new(std::env::current_exe()?)
         .arg("mirror")
         .args(input)

@@ -172,6 +172,8 @@ pub fn xadd(client: &redis::Client, label: &str, events: u64, streams: u64, pipe
 /// Reads `streams` streams back from the start with XRANGE, `count` entries per call,
 /// checks every entry's payload length and the total, and returns events per second.
 pub fn xrange(client: &redis::Client, streams: u64, count: u64, payload_bytes: usize, expected: u64) -> anyhow::Result<f64> {
+    /// One XRANGE entry: its id and its field-value pairs.
+    type StreamEntry = (String, Vec<(String, Vec<u8>)>);
     let progress = khala_tools::progress::bar(expected, "Redis XRANGE replay");
     let mut con = client.get_connection()?;
     let started = Instant::now();
@@ -180,7 +182,7 @@ pub fn xrange(client: &redis::Client, streams: u64, count: u64, payload_bytes: u
         let key = format!("bench.pub.{s}");
         let mut from = "-".to_string();
         loop {
-            let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE").arg(&key).arg(&from).arg("+").arg("COUNT").arg(count).query(&mut con)?;
+            let entries: Vec<StreamEntry> = redis::cmd("XRANGE").arg(&key).arg(&from).arg("+").arg("COUNT").arg(count).query(&mut con)?;
             let Some((last, _)) = entries.last() else { break };
             from = format!("({last}");
             for (id, fields) in &entries {

@@ -802,7 +802,7 @@ fn grant_expiry_storm(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result
 }
 
 /// 10. The module is republished (same schema, then an additive change when the
-///    `bench/module-next` fixture exists) with clients connected and the mirror running.
+///     `bench/module-next` fixture exists) with clients connected and the mirror running.
 fn module_republish(rig: &mut Rig, s: &Settings, run: &mut DrillRun) -> Result<()> {
     // Built before the traffic starts: a cargo build between the updates could outlast it.
     let additive = match additive_wasm() {

@@ -264,7 +264,7 @@ mod tests {
         let again = log(dir.path(), "c.jsonl", &a, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
         let r = check(&a, &[first.clone(), again], &streams(), true, 2).unwrap();
         assert!(r.problems.iter().any(|p| p.contains("bound 2")), "{:?}", r.problems);
-        let short = check(&a, &[first.clone()], &streams(), true, 100).unwrap();
+        let short = check(&a, std::slice::from_ref(&first), &streams(), true, 100).unwrap();
         assert!(short.problems.iter().any(|p| p.contains("head is 10")));
         // A payload the authority never had at that seq.
         let wrong = dir.path().join("w.jsonl");

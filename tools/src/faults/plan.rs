@@ -175,7 +175,7 @@ mod tests {
         for i in 0..600 {
             let f = plan.fault_for(i);
             assert!(f.delay <= Duration::from_millis(150) && f.jitter <= Duration::from_millis(200));
-            assert!(f.bytes_per_sec.map_or(true, |b| (64 * 1024..=512 * 1024).contains(&b)));
+            assert!(f.bytes_per_sec.is_none_or(|b| (64 * 1024..=512 * 1024).contains(&b)));
             if let Some((kind, after)) = f.cut {
                 let zero_blackhole = kind == FaultKind::Blackhole && after.is_zero();
                 assert!(zero_blackhole || (Duration::from_millis(100)..=Duration::from_millis(200)).contains(&after), "{f:?}");

@@ -402,14 +402,24 @@ impl Driver {
         out.push(Command::Reconnect { delay });
     }
 
+    /// The client's subscription is applied: from now on a stream without a grant row
+    /// has no grant.
+    fn meta_applied(&mut self) {
+        if self.session.phase == (Phase::Up { subscribed: false }) {
+            self.session.phase = Phase::Up { subscribed: true };
+            for s in self.streams.values_mut() {
+                s.grant.rows_known();
+            }
+        }
+    }
+
     fn message(&mut self, msg: Msg, now: Now, out: &mut Vec<Command>) {
         match msg {
-            Msg::Disconnected(e) => {
-                if !matches!(self.session.phase, Phase::Idle) {
-                    let text = e.unwrap_or_else(|| "the server closed the connection".into());
-                    self.session_ended(ClientError::Disconnected(text), now, out);
-                }
+            Msg::Disconnected(e) if !matches!(self.session.phase, Phase::Idle) => {
+                let text = e.unwrap_or_else(|| "the server closed the connection".into());
+                self.session_ended(ClientError::Disconnected(text), now, out);
             }
+            Msg::Disconnected(_) => {}
             Msg::SubscriptionError(tag, e) => self.session_ended(ClientError::Subscription(format!("subscription {tag}: {e}")), now, out),
             Msg::Connected(identity) => {
                 if let Phase::Handshaking { deadline, hello_sent: false } = self.session.phase {
@@ -437,14 +447,7 @@ impl Driver {
                 };
                 self.session_ended(err, now, out);
             }
-            Msg::Applied(META) => {
-                if self.session.phase == (Phase::Up { subscribed: false }) {
-                    self.session.phase = Phase::Up { subscribed: true };
-                    for s in self.streams.values_mut() {
-                        s.grant.rows_known();
-                    }
-                }
-            }
+            Msg::Applied(META) => self.meta_applied(),
             msg if matches!(self.session.phase, Phase::Up { .. }) => self.row(msg, now),
             _ => {}
         }

@@ -476,7 +476,7 @@ impl Sim {
     /// events, or the floor it was rebuilt from.
     fn persisted_has(&self, stream: &str, seq: u64, hash: &[u8]) -> bool {
         let Some(p) = self.persisted.get(stream) else { return false };
-        if seq == p.base && p.events.is_empty() || seq == p.base && p.base > 0 {
+        if seq == p.base && (p.events.is_empty() || p.base > 0) {
             let s = &self.server[stream];
             return s.truths.get(&p.epoch).is_some_and(|t| (t.events.len() as u64) >= seq && t.chain(seq).as_slice() == hash);
         }
@@ -627,7 +627,7 @@ impl Sim {
     fn retention(&mut self, i: usize, k: usize) {
         let s = self.server.get_mut(STREAMS[i]).unwrap();
         let k = k.min(s.segments.len());
-        if let Some(last) = s.segments.drain(..k).last() {
+        if let Some(last) = s.segments.drain(..k).next_back() {
             s.trimmed_to = last.1;
         }
         if s.granted {
@@ -693,11 +693,11 @@ impl Sim {
     /// every message delivered, time passed for gaps and backoffs.
     fn heal(&mut self) {
         self.faults = Faults::default();
-        for i in 0..STREAMS.len() {
-            if !self.server[STREAMS[i]].granted {
+        for (i, id) in STREAMS.iter().enumerate() {
+            if !self.server[id].granted {
                 self.renew(i);
             }
-            let s = &self.server[STREAMS[i]];
+            let s = &self.server[id];
             let lost = s.truth().events.len() as u64 - s.head;
             if lost > 0 {
                 self.republish(i, lost);
@@ -855,7 +855,7 @@ proptest! {
         let sim = run_case(owns, &actions);
         let add = [1, actions.len() as u64, sim.applied, sim.reoffered, sim.rebootstraps, sim.acks_sent];
         let t: Vec<u64> = TOTALS.iter().zip(add).map(|(t, a)| t.fetch_add(a, std::sync::atomic::Ordering::Relaxed) + a).collect();
-        if t[0] % 512 == 0 {
+        if t[0].is_multiple_of(512) {
             eprintln!("driver proptest: {} cases, {} actions, {} events applied, {} offered again after a crash, {} rebootstraps, {} acks", t[0], t[1], t[2], t[3], t[4], t[5]);
         }
     }
@@ -886,11 +886,8 @@ proptest! {
                         server.insert(b);
                         w.opened(b);
                     }
-                    Some(WindowCall::Close(b)) => {
-                        if server.remove(&b) {
-                            w.closed(b);
-                        }
-                    }
+                    Some(WindowCall::Close(b)) if server.remove(&b) => w.closed(b),
+                    Some(WindowCall::Close(_)) => {}
                     None => {}
                 }
                 prop_assert!(server.len() <= MAX_WINDOWS_PER_STREAM, "{server:?}");
