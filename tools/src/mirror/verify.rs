@@ -150,10 +150,13 @@ impl Pending {
         self.lanes.iter().enumerate().filter(|(_, c)| !c.waiting.is_empty()).map(|(i, c)| (i, c.waiting.len())).collect()
     }
 
-    /// Whether `lane` has checks waiting: it publishes nothing more until they agree, so
-    /// the authority's events are never chained onto an event that is not theirs.
+    /// Whether `lane` has a check that can be made now waiting (see [`Pending::ready`]):
+    /// it publishes nothing more until it agrees, so the authority's events are never
+    /// chained onto an event that is not theirs. A check of an event the lane itself still
+    /// has to send (the input repeated a queued event) does not block: it can only be
+    /// made once that event is sent and committed, so blocking on it hung the mirror.
     pub fn blocks(&self, lane: usize) -> bool {
-        self.lanes.get(lane).is_some_and(|c| !c.waiting.is_empty())
+        self.lanes.get(lane).and_then(|c| c.waiting.first().map(|(_, f)| f.seq <= c.held_through)).unwrap_or(false)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -190,6 +193,25 @@ mod tests {
 
     fn module(events: &[(u64, &str)], oldest_seq: u64, head_seq: u64) -> ModuleRange {
         ModuleRange { events: events.iter().map(|(s, p)| (*s, fp(*s, p))).collect(), oldest_seq, head_seq }
+    }
+
+    #[test]
+    fn only_a_check_the_module_can_answer_blocks_its_lane() {
+        let mut pending = Pending::default();
+        pending.module_holds(0, 4);
+        // A repeat of seq 6, still queued on the lane: the lane must go on to send it.
+        pending.expect(0, fp(6, "f"));
+        assert!(!pending.blocks(0) && pending.ready(0).is_empty());
+        // Once its batch committed the check is made, and the lane waits for it.
+        pending.module_holds(0, 8);
+        assert!(pending.blocks(0));
+        assert_eq!(pending.ready(0), vec![fp(6, "f")]);
+        assert_eq!(pending.settle(0, 1), Some(1));
+        assert!(!pending.blocks(0));
+        // A repeat of an event the module held at the reconcile blocks at once.
+        pending.expect(1, fp(2, "b"));
+        pending.module_holds(1, 3);
+        assert!(pending.blocks(1));
     }
 
     #[test]
