@@ -373,16 +373,23 @@ fn the_postgres_outbox_is_mirrored_resumed_and_followed() {
     // `serial` id used to fail every read as a transient error).
     let handmade_db = shared_server().new_database("mirror-pg-handmade");
     let cursor_table = "CREATE TABLE khala_mirror_cursor (name text PRIMARY KEY, last_id bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())";
-    let handmade = |name: &str, columns: &str, insert: &str| {
+    // Makes database `name` with an outbox of `columns` (and `cursor` for the cursor
+    // table), fills it with `insert` and `setup`, and runs the mirror on it once as `role`.
+    let handmade = |name: &str, columns: &str, cursor: &str, insert: &str, setup: &str, role: &str| {
         pg.psql(&format!("CREATE DATABASE {name}"));
-        pg.psql_in(name, &format!("CREATE TABLE khala_outbox ({columns}); {cursor_table}; INSERT INTO khala_outbox {insert}"));
-        let output = mirror(&handmade_db, &dir.path().join(name), ["--postgres", &pg.url_of(name), "--once", "--durable-after-ms", "700"]).output().unwrap();
+        pg.psql_in(name, &format!("CREATE TABLE khala_outbox ({columns}); {cursor}; INSERT INTO khala_outbox {insert}; {setup}"));
+        let url = pg.url_of(name).replacen("khala@", &format!("{role}@"), 1);
+        let output = mirror(&handmade_db, &dir.path().join(name), ["--postgres", &url, "--once", "--durable-after-ms", "700"]).output().unwrap();
         (output.status.code(), text(&output))
     };
+    let narrow_rows = "(topic, seq, kind, payload, occurred_at) SELECT 'run:0:events', s, 'k', json_build_object('n', s), now() FROM generate_series(1, 300) s";
     let (status, output) = handmade(
         "narrow",
         "id serial PRIMARY KEY, topic text NOT NULL, seq integer NOT NULL, kind text NOT NULL, payload json NOT NULL, occurred_at timestamp",
-        "(topic, seq, kind, payload, occurred_at) SELECT 'run:0:events', s, 'k', json_build_object('n', s), now() FROM generate_series(1, 300) s",
+        cursor_table,
+        narrow_rows,
+        "",
+        "khala",
     );
     assert_eq!(status, Some(0), "{output}");
     let mut narrow = Streams::new();
@@ -391,13 +398,26 @@ fn the_postgres_outbox_is_mirrored_resumed_and_followed() {
     }
     assert_module_holds(&handmade_db, &narrow);
     let columns = |seq: &str| format!("id bigserial PRIMARY KEY, topic text NOT NULL, seq {seq} NOT NULL, kind text NOT NULL, payload jsonb NOT NULL, occurred_at timestamptz");
-    for (name, columns, insert) in [
-        ("seq_as_text", columns("text"), "(topic, seq, kind, payload) VALUES ('run:1:events', '1', 'k', '{}')"),
-        ("no_occurred_at", "id bigserial PRIMARY KEY, topic text NOT NULL, seq bigint NOT NULL, kind text NOT NULL, payload jsonb NOT NULL".into(), "(topic, seq, kind, payload) VALUES ('run:1:events', 1, 'k', '{}')"),
+    let one_row = "(topic, seq, kind, payload) VALUES ('run:1:events', 1, 'k', '{}')";
+    // The last two read and publish the narrow outbox's events again (duplicates, checked
+    // against the module) and fail at the cursor's upsert.
+    for (name, columns, cursor, insert, setup, role, code) in [
+        ("seq_as_text", columns("text"), cursor_table.to_string(), one_row, "", "khala", "outbox_schema_mismatch"),
+        ("no_occurred_at", "id bigserial PRIMARY KEY, topic text NOT NULL, seq bigint NOT NULL, kind text NOT NULL, payload jsonb NOT NULL".into(), cursor_table.into(), one_row, "", "khala", "outbox_schema_mismatch"),
+        ("cursor_without_key", columns("bigint"), cursor_table.replace(" PRIMARY KEY", ""), narrow_rows, "", "khala", "outbox_schema_mismatch"),
+        (
+            "read_only_role",
+            columns("bigint"),
+            cursor_table.into(),
+            narrow_rows,
+            "CREATE ROLE reader LOGIN; GRANT SELECT ON khala_outbox, khala_mirror_cursor TO reader",
+            "reader",
+            "outbox_permission_denied",
+        ),
     ] {
-        let (status, output) = handmade(name, &columns, insert);
+        let (status, output) = handmade(name, &columns, &cursor, insert, setup, role);
         assert_eq!(status, Some(1), "{name}: {output}");
-        assert!(output.contains("khala: outbox_schema_mismatch:"), "{name}: {output}");
+        assert!(output.contains(&format!("khala: {code}:")), "{name}: {output}");
     }
     assert_module_holds(&handmade_db, &narrow);
 
@@ -594,4 +614,62 @@ fn an_authority_event_changed_after_publishing_is_found() {
     let done = summary(&output);
     assert_eq!(done["divergences"].as_array().unwrap().len(), 1, "{done}");
     assert!(done["divergences"][0].as_str().unwrap().starts_with("stream=runtime.run.1.events seq=14 "), "{done}");
+}
+
+#[test]
+fn an_event_repeated_in_the_input_while_still_queued_is_checked_not_waited_on_for_ever() {
+    let db = shared_server().new_database("mirror-repeat");
+    let dir = tempfile::tempdir().unwrap();
+    let line = |topic: &str, seq: u64, payload: Value| json!({ "topic": topic, "seq": seq, "kind": "k", "payload": payload }).to_string();
+    // An at-least-once producer wrote seq 5 twice: both copies are read before the first
+    // is sent, so the second duplicates an event still queued. It used to wait for a check
+    // that could only come after the queued event was sent, which the check kept from
+    // being sent: the mirror hung.
+    let mut lines: Vec<String> = (1..=20).map(|s| line("run:r:events", s, json!({ "s": s }))).collect();
+    lines.insert(5, line("run:r:events", 5, json!({ "s": 5 })));
+    let input = dir.path().join("repeat.jsonl");
+    write_lines(&input, &lines);
+    let mut child = mirror(&db, &dir.path().join("a"), ["--input", &input.to_string_lossy(), "--durable-after-ms", "700"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let output = wait_exit(&mut child, Duration::from_secs(60));
+    assert!(output.status.success(), "{}", text(&output));
+    let done = summary(&output);
+    assert_eq!((done["published"].as_u64(), done["duplicates"].as_u64(), done["verified"].as_u64()), (Some(20), Some(1), Some(1)), "{done}");
+
+    // A repeat that is another event is the input contradicting itself: named as a
+    // divergence at its seq once the first copy is in the module, not waited on.
+    let mut lines: Vec<String> = (1..=20).map(|s| line("run:c:events", s, json!({ "s": s }))).collect();
+    lines.insert(10, line("run:c:events", 10, json!({ "s": "other" })));
+    let input = dir.path().join("conflict.jsonl");
+    write_lines(&input, &lines);
+    let mut child = mirror(&db, &dir.path().join("b"), ["--input", &input.to_string_lossy(), "--durable-after-ms", "700"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let output = wait_exit(&mut child, Duration::from_secs(60));
+    assert!(!output.status.success(), "{}", text(&output));
+    let done = summary(&output);
+    assert!(done["divergences"][0].as_str().is_some_and(|d| d.starts_with("stream=runtime.run.c.events seq=10 ")), "{done}");
+}
+
+#[test]
+fn an_event_too_large_for_any_batch_is_dead_lettered_not_retried_for_ever() {
+    let db = shared_server().new_database("mirror-too-large");
+    // A batch may carry 100 payload bytes; one event carries 300 of them.
+    db.call("set_limits", json!([0, 0, 100]));
+    let dir = tempfile::tempdir().unwrap();
+    let line = |seq: u64, payload: Value| json!({ "topic": "run:t:events", "seq": seq, "kind": "k", "payload": payload }).to_string();
+    let input = dir.path().join("events.jsonl");
+    write_lines(&input, &[line(1, json!("one")), line(2, json!({ "blob": "x".repeat(300) })), line(3, json!("three"))]);
+    let dead_letter = dir.path().join("dead.jsonl");
+    let args = ["--input", &input.to_string_lossy(), "--dead-letter", &dead_letter.to_string_lossy(), "--on-gap", "skip", "--durable-after-ms", "700"].map(String::from);
+    // The batch is halved down to the event alone, which is then refused as the module
+    // refuses an event: dead-lettered, a marker in its place. It used to be halved to one
+    // and sent again at once, for ever.
+    let mut child = mirror(&db, dir.path(), args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let output = wait_exit(&mut child, Duration::from_secs(60));
+    assert!(output.status.success(), "{}", text(&output));
+    let records: Vec<Value> = std::fs::read_to_string(&dead_letter).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.iter().map(|r| (r["line"].as_u64(), r["reason"].as_str())).collect::<Vec<_>>(), vec![(Some(2), Some("batch_too_large"))]);
+    let mut expected = Streams::new();
+    expect(&mut expected, "runtime.run.t.events", "run:t:events", 1, "k", &json!("one"));
+    expect(&mut expected, "runtime.run.t.events", "run:t:events", 2, "khala.gap", &json!({ "reason": "batch_too_large", "seq": 2, "topic": "run:t:events" }));
+    expect(&mut expected, "runtime.run.t.events", "run:t:events", 3, "k", &json!("three"));
+    assert_module_holds(&db, &expected);
 }

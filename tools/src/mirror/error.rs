@@ -27,6 +27,8 @@ pub enum MirrorError {
     OutboxNotMigrated { detail: String },
     #[error("the outbox tables' columns are missing or of types the mirror cannot read ({detail}); see tools/migrations/0001_outbox.sql")]
     OutboxSchemaMismatch { detail: String },
+    #[error("the mirror's Postgres role lacks a privilege it needs ({detail}); it reads khala_outbox and reads and writes khala_mirror_cursor")]
+    OutboxPermissionDenied { detail: String },
     #[error("the server refused the mirror: {0}")]
     Server(ToolError),
     #[error("stream {stream} stays invisible to the mirror's identity after publishing; reconciliation reads the heads of the streams it may publish, so grant it `publish` on the stream or a prefix of it (see docs/MIRROR.md)")]
@@ -56,6 +58,7 @@ impl MirrorError {
             MirrorError::Postgres { .. } => "postgres_error",
             MirrorError::OutboxNotMigrated { .. } => "outbox_not_migrated",
             MirrorError::OutboxSchemaMismatch { .. } => "outbox_schema_mismatch",
+            MirrorError::OutboxPermissionDenied { .. } => "outbox_permission_denied",
             MirrorError::Server(e) => e.code(),
             MirrorError::HeadsHidden { .. } => "heads_not_visible",
             MirrorError::NoPublishGrant { .. } => "no_publish_grant",

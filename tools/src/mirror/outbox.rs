@@ -482,20 +482,24 @@ impl Source for Outbox {
     }
 }
 
-/// A Postgres error as the mirror's. Retrying mends neither a missing table (the schema
-/// was never applied: [`MirrorError::OutboxNotMigrated`]) nor tables made by hand whose
-/// columns are missing or of types the mirror cannot read, whether Postgres says so
-/// (an unknown column, no operator for the types) or the driver does (a value of another
-/// type: [`MirrorError::OutboxSchemaMismatch`]). Anything else is [`MirrorError::Postgres`],
-/// which the mirror rides out: before this split a hand-made `integer` id failed every
-/// read as a transient error, and the mirror retried it for ever.
+/// A Postgres error as the mirror's. Retrying mends none of these: a missing table (the
+/// schema was never applied: [`MirrorError::OutboxNotMigrated`]); tables made by hand
+/// whose columns are missing or of types the mirror cannot read, or a cursor table with
+/// no unique key on `name` for its upsert, whether Postgres says so (an unknown column,
+/// no operator for the types, no constraint for `ON CONFLICT`) or the driver does (a value
+/// of another type: [`MirrorError::OutboxSchemaMismatch`]); a role without the privileges
+/// the mirror needs ([`MirrorError::OutboxPermissionDenied`]). Anything else is
+/// [`MirrorError::Postgres`], which the mirror rides out. Before this split a hand-made
+/// `integer` id failed every read as a transient error and the mirror retried it for
+/// ever; a cursor it may not write was retried at every persist, so it never moved.
 fn pg_error(what: &str, e: tokio_postgres::Error) -> MirrorError {
     use tokio_postgres::error::SqlState;
     match e.code() {
         Some(code) if *code == SqlState::UNDEFINED_TABLE => return MirrorError::OutboxNotMigrated { detail: e.to_string() },
-        Some(code) if [SqlState::UNDEFINED_COLUMN, SqlState::UNDEFINED_FUNCTION, SqlState::DATATYPE_MISMATCH].contains(code) => {
+        Some(code) if [SqlState::UNDEFINED_COLUMN, SqlState::UNDEFINED_FUNCTION, SqlState::DATATYPE_MISMATCH, SqlState::INVALID_COLUMN_REFERENCE].contains(code) => {
             return MirrorError::OutboxSchemaMismatch { detail: format!("{what}: {e}") }
         }
+        Some(code) if *code == SqlState::INSUFFICIENT_PRIVILEGE => return MirrorError::OutboxPermissionDenied { detail: format!("{what}: {e}") },
         _ => {}
     }
     if std::error::Error::source(&e).is_some_and(|source| source.is::<WrongType>()) {

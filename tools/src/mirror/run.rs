@@ -457,6 +457,11 @@ impl Mirror {
                 log::warn!("{}: sequence_conflict: {detail}; reconciling", self.lanes.lane(lane).stream_id);
                 self.need_reconcile = true;
             }
+            Outcome::TooLarge(detail) if done.events.len() == 1 => {
+                // Alone and still too large: no smaller batch exists, so the event is
+                // refused as one the module refused (dead-lettered; held, or a marker).
+                self.refused_by_module(lane, done.events, 0, ErrorCode::BatchTooLarge, format!("alone in its batch: {detail}"))?
+            }
             Outcome::TooLarge(detail) => {
                 self.stats.failure("batch_too_large");
                 let smaller = (done.events.len() / 2).max(1);
@@ -484,7 +489,9 @@ impl Mirror {
             self.stats.dead_lettered();
         }
         let now = Instant::now();
-        match self.settings.on_gap {
+        // A marker refused in its turn would only be replaced by another: hold instead.
+        let on_gap = if bad.kind == GAP_KIND { OnGap::Hold } else { self.settings.on_gap };
+        match on_gap {
             OnGap::Hold => {
                 self.lanes.drop_queue(lane);
                 self.lanes.lane_mut(lane).next = bad.seq;
