@@ -27,6 +27,12 @@ pub enum ClientError {
     /// The handler could not tell its own cursors ([`crate::Handler::cursors`]).
     #[error("the handler's cursors: {0}")]
     HandlerCursors(String),
+    /// A handler that owns its cursors could not persist ([`crate::Handler::persist`]):
+    /// what it applied since its last commit may be gone (SQLite rolls a transaction back
+    /// by itself on a full disk), so the session ends and the next one resumes from the
+    /// handler's cursors, offering those events again.
+    #[error("the handler could not persist its effects; resuming from its own cursors")]
+    HandlerPersist,
 }
 
 impl ClientError {
@@ -41,11 +47,12 @@ impl ClientError {
             ClientError::Checkpoint(e) => e.code(),
             ClientError::Config(_) => "invalid_argument",
             ClientError::HandlerCursors(_) => "handler_cursors",
+            ClientError::HandlerPersist => "handler_persist_failed",
         }
     }
 
     /// Whether reconnecting could help.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ClientError::Unauthorized(_) | ClientError::Connect(_) | ClientError::Disconnected(_) | ClientError::Subscription(_) | ClientError::Token(_))
+        matches!(self, ClientError::Unauthorized(_) | ClientError::Connect(_) | ClientError::Disconnected(_) | ClientError::Subscription(_) | ClientError::Token(_) | ClientError::HandlerPersist)
     }
 }

@@ -22,7 +22,7 @@ pub enum Msg {
     Disconnected(Option<String>),
     /// A segment, decoded and hashed on the SDK's thread, and its `published_at` (micros,
     /// for the delivery latency metric).
-    Segment(String, Result<SegmentIn, String>, i64),
+    Segment(String, Result<SegmentIn, Unreadable>, i64),
     Stream(StreamRow),
     StreamGone(String),
     Grant(GrantRow),
@@ -99,9 +99,18 @@ pub fn queries() -> Vec<String> {
 }
 
 /// Decodes a segment row and computes its chain hashes.
-fn segment_in(row: &StreamSegment) -> Result<SegmentIn, String> {
+/// A segment row whose events do not decode: refused like one that does not verify.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unreadable {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub detail: String,
+}
+
+fn segment_in(row: &StreamSegment) -> Result<SegmentIn, Unreadable> {
     // One copy of the row's bytes; every payload is then a slice of it.
-    let events = khala_proto::segment::decode_view(bytes::Bytes::copy_from_slice(&row.data)).map_err(|e| format!("segment {} of {} does not decode: {e}", row.id, row.stream_id))?;
+    let events = khala_proto::segment::decode_view(bytes::Bytes::copy_from_slice(&row.data))
+        .map_err(|e| Unreadable { first_seq: row.first_seq, last_seq: row.last_seq, detail: format!("segment {} of {} does not decode: {e}", row.id, row.stream_id) })?;
     Ok(SegmentIn::new(
         &row.stream_id,
         row.epoch,

@@ -89,8 +89,9 @@ pub enum StreamMode {
 pub enum Alert {
     /// Events after the cursor are missing: resubscribe from `cursor`.
     Gap { cursor: u64, next_seen: u64 },
-    /// A segment whose events do not hash to the chain hashes it carries was refused
-    /// whole. Refetching may bring a sound copy; the server's data may also be corrupt.
+    /// A segment that does not verify was refused whole: its events do not decode, do not
+    /// number the seqs its row names, or do not hash to the chain hashes it carries.
+    /// Refetching may bring a sound copy; the server's data may also be corrupt.
     CorruptSegment { first_seq: u64, last_seq: u64 },
     /// The stream restarts from the floor; the application must drop its projection of
     /// this stream before applying what follows.
@@ -281,17 +282,18 @@ impl StreamEngine {
             // Another epoch's data; `observe` handles the switch.
             return offer;
         }
-        if segment.events.is_empty() || segment.events[0].seq != segment.first_seq {
-            return offer;
-        }
-        // Verify the whole segment against its own hashes first.
+        // Verify the whole segment first: its seqs are the row's, and its events hash to
+        // its own chain hashes. (A row whose `last_seq` overstated its events was read past
+        // their end, and the sync thread panicked.)
+        let numbered = segment.events.first().is_some_and(|e| e.seq == segment.first_seq)
+            && segment.last_seq == segment.first_seq + segment.events.len() as u64 - 1;
         let mut prev = segment.prev_hash;
         let mut verified = Vec::with_capacity(segment.events.len());
         for chain in &segment.chains {
             verified.push((prev, *chain));
             prev = *chain;
         }
-        if segment.chains.len() != segment.events.len() || prev != segment.last_hash {
+        if !numbered || segment.chains.len() != segment.events.len() || prev != segment.last_hash {
             // A corrupt segment: refuse it whole; the transport will refetch.
             offer.alerts.push(Alert::CorruptSegment { first_seq: segment.first_seq, last_seq: segment.last_seq });
             return offer;

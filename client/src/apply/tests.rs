@@ -257,6 +257,29 @@ fn a_tampered_segment_is_refused_whole() {
 }
 
 #[test]
+fn a_segment_whose_row_misnumbers_its_events_is_refused_whole() {
+    let segs = segments(&events(10), &[5, 2, 3], 1);
+    let mut engine = fresh();
+    let mut applied = Vec::new();
+    for seg in &segs[..2] {
+        engine.offer(seg.clone());
+    }
+    drain(&mut engine, &mut applied);
+    assert_eq!(engine.applied(), 7);
+    // The row says 1..=12 but holds 1..=5: the cursor (7) lies past its events' end.
+    let overstated = SegmentIn::new(STREAM, 1, 1, 12, GENESIS, segs[0].last_hash, segs[0].events.clone());
+    assert_eq!(engine.offer(overstated).alerts, vec![Alert::CorruptSegment { first_seq: 1, last_seq: 12 }]);
+    // The row says 8..=10 but its events, hashing soundly, are 6..=8.
+    let sound = segments(&events(10), &[5, 3, 2], 1).swap_remove(1);
+    let shifted = SegmentIn::new(STREAM, 1, 8, 10, sound.prev_hash, sound.last_hash, sound.events.clone());
+    assert_eq!(engine.offer(shifted).alerts, vec![Alert::CorruptSegment { first_seq: 8, last_seq: 10 }]);
+    assert_eq!(engine.applied(), 7);
+    engine.offer(segs[2].clone());
+    drain(&mut engine, &mut applied);
+    assert_eq!(applied, (1..=10).collect::<Vec<_>>());
+}
+
+#[test]
 fn a_fully_trimmed_stream_needs_no_floor_segment() {
     let all = events(10);
     let head_hash = chain_through(&GENESIS, STREAM, &all);

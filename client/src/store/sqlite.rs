@@ -58,6 +58,11 @@ pub enum StoreError {
     /// An event that does not follow the stream's last stored one.
     #[error("sqlite store {path}: {stream_id}: seq {seq} does not follow {last}")]
     OutOfOrder { path: PathBuf, stream_id: String, seq: u64, last: u64 },
+    /// SQLite rolled the open batch back by itself after an error (it may, on a full disk,
+    /// an I/O error or no memory): nothing more is taken until the client reads the
+    /// cursors again ([`Handler::cursors`]) and offers the batch's events again.
+    #[error("sqlite store {path}: the open batch was rolled back by SQLite after an error; the cursors must be read again")]
+    BatchLost { path: PathBuf },
 }
 
 impl StoreError {
@@ -67,6 +72,7 @@ impl StoreError {
             StoreError::Io { .. } => "store_io",
             StoreError::Duplicate { .. } => "store_duplicate",
             StoreError::OutOfOrder { .. } => "store_out_of_order",
+            StoreError::BatchLost { .. } => "store_batch_lost",
         }
     }
 }
@@ -115,6 +121,8 @@ pub struct SqliteStore {
     batch_events: u64,
     /// The last seq stored (or in the open batch) per stream.
     last: HashMap<String, u64>,
+    /// SQLite dropped the open batch by itself ([`StoreError::BatchLost`]).
+    lost: bool,
     stats: StoreStats,
 }
 
@@ -130,7 +138,7 @@ impl SqliteStore {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: path.clone(), source })?;
         }
         let conn = Connection::open(&path).map_err(|source| StoreError::Sqlite { path: path.clone(), source })?;
-        let mut store = SqliteStore { conn, path, commit, in_tx: false, batch: BTreeMap::new(), batch_events: 0, last: HashMap::new(), stats: StoreStats::default() };
+        let mut store = SqliteStore { conn, path, commit, in_tx: false, batch: BTreeMap::new(), batch_events: 0, last: HashMap::new(), lost: false, stats: StoreStats::default() };
         store.conn.busy_timeout(Duration::from_secs(10)).map_err(|e| store.err(e))?;
         store.conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| store.err(e))?;
         store.conn.pragma_update(None, "synchronous", "FULL").map_err(|e| store.err(e))?;
@@ -144,7 +152,7 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .map_err(|source| StoreError::Sqlite { path: path.clone(), source })?;
-        let store = SqliteStore { conn, path, commit: Commit::Batch, in_tx: false, batch: BTreeMap::new(), batch_events: 0, last: HashMap::new(), stats: StoreStats::default() };
+        let store = SqliteStore { conn, path, commit: Commit::Batch, in_tx: false, batch: BTreeMap::new(), batch_events: 0, last: HashMap::new(), lost: false, stats: StoreStats::default() };
         store.conn.busy_timeout(Duration::from_secs(10)).map_err(|e| store.err(e))?;
         Ok(store)
     }
@@ -208,7 +216,40 @@ impl SqliteStore {
             .map_err(|e| self.err(e))
     }
 
+    /// A statement failed. If SQLite rolled the open transaction back by itself, the batch
+    /// is gone: it is forgotten, and nothing more is taken until the cursors are read
+    /// again. Without this the store, still believing in its transaction, let the next
+    /// events and the cursors commit one statement at a time, past the lost batch: a hole
+    /// that no restart could see.
+    fn failed(&mut self, source: rusqlite::Error) -> StoreError {
+        if self.in_tx && self.conn.is_autocommit() {
+            self.drop_batch();
+            self.lost = true;
+        }
+        self.err(source)
+    }
+
+    fn drop_batch(&mut self) {
+        self.in_tx = false;
+        self.batch.clear();
+        self.batch_events = 0;
+        self.stats.rolled_back += 1;
+    }
+
+    fn refuse_if_lost(&self) -> Result<(), StoreError> {
+        match self.lost {
+            true => Err(StoreError::BatchLost { path: self.path.clone() }),
+            false => Ok(()),
+        }
+    }
+
     fn begin(&mut self) -> Result<(), StoreError> {
+        if self.in_tx && self.conn.is_autocommit() {
+            // The transaction ended under the store (see `failed`): never go on outside it.
+            self.drop_batch();
+            self.lost = true;
+        }
+        self.refuse_if_lost()?;
         if !self.in_tx {
             self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.err(e))?;
             self.in_tx = true;
@@ -218,6 +259,7 @@ impl SqliteStore {
 
     /// Adds one event to the open batch (and commits it with [`Commit::Event`]).
     pub fn insert(&mut self, e: &Event) -> Result<(), StoreError> {
+        self.refuse_if_lost()?;
         if let Some(&last) = self.last.get(&e.stream_id) {
             if e.seq != last + 1 {
                 return Err(if e.seq <= last {
@@ -229,18 +271,15 @@ impl SqliteStore {
         }
         self.begin()?;
         let inserted = {
-            let mut stmt = self
-                .conn
-                .prepare_cached("INSERT INTO events (stream_id, seq, epoch, kind, payload, chain_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
-                .map_err(|e| self.err(e))?;
-            stmt.execute(params![e.stream_id, as_i64(e.seq), e.epoch, e.kind, &e.payload[..], &e.chain_hash[..]])
+            let stmt = self.conn.prepare_cached("INSERT INTO events (stream_id, seq, epoch, kind, payload, chain_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)");
+            stmt.and_then(|mut stmt| stmt.execute(params![e.stream_id, as_i64(e.seq), e.epoch, e.kind, &e.payload[..], &e.chain_hash[..]]))
         };
         match inserted {
             Ok(_) => {}
             Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
                 return Err(StoreError::Duplicate { path: self.path.clone(), stream_id: e.stream_id.clone(), seq: e.seq });
             }
-            Err(source) => return Err(self.err(source)),
+            Err(source) => return Err(self.failed(source)),
         }
         match self.batch.get_mut(&e.stream_id) {
             Some(c) => {
@@ -269,25 +308,32 @@ impl SqliteStore {
 
     /// Commits the open batch: its events and each touched stream's cursor, together.
     pub fn commit(&mut self) -> Result<(), StoreError> {
+        self.refuse_if_lost()?;
         if !self.in_tx {
             return Ok(());
         }
+        if self.conn.is_autocommit() {
+            // The transaction ended under the store: its batch with it.
+            self.drop_batch();
+            self.lost = true;
+            return self.refuse_if_lost();
+        }
         let now = now_micros();
-        {
-            let mut stmt = self
-                .conn
-                .prepare_cached(
-                    "INSERT INTO cursors (stream_id, epoch, seq, chain_hash, updated_at_micros) VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT (stream_id) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq,
-                     chain_hash = excluded.chain_hash, updated_at_micros = excluded.updated_at_micros",
-                )
-                .map_err(|e| self.err(e))?;
-            for c in self.batch.values() {
-                stmt.execute(params![c.stream_id, c.epoch, as_i64(c.seq), c.chain_hash, now]).map_err(|e| StoreError::Sqlite { path: self.path.clone(), source: e })?;
-            }
+        let upserted = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO cursors (stream_id, epoch, seq, chain_hash, updated_at_micros) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (stream_id) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq,
+                 chain_hash = excluded.chain_hash, updated_at_micros = excluded.updated_at_micros",
+            )
+            .and_then(|mut stmt| self.batch.values().try_for_each(|c| stmt.execute(params![c.stream_id, c.epoch, as_i64(c.seq), c.chain_hash, now]).map(drop)));
+        if let Err(e) = upserted {
+            return Err(self.failed(e));
         }
         // A failed COMMIT (e.g. busy) leaves the transaction open: the next one retries it.
-        self.conn.execute_batch("COMMIT").map_err(|e| self.err(e))?;
+        if let Err(e) = self.conn.execute_batch("COMMIT") {
+            return Err(self.failed(e));
+        }
         self.in_tx = false;
         self.batch.clear();
         self.stats.committed += self.batch_events;
@@ -299,18 +345,20 @@ impl SqliteStore {
     /// Drops the open batch: the store is back at its committed cursors.
     pub fn rollback(&mut self) -> Result<(), StoreError> {
         if self.in_tx {
-            self.conn.execute_batch("ROLLBACK").map_err(|e| self.err(e))?;
-            self.in_tx = false;
-            self.batch.clear();
-            self.batch_events = 0;
-            self.stats.rolled_back += 1;
+            // SQLite may have rolled it back already; then there is nothing to end.
+            if !self.conn.is_autocommit() {
+                self.conn.execute_batch("ROLLBACK").map_err(|e| self.err(e))?;
+            }
+            self.drop_batch();
         }
+        self.lost = false;
         self.reload_last()
     }
 
     /// Starts a stream over: commits the open batch, then deletes the stream's events and
     /// its cursor in one transaction.
     pub fn reset_stream(&mut self, stream_id: &str) -> Result<(), StoreError> {
+        self.refuse_if_lost()?;
         self.commit()?;
         self.begin()?;
         let deleted = self
@@ -396,6 +444,42 @@ mod tests {
         }
         store.persist().unwrap();
         assert_eq!(store.events("a").unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=15).collect::<Vec<_>>());
+    }
+
+    /// SQLite may roll a whole transaction back by itself when a statement fails on a full
+    /// disk. Here the file is capped (`max_page_count`) so that an insert fails with
+    /// SQLITE_FULL mid-batch; the store must then take nothing more, commit no cursor past
+    /// the lost batch, and after the cursors are read again (the client's reconnect) take
+    /// the events from there, with no hole and no duplicate.
+    #[test]
+    fn a_batch_lost_on_a_full_disk_is_never_built_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(dir.path().join("app.db"), Commit::Batch).unwrap();
+        let all = events("a", 1, 5000, GENESIS);
+        for e in &all[..10] {
+            store.insert(e).unwrap();
+        }
+        store.commit().unwrap();
+        let pages: i64 = store.conn.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+        store.conn.query_row(&format!("PRAGMA max_page_count = {}", pages + 3), [], |_| Ok(())).unwrap();
+        let full_at = all[10..].iter().position(|e| store.insert(e).is_err()).expect("the capped file fills up") + 10;
+        // The fault really happened as in production: SQLite ended the whole transaction.
+        assert!(store.conn.is_autocommit(), "SQLite kept the transaction: this test no longer exercises a lost batch");
+        for e in [&all[full_at], &all[full_at + 1]] {
+            assert!(matches!(store.insert(e), Err(StoreError::BatchLost { .. })));
+        }
+        assert!(matches!(store.commit(), Err(StoreError::BatchLost { .. })));
+        assert_eq!(store.extent("a").unwrap(), (10, 10), "nothing committed past the lost batch");
+
+        store.conn.query_row("PRAGMA max_page_count = 1000000", [], |_| Ok(())).unwrap();
+        let cursors = Handler::cursors(&mut store).unwrap().unwrap();
+        assert_eq!((cursors.len(), cursors[0].seq), (1, 10));
+        for e in &all[10..] {
+            store.insert(e).unwrap();
+        }
+        store.commit().unwrap();
+        assert_eq!(store.extent("a").unwrap(), (5000, 5000));
+        assert_eq!(store.events("a").unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=5000).collect::<Vec<_>>());
     }
 
     #[test]

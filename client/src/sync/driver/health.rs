@@ -54,7 +54,7 @@ impl Driver {
                 let head = s.engine.info().map_or(0, |i| i.head_seq);
                 let applied = s.engine.applied();
                 if let Some((first, last)) = s.corrupt_ahead() {
-                    notes.push(format!("{id}: segment_corrupt: seqs {first}..={last} do not hash to their chain hashes (refused at cursor {applied})"));
+                    notes.push(format!("{id}: segment_corrupt: seqs {first}..={last} do not verify (refused at cursor {applied})"));
                 }
                 if let Some(behind) = s.hold.reported_behind_for(now.at) {
                     notes.push(format!("{id}: server behind the checkpoint for {}s (head {head}, checkpoint {applied})", behind.as_secs()));

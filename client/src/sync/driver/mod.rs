@@ -25,7 +25,7 @@ pub mod windows;
 #[cfg(test)]
 mod tests;
 
-use crate::apply::{Event, StreamInfo, StreamMode};
+use crate::apply::{Alert, Event, StreamInfo, StreamMode};
 use crate::error::ClientError;
 use crate::transport::Msg;
 use khala_proto::hash::GENESIS;
@@ -335,7 +335,14 @@ impl Driver {
                     }
                 }
             }
-            Input::Checkpointed { set_aside_to, persisted } => self.checkpointed(set_aside_to, persisted),
+            Input::Checkpointed { set_aside_to, persisted } => {
+                let owner_failed = !persisted && self.settings.handler_owns_cursors && self.offered.is_some();
+                self.checkpointed(set_aside_to, persisted);
+                if owner_failed {
+                    // The handler's batch may be gone, not waiting: read its cursors again.
+                    self.session_ended(ClientError::HandlerPersist, now, &mut out);
+                }
+            }
             Input::Shutdown => {
                 self.checkpoint(now, &mut out);
                 out.push(Command::ReportHealth { write_file: true });
@@ -459,14 +466,15 @@ impl Driver {
         match msg {
             Msg::Segment(stream_id, segment, _) => {
                 let Some(s) = self.streams.get_mut(&stream_id) else { return };
-                match segment {
-                    Ok(segment) => {
-                        let offer = s.engine.offer(segment);
-                        self.dirty |= s.alerts(&stream_id, offer.alerts, now.at, &mut self.notes);
+                let alerts = match segment {
+                    Ok(segment) => s.engine.offer(segment).alerts,
+                    // Refused as a corrupt one is: named in health and metrics, refetched.
+                    Err(unreadable) => {
+                        log::error!("{stream_id}: {}", unreadable.detail);
+                        vec![Alert::CorruptSegment { first_seq: unreadable.first_seq, last_seq: unreadable.last_seq }]
                     }
-                    // A gap follows, and the windows are reopened if it stays.
-                    Err(e) => log::error!("{e}"),
-                }
+                };
+                self.dirty |= s.alerts(&stream_id, alerts, now.at, &mut self.notes);
             }
             Msg::Stream(row) => {
                 let Some(s) = self.streams.get_mut(&row.stream_id) else { return };

@@ -97,7 +97,7 @@ impl StreamState {
                 }
                 Alert::CorruptSegment { first_seq, last_seq } => {
                     // Never applied; refetched like a gap, in case only this copy is bad.
-                    log::error!("{id}: segment_corrupt: seqs {first_seq}..={last_seq} do not hash to the segment's chain hashes; refused, nothing past {} is applied", self.engine.applied());
+                    log::error!("{id}: segment_corrupt: seqs {first_seq}..={last_seq} do not verify (decode, number or hash as the row says); refused, nothing past {} is applied", self.engine.applied());
                     // The one nearest the cursor is the one that stops the stream.
                     self.corrupt = match self.corrupt_ahead() {
                         Some(nearer) if nearer.0 <= first_seq => Some(nearer),
