@@ -673,3 +673,30 @@ fn an_event_too_large_for_any_batch_is_dead_lettered_not_retried_for_ever() {
     expect(&mut expected, "runtime.run.t.events", "run:t:events", 3, "k", &json!("three"));
     assert_module_holds(&db, &expected);
 }
+
+#[test]
+fn an_event_read_again_behind_the_mirrors_own_gap_marker_is_not_a_divergence() {
+    let db = shared_server().new_database("mirror-behind-marker");
+    // The module takes payloads of at most 64 bytes; the mirror's own limit is higher, so
+    // it is the module that refuses seq 2.
+    db.call("set_limits", json!([64, 0, 0]));
+    let dir = tempfile::tempdir().unwrap();
+    let line = |seq: u64, payload: Value| json!({ "topic": "run:m:events", "seq": seq, "kind": "k", "payload": payload }).to_string();
+    let input = dir.path().join("events.jsonl");
+    write_lines(&input, &[line(1, json!("one")), line(2, json!({ "blob": "x".repeat(100) })), line(3, json!("three"))]);
+    let args = ["--input", &input.to_string_lossy(), "--on-gap", "skip", "--durable-after-ms", "700"].map(String::from);
+    let token = token_file(&db, dir.path());
+    let first = run_ok(mirror_as(&db, &dir.path().join("first"), &token, &args));
+    assert_eq!((first["published"].as_u64(), first["dead_lettered"].as_u64()), (Some(3), Some(1)), "{first}");
+    // Read again from the start (a fresh state dir, as after a reconcile or a lost cursor):
+    // seq 2 meets the marker the mirror put in its place. It was named a divergence, and
+    // the stream held for good.
+    let again = run_ok(mirror_as(&db, &dir.path().join("again"), &token, &args));
+    assert_eq!((again["duplicates"].as_u64(), again["verified"].as_u64(), again["behind_gap_markers"].as_u64()), (Some(3), Some(2), Some(1)), "{again}");
+    assert_eq!(again["divergences"], json!([]), "{again}");
+    // To another identity (a second mirror, or this one after its token was rotated) the
+    // marker stands for nothing the authority said: still a divergence.
+    let output = mirror(&db, &dir.path().join("other"), &args).output().unwrap();
+    assert!(!output.status.success(), "{}", text(&output));
+    assert!(summary(&output)["divergences"][0].as_str().is_some_and(|d| d.starts_with("stream=runtime.run.m.events seq=2 ")), "{}", text(&output));
+}

@@ -27,6 +27,8 @@ pub struct SegmentRow {
     pub last_hash: Vec<u8>,
     /// `khala_proto::segment` encoding.
     pub data: Vec<u8>,
+    /// Who published it: hex, without `0x`.
+    pub publisher: String,
 }
 
 /// A SQL string literal.
@@ -97,6 +99,7 @@ fn segment_rows(api: &Api, database: &str, token: &str, query: &str) -> Result<V
                 prev_hash: bytes_at(&rows, row, "prev_hash")?,
                 last_hash: bytes_at(&rows, row, "last_hash")?,
                 data: bytes_at(&rows, row, "data")?,
+                publisher: identity_at(&rows, row, "stream_segment", "publisher")?,
             })
         })
         .collect::<Result<Vec<_>>>()?;

@@ -86,6 +86,7 @@ pub struct Stats {
     pub lost: u64,
     pub verified: u64,
     pub below_floor: u64,
+    pub behind_markers: u64,
     pub divergences: Vec<String>,
     /// When the module committed the last batch.
     pub last_commit: Option<Instant>,
@@ -104,6 +105,7 @@ impl Default for Stats {
             lost: 0,
             verified: 0,
             below_floor: 0,
+            behind_markers: 0,
             divergences: Vec::new(),
             last_commit: None,
         }
@@ -148,11 +150,14 @@ impl Stats {
     }
 
     /// Events found equal to the module's (`agreed`), of which `below_floor` could not be
-    /// compared because retention had removed them.
-    pub fn verified(&mut self, agreed: u64, below_floor: u64) {
-        self.verified += agreed - below_floor;
+    /// compared because retention had removed them and `behind_markers` stand behind the
+    /// mirror's own gap markers.
+    pub fn verified(&mut self, agreed: u64, below_floor: u64, behind_markers: u64) {
+        let equal = agreed - below_floor - behind_markers;
+        self.verified += equal;
         self.below_floor += below_floor;
-        metrics::counter!("khala_mirror_verified_total").increment(agreed - below_floor);
+        self.behind_markers += behind_markers;
+        metrics::counter!("khala_mirror_verified_total").increment(equal);
     }
 
     pub fn diverged(&mut self, what: String) {
@@ -185,6 +190,7 @@ impl Stats {
             lost_and_republished: self.lost,
             verified: self.verified,
             unverifiable_below_floor: self.below_floor,
+            behind_gap_markers: self.behind_markers,
             divergences: self.divergences.clone(),
             durable_line: durable.line,
             durable_segment: durable.segment,
@@ -212,6 +218,9 @@ pub struct Summary {
     /// Duplicates checked equal to the module's events; below the retention floor.
     pub verified: u64,
     pub unverifiable_below_floor: u64,
+    /// Duplicates whose seq holds a gap marker this mirror published in their place
+    /// (`--on-gap skip`): a permanent hole, the event stays dead-lettered.
+    pub behind_gap_markers: u64,
     /// `authority_divergence` findings: `stream=.. seq=.. authority=.. module=..`.
     pub divergences: Vec<String>,
     /// The durable cursor: line (or outbox id), and for files the segment and byte offset.
@@ -247,7 +256,10 @@ impl Summary {
             self.events_per_sec,
             self.publish_secs,
         );
-        text.push_str(&format!("\n  duplicates checked against the module: {} equal, {} below the retention floor", self.verified, self.unverifiable_below_floor));
+        text.push_str(&format!(
+            "\n  duplicates checked against the module: {} equal, {} below the retention floor, {} behind gap markers",
+            self.verified, self.unverifiable_below_floor, self.behind_gap_markers
+        ));
         for d in &self.divergences {
             text.push_str(&format!("\n  DIVERGED {d}"));
         }

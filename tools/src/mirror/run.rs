@@ -568,7 +568,7 @@ impl Mirror {
             Err(e) => return Err(e),
         };
         let verdict = verify::compare(&expected, &module);
-        self.stats.verified(verdict.agreed as u64, verdict.below_floor);
+        self.stats.verified(verdict.agreed as u64, verdict.below_floor, verdict.behind_markers);
         if let Some(ticket) = self.checks.settle(lane, verdict.agreed) {
             self.durability.verified(lane, ticket);
         }
@@ -601,11 +601,16 @@ impl Mirror {
         let Some(stream) = crate::inspect::stream(&self.api, &self.database, &self.token, stream_id).map_err(MirrorError::Server)? else {
             return Ok(ModuleRange::default());
         };
-        let mut range = ModuleRange { events: Default::default(), oldest_seq: stream.oldest_seq, head_seq: stream.head_seq };
+        let mut range = ModuleRange { events: Default::default(), own_markers: Default::default(), oldest_seq: stream.oldest_seq, head_seq: stream.head_seq };
+        let me = crate::api::token_identity(&self.token);
         for seg in crate::inspect::segments(&self.api, &self.database, &self.token, stream_id, from, to).map_err(MirrorError::Server)? {
             let events = khala_proto::segment::decode(&seg.data)
                 .map_err(|e| MirrorError::Internal(format!("a segment of {stream_id} at seq {} does not decode: {e}", seg.first_seq)))?;
+            let mine = me.as_deref().is_some_and(|me| seg.publisher.eq_ignore_ascii_case(me));
             for event in events.iter().filter(|e| (from..=to).contains(&e.seq)) {
+                if mine && event.kind == GAP_KIND {
+                    range.own_markers.insert(event.seq);
+                }
                 range.events.insert(event.seq, Fingerprint::of_segment_event(event));
             }
         }

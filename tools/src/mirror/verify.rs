@@ -14,7 +14,7 @@
 
 use khala_proto::hash::{display, payload_hash, Hash32};
 use khala_proto::SegmentEvent;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// What one event is, for comparing: seq, kind and payload hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +42,10 @@ impl Fingerprint {
 #[derive(Debug, Default)]
 pub struct ModuleRange {
     pub events: BTreeMap<u64, Fingerprint>,
+    /// Seqs where the module holds a gap marker this mirror's identity published
+    /// (`--on-gap skip`): the authority's event there was missing or refused, and a copy of
+    /// it read again later (a reconcile, a restart, a late arrival) stays behind the marker.
+    pub own_markers: BTreeSet<u64>,
     /// Lowest retained seq (`oldest_seq`); below it nothing can be compared.
     pub oldest_seq: u64,
     pub head_seq: u64,
@@ -70,6 +74,8 @@ impl Divergence {
 pub struct Verdict {
     pub agreed: usize,
     pub below_floor: u64,
+    /// Of `agreed`, events whose seq holds one of the mirror's own gap markers.
+    pub behind_markers: u64,
     pub stop: Option<Stop>,
 }
 
@@ -85,6 +91,7 @@ pub enum Stop {
 /// that does not agree.
 pub fn compare(expected: &[Fingerprint], module: &ModuleRange) -> Verdict {
     let mut below_floor = 0;
+    let mut behind_markers = 0;
     for (i, want) in expected.iter().enumerate() {
         if want.seq < module.oldest_seq && want.seq <= module.head_seq {
             below_floor += 1;
@@ -92,12 +99,16 @@ pub fn compare(expected: &[Fingerprint], module: &ModuleRange) -> Verdict {
         }
         let stop = match module.events.get(&want.seq) {
             Some(have) if have == want => continue,
+            Some(_) if module.own_markers.contains(&want.seq) => {
+                behind_markers += 1;
+                continue;
+            }
             Some(have) => Stop::Diverged(Divergence { seq: want.seq, authority: want.clone(), module: have.clone() }),
             None => Stop::Missing { seq: want.seq },
         };
-        return Verdict { agreed: i, below_floor, stop: Some(stop) };
+        return Verdict { agreed: i, below_floor, behind_markers, stop: Some(stop) };
     }
-    Verdict { agreed: expected.len(), below_floor, stop: None }
+    Verdict { agreed: expected.len(), below_floor, behind_markers, stop: None }
 }
 
 /// Checks waiting per lane, numbered by tickets so the durable cursor can wait for them.
@@ -192,7 +203,17 @@ mod tests {
     }
 
     fn module(events: &[(u64, &str)], oldest_seq: u64, head_seq: u64) -> ModuleRange {
-        ModuleRange { events: events.iter().map(|(s, p)| (*s, fp(*s, p))).collect(), oldest_seq, head_seq }
+        ModuleRange { events: events.iter().map(|(s, p)| (*s, fp(*s, p))).collect(), own_markers: BTreeSet::new(), oldest_seq, head_seq }
+    }
+
+    #[test]
+    fn an_event_behind_the_mirrors_own_gap_marker_agrees_and_anothers_marker_diverges() {
+        let mut m = module(&[(1, "a"), (3, "c")], 1, 3);
+        m.events.insert(2, Fingerprint::of(2, crate::mirror::event::GAP_KIND, br#"{"reason":"payload_too_large","seq":2,"topic":"t"}"#));
+        // Another publisher's marker (or one before the token's rotation): a divergence.
+        assert!(matches!(compare(&[fp(1, "a"), fp(2, "b"), fp(3, "c")], &m), Verdict { agreed: 1, stop: Some(Stop::Diverged(_)), .. }));
+        m.own_markers.insert(2);
+        assert_eq!(compare(&[fp(1, "a"), fp(2, "b"), fp(3, "c")], &m), Verdict { agreed: 3, below_floor: 0, behind_markers: 1, stop: None });
     }
 
     #[test]
@@ -218,7 +239,7 @@ mod tests {
     fn equal_events_agree_and_trimmed_ones_are_counted_apart() {
         let m = module(&[(3, "c"), (4, "d")], 3, 4);
         let verdict = compare(&[fp(1, "a"), fp(2, "b"), fp(3, "c"), fp(4, "d")], &m);
-        assert_eq!(verdict, Verdict { agreed: 4, below_floor: 2, stop: None });
+        assert_eq!(verdict, Verdict { agreed: 4, below_floor: 2, behind_markers: 0, stop: None });
     }
 
     #[test]
@@ -230,16 +251,16 @@ mod tests {
         assert_eq!(d.authority, fp(2, "b"));
         assert_eq!(d.module, fp(2, "rogue"));
         assert!(d.fields().starts_with("seq=2 authority=k/blake3:"));
-        let other_kind = ModuleRange { events: [(1, Fingerprint::of(1, "other", b"a"))].into_iter().collect(), oldest_seq: 1, head_seq: 1 };
+        let other_kind = ModuleRange { events: [(1, Fingerprint::of(1, "other", b"a"))].into_iter().collect(), own_markers: BTreeSet::new(), oldest_seq: 1, head_seq: 1 };
         assert!(matches!(compare(&[fp(1, "a")], &other_kind), Verdict { agreed: 0, stop: Some(Stop::Diverged(_)), .. }));
     }
 
     #[test]
     fn a_seq_above_the_head_is_missing_not_trimmed() {
         let m = module(&[(1, "a")], 1, 1);
-        assert_eq!(compare(&[fp(1, "a"), fp(2, "b")], &m), Verdict { agreed: 1, below_floor: 0, stop: Some(Stop::Missing { seq: 2 }) });
+        assert_eq!(compare(&[fp(1, "a"), fp(2, "b")], &m), Verdict { agreed: 1, below_floor: 0, behind_markers: 0, stop: Some(Stop::Missing { seq: 2 }) });
         // An empty stream (oldest 1, head 0) holds nothing to compare: missing.
-        assert_eq!(compare(&[fp(1, "a")], &module(&[], 1, 0)), Verdict { agreed: 0, below_floor: 0, stop: Some(Stop::Missing { seq: 1 }) });
+        assert_eq!(compare(&[fp(1, "a")], &module(&[], 1, 0)), Verdict { agreed: 0, below_floor: 0, behind_markers: 0, stop: Some(Stop::Missing { seq: 1 }) });
     }
 
     #[test]
