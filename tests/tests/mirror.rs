@@ -700,3 +700,42 @@ fn an_event_read_again_behind_the_mirrors_own_gap_marker_is_not_a_divergence() {
     assert!(!output.status.success(), "{}", text(&output));
     assert!(summary(&output)["divergences"][0].as_str().is_some_and(|d| d.starts_with("stream=runtime.run.m.events seq=2 ")), "{}", text(&output));
 }
+
+#[test]
+fn a_publish_grant_revoked_mid_run_holds_its_stream_and_the_others_go_on() {
+    let db = shared_server().new_database("mirror-revoked");
+    let dir = tempfile::tempdir().unwrap();
+    let who = db.publisher_for(&["runtime.run.a.events", "runtime.run.b.events"]);
+    let token = dir.path().join("mirror.token");
+    std::fs::write(&token, &who.token).unwrap();
+    let input = dir.path().join("events.jsonl");
+    let line = |t: &str, seq: u64| json!({ "topic": format!("run:{t}:events"), "seq": seq, "kind": "k", "payload": seq }).to_string();
+    write_lines(&input, &[line("a", 1), line("b", 1)]);
+    let metrics_addr = format!("127.0.0.1:{}", khala_tools::server::free_port().unwrap());
+    let held = || {
+        let mut stream = std::net::TcpStream::connect(&metrics_addr).ok()?;
+        std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut body).ok()?;
+        body.lines().find_map(|l| l.strip_prefix("khala_mirror_held_streams ")).and_then(|n| n.trim().parse::<f64>().ok())
+    };
+    let mut child = mirror_as(&db, dir.path(), &token, ["--input", &input.to_string_lossy(), "--follow", "--durable-after-ms", "700", "--metrics-addr", &metrics_addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("both streams published", Duration::from_secs(15), || heads_total(&db).filter(|n| *n == 2));
+    db.revoke(&who, "runtime.run.b.events");
+    let mut file = std::fs::OpenOptions::new().append(true).open(&input).unwrap();
+    std::io::Write::write_all(&mut file, [line("b", 2), line("a", 2), line("a", 3)].map(|l| l + "\n").concat().as_bytes()).unwrap();
+    // The module refuses b's next batch (forbidden_stream). That ended the whole run; now
+    // the mirror reads its grants again, holds b and publishes a on.
+    wait_for("b held", Duration::from_secs(20), || held().filter(|n| *n == 1.0));
+    wait_for("a published on", Duration::from_secs(15), || heads_total(&db).filter(|n| *n == 4));
+    assert!(child.try_wait().unwrap().is_none(), "the mirror stopped");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let output = wait_exit(&mut child, Duration::from_secs(30));
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(text(&output).contains("khala: streams_held:") && text(&output).contains("runtime.run.b.events"), "{}", text(&output));
+    assert_eq!(summary(&output)["failures"]["forbidden_stream"].as_u64(), Some(1), "{}", text(&output));
+}

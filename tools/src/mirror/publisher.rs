@@ -65,6 +65,9 @@ pub enum Outcome {
     Refused { index: usize, code: ErrorCode, detail: String },
     /// The batch is over the module's limits: send smaller ones.
     TooLarge(String),
+    /// No live publish grant covers the stream any more (one expired or was revoked
+    /// during the run): re-read the grants; the stream is held, the others go on.
+    Forbidden(String),
     /// Retrying cannot help (bad token, no publisher role, no such database).
     Fatal(ToolError),
 }
@@ -130,6 +133,7 @@ pub fn classify(result: Result<(), ToolError>) -> Outcome {
     match coded.code {
         ErrorCode::SequenceConflict => Outcome::SequenceConflict(coded.message.clone()),
         ErrorCode::BatchTooLarge => Outcome::TooLarge(coded.message.clone()),
+        ErrorCode::ForbiddenStream => Outcome::Forbidden(coded.message.clone()),
         ErrorCode::PayloadTooLarge | ErrorCode::IdempotencyConflict | ErrorCode::InvalidArgument => match coded.event_index() {
             Some(index) => Outcome::Refused { index, code: coded.code, detail: coded.message.clone() },
             None => Outcome::Fatal(error),
@@ -383,6 +387,7 @@ mod tests {
         // An index only in prose is not one: the mirror stops rather than guess.
         assert!(matches!(classify(reducer("invalid_argument: event 3: kind must be 1..=128 bytes")), Outcome::Fatal(_)));
         assert!(matches!(classify(reducer("unauthorized: publish needs the publisher role")), Outcome::Fatal(_)));
+        assert!(matches!(classify(reducer("forbidden_stream: no live publish grant covers s")), Outcome::Forbidden(_)));
     }
 
     #[test]

@@ -470,6 +470,9 @@ impl Mirror {
                 self.lanes.requeue_front(lane, done.events, Instant::now());
             }
             Outcome::Refused { index, code, detail } => self.refused_by_module(lane, done.events, index, code, detail)?,
+            // The reconcile reads the grants again and holds each stream they no longer
+            // cover (`lane_for`); a mirror left with none stops (`no_publish_grant`).
+            Outcome::Forbidden(detail) => self.transient("forbidden_stream", &format!("{}: {detail}", self.lanes.lane(lane).stream_id)),
             Outcome::Fatal(error) => return Err(MirrorError::Server(error)),
         }
         Ok(())
