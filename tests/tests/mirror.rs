@@ -374,10 +374,16 @@ fn the_postgres_outbox_is_mirrored_resumed_and_followed() {
     let handmade_db = shared_server().new_database("mirror-pg-handmade");
     let cursor_table = "CREATE TABLE khala_mirror_cursor (name text PRIMARY KEY, last_id bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())";
     // Makes database `name` with an outbox of `columns` (and `cursor` for the cursor
-    // table), fills it with `insert` and `setup`, and runs the mirror on it once as `role`.
+    // table), fills it with `insert` and `setup`, applies the migration on top (its
+    // id-ordering trigger) unless the setup says `-- not migrated`, and runs the mirror on
+    // it once as `role`.
     let handmade = |name: &str, columns: &str, cursor: &str, insert: &str, setup: &str, role: &str| {
         pg.psql(&format!("CREATE DATABASE {name}"));
         pg.psql_in(name, &format!("CREATE TABLE khala_outbox ({columns}); {cursor}; INSERT INTO khala_outbox {insert}; {setup}"));
+        if !setup.contains("-- not migrated") {
+            let output = mirror(&handmade_db, &dir.path().join(name), ["--postgres", &pg.url_of(name), "--migrate"]).output().unwrap();
+            assert!(output.status.success(), "{name}: {}", text(&output));
+        }
         let url = pg.url_of(name).replacen("khala@", &format!("{role}@"), 1);
         let output = mirror(&handmade_db, &dir.path().join(name), ["--postgres", &url, "--once", "--durable-after-ms", "700"]).output().unwrap();
         (output.status.code(), text(&output))
@@ -405,6 +411,7 @@ fn the_postgres_outbox_is_mirrored_resumed_and_followed() {
         ("seq_as_text", columns("text"), cursor_table.to_string(), one_row, "", "khala", "outbox_schema_mismatch"),
         ("no_occurred_at", "id bigserial PRIMARY KEY, topic text NOT NULL, seq bigint NOT NULL, kind text NOT NULL, payload jsonb NOT NULL".into(), cursor_table.into(), one_row, "", "khala", "outbox_schema_mismatch"),
         ("cursor_without_key", columns("bigint"), cursor_table.replace(" PRIMARY KEY", ""), narrow_rows, "", "khala", "outbox_schema_mismatch"),
+        ("no_ordering_trigger", columns("bigint"), cursor_table.into(), one_row, "-- not migrated", "khala", "outbox_not_migrated"),
         (
             "read_only_role",
             columns("bigint"),

@@ -52,6 +52,11 @@ pub const READ_ROWS: &str = "SELECT id, topic, seq, kind, payload::text, occurre
 /// [`READ_ROWS`]; the mirror's other queries are on primary keys too.
 pub const READER_SETTINGS: &str = "SET enable_seqscan = off; SET enable_bitmapscan = off";
 
+/// The migration's id-ordering trigger on `khala_outbox`. Without it, two writers'
+/// transactions can commit ids out of order: a reader past id 11 never sees an id 10
+/// committed later. An outbox made by hand gets it from `--migrate` like any other.
+const ORDERING_TRIGGER: &str = "SELECT 1 FROM pg_trigger WHERE tgrelid = 'khala_outbox'::regclass AND tgname = 'khala_outbox_assign_id' AND tgenabled <> 'D'";
+
 /// Rows not yet mirrored (past the stored cursor) and the age of the oldest, by Postgres'
 /// clock so that the two hosts' clocks need not agree. An index range on the primary key.
 const BACKLOG: &str = "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM khala_outbox \
@@ -335,6 +340,12 @@ impl Outbox {
         };
         outbox.connect()?;
         let client = &outbox.conn.as_ref().expect("connected").client;
+        let ordered = outbox.rt.block_on(client.query_opt(ORDERING_TRIGGER, &[])).map_err(|e| pg_error("looking for the id-ordering trigger", e))?;
+        if ordered.is_none() {
+            return Err(MirrorError::OutboxNotMigrated {
+                detail: "khala_outbox has no khala_outbox_assign_id trigger, so ids can become visible out of order and a keyset reader would pass rows for good".into(),
+            });
+        }
         let cursor = outbox.rt.block_on(client.query_opt("SELECT last_id FROM khala_mirror_cursor WHERE name = $1", &[&name]));
         let cursor = match cursor.map_err(|e| pg_error("reading the cursor", e))? {
             Some(row) => row.try_get::<_, i64>(0).map_err(|e| pg_error("reading the cursor", e))?,
