@@ -412,6 +412,17 @@ fn the_postgres_outbox_is_mirrored_resumed_and_followed() {
         ("no_occurred_at", "id bigserial PRIMARY KEY, topic text NOT NULL, seq bigint NOT NULL, kind text NOT NULL, payload jsonb NOT NULL".into(), cursor_table.into(), one_row, "", "khala", "outbox_schema_mismatch"),
         ("cursor_without_key", columns("bigint"), cursor_table.replace(" PRIMARY KEY", ""), narrow_rows, "", "khala", "outbox_schema_mismatch"),
         ("no_ordering_trigger", columns("bigint"), cursor_table.into(), one_row, "-- not migrated", "khala", "outbox_not_migrated"),
+        // A NULL where the migration has NOT NULL dead-letters its row (the stream is held
+        // at it), not the whole outbox as a mismatch.
+        (
+            "nullable",
+            "id bigserial PRIMARY KEY, topic text, seq bigint, kind text, payload jsonb, occurred_at timestamptz".into(),
+            cursor_table.into(),
+            "(topic, seq, kind, payload) VALUES ('run:n:events', 1, 'k', '{}'), ('run:n:events', 2, NULL, '{}')",
+            "",
+            "khala",
+            "streams_held",
+        ),
         (
             "read_only_role",
             columns("bigint"),
@@ -426,6 +437,7 @@ fn the_postgres_outbox_is_mirrored_resumed_and_followed() {
         assert_eq!(status, Some(1), "{name}: {output}");
         assert!(output.contains(&format!("khala: {code}:")), "{name}: {output}");
     }
+    expect(&mut narrow, "runtime.run.n.events", "run:n:events", 1, "k", &json!({}));
     assert_module_holds(&handmade_db, &narrow);
 
     // The migration applies once, then is a no-op.

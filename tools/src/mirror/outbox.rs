@@ -31,7 +31,10 @@ use tokio_postgres::types::{accepts, FromSql, Type, WrongType};
 use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
 
 /// The migrations, in order: `(version, name, sql)`.
-pub const MIGRATIONS: [(i32, &str, &str); 1] = [(1, "0001_outbox", include_str!("../../migrations/0001_outbox.sql"))];
+pub const MIGRATIONS: [(i32, &str, &str); 2] = [
+    (1, "0001_outbox", include_str!("../../migrations/0001_outbox.sql")),
+    (2, "0002_outbox_created_at", include_str!("../../migrations/0002_outbox_created_at.sql")),
+];
 
 /// The advisory lock that keeps two `--migrate` runs apart.
 const MIGRATE_LOCK: i64 = 7_104_202_500;
@@ -219,11 +222,21 @@ fn watch_backlog(url: String, name: String, every: Duration) -> Result<BacklogWa
     let rt = runtime()?;
     let spawned = std::thread::Builder::new().name("outbox-backlog".into()).spawn(move || {
         let mut conn = None;
+        // The first failure after a success is a warning (the gauges stop moving), the
+        // repeats of it are not.
+        let mut failing = false;
         while !flag.load(Ordering::Relaxed) {
             match rt.block_on(read_backlog(&mut conn, &url, &name)) {
-                Ok((depth, age)) => super::metrics::outbox_backlog(depth, age),
+                Ok((depth, age)) => {
+                    super::metrics::outbox_backlog(depth, age);
+                    failing = false;
+                }
                 Err(e) => {
-                    log::debug!("{e}");
+                    match failing {
+                        false => log::warn!("the outbox backlog gauges are not updated: {e}"),
+                        true => log::debug!("{e}"),
+                    }
+                    failing = true;
                     conn = None;
                 }
             }
@@ -294,27 +307,44 @@ impl<'a> FromSql<'a> for Integer {
     accepts!(INT2, INT4, INT8);
 }
 
-/// One outbox row as a record.
-fn record(id: i64, topic: &str, seq: i64, kind: &str, payload: &str, occurred: Option<Timestamp>, parser: &mut Parser) -> Record {
+fn bad(reason: &'static str, detail: impl Into<String>) -> Bad {
+    Bad { reason, detail: detail.into(), topic: None, stream_id: None, seq: None }
+}
+
+/// One outbox row as a record. The migration's columns are `NOT NULL`; a table made by
+/// hand may hold a NULL, which dead-letters its row like any other bad value.
+fn record(id: i64, topic: Option<&str>, seq: Option<i64>, kind: Option<&str>, payload: Option<&str>, occurred: Option<Timestamp>, parser: &mut Parser) -> Record {
     let origin = Origin::OutboxId(id);
-    let checked_kind = if kind.is_empty() { Err(Bad { reason: "missing_kind", detail: "kind is empty".into(), topic: None, stream_id: None, seq: None }) } else { Ok(kind.to_string()) };
+    let checked_kind = match kind {
+        None => Err(bad("missing_kind", "kind is NULL")),
+        Some("") => Err(bad("missing_kind", "kind is empty")),
+        Some(kind) => Ok(kind.to_string()),
+    };
     // jsonb can hold numbers serde_json cannot read (beyond f64, in builds without
     // arbitrary_precision): refuse them rather than change them.
-    let canonical = serde_json::from_str::<&RawValue>(payload).and_then(canonicalize);
-    let payload_bytes =
-        canonical.map_err(|e| Bad { reason: "invalid_payload", detail: format!("the payload does not fit Khala's JSON numbers: {e}"), topic: None, stream_id: None, seq: None });
-    let parsed = if seq <= 0 {
-        Err(Bad { reason: "invalid_seq", detail: format!("seq {seq}: seqs start at 1"), topic: Some(topic.into()), stream_id: None, seq: None })
-    } else {
-        let occurred_at = match occurred {
-            None => Ok(0),
-            Some(at) => at.unix_micros().ok_or(Bad { reason: "invalid_occurred_at", detail: "occurred_at is infinite".into(), topic: None, stream_id: None, seq: None }),
-        };
-        parser.build(topic, seq as u64, checked_kind, payload_bytes, occurred_at, origin)
+    let payload_bytes = match payload {
+        None => Err(bad("invalid_payload", "payload is NULL")),
+        Some(text) => serde_json::from_str::<&RawValue>(text)
+            .and_then(canonicalize)
+            .map_err(|e| bad("invalid_payload", format!("the payload does not fit Khala's JSON numbers: {e}"))),
+    };
+    let parsed = match (topic, seq) {
+        (None, _) => Err(bad("missing_topic", "topic is NULL")),
+        (Some(topic), Some(seq)) if seq > 0 => {
+            let occurred_at = match occurred {
+                None => Ok(0),
+                Some(at) => at.unix_micros().ok_or(bad("invalid_occurred_at", "occurred_at is infinite")),
+            };
+            parser.build(topic, seq as u64, checked_kind, payload_bytes, occurred_at, origin)
+        }
+        (Some(topic), seq) => {
+            let detail = seq.map_or("seq is NULL".to_string(), |seq| format!("seq {seq}: seqs start at 1"));
+            Err(Bad { topic: Some(topic.into()), ..bad("invalid_seq", detail) })
+        }
     };
     // The row as the dead-letter file keeps it, written only for a row refused.
     let dead_letter = |bad: Bad| {
-        let payload = serde_json::from_str::<Value>(payload).unwrap_or_else(|_| Value::String(payload.into()));
+        let payload = payload.map(|text| serde_json::from_str::<Value>(text).unwrap_or_else(|_| Value::String(text.into())));
         (bad, json!({ "id": id, "topic": topic, "seq": seq, "kind": kind, "payload": payload, "occurred_at_micros": occurred.map(Timestamp::to_json) }).to_string())
     };
     Record { end: mark(id), origin, parsed: parsed.map_err(dead_letter) }
@@ -451,7 +481,7 @@ impl Source for Outbox {
         let columns = rows
             .iter()
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, row.try_get(4)?, row.try_get(5)?)))
-            .collect::<std::result::Result<Vec<(Integer, &str, Integer, &str, &str, Option<Timestamp>)>, tokio_postgres::Error>>()
+            .collect::<std::result::Result<Vec<(Integer, Option<&str>, Option<Integer>, Option<&str>, Option<&str>, Option<Timestamp>)>, tokio_postgres::Error>>()
             .map_err(|e| MirrorError::OutboxSchemaMismatch { detail: e.to_string() })?;
         self.read_id = columns.last().map_or(self.read_id, |c| c.0 .0);
         self.head_id = self.head_id.max(self.read_id);
@@ -465,7 +495,7 @@ impl Source for Outbox {
             }
             None => {}
         }
-        let records = columns.into_iter().map(|(id, topic, seq, kind, payload, occurred)| record(id.0, topic, seq.0, kind, payload, occurred, &mut self.parser)).collect();
+        let records = columns.into_iter().map(|(id, topic, seq, kind, payload, occurred)| record(id.0, topic, seq.map(|s| s.0), kind, payload, occurred, &mut self.parser)).collect();
         Ok(Read::Records(records))
     }
 
@@ -527,22 +557,30 @@ mod tests {
 
     #[test]
     fn rows_become_records_or_dead_letters() {
-        let good = record(5, "run:1:events", 2, "run.step", r#"{"b": 1, "a": 2}"#, Some(Timestamp(7 - POSTGRES_EPOCH_UNIX_MICROS)), &mut Parser::new(LIMITS));
+        let good = record(5, Some("run:1:events"), Some(2), Some("run.step"), Some(r#"{"b": 1, "a": 2}"#), Some(Timestamp(7 - POSTGRES_EPOCH_UNIX_MICROS)), &mut Parser::new(LIMITS));
         let event = good.parsed.unwrap();
         assert_eq!((&*event.stream_id, event.seq, event.payload.as_slice(), event.occurred_at_micros), ("runtime.run.1.events", 2, br#"{"a":2,"b":1}"#.as_slice(), 7));
         assert_eq!((good.end.offset, good.origin), (5, Origin::OutboxId(5)));
-        let (bad, raw) = record(6, "t", 0, "k", "{}", None, &mut Parser::new(LIMITS)).parsed.unwrap_err();
+        let (bad, raw) = record(6, Some("t"), Some(0), Some("k"), Some("{}"), None, &mut Parser::new(LIMITS)).parsed.unwrap_err();
         assert_eq!(bad.reason, "invalid_seq");
         assert!(raw.contains("\"id\":6"));
-        let (bad, _) = record(7, "t", 1, "k", &format!("\"{}\"", "x".repeat(40)), None, &mut Parser::new(LIMITS)).parsed.unwrap_err();
+        let (bad, _) = record(7, Some("t"), Some(1), Some("k"), Some(&format!("\"{}\"", "x".repeat(40))), None, &mut Parser::new(LIMITS)).parsed.unwrap_err();
         assert_eq!((bad.reason, bad.seq), ("payload_too_large", Some(1)));
         // A payload serde_json cannot read is refused, never turned into null.
-        let (bad, raw) = record(8, "t", 1, "k", r#"{"n": tru"#, None, &mut Parser::new(LIMITS)).parsed.unwrap_err();
+        let (bad, raw) = record(8, Some("t"), Some(1), Some("k"), Some(r#"{"n": tru"#), None, &mut Parser::new(LIMITS)).parsed.unwrap_err();
         assert_eq!((bad.reason, bad.stream_id.as_deref()), ("invalid_payload", Some("runtime.topic.t")));
         assert!(raw.contains("tru"), "{raw}");
-        let (bad, raw) = record(9, "t", 1, "k", "{}", Some(Timestamp(i64::MAX)), &mut Parser::new(LIMITS)).parsed.unwrap_err();
+        let (bad, raw) = record(9, Some("t"), Some(1), Some("k"), Some("{}"), Some(Timestamp(i64::MAX)), &mut Parser::new(LIMITS)).parsed.unwrap_err();
         assert_eq!((bad.reason, bad.seq), ("invalid_occurred_at", Some(1)));
         assert!(raw.contains(r#""occurred_at_micros":"infinity""#), "{raw}");
+        // NULLs (a hand-made table's nullable columns) dead-letter their row by name.
+        let reason = |topic, seq, kind, payload| record(10, topic, seq, kind, payload, None, &mut Parser::new(LIMITS)).parsed.unwrap_err().0.reason;
+        assert_eq!(reason(None, Some(1), Some("k"), Some("{}")), "missing_topic");
+        assert_eq!(reason(Some("t"), None, Some("k"), Some("{}")), "invalid_seq");
+        assert_eq!(reason(Some("t"), Some(1), None, Some("{}")), "missing_kind");
+        assert_eq!(reason(Some("t"), Some(1), Some("k"), None), "invalid_payload");
+        let (_, raw) = record(11, Some("t"), Some(1), Some("k"), None, None, &mut Parser::new(LIMITS)).parsed.unwrap_err();
+        assert!(raw.contains(r#""payload":null"#), "{raw}");
     }
 
     #[test]
