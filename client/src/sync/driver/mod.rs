@@ -519,7 +519,13 @@ impl Driver {
                     }
                     // Only the owner sees a stream without a grant; it sees every segment
                     // without windows too.
-                    s.windows.refused(bucket, now.at, forbidden && s.grant.owner_without_grant());
+                    let call = if open { WindowCall::Open(bucket) } else { WindowCall::Close(bucket) };
+                    s.windows.refused(call, now.at, forbidden && s.grant.owner_without_grant());
+                }
+            }
+            Msg::WindowCall { stream_id, bucket, open, result: Ok(()) } => {
+                if let Some(s) = self.streams.get_mut(&stream_id) {
+                    s.windows.answered(if open { WindowCall::Open(bucket) } else { WindowCall::Close(bucket) });
                 }
             }
             Msg::Acked { stream_id, seq, result } => {

@@ -300,7 +300,10 @@ impl Sim {
                 // before telling its cursors: those events come again, once.
                 self.current = self.persisted.clone();
                 let kept = self.persisted.clone();
-                self.this_process.retain(|(s, _, seq)| kept.get(s).is_some_and(|p| *seq <= p.last()));
+                // Only what the persisted projection holds stays applied: of its epoch (the
+                // events of a new epoch applied since, not yet persisted, are dropped even
+                // where the old epoch's projection reaches past their seqs).
+                self.this_process.retain(|(s, epoch, seq)| kept.get(s).is_some_and(|p| p.epoch == *epoch && *seq <= p.last()));
                 let cursors = self.handler_cursors();
                 self.feed(Input::HandlerCursors(cursors));
             }
@@ -327,11 +330,14 @@ impl Sim {
                 let mut out = Vec::new();
                 if !s.granted {
                     out.push(Msg::WindowCall { stream_id, bucket: b, open: true, result: Err(coded(ErrorCode::ForbiddenStream, "no live subscribe grant")) });
-                } else if !s.windows.contains(&b) {
-                    assert!(s.windows.len() < MAX_WINDOWS_PER_STREAM, "more than {MAX_WINDOWS_PER_STREAM} windows on {}: {:?} opening {b}", s.id, s.windows);
-                    s.windows.insert(b);
-                    out.push(Msg::WindowOpen(s.window_row(b)));
-                    out.extend(s.visible_segments(b));
+                } else {
+                    if !s.windows.contains(&b) {
+                        assert!(s.windows.len() < MAX_WINDOWS_PER_STREAM, "more than {MAX_WINDOWS_PER_STREAM} windows on {}: {:?} opening {b}", s.id, s.windows);
+                        s.windows.insert(b);
+                        out.push(Msg::WindowOpen(s.window_row(b)));
+                        out.extend(s.visible_segments(b));
+                    }
+                    out.push(Msg::WindowCall { stream_id, bucket: b, open: true, result: Ok(()) });
                 }
                 for m in out {
                     self.push(m);
@@ -343,6 +349,7 @@ impl Sim {
                     let row = s.window_row(b);
                     self.push(Msg::WindowClosed(row));
                 }
+                self.push(Msg::WindowCall { stream_id, bucket: b, open: false, result: Ok(()) });
             }
             Command::Ack { stream_id, seq, chain_hash } => {
                 self.acks_sent += 1;
@@ -860,58 +867,68 @@ proptest! {
         }
     }
 
-    /// The windows of one stream, against a server that confirms calls late and in any
-    /// order, while the cursor moves over many buckets and resets come: at most
+    /// The windows of one stream, against a server that answers calls late (in order) and
+    /// refuses some, while the cursor moves over many buckets and resets come: at most
     /// `MAX_WANTED` wanted at once, never more than the module's limit open, and once
     /// every call is confirmed exactly the wanted buckets are open (the one before the
     /// cursor's only when the next segment may straddle into it).
     #[test]
-    fn windows_follow_the_cursor_and_stay_bounded(steps in proptest::collection::vec((0u64..6, any::<bool>(), any::<bool>(), 0usize..4, any::<bool>()), 1..80), settle_straddle in any::<bool>()) {
+    fn windows_follow_the_cursor_and_stay_bounded(steps in proptest::collection::vec((0u64..6, any::<bool>(), any::<bool>(), 0usize..4, any::<bool>(), 0u8..8), 1..80), settle_straddle in any::<bool>()) {
         let base = Instant::now();
         let mut w = Windows::default();
         let mut server: BTreeSet<u64> = BTreeSet::new();
         let mut in_flight: VecDeque<WindowCall> = VecDeque::new();
         let mut cursor = 0u64;
-        for (i, (advance, reset, late, confirm, straddle)) in steps.into_iter().enumerate() {
+        let mut refused_any = false;
+        // The server answers a call as the module does: a row when it changes one, then
+        // the call's result; or, out of churn tokens, refuses one that would change
+        // something (`rate_limited`: only a change takes a token) and changes nothing.
+        let answer = |w: &mut Windows, server: &mut BTreeSet<u64>, call: WindowCall, refuse: bool, now: Instant| {
+            let changes = match call {
+                WindowCall::Open(b) => !server.contains(&b),
+                WindowCall::Close(b) => server.contains(&b),
+            };
+            // The module's cap: an open beyond MAX_WINDOWS_PER_STREAM is refused too.
+            let over_cap = matches!(call, WindowCall::Open(_)) && changes && server.len() >= MAX_WINDOWS_PER_STREAM;
+            if (refuse && changes) || over_cap {
+                return w.refused(call, now, false);
+            }
+            match call {
+                WindowCall::Open(b) if server.insert(b) => w.opened(b),
+                WindowCall::Close(b) if server.remove(&b) => w.closed(b),
+                _ => {}
+            }
+            w.answered(call);
+        };
+        for (i, (advance, reset, late, confirm, straddle, refuse)) in steps.into_iter().enumerate() {
             let now = base + Duration::from_millis(i as u64 * 10);
             cursor += advance * WINDOW_EVENTS / 2;
             if reset {
                 w.reset();
             }
             in_flight.extend(w.plan(cursor, straddle, now));
-            // The server answers calls in order, some late.
+            refused_any |= refuse == 0;
+            // The server answers calls in order, some late, some refused (1 in 8 steps).
             for _ in 0..if late { 0 } else { confirm } {
-                match in_flight.pop_front() {
-                    Some(WindowCall::Open(b)) => {
-                        server.insert(b);
-                        w.opened(b);
-                    }
-                    Some(WindowCall::Close(b)) if server.remove(&b) => w.closed(b),
-                    Some(WindowCall::Close(_)) => {}
-                    None => {}
+                if let Some(call) = in_flight.pop_front() {
+                    answer(&mut w, &mut server, call, refuse == 0, now);
                 }
                 prop_assert!(server.len() <= MAX_WINDOWS_PER_STREAM, "{server:?}");
             }
             prop_assert!(w.opening.len() <= MAX_WANTED, "opening {:?}", w.opening);
+            // Without refusals the client holds at most twice what it wants; a window whose
+            // close was refused stays held (the server's cap bounds those).
             let held = w.open.union(&w.opening).filter(|b| !w.closing.contains(b)).count();
-            prop_assert!(held <= 2 * MAX_WANTED, "{held} windows held: open {:?}, opening {:?}", w.open, w.opening);
+            prop_assert!(held <= 2 * MAX_WANTED || refused_any, "{held} windows held: open {:?}, opening {:?}", w.open, w.opening);
+            // What the client holds as open, the server holds (a refused close is kept).
+            prop_assert!(w.open.iter().all(|b| server.contains(b) || in_flight.contains(&WindowCall::Close(*b))), "open {:?}, server {server:?}", w.open);
         }
         // Let every call land, and plan until nothing more is asked.
         let now = base + Duration::from_secs(60);
         for _ in 0..10 {
             in_flight.extend(w.plan(cursor, settle_straddle, now));
             while let Some(call) = in_flight.pop_front() {
-                match call {
-                    WindowCall::Open(b) => {
-                        server.insert(b);
-                        w.opened(b);
-                    }
-                    WindowCall::Close(b) => {
-                        if server.remove(&b) {
-                            w.closed(b);
-                        }
-                    }
-                }
+                answer(&mut w, &mut server, call, false, now);
             }
         }
         let b0 = bucket(cursor + 1);

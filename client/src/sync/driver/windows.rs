@@ -74,11 +74,36 @@ impl Windows {
         self.open.remove(&b);
     }
 
+    /// The server answered a window call with success. Its row, when the call changed
+    /// one, confirms it too; but an open of a window the server already holds (one whose
+    /// close was refused, or another process's) and a close of one it no longer holds
+    /// (ended by a revoke) change no row, and were never confirmed: the bucket stayed
+    /// `opening` or `closing` for the rest of the session.
+    pub fn answered(&mut self, call: WindowCall) {
+        match call {
+            WindowCall::Open(b) if self.opening.contains(&b) => self.opened(b),
+            WindowCall::Open(_) => {}
+            WindowCall::Close(b) => self.closed(b),
+        }
+    }
+
     /// A window call was refused; `owner_sees_all` when the refusal means windows are
     /// not for this client at all (the owner sees the stream without a grant).
-    pub fn refused(&mut self, b: u64, now: Instant, owner_sees_all: bool) {
-        self.opening.remove(&b);
-        self.closing.remove(&b);
+    pub fn refused(&mut self, call: WindowCall, now: Instant, owner_sees_all: bool) {
+        match call {
+            WindowCall::Open(b) => {
+                self.opening.remove(&b);
+            }
+            WindowCall::Close(b) => {
+                if self.closing.remove(&b) {
+                    // The server still holds it (a close refused as `rate_limited`): it
+                    // stays ours, to be closed again or used. Forgotten, it stayed open
+                    // on the server and counted against the stream's windows.
+                    self.open.insert(b);
+                    self.mine.insert(b);
+                }
+            }
+        }
         self.retry_at = Some(now + RETRY_AFTER);
         if owner_sees_all {
             self.usable = false;
