@@ -553,7 +553,7 @@ impl Driver {
         }
         self.applied_any = false;
         self.more_ready = false;
-        self.slots.assign(self.streams.iter().filter(|(_, s)| s.windows.usable && s.grant.subscribed()).map(|(id, s)| (id.as_str(), s.catching_up())));
+        self.slots.assign(self.streams.iter().filter(|(_, s)| s.windows.usable && s.grant.subscribed()).map(|(id, s)| (id.as_str(), s.catching_up(), s.stuck())));
         for (id, s) in self.streams.iter_mut() {
             if self.slots.waits(id, s.catching_up()) {
                 // Waiting for a replay slot: nothing is expected to arrive.

@@ -20,6 +20,11 @@ pub struct HandlerRetry {
 }
 
 impl HandlerRetry {
+    /// Failures in a row, on an event or a rebootstrap.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
     /// Whether the handler may be called for this stream now.
     pub fn ready(&self, now: Instant) -> bool {
         self.retry_at.is_none_or(|t| t <= now)

@@ -13,6 +13,10 @@ use khala_proto::v1::RebootstrapReason;
 use khala_proto::{StaleCursor, StreamCursor};
 use std::time::Instant;
 
+/// Handler failures in a row after which a stream counts as stuck (their backoff
+/// ceilings add up to 1.75 s by then).
+pub const STUCK_AFTER_FAILURES: u32 = 3;
+
 #[derive(Debug)]
 pub struct StreamState {
     pub engine: StreamEngine,
@@ -58,6 +62,14 @@ impl StreamState {
     /// ([`super::slots`]) to keep windows. A stream whose head is not known yet is not.
     pub fn catching_up(&self) -> bool {
         self.engine.info().is_some_and(|i| bucket(i.head_seq) > bucket(self.engine.fetch_after() + 1) + 1)
+    }
+
+    /// Whether the stream cannot go on by itself for now: its handler has failed
+    /// [`STUCK_AFTER_FAILURES`] times in a row (on an event or a rebootstrap), or the
+    /// segment it needs next was refused as corrupt. It then yields its replay slot
+    /// ([`super::slots`]) to a stream that can use it.
+    pub fn stuck(&self) -> bool {
+        self.retry.failures() >= STUCK_AFTER_FAILURES || self.corrupt_ahead().is_some()
     }
 
     /// The refused corrupt segment the cursor has not passed, if any.
