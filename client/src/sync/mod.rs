@@ -237,9 +237,19 @@ impl<H: Handler> SyncClient<H> {
                     log::warn!("the handler could not persist its effects ({e}); the checkpoint waits");
                     return Ok(Some(Input::Checkpointed { set_aside_to: None, persisted: false }));
                 }
-                let set_aside_to = if set_aside { Some(self.checkpoint.set_aside().map_err(|e| Err(e.into()))?) } else { None };
+                // A file that cannot be written ends the run; a `run` called again writes it.
+                let set_aside_to = match set_aside.then(|| self.checkpoint.set_aside()).transpose() {
+                    Ok(to) => to,
+                    Err(e) => {
+                        self.driver.checkpoint_not_written(None);
+                        return Err(Err(e.into()));
+                    }
+                };
                 if let Some(cursors) = cursors {
-                    self.checkpoint.store(cursors).map_err(|e| Err(e.into()))?;
+                    if let Err(e) = self.checkpoint.store(cursors) {
+                        self.driver.checkpoint_not_written(set_aside_to);
+                        return Err(Err(e.into()));
+                    }
                 }
                 return Ok(Some(Input::Checkpointed { set_aside_to, persisted: true }));
             }

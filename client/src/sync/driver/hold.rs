@@ -15,6 +15,9 @@ pub struct Hold {
     behind_since: Option<Instant>,
     /// Whether that hold has outlasted the limit (and was logged once).
     behind_reported: bool,
+    /// A gap outlasted [`GAP_PATIENCE`] and the stream has not moved since: the bucket
+    /// before the cursor's is opened too (see [`Hold::widened`]).
+    widened: bool,
 }
 
 impl Hold {
@@ -26,6 +29,7 @@ impl Hold {
     /// An event was applied: whatever gap there was has filled.
     pub fn progressed(&mut self) {
         self.gap_since = None;
+        self.widened = false;
     }
 
     /// Whether a gap has lasted past [`GAP_PATIENCE`]; it is then forgotten (the windows
@@ -34,8 +38,19 @@ impl Hold {
         let expired = self.gap_since.is_some_and(|t| now.saturating_duration_since(t) > GAP_PATIENCE);
         if expired {
             self.gap_since = None;
+            self.widened = true;
         }
         expired
+    }
+
+    /// Whether the windows should take in the bucket before the cursor's although the
+    /// cursor ended a segment: a gap did not fill. Segment boundaries are not fixed: a
+    /// server that lost commits gets them published again in the mirror's batches, so
+    /// the segment holding the next event may now begin before the cursor, in the bucket
+    /// before (a segment spans at most one bucket boundary). Without this such a stream
+    /// reopened the same buckets for ever (the driver's proptest found it).
+    pub fn widened(&self) -> bool {
+        self.widened
     }
 
     pub fn server_behind(&mut self, now: Instant) {

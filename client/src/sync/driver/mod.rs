@@ -591,7 +591,7 @@ impl Driver {
                     log::warn!("{id}: a gap after {} did not fill; reopening the windows", s.engine.applied());
                     s.windows.reset();
                 }
-                let calls = if self.slots.waits(id, s.catching_up()) { s.windows.release() } else { s.windows.plan(s.engine.fetch_after(), s.engine.may_straddle(), now.at) };
+                let calls = if self.slots.waits(id, s.catching_up()) { s.windows.release() } else { s.windows.plan(s.engine.fetch_after(), s.engine.may_straddle() || s.hold.widened(), now.at) };
                 for call in calls {
                     out.push(match call {
                         WindowCall::Open(bucket) => Command::OpenWindow { stream_id: id.clone(), bucket },
@@ -655,18 +655,12 @@ impl Driver {
     }
 
     fn checkpointed(&mut self, set_aside_to: Option<PathBuf>, persisted: bool) {
-        let Some(offered) = self.offered.take() else { return };
         if !persisted {
             log::warn!("the handler could not persist its effects; the checkpoint waits");
-            self.dirty = true;
-            // A corrupt file stays until a checkpoint replaces it.
-            self.corrupt = self.setting_aside.take();
-            return;
+            return self.checkpoint_not_written(None);
         }
-        if let (Some(path), Some(reason)) = (set_aside_to, self.setting_aside.take()) {
-            log::warn!("the corrupt checkpoint was moved to {}", path.display());
-            self.last_error = format!("checkpoint_corrupt: {reason}; moved to {}", path.display());
-        }
+        let Some(offered) = self.offered.take() else { return };
+        self.note_set_aside(set_aside_to);
         for (id, cursor, current) in offered {
             if let Some(s) = self.streams.get_mut(&id) {
                 s.durable = cursor;
@@ -674,6 +668,33 @@ impl Driver {
                     s.acks.durable_again();
                 }
             }
+        }
+    }
+}
+
+impl Driver {
+    /// The checkpoint offered last was not written (the handler could not persist, or
+    /// the file could not be set aside or stored and `run` returned that error), though
+    /// the corrupt file was moved to `set_aside_to` if that is `Some`: the next round
+    /// offers one again. Without this a `run` called again after such an error waited for
+    /// ever on the answer to a checkpoint nobody would write.
+    pub fn checkpoint_not_written(&mut self, set_aside_to: Option<PathBuf>) {
+        if self.offered.take().is_none() {
+            return;
+        }
+        self.dirty = true;
+        match set_aside_to {
+            Some(path) => self.note_set_aside(Some(path)),
+            // A corrupt file stays until a checkpoint replaces it.
+            None => self.corrupt = self.setting_aside.take(),
+        }
+    }
+
+    /// The corrupt checkpoint file was moved to `to` (if `Some`).
+    fn note_set_aside(&mut self, to: Option<PathBuf>) {
+        if let (Some(path), Some(reason)) = (to, self.setting_aside.take()) {
+            log::warn!("the corrupt checkpoint was moved to {}", path.display());
+            self.last_error = format!("checkpoint_corrupt: {reason}; moved to {}", path.display());
         }
     }
 }
