@@ -17,7 +17,7 @@ pub enum MirrorError {
     CursorMismatch { path: PathBuf, expected: String, found: String },
     #[error("the cursor {} is unreadable ({detail}); move it aside to start over from the beginning (republishing is safe)", path.display())]
     CursorCorrupt { path: PathBuf, detail: String },
-    #[error("the input {} changed before the saved cursor (byte {offset}): {detail}; use another --state-dir for a new file", path.display())]
+    #[error("the input {} changed at or before byte {offset}, where the mirror had read it: {detail}; use another --state-dir for a new file", path.display())]
     InputChanged { path: PathBuf, offset: u64, detail: String },
     #[error("another mirror holds the state dir {} (lock {})", dir.display(), dir.join("lock").display())]
     StateLocked { dir: PathBuf },

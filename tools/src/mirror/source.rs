@@ -181,6 +181,30 @@ impl FileSource {
     }
 }
 
+impl FileSource {
+    /// Following, at the end of what was written: the file must still be the one read.
+    /// Truncated (`copytruncate`), the reader waited at its old offset and took up the
+    /// new content half way, dead-lettering a fragment and skipping the rest; replaced
+    /// under its name (rotated), the reader followed the old file for ever. Either stops
+    /// the mirror as `input_changed`; a rotating log belongs on stdin, which is spooled.
+    fn check_followed(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let path = &self.reader.path;
+        let io = |e| MirrorError::io(format!("checking the input {}", path.display()), e);
+        let changed = |detail: String| MirrorError::InputChanged { path: path.clone(), offset: self.reader.pos.offset, detail };
+        let read = self.reader.file().metadata().map_err(io)?;
+        if read.len() < self.reader.pos.offset {
+            return Err(changed(format!("it was truncated to {} bytes while followed", read.len())));
+        }
+        match std::fs::metadata(path) {
+            Ok(named) if (named.dev(), named.ino()) != (read.dev(), read.ino()) => Err(changed("another file took its name while followed (rotated)".into())),
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(changed("it was removed while followed".into())),
+            Err(e) => Err(io(e)),
+        }
+    }
+}
+
 impl Source for FileSource {
     fn describe(&self) -> String {
         self.id.clone()
@@ -204,6 +228,7 @@ impl Source for FileSource {
         if !self.follow {
             return Ok(Read::End);
         }
+        self.check_followed()?;
         std::thread::sleep(wait.min(Duration::from_millis(100)));
         Ok(Read::Idle)
     }
@@ -237,6 +262,36 @@ mod tests {
             Read::Records(r) => r.iter().map(|r| (r.end.line, r.parsed.is_ok())).collect(),
             _ => vec![],
         }
+    }
+
+    #[test]
+    fn a_followed_file_truncated_or_rotated_stops_the_mirror() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.jsonl");
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let line = |seq: u64| format!("{{\"topic\":\"t\",\"seq\":{seq},\"kind\":\"k\"}}\n");
+        std::fs::write(&input, line(1) + &line(2)).unwrap();
+        let mut source = FileSource::open(&input, &state, true, LIMITS).unwrap();
+        assert_eq!(lines(&mut source), vec![(1, true), (2, true)]);
+        assert!(matches!(source.read(10, Duration::ZERO).unwrap(), Read::Idle));
+        // Appended to: read on.
+        std::fs::OpenOptions::new().append(true).open(&input).and_then(|mut f| std::io::Write::write_all(&mut f, line(3).as_bytes())).unwrap();
+        assert_eq!(lines(&mut source), vec![(3, true)]);
+        // copytruncate: the file starts over under the reader.
+        std::fs::write(&input, line(4)).unwrap();
+        let Err(MirrorError::InputChanged { detail, .. }) = source.read(10, Duration::ZERO) else { panic!("a truncated file was followed on") };
+        assert!(detail.contains("truncated"), "{detail}");
+        // Rotated: renamed away, and a new file takes the name.
+        std::fs::write(&input, line(1) + &line(2)).unwrap();
+        let state2 = dir.path().join("state2");
+        std::fs::create_dir(&state2).unwrap();
+        let mut source = FileSource::open(&input, &state2, true, LIMITS).unwrap();
+        assert_eq!(lines(&mut source), vec![(1, true), (2, true)]);
+        std::fs::rename(&input, dir.path().join("in.jsonl.1")).unwrap();
+        std::fs::write(&input, line(3)).unwrap();
+        let Err(MirrorError::InputChanged { detail, .. }) = source.read(10, Duration::ZERO) else { panic!("a rotated file was followed on") };
+        assert!(detail.contains("rotated"), "{detail}");
     }
 
     #[test]
