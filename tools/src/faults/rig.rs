@@ -434,9 +434,22 @@ impl Feeder {
         Ok(Feeder { handle: Some(handle) })
     }
 
-    /// Writes everything at once.
+    /// Writes everything at once, appending to what the file holds already, which must
+    /// be the start of `lines`: an authority log only grows, and a followed file that is
+    /// rewritten (truncated, even for an instant) stops the mirror as `input_changed`.
     pub fn all_at_once(path: &Path, lines: &[Vec<u8>]) -> Result<()> {
-        std::fs::write(path, lines.concat()).map_err(io("writing the authority input"))
+        let all = lines.concat();
+        let held = match std::fs::read(path) {
+            Ok(held) => held,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io("reading the authority input")(e)),
+        };
+        if !all.starts_with(&held) {
+            let detail = format!("{} holds {} bytes that do not begin the log to write", path.display(), held.len());
+            return Err(io("appending to the authority input")(std::io::Error::new(std::io::ErrorKind::InvalidInput, detail)));
+        }
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io("opening the authority input"))?;
+        f.write_all(&all[held.len()..]).map_err(io("appending to the authority input"))
     }
 
     pub fn done(&self) -> bool {
