@@ -22,7 +22,10 @@ pub trait Handler {
     ///
     /// A handler that owns its cursors ([`Handler::cursors`]) commits here, in one
     /// transaction, its effects and the cursor of the last event applied on each stream
-    /// ([`Event::cursor`]): then a crash can lose a batch, never split it.
+    /// ([`Event::cursor`]): then a crash can lose a batch, never split it. For such a
+    /// handler an error also ends the session (`handler_persist_failed`, retried): its
+    /// batch may be gone (a database can roll a transaction back by itself), so the next
+    /// session reads [`Handler::cursors`] again and offers what follows them.
     fn persist(&mut self) -> Result<(), HandlerError> {
         Ok(())
     }
