@@ -98,7 +98,6 @@ pub fn queries() -> Vec<String> {
     ["stream_grant", "stream", "client_window", "stream_segment"].iter().map(|t| format!("SELECT * FROM {t}")).collect()
 }
 
-/// Decodes a segment row and computes its chain hashes.
 /// A segment row whose events do not decode: refused like one that does not verify.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Unreadable {
@@ -107,6 +106,7 @@ pub struct Unreadable {
     pub detail: String,
 }
 
+/// Decodes a segment row and computes its chain hashes.
 fn segment_in(row: &StreamSegment) -> Result<SegmentIn, Unreadable> {
     // One copy of the row's bytes; every payload is then a slice of it.
     let events = khala_proto::segment::decode_view(bytes::Bytes::copy_from_slice(&row.data))

@@ -222,11 +222,16 @@ impl SqliteStore {
     /// events and the cursors commit one statement at a time, past the lost batch: a hole
     /// that no restart could see.
     fn failed(&mut self, source: rusqlite::Error) -> StoreError {
+        self.notice_lost_transaction();
+        self.err(source)
+    }
+
+    /// The store believes in an open transaction that SQLite has ended: its batch is gone.
+    fn notice_lost_transaction(&mut self) {
         if self.in_tx && self.conn.is_autocommit() {
             self.drop_batch();
             self.lost = true;
         }
-        self.err(source)
     }
 
     fn drop_batch(&mut self) {
@@ -244,11 +249,8 @@ impl SqliteStore {
     }
 
     fn begin(&mut self) -> Result<(), StoreError> {
-        if self.in_tx && self.conn.is_autocommit() {
-            // The transaction ended under the store (see `failed`): never go on outside it.
-            self.drop_batch();
-            self.lost = true;
-        }
+        // Never go on outside a transaction that ended under the store (see `failed`).
+        self.notice_lost_transaction();
         self.refuse_if_lost()?;
         if !self.in_tx {
             self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.err(e))?;
@@ -308,15 +310,10 @@ impl SqliteStore {
 
     /// Commits the open batch: its events and each touched stream's cursor, together.
     pub fn commit(&mut self) -> Result<(), StoreError> {
+        self.notice_lost_transaction();
         self.refuse_if_lost()?;
         if !self.in_tx {
             return Ok(());
-        }
-        if self.conn.is_autocommit() {
-            // The transaction ended under the store: its batch with it.
-            self.drop_batch();
-            self.lost = true;
-            return self.refuse_if_lost();
         }
         let now = now_micros();
         let upserted = self

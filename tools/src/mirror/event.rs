@@ -85,7 +85,7 @@ pub struct Bad {
 }
 
 impl Bad {
-    fn new(reason: &'static str, detail: impl Into<String>) -> Bad {
+    pub(super) fn new(reason: &'static str, detail: impl Into<String>) -> Bad {
         Bad { reason, detail: detail.into(), topic: None, stream_id: None, seq: None }
     }
 }

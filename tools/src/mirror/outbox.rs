@@ -307,39 +307,35 @@ impl<'a> FromSql<'a> for Integer {
     accepts!(INT2, INT4, INT8);
 }
 
-fn bad(reason: &'static str, detail: impl Into<String>) -> Bad {
-    Bad { reason, detail: detail.into(), topic: None, stream_id: None, seq: None }
-}
-
 /// One outbox row as a record. The migration's columns are `NOT NULL`; a table made by
 /// hand may hold a NULL, which dead-letters its row like any other bad value.
 fn record(id: i64, topic: Option<&str>, seq: Option<i64>, kind: Option<&str>, payload: Option<&str>, occurred: Option<Timestamp>, parser: &mut Parser) -> Record {
     let origin = Origin::OutboxId(id);
     let checked_kind = match kind {
-        None => Err(bad("missing_kind", "kind is NULL")),
-        Some("") => Err(bad("missing_kind", "kind is empty")),
+        None => Err(Bad::new("missing_kind", "kind is NULL")),
+        Some("") => Err(Bad::new("missing_kind", "kind is empty")),
         Some(kind) => Ok(kind.to_string()),
     };
     // jsonb can hold numbers serde_json cannot read (beyond f64, in builds without
     // arbitrary_precision): refuse them rather than change them.
     let payload_bytes = match payload {
-        None => Err(bad("invalid_payload", "payload is NULL")),
+        None => Err(Bad::new("invalid_payload", "payload is NULL")),
         Some(text) => serde_json::from_str::<&RawValue>(text)
             .and_then(canonicalize)
-            .map_err(|e| bad("invalid_payload", format!("the payload does not fit Khala's JSON numbers: {e}"))),
+            .map_err(|e| Bad::new("invalid_payload", format!("the payload does not fit Khala's JSON numbers: {e}"))),
     };
     let parsed = match (topic, seq) {
-        (None, _) => Err(bad("missing_topic", "topic is NULL")),
+        (None, _) => Err(Bad::new("missing_topic", "topic is NULL")),
         (Some(topic), Some(seq)) if seq > 0 => {
             let occurred_at = match occurred {
                 None => Ok(0),
-                Some(at) => at.unix_micros().ok_or(bad("invalid_occurred_at", "occurred_at is infinite")),
+                Some(at) => at.unix_micros().ok_or(Bad::new("invalid_occurred_at", "occurred_at is infinite")),
             };
             parser.build(topic, seq as u64, checked_kind, payload_bytes, occurred_at, origin)
         }
         (Some(topic), seq) => {
             let detail = seq.map_or("seq is NULL".to_string(), |seq| format!("seq {seq}: seqs start at 1"));
-            Err(Bad { topic: Some(topic.into()), ..bad("invalid_seq", detail) })
+            Err(Bad { topic: Some(topic.into()), ..Bad::new("invalid_seq", detail) })
         }
     };
     // The row as the dead-letter file keeps it, written only for a row refused.

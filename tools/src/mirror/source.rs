@@ -179,9 +179,7 @@ impl FileSource {
         }
         Ok(FileSource { id, reader, cursor, start, follow, parser: Parser::new(limits) })
     }
-}
 
-impl FileSource {
     /// Following, at the end of what was written: the file must still be the one read.
     /// Truncated (`copytruncate`), the reader waited at its old offset and took up the
     /// new content half way, dead-lettering a fragment and skipping the rest; replaced

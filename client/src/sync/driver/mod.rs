@@ -519,13 +519,12 @@ impl Driver {
                     }
                     // Only the owner sees a stream without a grant; it sees every segment
                     // without windows too.
-                    let call = if open { WindowCall::Open(bucket) } else { WindowCall::Close(bucket) };
-                    s.windows.refused(call, now.at, forbidden && s.grant.owner_without_grant());
+                    s.windows.refused(WindowCall::on(bucket, open), now.at, forbidden && s.grant.owner_without_grant());
                 }
             }
             Msg::WindowCall { stream_id, bucket, open, result: Ok(()) } => {
                 if let Some(s) = self.streams.get_mut(&stream_id) {
-                    s.windows.answered(if open { WindowCall::Open(bucket) } else { WindowCall::Close(bucket) });
+                    s.windows.answered(WindowCall::on(bucket, open));
                 }
             }
             Msg::Acked { stream_id, seq, result } => {
@@ -670,9 +669,7 @@ impl Driver {
             }
         }
     }
-}
 
-impl Driver {
     /// The checkpoint offered last was not written (the handler could not persist, or
     /// the file could not be set aside or stored and `run` returned that error), though
     /// the corrupt file was moved to `set_aside_to` if that is `Some`: the next round

@@ -20,6 +20,17 @@ pub enum WindowCall {
     Close(u64),
 }
 
+impl WindowCall {
+    /// The call on `bucket` that opens it (`open`) or closes it.
+    pub fn on(bucket: u64, open: bool) -> WindowCall {
+        if open {
+            WindowCall::Open(bucket)
+        } else {
+            WindowCall::Close(bucket)
+        }
+    }
+}
+
 /// The windows of one stream, as this client knows them.
 #[derive(Debug)]
 pub struct Windows {
