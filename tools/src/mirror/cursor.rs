@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// How many bytes before the cursor the check hash covers.
-const CHECK_BYTES: u64 = 256;
+pub const CHECK_BYTES: u64 = 256;
 
 /// A saved cursor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,10 +57,21 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 
 /// The hash of the (up to) 256 bytes of `file` that end at `offset`.
 pub fn tail_check(file: &File, offset: u64) -> std::io::Result<String> {
+    Ok(check_of(&tail_bytes(file, offset)?))
+}
+
+/// The (up to) 256 bytes of `file` that end at `offset`.
+pub fn tail_bytes(file: &File, offset: u64) -> std::io::Result<Vec<u8>> {
     let len = offset.min(CHECK_BYTES);
     let mut buf = vec![0u8; len as usize];
     file.read_exact_at(&mut buf, offset - len)?;
-    Ok(format!("{len}:{}", sha256_hex(&buf)))
+    Ok(buf)
+}
+
+/// The check of `tail`, the (up to) 256 bytes before a position: what [`tail_check`]
+/// gives for the file they were read from.
+pub fn check_of(tail: &[u8]) -> String {
+    format!("{}:{}", tail.len(), sha256_hex(tail))
 }
 
 impl CursorFile {

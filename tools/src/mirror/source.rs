@@ -6,9 +6,10 @@
 //!
 //! This file holds the interface and the JSONL file source.
 
-use super::cursor::{tail_check, CursorFile, Saved};
+use super::cursor::{check_of, tail_bytes, tail_check, CursorFile, Saved, CHECK_BYTES};
 use super::error::{MirrorError, Result};
 use super::event::{Bad, Event, Limits, Parser};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -63,7 +64,10 @@ pub trait Source {
     fn read(&mut self, max: usize, wait: Duration) -> Result<Read>;
     /// Moves the read position back to `to` (a durable cursor).
     fn rewind(&mut self, to: Mark) -> Result<()>;
-    /// Records `durable` as the durable cursor; everything before it may be dropped.
+    /// Records `durable` as the durable cursor; everything before it may be dropped. A
+    /// source may record an earlier position instead (the file source records the last
+    /// one it can check, see [`FileSource`]): resuming there reads again what the module
+    /// already holds, which it skips.
     fn persist(&mut self, durable: Mark) -> Result<()>;
     /// The source's head in the unit of `Mark::line`, for the lag gauge.
     fn head(&self) -> u64;
@@ -80,6 +84,10 @@ pub struct LineReader {
     reader: BufReader<File>,
     pub pos: Mark,
     buf: Vec<u8>,
+    /// The (up to) [`CHECK_BYTES`] bytes before `pos`, as they were read: a cursor's check
+    /// is made of these, so that a file rewritten under the reader cannot lend it the
+    /// new bytes.
+    tail: Vec<u8>,
 }
 
 /// One step of a [`LineReader`].
@@ -93,12 +101,20 @@ pub enum Step {
 impl LineReader {
     pub fn open(path: &Path, pos: Mark) -> Result<LineReader> {
         let file = File::open(path).map_err(|e| MirrorError::io(format!("opening {}", path.display()), e))?;
-        let mut reader = LineReader { path: path.into(), reader: BufReader::with_capacity(1 << 20, file), pos, buf: Vec::new() };
+        let mut reader = LineReader { path: path.into(), reader: BufReader::with_capacity(1 << 20, file), pos, buf: Vec::new(), tail: Vec::new() };
         reader.seek(pos)?;
         Ok(reader)
     }
 
+    /// Moves to `pos`, taking the bytes before it from the file as it is now.
     pub fn seek(&mut self, pos: Mark) -> Result<()> {
+        self.reposition(pos)?;
+        self.tail = tail_bytes(self.file(), pos.offset).map_err(|e| MirrorError::io(format!("reading {}", self.path.display()), e))?;
+        Ok(())
+    }
+
+    /// Moves back to `pos`, the position whose bytes before it are in `tail` already.
+    fn reposition(&mut self, pos: Mark) -> Result<()> {
         self.reader.seek(SeekFrom::Start(pos.offset)).map_err(|e| MirrorError::io(format!("seeking in {}", self.path.display()), e))?;
         self.pos = pos;
         Ok(())
@@ -106,6 +122,22 @@ impl LineReader {
 
     pub fn file(&self) -> &File {
         self.reader.get_ref()
+    }
+
+    /// The (up to) [`CHECK_BYTES`] bytes before the read position, as they were read.
+    pub fn tail(&self) -> &[u8] {
+        &self.tail
+    }
+
+    fn remember(tail: &mut Vec<u8>, read: &[u8]) {
+        let keep = CHECK_BYTES as usize;
+        if read.len() >= keep {
+            tail.clear();
+            tail.extend_from_slice(&read[read.len() - keep..]);
+        } else {
+            tail.drain(..(tail.len() + read.len()).saturating_sub(keep));
+            tail.extend_from_slice(read);
+        }
     }
 
     /// The next line ending before `limit` bytes (`None`: the end of the file).
@@ -123,11 +155,12 @@ impl LineReader {
             let complete = self.buf.last() == Some(&b'\n');
             let past_limit = limit.is_some_and(|l| self.pos.offset + n as u64 > l);
             if (!complete && !accept_partial) || past_limit {
-                self.seek(self.pos)?;
+                self.reposition(self.pos)?;
                 return Ok(Step::Partial);
             }
             self.pos.offset += n as u64;
             self.pos.line += 1;
+            Self::remember(&mut self.tail, &self.buf);
             let text = trim_line(&self.buf);
             if text.iter().all(u8::is_ascii_whitespace) {
                 continue;
@@ -145,6 +178,14 @@ fn trim_line(line: &[u8]) -> &[u8] {
 }
 
 /// A JSONL file, read in place; with `follow`, lines appended later are read too.
+///
+/// Its cursor carries a check of the bytes before it, so that resuming on a file that
+/// changed below the cursor is refused. That check is taken from the bytes as they were
+/// read, at the end of each read (`read_checks`), never from the file at persist time: a
+/// file rewritten in place below the cursor would have lent the cursor its new bytes and
+/// hidden the change from the next start. So the cursor written is the last such
+/// position at or before the durable one, and persisting compares the file with it: a
+/// rewrite found there stops the mirror as `input_changed`.
 pub struct FileSource {
     id: String,
     reader: LineReader,
@@ -152,6 +193,11 @@ pub struct FileSource {
     start: Mark,
     follow: bool,
     parser: Parser,
+    /// Positions reached at the end of a read, oldest first, with the check of the bytes
+    /// before each as read; the first is at or before the durable cursor.
+    read_checks: VecDeque<(Mark, String)>,
+    /// The position in the cursor file.
+    persisted: Option<Mark>,
 }
 
 impl FileSource {
@@ -168,16 +214,24 @@ impl FileSource {
         let start = saved.as_ref().map(|s| s.mark).unwrap_or_default();
         let reader = LineReader::open(&abs, start)?;
         let len = reader.file().metadata().map(|m| m.len()).unwrap_or(0);
-        if let Some(saved) = saved {
+        if let Some(saved) = &saved {
             let changed = |detail: String| MirrorError::InputChanged { path: abs.clone(), offset: start.offset, detail };
             if len < start.offset {
                 return Err(changed(format!("the file now has {len} bytes")));
             }
-            if tail_check(reader.file(), start.offset).map_err(|e| MirrorError::io("reading the input", e))? != saved.check {
+            if check_of(reader.tail()) != saved.check {
                 return Err(changed("the bytes before it differ".into()));
             }
         }
-        Ok(FileSource { id, reader, cursor, start, follow, parser: Parser::new(limits) })
+        let read_checks = VecDeque::from([(start, check_of(reader.tail()))]);
+        Ok(FileSource { id, reader, cursor, start, follow, parser: Parser::new(limits), read_checks, persisted: saved.map(|s| s.mark) })
+    }
+
+    /// Notes the read position with the check of the bytes before it, as read.
+    fn note_read_position(&mut self) {
+        if self.read_checks.back().is_none_or(|(mark, _)| *mark != self.reader.pos) {
+            self.read_checks.push_back((self.reader.pos, check_of(self.reader.tail())));
+        }
     }
 
     /// Following, at the end of what was written: the file must still be the one read.
@@ -220,6 +274,7 @@ impl Source for FileSource {
                 Step::Partial | Step::AtEnd => break,
             }
         }
+        self.note_read_position();
         if !records.is_empty() {
             return Ok(Read::Records(records));
         }
@@ -232,12 +287,32 @@ impl Source for FileSource {
     }
 
     fn rewind(&mut self, to: Mark) -> Result<()> {
+        self.read_checks.retain(|(mark, _)| *mark <= to);
         self.reader.seek(to)
     }
 
     fn persist(&mut self, durable: Mark) -> Result<()> {
-        let check = tail_check(self.reader.file(), durable.offset).map_err(|e| MirrorError::io("reading the input", e))?;
-        self.cursor.save(&Saved { source: self.id.clone(), mark: durable, check })
+        while self.read_checks.get(1).is_some_and(|(mark, _)| *mark <= durable) {
+            self.read_checks.pop_front();
+        }
+        let Some((mark, check)) = self.read_checks.front().filter(|(mark, _)| *mark <= durable).cloned() else {
+            return Ok(());
+        };
+        if self.persisted == Some(mark) {
+            return Ok(());
+        }
+        let path = &self.reader.path;
+        let changed = |detail: String| MirrorError::InputChanged { path: path.clone(), offset: mark.offset, detail };
+        let len = self.reader.file().metadata().map_err(|e| MirrorError::io("reading the input", e))?.len();
+        if len < mark.offset {
+            return Err(changed(format!("it was truncated to {len} bytes while read")));
+        }
+        if tail_check(self.reader.file(), mark.offset).map_err(|e| MirrorError::io("reading the input", e))? != check {
+            return Err(changed("the bytes before it were rewritten in place while read".into()));
+        }
+        self.cursor.save(&Saved { source: self.id.clone(), mark, check })?;
+        self.persisted = Some(mark);
+        Ok(())
     }
 
     fn head(&self) -> u64 {
@@ -256,7 +331,11 @@ mod tests {
     const LIMITS: Limits = Limits { max_payload_bytes: 1024, mapping: &crate::mirror::mapping::DEFAULT_MAPPING };
 
     fn lines(source: &mut dyn Source) -> Vec<(u64, bool)> {
-        match source.read(100, Duration::ZERO).unwrap() {
+        lines_up_to(source, 100)
+    }
+
+    fn lines_up_to(source: &mut dyn Source, max: usize) -> Vec<(u64, bool)> {
+        match source.read(max, Duration::ZERO).unwrap() {
             Read::Records(r) => r.iter().map(|r| (r.end.line, r.parsed.is_ok())).collect(),
             _ => vec![],
         }
@@ -300,7 +379,8 @@ mod tests {
         std::fs::create_dir(&state).unwrap();
         std::fs::write(&input, "{\"topic\":\"t\",\"seq\":1,\"kind\":\"k\"}\n\nnope\n{\"topic\":\"t\",\"seq\":2,\"kind\":\"k\"}").unwrap();
         let mut source = FileSource::open(&input, &state, false, LIMITS).unwrap();
-        assert_eq!(lines(&mut source), vec![(1, true), (3, false), (4, true)]);
+        assert_eq!(lines_up_to(&mut source, 1), vec![(1, true)]);
+        assert_eq!(lines(&mut source), vec![(3, false), (4, true)]);
         assert!(matches!(source.read(10, Duration::ZERO).unwrap(), Read::End));
         source.persist(Mark { segment: 0, offset: 33, line: 1 }).unwrap();
         source.rewind(Mark { segment: 0, offset: 33, line: 1 }).unwrap();
@@ -315,6 +395,35 @@ mod tests {
         assert!(matches!(FileSource::open(&other, &state, false, LIMITS), Err(MirrorError::CursorMismatch { .. })));
         std::fs::write(&input, "{\"topic\":\"X\",\"seq\":1,\"kind\":\"k\"}\n").unwrap();
         assert!(matches!(FileSource::open(&input, &state, false, LIMITS), Err(MirrorError::InputChanged { .. })));
+    }
+
+    #[test]
+    fn a_file_rewritten_in_place_below_the_cursor_is_caught_not_lent_to_the_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.jsonl");
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let line = |topic: &str, seq: u64| format!("{{\"topic\":\"{topic}\",\"seq\":{seq},\"kind\":\"k\"}}\n");
+        std::fs::write(&input, line("a", 1) + &line("a", 2) + &line("a", 3)).unwrap();
+        let mut source = FileSource::open(&input, &state, true, LIMITS).unwrap();
+        assert_eq!(lines_up_to(&mut source, 2), vec![(1, true), (2, true)]);
+        let after_two = Mark { segment: 0, offset: 66, line: 2 };
+        // A durable position between two reads: the cursor written is the last position
+        // a read ended at (its check is of the bytes as read), here the file's start.
+        assert_eq!(lines_up_to(&mut source, 1), vec![(3, true)]);
+        source.persist(Mark { segment: 0, offset: 33, line: 1 }).unwrap();
+        assert_eq!(CursorFile::new(&state).load().unwrap().map(|s| s.mark), Some(Mark::default()));
+        source.persist(after_two).unwrap();
+        assert_eq!(CursorFile::new(&state).load().unwrap().map(|s| s.mark), Some(after_two));
+        // Rewritten in place, the same length, below the next durable position: the
+        // file's bytes would have made a cursor that a restart accepts.
+        std::fs::write(&input, line("b", 1) + &line("b", 2) + &line("b", 3)).unwrap();
+        let end = Mark { segment: 0, offset: 99, line: 3 };
+        let Err(MirrorError::InputChanged { detail, offset, .. }) = source.persist(end) else { panic!("a file rewritten below the cursor was persisted") };
+        assert_eq!((offset, detail.contains("rewritten")), (99, true), "{detail}");
+        assert_eq!(CursorFile::new(&state).load().unwrap().map(|s| s.mark), Some(after_two));
+        // And a restart on it is refused too: the saved check is of the bytes read.
+        assert!(matches!(FileSource::open(&input, &state, true, LIMITS), Err(MirrorError::InputChanged { .. })));
     }
 
     #[test]
