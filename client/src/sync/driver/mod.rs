@@ -590,7 +590,11 @@ impl Driver {
                     log::warn!("{id}: a gap after {} did not fill; reopening the windows", s.engine.applied());
                     s.windows.reset();
                 }
-                let calls = if self.slots.waits(id, s.catching_up()) { s.windows.release() } else { s.windows.plan(s.engine.fetch_after(), s.engine.may_straddle() || s.hold.widened(), now.at) };
+                let mut calls = s.windows.expire(now.at);
+                for call in &calls {
+                    log::warn!("{id}: window call {call:?} had no answer within {} s; making it again", windows::ANSWER_WITHIN.as_secs());
+                }
+                calls.extend(if self.slots.waits(id, s.catching_up()) { s.windows.release(now.at) } else { s.windows.plan(s.engine.fetch_after(), s.engine.may_straddle() || s.hold.widened(), now.at) });
                 for call in calls {
                     out.push(match call {
                         WindowCall::Open(bucket) => Command::OpenWindow { stream_id: id.clone(), bucket },

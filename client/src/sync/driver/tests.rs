@@ -136,6 +136,8 @@ struct Faults {
     ack: u32,
     /// The server takes the next ack but its answer is lost.
     ack_answer: u32,
+    /// The server drops the next window call: nothing changes and no answer comes.
+    window_call: u32,
     /// The process dies between the handler's persist and the checkpoint file's write.
     crash_in_checkpoint: bool,
     /// The checkpoint file cannot be written (`run` returns the error and is called again).
@@ -327,6 +329,7 @@ impl Sim {
                     self.push(r);
                 }
             }
+            Command::OpenWindow { .. } | Command::CloseWindow { .. } if std::mem::take(&mut self.faults.window_call) > 0 => {}
             Command::OpenWindow { stream_id, bucket: b } => {
                 let s = self.server.get_mut(stream_id.as_str()).unwrap();
                 let mut out = Vec::new();
@@ -773,6 +776,7 @@ enum Action {
     FailRebootstrap,
     RefuseAck,
     LoseAckAnswer,
+    DropWindowCall,
     Revoke(usize),
     Renew(usize),
     Disconnect,
@@ -799,6 +803,7 @@ fn action() -> impl Strategy<Value = Action> {
         1 => Just(Action::FailRebootstrap),
         1 => Just(Action::RefuseAck),
         1 => Just(Action::LoseAckAnswer),
+        1 => Just(Action::DropWindowCall),
         1 => stream.clone().prop_map(Action::Revoke),
         1 => stream.clone().prop_map(Action::Renew),
         1 => Just(Action::Disconnect),
@@ -837,6 +842,7 @@ fn run_case(owns: bool, actions: &[Action]) -> Sim {
             Action::FailRebootstrap => sim.faults.rebootstrap = 1,
             Action::RefuseAck => sim.faults.ack = 1,
             Action::LoseAckAnswer => sim.faults.ack_answer = 1,
+            Action::DropWindowCall => sim.faults.window_call = 1,
             Action::Revoke(i) => sim.revoke(i),
             Action::Renew(i) => sim.renew(i),
             Action::Disconnect => sim.drop_connection("network"),
@@ -884,13 +890,14 @@ proptest! {
         }
     }
 
-    /// The windows of one stream, against a server that answers calls late (in order) and
-    /// refuses some, while the cursor moves over many buckets and resets come: at most
+    /// The windows of one stream, against a server that answers calls late (in order),
+    /// refuses some and drops some unanswered (until they count as lost), while the
+    /// cursor moves over many buckets and resets come: at most
     /// `MAX_WANTED` wanted at once, never more than the module's limit open, and once
     /// every call is confirmed exactly the wanted buckets are open (the one before the
     /// cursor's only when the next segment may straddle into it).
     #[test]
-    fn windows_follow_the_cursor_and_stay_bounded(steps in proptest::collection::vec((0u64..6, any::<bool>(), any::<bool>(), 0usize..4, any::<bool>(), 0u8..8), 1..80), settle_straddle in any::<bool>()) {
+    fn windows_follow_the_cursor_and_stay_bounded(steps in proptest::collection::vec(((0u64..6, any::<bool>(), any::<bool>(), 0usize..4, any::<bool>(), 0u8..8), 0u8..12), 1..80), settle_straddle in any::<bool>()) {
         let base = Instant::now();
         let mut w = Windows::default();
         let mut server: BTreeSet<u64> = BTreeSet::new();
@@ -917,14 +924,21 @@ proptest! {
             }
             w.answered(call);
         };
-        for (i, (advance, reset, late, confirm, straddle, refuse)) in steps.into_iter().enumerate() {
-            let now = base + Duration::from_millis(i as u64 * 10);
+        for (i, ((advance, reset, late, confirm, straddle, refuse), drop)) in steps.into_iter().enumerate() {
+            // Now and then the clock jumps past the answer limit.
+            let now = base + Duration::from_millis(i as u64 * 10) + super::windows::ANSWER_WITHIN * (i as u32 / 20);
             cursor += advance * WINDOW_EVENTS / 2;
             if reset {
                 w.reset();
             }
+            // A call unanswered for too long is made again.
+            in_flight.extend(w.expire(now));
             in_flight.extend(w.plan(cursor, straddle, now));
             refused_any |= refuse == 0;
+            // The server drops a call unanswered (1 in 12 steps): it changes nothing.
+            if drop == 0 && in_flight.pop_front().is_some() {
+                refused_any = true;
+            }
             // The server answers calls in order, some late, some refused (1 in 8 steps).
             for _ in 0..if late { 0 } else { confirm } {
                 if let Some(call) = in_flight.pop_front() {
@@ -941,8 +955,10 @@ proptest! {
             prop_assert!(w.open.iter().all(|b| server.contains(b) || in_flight.contains(&WindowCall::Close(*b))), "open {:?}, server {server:?}", w.open);
         }
         // Let every call land, and plan until nothing more is asked.
-        let now = base + Duration::from_secs(60);
-        for _ in 0..10 {
+        for k in 0..10 {
+            // Past the answer limit, and each time past a refusal's retry delay.
+            let now = base + Duration::from_secs(600 + 2 * k);
+            in_flight.extend(w.expire(now));
             in_flight.extend(w.plan(cursor, settle_straddle, now));
             while let Some(call) = in_flight.pop_front() {
                 answer(&mut w, &mut server, call, false, now);

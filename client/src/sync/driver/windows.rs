@@ -2,7 +2,7 @@
 //! server (see `module/src/windows.rs` for why windows exist at all).
 
 use khala_proto::hash::bucket;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 /// Window buckets kept open ahead of the one holding the cursor.
@@ -12,9 +12,13 @@ pub const PREFETCH_BUCKETS: u64 = 2;
 pub const MAX_WANTED: usize = PREFETCH_BUCKETS as usize + 2;
 /// No `open_window` for this long after a refused window call.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// A window call unanswered for this long is made again (a call the server dropped,
+/// e.g. while the module was being republished): without a limit its bucket stayed
+/// `opening` (or `closing`) until the connection ended or a gap's reset closed it.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
 /// A window call to make.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum WindowCall {
     Open(u64),
     Close(u64),
@@ -47,13 +51,25 @@ pub struct Windows {
     reset: bool,
     /// No `open_window` before this (after a refused call).
     retry_at: Option<Instant>,
+    /// The calls not answered yet, in the order sent (the server answers in order), with
+    /// when each was sent.
+    unanswered: VecDeque<(WindowCall, Instant)>,
     /// Whether windows can be opened at all (the owner sees every row without them).
     pub usable: bool,
 }
 
 impl Default for Windows {
     fn default() -> Self {
-        Windows { open: BTreeSet::new(), opening: BTreeSet::new(), closing: BTreeSet::new(), mine: BTreeSet::new(), reset: false, retry_at: None, usable: true }
+        Windows {
+            open: BTreeSet::new(),
+            opening: BTreeSet::new(),
+            closing: BTreeSet::new(),
+            mine: BTreeSet::new(),
+            reset: false,
+            retry_at: None,
+            unanswered: VecDeque::new(),
+            usable: true,
+        }
     }
 }
 
@@ -69,6 +85,46 @@ impl Windows {
         self.open.clear();
         self.opening.clear();
         self.closing.clear();
+        self.unanswered.clear();
+    }
+
+    /// The first unanswered `call` has its answer.
+    fn landed(&mut self, call: WindowCall) {
+        if let Some(at) = self.unanswered.iter().position(|(c, _)| *c == call) {
+            self.unanswered.remove(at);
+        }
+    }
+
+    fn sent(&mut self, calls: &[WindowCall], now: Instant) {
+        self.unanswered.extend(calls.iter().map(|c| (*c, now)));
+    }
+
+    /// The calls unanswered for [`ANSWER_WITHIN`] and still waited for, to be made again
+    /// (for the log and the connection); they count as sent now. Window calls are idempotent on the server (an
+    /// open of a window it holds, or a close of one it does not, changes nothing), so
+    /// whether the first one landed or not, the second leaves the window as asked, and
+    /// the bucket stays `opening` (or `closing`) until an answer confirms it. Counted as
+    /// refused instead, a lost open that landed later, after a reset, left a window open
+    /// on the server that this client no longer knew was its own.
+    pub fn expire(&mut self, now: Instant) -> Vec<WindowCall> {
+        let mut again = Vec::new();
+        while let Some(&(call, at)) = self.unanswered.front() {
+            if now.saturating_duration_since(at) < ANSWER_WITHIN {
+                break;
+            }
+            self.unanswered.pop_front();
+            // Only a call still waited for: an open since overtaken by a close (a reset,
+            // a release) made again would land after that close and reopen the window.
+            let waited = match call {
+                WindowCall::Open(b) => self.opening.contains(&b) && !self.closing.contains(&b),
+                WindowCall::Close(b) => self.closing.contains(&b),
+            };
+            if waited && !again.contains(&call) {
+                again.push(call);
+            }
+        }
+        self.sent(&again, now);
+        again
     }
 
     /// The server confirmed bucket `b` open.
@@ -91,6 +147,7 @@ impl Windows {
     /// (ended by a revoke) change no row, and were never confirmed: the bucket stayed
     /// `opening` or `closing` for the rest of the session.
     pub fn answered(&mut self, call: WindowCall) {
+        self.landed(call);
         match call {
             WindowCall::Open(b) if self.opening.contains(&b) => self.opened(b),
             WindowCall::Open(_) => {}
@@ -101,6 +158,7 @@ impl Windows {
     /// A window call was refused; `owner_sees_all` when the refusal means windows are
     /// not for this client at all (the owner sees the stream without a grant).
     pub fn refused(&mut self, call: WindowCall, now: Instant, owner_sees_all: bool) {
+        self.landed(call);
         match call {
             WindowCall::Open(b) => {
                 self.opening.remove(&b);
@@ -132,7 +190,7 @@ impl Windows {
     /// replay slot ([`super::slots`]). A window still opening is closed too: the server
     /// answers calls in order, so the close follows the open. Afterwards none is ours (one
     /// asked for before a reconnect and never opened is held by no one).
-    pub fn release(&mut self) -> Vec<WindowCall> {
+    pub fn release(&mut self, now: Instant) -> Vec<WindowCall> {
         let mut calls = Vec::new();
         for b in std::mem::take(&mut self.mine) {
             if (self.open.contains(&b) || self.opening.contains(&b)) && !self.closing.contains(&b) {
@@ -140,6 +198,7 @@ impl Windows {
                 self.closing.insert(b);
             }
         }
+        self.sent(&calls, now);
         calls
     }
 
@@ -165,6 +224,7 @@ impl Windows {
             self.reset = false;
         }
         if self.retry_at.is_some_and(|t| t > now) {
+            self.sent(&calls, now);
             return calls;
         }
         let b0 = bucket(fetch_after + 1);
@@ -195,6 +255,7 @@ impl Windows {
                 self.mine.insert(*b);
             }
         }
+        self.sent(&calls, now);
         calls
     }
 }
