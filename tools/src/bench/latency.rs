@@ -68,8 +68,8 @@ pub struct Load {
 struct Seen {
     /// `(subscriber, seq)` of every event applied, in the order applied.
     applied: Vec<(usize, u64)>,
-    /// Send → handler, microseconds (the warm-up event excluded).
-    handler_micros: Vec<i64>,
+    /// Send time and send → handler, microseconds (the warm-up event excluded).
+    handler_micros: Vec<(i64, i64)>,
     /// Send → the handler's `persist` before the checkpoint write, microseconds.
     durable_micros: Vec<i64>,
 }
@@ -92,7 +92,7 @@ impl Handler for LatencyHandler {
         let mut seen = self.seen.lock().expect("latency samples");
         seen.applied.push((self.subscriber, event.seq));
         if event.seq > 1 {
-            seen.handler_micros.push(now - sent);
+            seen.handler_micros.push((sent, now - sent));
             self.unpersisted.push(sent);
         }
         Ok(())
@@ -130,6 +130,29 @@ fn percentiles(mut micros: Vec<i64>) -> Value {
     let at = |p: f64| micros[((micros.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
     let ms = |x: f64| (x * 100.0).round() / 100.0;
     json!({ "samples": micros.len(), "p50_ms": ms(at(0.5)), "p90_ms": ms(at(0.9)), "p99_ms": ms(at(0.99)), "max_ms": ms(at(1.0)) })
+}
+
+/// Send → delivery percentiles for each second of sending, from `(sent, micros)`
+/// samples: a stall (a window closing, a compaction, a rehash) shows where it happened
+/// instead of only in the run's p99.
+fn per_second(samples: &[(i64, i64)]) -> Value {
+    let Some(first) = samples.iter().map(|(sent, _)| *sent).min() else {
+        return json!([]);
+    };
+    let mut seconds: std::collections::BTreeMap<i64, Vec<i64>> = std::collections::BTreeMap::new();
+    for (sent, micros) in samples {
+        seconds.entry((sent - first) / 1_000_000).or_default().push(*micros);
+    }
+    Value::Array(
+        seconds
+            .into_iter()
+            .map(|(second, micros)| {
+                let mut row = percentiles(micros);
+                row["second"] = json!(second);
+                row
+            })
+            .collect(),
+    )
 }
 
 /// Calls `send(seq)` at `rate` per second from seq 2 until `seconds` have passed, draining
@@ -261,7 +284,8 @@ pub fn khala_latency(api: &Api, owner_token: &str, db: &str, dir: &std::path::Pa
     let seen = std::mem::take(&mut *seen.lock().expect("samples"));
     // The warm-up event (seq 1) was delivered to every subscriber and is not counted.
     let mut figures = deliveries(load, sent, failed, seen.applied.into_iter().filter(|(_, seq)| *seq > 1).collect());
-    figures["publish_to_handler"] = percentiles(seen.handler_micros);
+    figures["publish_to_handler"] = percentiles(seen.handler_micros.iter().map(|(_, m)| *m).collect());
+    figures["publish_to_handler_per_second"] = per_second(&seen.handler_micros);
     figures["publish_to_durable_checkpoint"] = percentiles(seen.durable_micros);
     Ok(figures)
 }
@@ -305,7 +329,7 @@ pub fn bare_fan_out(api: &Api, owner_token: &str, db: &str, load: Load, table: B
     use spacetimedb_sdk::{DbContext, Table};
     let wasm = std::fs::read(khala_tools::module_wasm::build_bare_module()?)?;
     api.publish_module(db, &wasm, owner_token, false)?;
-    let micros = Arc::new(Mutex::new(Vec::<(usize, u64, i64)>::new()));
+    let micros = Arc::new(Mutex::new(Vec::<(usize, u64, i64, i64)>::new()));
     let (subscribed_tx, subscribed_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let mut conns = Vec::new();
     for n in 0..load.subscribers {
@@ -324,7 +348,8 @@ pub fn bare_fan_out(api: &Api, owner_token: &str, db: &str, load: Load, table: B
         // Both tables hold `BareSegment` rows.
         let record = move |_: &EventContext, row: &BareSegment| {
             let now = unix_micros();
-            micros.lock().expect("samples").push((n, row.first_seq, now - sent_micros(&row.data)));
+            let sent = sent_micros(&row.data);
+            micros.lock().expect("samples").push((n, row.first_seq, sent, now - sent));
         };
         let query = match table {
             BareTable::Public => {
@@ -367,7 +392,26 @@ pub fn bare_fan_out(api: &Api, owner_token: &str, db: &str, load: Load, table: B
         let _ = conn.disconnect();
     }
     let samples = std::mem::take(&mut *micros.lock().expect("samples"));
-    let mut figures = deliveries(load, sent, failed, samples.iter().map(|(n, seq, _)| (*n, *seq)).collect());
-    figures["publish_to_callback"] = percentiles(samples.into_iter().map(|(_, _, m)| m).collect());
+    let mut figures = deliveries(load, sent, failed, samples.iter().map(|(n, seq, _, _)| (*n, *seq)).collect());
+    figures["publish_to_callback"] = percentiles(samples.iter().map(|(_, _, _, m)| *m).collect());
+    figures["publish_to_callback_per_second"] = per_second(&samples.iter().map(|(_, _, sent, m)| (*sent, *m)).collect::<Vec<_>>());
     Ok(figures)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_second_groups_samples_by_send_second_from_the_first_send() {
+        let t0 = 1_700_000_000_000_000;
+        // Two samples in the first second, one stalled sample in the third; none in the second.
+        let samples = [(t0 + 900_000, 2_000), (t0, 1_000), (t0 + 2_000_001, 300_000)];
+        let rows = per_second(&samples);
+        let rows = rows.as_array().expect("an array");
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0]["second"].as_i64(), rows[0]["samples"].as_u64(), rows[0]["max_ms"].as_f64()), (Some(0), Some(2), Some(2.0)));
+        assert_eq!((rows[1]["second"].as_i64(), rows[1]["samples"].as_u64(), rows[1]["p50_ms"].as_f64()), (Some(2), Some(1), Some(300.0)));
+        assert_eq!(per_second(&[]), json!([]));
+    }
 }
