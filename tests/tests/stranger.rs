@@ -610,7 +610,7 @@ fn sql_shows_each_attacker_exactly_its_own_rows_and_refuses_its_writes() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(empty().is_empty(), "tables without rows to attack: {:?}", empty());
-    for private in ["khala_config", "event_key", "window_churn", "grant_expiry_schedule", "grant_sweep_schedule", "retention_schedule", "compaction_schedule"] {
+    for private in ["khala_config", "event_key", "window_churn", "grant_expiry_schedule", "grant_sweep_schedule", "grant_sweep_state", "retention_schedule", "compaction_schedule"] {
         assert_eq!(tables.get(private), Some(&false), "{private} is a private table");
     }
     let owner_view: BTreeMap<&String, SqlRows> = tables.keys().map(|t| (t, db.sql(&format!("SELECT * FROM {t}")))).collect();

@@ -28,6 +28,8 @@ pub mod grant_expiry_schedule_type;
 pub mod grant_reducer;
 pub mod grant_sweep_schedule_table;
 pub mod grant_sweep_schedule_type;
+pub mod grant_sweep_state_table;
+pub mod grant_sweep_state_type;
 pub mod hello_reducer;
 pub mod identity_role_table;
 pub mod identity_role_type;
@@ -99,6 +101,8 @@ pub use grant_expiry_schedule_type::GrantExpirySchedule;
 pub use grant_reducer::{grant, set_flags_for_grant, GrantCallbackId};
 pub use grant_sweep_schedule_table::*;
 pub use grant_sweep_schedule_type::GrantSweepSchedule;
+pub use grant_sweep_state_table::*;
+pub use grant_sweep_state_type::GrantSweepState;
 pub use hello_reducer::{hello, set_flags_for_hello, HelloCallbackId};
 pub use identity_role_table::*;
 pub use identity_role_type::IdentityRole;
@@ -402,6 +406,7 @@ pub struct DbUpdate {
     event_key: __sdk::TableUpdate<EventKey>,
     grant_expiry_schedule: __sdk::TableUpdate<GrantExpirySchedule>,
     grant_sweep_schedule: __sdk::TableUpdate<GrantSweepSchedule>,
+    grant_sweep_state: __sdk::TableUpdate<GrantSweepState>,
     identity_role: __sdk::TableUpdate<IdentityRole>,
     keyed_stream: __sdk::TableUpdate<KeyedStream>,
     khala_config: __sdk::TableUpdate<KhalaConfig>,
@@ -444,6 +449,9 @@ impl TryFrom<__ws::DatabaseUpdate<__ws::BsatnFormat>> for DbUpdate {
                 "grant_sweep_schedule" => db_update.grant_sweep_schedule.append(
                     grant_sweep_schedule_table::parse_table_update(table_update)?,
                 ),
+                "grant_sweep_state" => db_update
+                    .grant_sweep_state
+                    .append(grant_sweep_state_table::parse_table_update(table_update)?),
                 "identity_role" => db_update
                     .identity_role
                     .append(identity_role_table::parse_table_update(table_update)?),
@@ -539,6 +547,9 @@ impl __sdk::DbUpdate for DbUpdate {
                 &self.grant_sweep_schedule,
             )
             .with_updates_by_pk(|row| &row.scheduled_id);
+        diff.grant_sweep_state = cache
+            .apply_diff_to_table::<GrantSweepState>("grant_sweep_state", &self.grant_sweep_state)
+            .with_updates_by_pk(|row| &row.id);
         diff.identity_role = cache
             .apply_diff_to_table::<IdentityRole>("identity_role", &self.identity_role)
             .with_updates_by_pk(|row| &row.id);
@@ -597,6 +608,7 @@ pub struct AppliedDiff<'r> {
     event_key: __sdk::TableAppliedDiff<'r, EventKey>,
     grant_expiry_schedule: __sdk::TableAppliedDiff<'r, GrantExpirySchedule>,
     grant_sweep_schedule: __sdk::TableAppliedDiff<'r, GrantSweepSchedule>,
+    grant_sweep_state: __sdk::TableAppliedDiff<'r, GrantSweepState>,
     identity_role: __sdk::TableAppliedDiff<'r, IdentityRole>,
     keyed_stream: __sdk::TableAppliedDiff<'r, KeyedStream>,
     khala_config: __sdk::TableAppliedDiff<'r, KhalaConfig>,
@@ -643,6 +655,11 @@ impl<'r> __sdk::AppliedDiff<'r> for AppliedDiff<'r> {
         callbacks.invoke_table_row_callbacks::<GrantSweepSchedule>(
             "grant_sweep_schedule",
             &self.grant_sweep_schedule,
+            event,
+        );
+        callbacks.invoke_table_row_callbacks::<GrantSweepState>(
+            "grant_sweep_state",
+            &self.grant_sweep_state,
             event,
         );
         callbacks.invoke_table_row_callbacks::<IdentityRole>(
@@ -1280,6 +1297,7 @@ impl __sdk::SpacetimeModule for RemoteModule {
         event_key_table::register_table(client_cache);
         grant_expiry_schedule_table::register_table(client_cache);
         grant_sweep_schedule_table::register_table(client_cache);
+        grant_sweep_state_table::register_table(client_cache);
         identity_role_table::register_table(client_cache);
         keyed_stream_table::register_table(client_cache);
         khala_config_table::register_table(client_cache);
