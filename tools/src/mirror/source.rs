@@ -341,12 +341,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_followed_file_truncated_or_rotated_stops_the_mirror() {
+    /// A temp dir holding the input file's path (not created) and a state directory.
+    fn input_and_state_dir() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let input = dir.path().join("in.jsonl");
         let state = dir.path().join("state");
         std::fs::create_dir(&state).unwrap();
+        (dir, input, state)
+    }
+
+    #[test]
+    fn a_followed_file_truncated_or_rotated_stops_the_mirror() {
+        let (dir, input, state) = input_and_state_dir();
         let line = |seq: u64| format!("{{\"topic\":\"t\",\"seq\":{seq},\"kind\":\"k\"}}\n");
         std::fs::write(&input, line(1) + &line(2)).unwrap();
         let mut source = FileSource::open(&input, &state, true, LIMITS).unwrap();
@@ -373,10 +379,7 @@ mod tests {
 
     #[test]
     fn reads_resumes_and_refuses_another_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let input = dir.path().join("in.jsonl");
-        let state = dir.path().join("state");
-        std::fs::create_dir(&state).unwrap();
+        let (dir, input, state) = input_and_state_dir();
         std::fs::write(&input, "{\"topic\":\"t\",\"seq\":1,\"kind\":\"k\"}\n\nnope\n{\"topic\":\"t\",\"seq\":2,\"kind\":\"k\"}").unwrap();
         let mut source = FileSource::open(&input, &state, false, LIMITS).unwrap();
         assert_eq!(lines_up_to(&mut source, 1), vec![(1, true)]);
@@ -399,10 +402,7 @@ mod tests {
 
     #[test]
     fn a_file_rewritten_in_place_below_the_cursor_is_caught_not_lent_to_the_cursor() {
-        let dir = tempfile::tempdir().unwrap();
-        let input = dir.path().join("in.jsonl");
-        let state = dir.path().join("state");
-        std::fs::create_dir(&state).unwrap();
+        let (_dir, input, state) = input_and_state_dir();
         let line = |topic: &str, seq: u64| format!("{{\"topic\":\"{topic}\",\"seq\":{seq},\"kind\":\"k\"}}\n");
         std::fs::write(&input, line("a", 1) + &line("a", 2) + &line("a", 3)).unwrap();
         let mut source = FileSource::open(&input, &state, true, LIMITS).unwrap();
