@@ -40,3 +40,9 @@ pub mod server;
 pub mod smoke;
 
 pub use error::ToolError;
+
+/// `RUST_LOG` for the `khala` processes a command starts and reads the output of (the
+/// demo's mirror and client, a bench's mirror): warnings, but not the SDK's, which logs a
+/// server's normal close of a finished connection as one (`khala`'s default filter drops
+/// them too).
+pub const CHILD_LOG_FILTER: &str = "warn,spacetimedb_sdk=error";

@@ -196,7 +196,7 @@ fn run_mirror(label: &str, url: &str, db: &str, token_file: &Path, state_dir: &P
         .arg(state_dir)
         .args(["--batch-events", &args.batch.to_string(), "--durable-after-ms", &args.durable_after_ms.to_string()])
         .args(["--transport", transport.name()])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", khala_tools::CHILD_LOG_FILTER)
         .output()?;
     progress.finish_and_clear();
     let stdout = String::from_utf8_lossy(&output.stdout);

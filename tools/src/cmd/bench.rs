@@ -294,7 +294,7 @@ fn replay_client(url: &str, db: &str, token: &Path, streams: &[String], expected
         .arg("--token-file")
         .arg(token)
         .args(store)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", khala_tools::CHILD_LOG_FILTER)
         .output()
         .context("running khala tail")?;
     replaying.finish_and_clear();

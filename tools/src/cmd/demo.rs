@@ -83,7 +83,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .arg(server_dir.mirror_token_file())
         .arg("--state-dir")
         .arg(demo.join("mirror"))
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", khala_tools::CHILD_LOG_FILTER)
         .status()?;
     anyhow::ensure!(status.success(), "the mirror failed ({status})");
 
@@ -100,7 +100,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     for s in &streams {
         tail.args(["--stream", s]);
     }
-    let out = tail.env("RUST_LOG", "warn").stdout(Stdio::from(std::fs::File::create(&client_log)?)).output()?;
+    let out = tail.env("RUST_LOG", khala_tools::CHILD_LOG_FILTER).stdout(Stdio::from(std::fs::File::create(&client_log)?)).output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     let report: Value = stderr.lines().rev().find_map(|l| serde_json::from_str(l).ok()).with_context(|| format!("the client printed no report:\n{stderr}"))?;
     anyhow::ensure!(out.status.success(), "the client failed:\n{stderr}");
