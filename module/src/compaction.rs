@@ -11,17 +11,18 @@
 //!
 //! A run loads at most [`COMPACT_SCAN_SEGMENTS`] segments and [`COMPACT_SCAN_BYTES`]
 //! bytes (plus the one segment that crosses the limit), holds only the run it is
-//! building, visits streams in turn from where the last run stopped, and skips streams
-//! whose hints say there is nothing to merge yet (`sweep.rs`). A run that used its whole
-//! budget asks for another one [`CATCH_UP_DELAY`] later.
+//! building, visits the streams due (`sweep_due`) in turn from where the last run stopped,
+//! and skips streams whose hints say there is nothing to merge yet (`sweep.rs`). A stream
+//! is due when it has new segments, and again when the first segment a visit found too
+//! young is old enough. A run that used its whole budget asks for another one
+//! [`CATCH_UP_DELAY`] later.
 
 use crate::streams::{stream, stream_segment, Stream, StreamSegment};
-use crate::sweep::{self, Budget, StreamSweep, Sweep, Walk};
+use crate::sweep::{self, Budget, StreamSweep, Sweep, SweepDue, Walk};
 use crate::{fail, ReducerResult};
 use khala_proto::hash::{bucket, window_key};
 use khala_proto::{segment, ErrorCode};
 use spacetimedb::{reducer, table, ReducerContext, ScheduleAt, Table, TimeDuration, Timestamp};
-use std::collections::HashMap;
 use std::time::Duration;
 
 /// Segments with fewer events than this are small...
@@ -146,24 +147,41 @@ fn old_enough(ctx: &ReducerContext, at: Timestamp, min_age: Duration) -> bool {
     ctx.timestamp.duration_since(at).is_some_and(|age| age >= min_age)
 }
 
-/// Whether the hints say a visit would find nothing to merge: only an unchanged trailing
-/// run is left, or the next segment is still too young.
-fn nothing_to_do(ctx: &ReducerContext, row: &Stream, hint: &StreamSweep, min_age: Duration) -> bool {
-    let unchanged_tail = hint.compact_seen_head != 0 && hint.compact_seen_head == row.head_seq;
-    let still_young = hint.compact_young_at != Timestamp::UNIX_EPOCH && !old_enough(ctx, hint.compact_young_at, min_age);
-    unchanged_tail || still_young
+/// When the segment published at `young_at` is old enough to merge.
+fn due_when_old(young_at: Timestamp, min_age: Duration) -> Option<i64> {
+    (young_at != Timestamp::UNIX_EPOCH).then(|| sweep::due_after(young_at, min_age))
 }
 
-/// Compacts one stream from where the last visit stopped, within `budget`; returns how
-/// its walk ended.
+/// Whether the hints say a visit would find nothing to merge (only an unchanged trailing
+/// run is left, or the next segment is still too young), and if so when the stream is
+/// due next.
+fn nothing_to_do(ctx: &ReducerContext, row: &Stream, hint: &StreamSweep, min_age: Duration) -> Option<Option<i64>> {
+    let unchanged_tail = hint.compact_seen_head != 0 && hint.compact_seen_head == row.head_seq;
+    let still_young = hint.compact_young_at != Timestamp::UNIX_EPOCH && !old_enough(ctx, hint.compact_young_at, min_age);
+    if still_young {
+        Some(due_when_old(hint.compact_young_at, min_age))
+    } else if unchanged_tail {
+        Some(None)
+    } else {
+        None
+    }
+}
+
+/// What a visit to one stream did: how its walk ended, and when the stream is due next.
+struct Visit {
+    walk: Walk,
+    next_due: Option<i64>,
+}
+
+/// Compacts one stream from where the last visit stopped, within `budget`.
 fn compact_stream(
     ctx: &ReducerContext,
     mut row: Stream,
     budget: &mut Budget,
     min_age: Duration,
+    stored: Option<&StreamSweep>,
     mut hint: StreamSweep,
-    hints: &HashMap<String, StreamSweep>,
-) -> Walk {
+) -> Visit {
     let stream_id = row.stream_id.clone();
     let from = row.compacted_through.saturating_add(1).max(row.oldest_seq);
     let (mut run, mut merged_away, mut examined_through, mut young_at) = (Run::default(), 0u64, None, None);
@@ -197,8 +215,24 @@ fn compact_stream(
     }
     hint.compact_seen_head = if walk == Walk::End && compacted_through < row.head_seq { row.head_seq } else { 0 };
     hint.compact_young_at = young_at.unwrap_or(Timestamp::UNIX_EPOCH);
-    sweep::save_hint(ctx, hints, hint);
-    walk
+    let next_due = due_when_old(hint.compact_young_at, min_age);
+    sweep::save_hint(ctx, stored, hint);
+    Visit { walk, next_due }
+}
+
+/// Visits one due stream: skips it when it has nothing unexamined or its hints say
+/// there is nothing to merge yet, else compacts it.
+fn visit(ctx: &ReducerContext, due: &SweepDue, budget: &mut Budget, min_age: Duration) -> Visit {
+    let done = |next_due| Visit { walk: Walk::End, next_due };
+    let Some(row) = ctx.db.stream().stream_id().find(&due.stream_id) else { return done(None) };
+    if row.head_seq <= row.compacted_through {
+        return done(None);
+    }
+    let (stored, hint) = sweep::hint_for(ctx, &row);
+    if let Some(next_due) = nothing_to_do(ctx, &row, &hint, min_age) {
+        return done(next_due);
+    }
+    compact_stream(ctx, row, budget, min_age, stored.as_ref(), hint)
 }
 
 /// Asks for one more run soon, unless one is already pending.
@@ -220,24 +254,19 @@ pub fn compact_segments(ctx: &ReducerContext, schedule: CompactionSchedule) -> R
     let min_age = Duration::from_secs(crate::config::config(ctx).compact_min_age_secs);
     // Events cost nothing until decoded, and only small segments are decoded: bytes bound that.
     let mut budget = Budget::new(COMPACT_SCAN_SEGMENTS, u64::MAX, COMPACT_SCAN_BYTES);
-    let hints = sweep::hints(ctx);
-    let candidates: Vec<Stream> = ctx.db.stream().iter().filter(|s| s.head_seq > s.compacted_through).collect();
     let mut turns = sweep::Turns::default();
-    for row in sweep::in_turn(ctx, Sweep::Compaction, candidates) {
+    for due in sweep::in_turn(ctx, Sweep::Compaction, sweep::due_now(ctx, Sweep::Compaction)) {
         if !budget.has_room() {
             break;
         }
-        let stream_id = row.stream_id.clone();
-        let hint = sweep::hint_for(&hints, &row);
-        if nothing_to_do(ctx, &row, &hint, min_age) {
-            turns.done(&stream_id);
-            continue;
-        }
-        if compact_stream(ctx, row, &mut budget, min_age, hint, &hints) == Walk::OutOfBudget {
-            turns.cut_off(&stream_id);
+        let visit = visit(ctx, &due, &mut budget, min_age);
+        if visit.walk == Walk::OutOfBudget {
+            // Still due: the next run starts here (`Turns`).
+            turns.cut_off(&due.stream_id);
             break;
         }
-        turns.done(&stream_id);
+        sweep::visited(ctx, &due, visit.next_due);
+        turns.done(&due.stream_id);
     }
     turns.save(ctx, Sweep::Compaction, &budget);
     if !budget.has_room() {

@@ -3,6 +3,7 @@
 use crate::access;
 use crate::config::config;
 use crate::streams::{event_key, keyed_stream, new_stream, stream, stream_segment, validate_stream_id, EventKey, KeyedStream, StreamSegment};
+use crate::sweep;
 use crate::{fail, ReducerResult};
 use khala_proto::hash::{bucket, chain_hash, from_slice, key_hash, payload_hash, truncate, window_key, Hash32, GENESIS};
 use khala_proto::{segment, ErrorCode, SegmentEvent};
@@ -184,6 +185,7 @@ fn addressed_by_key(stream_id: &str) -> String {
 fn commit(ctx: &ReducerContext, mut row: crate::streams::Stream, existed: bool, batch: Batch, data: Option<Vec<u8>>) {
     let Batch { stream_id, prev_hash, chain, head, duplicates, .. } = batch;
     let stream_id = stream_id.to_string();
+    let data_stored = data.is_some();
     if let Some(data) = data {
         let first_seq = row.head_seq + 1;
         ctx.db.stream_segment().insert(StreamSegment {
@@ -209,6 +211,9 @@ fn commit(ctx: &ReducerContext, mut row: crate::streams::Stream, existed: bool, 
     }
     row.duplicates += duplicates;
     row.updated_at = ctx.timestamp;
+    if data_stored {
+        sweep::mark_changed(ctx, &row);
+    }
     if existed {
         ctx.db.stream().stream_id().update(row);
     } else {

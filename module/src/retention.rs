@@ -3,15 +3,16 @@
 //!
 //! A run loads at most one [`budget`] of segments (`retention_chunk_segments` segments,
 //! [`RETENTION_EVENTS`] events, [`RETENTION_BYTES`] of `data`, plus the one segment that
-//! crosses the limit), visits the streams that have a policy in turn from where the last
+//! crosses the limit), visits the streams due (`sweep_due`) in turn from where the last
 //! run stopped, and skips a stream whose oldest segment it has already seen unexpired
-//! (`sweep.rs`). A run that used its whole budget asks for another run
+//! (`sweep.rs`). A stream with a policy is due when it has new events or a new policy,
+//! and again when its oldest segment expires by age. A run that used its whole budget asks for another run
 //! [`CATCH_UP_DELAY`] later, so a backlog drains at several budgets a second while each
 //! transaction stays short. `reset_stream` deletes through the same [`trim_oldest`].
 
 use crate::config::config;
 use crate::streams::{event_key, keyed_stream, stream, stream_segment, Stream, StreamSegment};
-use crate::sweep::{self, Budget, Sweep, Walk};
+use crate::sweep::{self, Budget, Sweep, SweepDue, Walk};
 use crate::{fail, ReducerResult};
 use khala_proto::hash::key_hash;
 use khala_proto::{segment, ErrorCode};
@@ -63,6 +64,12 @@ impl Policy {
 
     fn any(&self) -> bool {
         self.retain_max_events > 0 || self.retain_max_age_secs > 0
+    }
+
+    /// When a segment published at `published_at` expires by age (`None` without an age
+    /// limit: it can only expire by count, when new events come).
+    fn expires_at(&self, published_at: Timestamp) -> Option<i64> {
+        (self.retain_max_age_secs > 0).then(|| sweep::due_after(published_at, Duration::from_secs(self.retain_max_age_secs)))
     }
 
     /// Whether a segment may go: it lies wholly below the newest `retain_max_events`, or
@@ -136,6 +143,29 @@ fn catch_up(ctx: &ReducerContext, running: u64) {
     }
 }
 
+/// Visits one due stream: trims what has expired, unless its hints say the oldest
+/// segment has not. Returns how the walk ended and when the stream is due next.
+fn visit(ctx: &ReducerContext, due: &SweepDue, budget: &mut Budget) -> (Walk, Option<i64>) {
+    let now = ctx.timestamp;
+    let Some(mut row) = ctx.db.stream().stream_id().find(&due.stream_id) else { return (Walk::End, None) };
+    let policy = Policy::of(&row);
+    if !policy.any() || row.oldest_seq > row.head_seq {
+        return (Walk::End, None);
+    }
+    let (stored, mut hint) = sweep::hint_for(ctx, &row);
+    let known = hint.oldest_first_seq != 0 && hint.oldest_first_seq == row.oldest_seq;
+    if known && !policy.expired(hint.oldest_last_seq, hint.oldest_published_at, now) {
+        return (Walk::End, policy.expires_at(hint.oldest_published_at));
+    }
+    let trimmed = trim_oldest(ctx, &mut row, budget, |s| policy.expired(s.last_seq, s.published_at, now));
+    let Some((first_seq, last_seq, published_at)) = trimmed.kept else { return (trimmed.walk, None) };
+    hint.oldest_first_seq = first_seq;
+    hint.oldest_last_seq = last_seq;
+    hint.oldest_published_at = published_at;
+    sweep::save_hint(ctx, stored.as_ref(), hint);
+    (trimmed.walk, policy.expires_at(published_at))
+}
+
 /// Applies the retention policies, one budget per run, visiting streams in turn.
 /// Only the scheduler may call it.
 #[reducer]
@@ -143,34 +173,20 @@ pub fn sweep_retention(ctx: &ReducerContext, schedule: RetentionSchedule) -> Red
     if ctx.sender != ctx.identity() {
         return Err(fail(ErrorCode::Unauthorized, "sweep_retention is run by the scheduler only"));
     }
-    let now = ctx.timestamp;
     let mut budget = budget(ctx);
-    let hints = sweep::hints(ctx);
-    let with_work: Vec<Stream> = ctx.db.stream().iter().filter(|s| Policy::of(s).any() && s.oldest_seq <= s.head_seq).collect();
     let mut turns = sweep::Turns::default();
-    for mut row in sweep::in_turn(ctx, Sweep::Retention, with_work) {
+    for due in sweep::in_turn(ctx, Sweep::Retention, sweep::due_now(ctx, Sweep::Retention)) {
         if !budget.has_room() {
             break;
         }
-        let policy = Policy::of(&row);
-        let mut hint = sweep::hint_for(&hints, &row);
-        let known = hint.oldest_first_seq != 0 && hint.oldest_first_seq == row.oldest_seq;
-        if known && !policy.expired(hint.oldest_last_seq, hint.oldest_published_at, now) {
-            turns.done(&row.stream_id);
-            continue;
-        }
-        let trimmed = trim_oldest(ctx, &mut row, &mut budget, |s| policy.expired(s.last_seq, s.published_at, now));
-        if let Some((first_seq, last_seq, published_at)) = trimmed.kept {
-            hint.oldest_first_seq = first_seq;
-            hint.oldest_last_seq = last_seq;
-            hint.oldest_published_at = published_at;
-            sweep::save_hint(ctx, &hints, hint);
-        }
-        if trimmed.walk == Walk::OutOfBudget {
-            turns.cut_off(&row.stream_id);
+        let (walk, next_due) = visit(ctx, &due, &mut budget);
+        if walk == Walk::OutOfBudget {
+            // Still due: the next run starts here (`Turns`).
+            turns.cut_off(&due.stream_id);
             break;
         }
-        turns.done(&row.stream_id);
+        sweep::visited(ctx, &due, next_due);
+        turns.done(&due.stream_id);
     }
     turns.save(ctx, Sweep::Retention, &budget);
     if !budget.has_room() {

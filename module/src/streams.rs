@@ -198,6 +198,7 @@ pub fn create_stream(ctx: &ReducerContext, stream_id: String, retain_max_events:
     row.retain_max_events = retain_max_events;
     row.retain_max_age_secs = retain_max_age_secs;
     row.updated_at = ctx.timestamp;
+    sweep::mark_changed(ctx, &row);
     if existing.is_some() {
         ctx.db.stream().stream_id().update(row);
     } else {
@@ -218,6 +219,7 @@ pub fn set_retention(ctx: &ReducerContext, stream_id: String, retain_max_events:
     row.retain_max_events = retain_max_events;
     row.retain_max_age_secs = retain_max_age_secs;
     row.updated_at = ctx.timestamp;
+    sweep::mark_changed(ctx, &row);
     ctx.db.stream().stream_id().update(row);
     Ok(())
 }

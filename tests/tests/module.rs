@@ -305,6 +305,53 @@ fn the_retention_sweep_raises_the_floor_and_removes_rows() {
     assert_eq!(code(db.call_as(&db.owner.clone(), "set_retention", json!(["s.none", 1, 0]))), ErrorCode::UnknownStream);
 }
 
+/// `(stream_id, sweep)` of every `sweep_due` row (0 retention, 1 compaction).
+fn due_rows(db: &TestDb) -> Vec<(String, u64)> {
+    let rows = db.sql("SELECT * FROM sweep_due");
+    let mut due: Vec<(String, u64)> = rows
+        .rows
+        .iter()
+        .map(|r| (rows.get(r, "stream_id").and_then(Value::as_str).unwrap().to_string(), rows.get(r, "sweep").and_then(Value::as_u64).unwrap()))
+        .collect();
+    due.sort();
+    due
+}
+
+#[test]
+fn the_sweeps_come_back_on_their_own_when_work_is_due_and_leave_idle_streams_alone() {
+    let db = shared_server().new_database("due");
+    let publisher = db.publisher();
+    db.call("set_compaction", json!([1]));
+    db.call("create_stream", json!(["s.age", 0, 2])); // every segment expires 2 s after its publish
+    db.call("create_stream", json!(["s.count", 100, 0])); // nothing expires by count here
+    for seq in 1..=3 {
+        for stream_id in ["s.age", "s.count", "s.plain"] {
+            publish(&db, &publisher, stream_id, batch(seq, 1)).unwrap();
+        }
+    }
+    // Nothing is published from here on: each sweep must come back when a time it knows of
+    // comes (the segments' expiry, their merge age), not because something changed.
+    let aged = wait_for("s.age to expire", Duration::from_secs(10), || stream(&db, "s.age").filter(|s| s.oldest_seq > s.head_seq));
+    assert_eq!((aged.head_seq, aged.segment_count), (3, 0));
+    for stream_id in ["s.count", "s.plain"] {
+        wait_for("the small segments to merge", Duration::from_secs(10), || (segments(&db, stream_id).len() == 1).then_some(()));
+    }
+    // Idle, and nothing left to come: no stream is due, so a run reads no stream at all.
+    let settled = wait_for("nothing due", Duration::from_secs(5), || {
+        let due = due_rows(&db);
+        due.is_empty().then_some(due)
+    });
+    assert!(settled.is_empty());
+    // A publish makes the stream due again: its new segment merges with the old ones.
+    publish(&db, &publisher, "s.count", batch(4, 1)).unwrap();
+    wait_for("the new segment to merge", Duration::from_secs(10), || {
+        let segs = segments(&db, "s.count");
+        (segs.len() == 1 && segs[0].last_seq == 4).then_some(())
+    });
+    assert_eq!(verify_stream(&db, "s.count").unwrap(), (1..=4).collect::<Vec<_>>());
+    wait_for("nothing due again", Duration::from_secs(5), || due_rows(&db).is_empty().then_some(()));
+}
+
 #[test]
 fn bad_input_gets_a_clear_code_and_never_traps() {
     let db = shared_server().new_database("badinput");

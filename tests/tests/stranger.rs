@@ -610,7 +610,7 @@ fn sql_shows_each_attacker_exactly_its_own_rows_and_refuses_its_writes() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(empty().is_empty(), "tables without rows to attack: {:?}", empty());
-    for private in ["khala_config", "event_key", "window_churn", "grant_expiry_schedule", "grant_sweep_schedule", "grant_sweep_state", "retention_schedule", "compaction_schedule"] {
+    for private in ["khala_config", "event_key", "window_churn", "grant_expiry_schedule", "grant_sweep_schedule", "grant_sweep_state", "retention_schedule", "compaction_schedule", "sweep_due", "sweep_seeded"] {
         assert_eq!(tables.get(private), Some(&false), "{private} is a private table");
     }
     let owner_view: BTreeMap<&String, SqlRows> = tables.keys().map(|t| (t, db.sql(&format!("SELECT * FROM {t}")))).collect();
@@ -745,11 +745,11 @@ fn sql_shows_each_attacker_exactly_its_own_rows_and_refuses_its_writes() {
 // ------------------------------------------------------------------------------------
 
 /// Tables that change on their own while a test runs, whatever the attackers do:
-/// - `sweep_cursor`, `stream_sweep`: the retention and compaction sweeps (every second)
-///   rewrite their private cursor and per-stream hints;
+/// - `sweep_state`, `stream_sweep`, `sweep_due`: the retention and compaction sweeps
+///   (every second) rewrite their private cursor, per-stream hints and due times;
 /// - `presence`: every HTTP reducer call connects and disconnects its caller, and each
 ///   recounts, so `updated_at` moves; its `connected` count is still compared.
-const SELF_CHANGING: [&str; 3] = ["sweep_cursor", "stream_sweep", "presence"];
+const SELF_CHANGING: [&str; 4] = ["sweep_state", "stream_sweep", "sweep_due", "presence"];
 
 /// Every user table's rows (sorted), as the owner sees them.
 fn snapshot(db: &TestDb) -> BTreeMap<String, Vec<String>> {

@@ -64,8 +64,12 @@ pub mod stream_sweep_table;
 pub mod stream_sweep_type;
 pub mod stream_table;
 pub mod stream_type;
+pub mod sweep_due_table;
+pub mod sweep_due_type;
 pub mod sweep_grants_reducer;
 pub mod sweep_retention_reducer;
+pub mod sweep_seeded_table;
+pub mod sweep_seeded_type;
 pub mod sweep_state_table;
 pub mod sweep_state_type;
 pub mod window_churn_table;
@@ -145,10 +149,14 @@ pub use stream_sweep_table::*;
 pub use stream_sweep_type::StreamSweep;
 pub use stream_table::*;
 pub use stream_type::Stream;
+pub use sweep_due_table::*;
+pub use sweep_due_type::SweepDue;
 pub use sweep_grants_reducer::{set_flags_for_sweep_grants, sweep_grants, SweepGrantsCallbackId};
 pub use sweep_retention_reducer::{
     set_flags_for_sweep_retention, sweep_retention, SweepRetentionCallbackId,
 };
+pub use sweep_seeded_table::*;
+pub use sweep_seeded_type::SweepSeeded;
 pub use sweep_state_table::*;
 pub use sweep_state_type::SweepState;
 pub use window_churn_table::*;
@@ -418,6 +426,8 @@ pub struct DbUpdate {
     stream_publisher: __sdk::TableUpdate<StreamPublisher>,
     stream_segment: __sdk::TableUpdate<StreamSegment>,
     stream_sweep: __sdk::TableUpdate<StreamSweep>,
+    sweep_due: __sdk::TableUpdate<SweepDue>,
+    sweep_seeded: __sdk::TableUpdate<SweepSeeded>,
     sweep_state: __sdk::TableUpdate<SweepState>,
     window_churn: __sdk::TableUpdate<WindowChurn>,
 }
@@ -485,6 +495,12 @@ impl TryFrom<__ws::DatabaseUpdate<__ws::BsatnFormat>> for DbUpdate {
                 "stream_sweep" => db_update
                     .stream_sweep
                     .append(stream_sweep_table::parse_table_update(table_update)?),
+                "sweep_due" => db_update
+                    .sweep_due
+                    .append(sweep_due_table::parse_table_update(table_update)?),
+                "sweep_seeded" => db_update
+                    .sweep_seeded
+                    .append(sweep_seeded_table::parse_table_update(table_update)?),
                 "sweep_state" => db_update
                     .sweep_state
                     .append(sweep_state_table::parse_table_update(table_update)?),
@@ -586,6 +602,12 @@ impl __sdk::DbUpdate for DbUpdate {
         diff.stream_sweep = cache
             .apply_diff_to_table::<StreamSweep>("stream_sweep", &self.stream_sweep)
             .with_updates_by_pk(|row| &row.stream_id);
+        diff.sweep_due = cache
+            .apply_diff_to_table::<SweepDue>("sweep_due", &self.sweep_due)
+            .with_updates_by_pk(|row| &row.id);
+        diff.sweep_seeded = cache
+            .apply_diff_to_table::<SweepSeeded>("sweep_seeded", &self.sweep_seeded)
+            .with_updates_by_pk(|row| &row.sweep);
         diff.sweep_state = cache
             .apply_diff_to_table::<SweepState>("sweep_state", &self.sweep_state)
             .with_updates_by_pk(|row| &row.sweep);
@@ -620,6 +642,8 @@ pub struct AppliedDiff<'r> {
     stream_publisher: __sdk::TableAppliedDiff<'r, StreamPublisher>,
     stream_segment: __sdk::TableAppliedDiff<'r, StreamSegment>,
     stream_sweep: __sdk::TableAppliedDiff<'r, StreamSweep>,
+    sweep_due: __sdk::TableAppliedDiff<'r, SweepDue>,
+    sweep_seeded: __sdk::TableAppliedDiff<'r, SweepSeeded>,
     sweep_state: __sdk::TableAppliedDiff<'r, SweepState>,
     window_churn: __sdk::TableAppliedDiff<'r, WindowChurn>,
 }
@@ -707,6 +731,12 @@ impl<'r> __sdk::AppliedDiff<'r> for AppliedDiff<'r> {
         callbacks.invoke_table_row_callbacks::<StreamSweep>(
             "stream_sweep",
             &self.stream_sweep,
+            event,
+        );
+        callbacks.invoke_table_row_callbacks::<SweepDue>("sweep_due", &self.sweep_due, event);
+        callbacks.invoke_table_row_callbacks::<SweepSeeded>(
+            "sweep_seeded",
+            &self.sweep_seeded,
             event,
         );
         callbacks.invoke_table_row_callbacks::<SweepState>("sweep_state", &self.sweep_state, event);
@@ -1309,6 +1339,8 @@ impl __sdk::SpacetimeModule for RemoteModule {
         stream_publisher_table::register_table(client_cache);
         stream_segment_table::register_table(client_cache);
         stream_sweep_table::register_table(client_cache);
+        sweep_due_table::register_table(client_cache);
+        sweep_seeded_table::register_table(client_cache);
         sweep_state_table::register_table(client_cache);
         window_churn_table::register_table(client_cache);
     }
