@@ -11,14 +11,14 @@
 //!
 //! A run loads at most [`COMPACT_SCAN_SEGMENTS`] segments and [`COMPACT_SCAN_BYTES`]
 //! bytes (plus the one segment that crosses the limit), holds only the run it is
-//! building, visits the streams due (`sweep_due`) in turn from where the last run stopped,
-//! and skips streams whose hints say there is nothing to merge yet (`sweep.rs`). A stream
-//! is due when it has new segments, and again when the first segment a visit found too
-//! young is old enough. A run that used its whole budget asks for another one
+//! building, visits the streams pending (`sweep_pending`) in turn from where the last run
+//! stopped, and skips streams whose hints say there is nothing to merge yet (`sweep.rs`).
+//! A stream is pending when it has new segments, and stays pending while a visit finds
+//! segments too young to merge. A run that used its whole budget asks for another one
 //! [`CATCH_UP_DELAY`] later.
 
 use crate::streams::{stream, stream_segment, Stream, StreamSegment};
-use crate::sweep::{self, Budget, StreamSweep, Sweep, SweepDue, Walk};
+use crate::sweep::{self, Budget, Next, StreamSweep, Sweep, SweepPending, Walk};
 use crate::{fail, ReducerResult};
 use khala_proto::hash::{bucket, window_key};
 use khala_proto::{segment, ErrorCode};
@@ -147,30 +147,25 @@ fn old_enough(ctx: &ReducerContext, at: Timestamp, min_age: Duration) -> bool {
     ctx.timestamp.duration_since(at).is_some_and(|age| age >= min_age)
 }
 
-/// When the segment published at `young_at` is old enough to merge.
-fn due_when_old(young_at: Timestamp, min_age: Duration) -> Option<i64> {
-    (young_at != Timestamp::UNIX_EPOCH).then(|| sweep::due_after(young_at, min_age))
-}
-
 /// Whether the hints say a visit would find nothing to merge (only an unchanged trailing
-/// run is left, or the next segment is still too young), and if so when the stream is
-/// due next.
-fn nothing_to_do(ctx: &ReducerContext, row: &Stream, hint: &StreamSweep, min_age: Duration) -> Option<Option<i64>> {
+/// run is left, or the next segment is still too young), and if so what the next visit
+/// waits for.
+fn nothing_to_do(ctx: &ReducerContext, row: &Stream, hint: &StreamSweep, min_age: Duration) -> Option<Next> {
     let unchanged_tail = hint.compact_seen_head != 0 && hint.compact_seen_head == row.head_seq;
     let still_young = hint.compact_young_at != Timestamp::UNIX_EPOCH && !old_enough(ctx, hint.compact_young_at, min_age);
     if still_young {
-        Some(due_when_old(hint.compact_young_at, min_age))
+        Some(Next::NextRun)
     } else if unchanged_tail {
-        Some(None)
+        Some(Next::OnChange)
     } else {
         None
     }
 }
 
-/// What a visit to one stream did: how its walk ended, and when the stream is due next.
+/// What a visit to one stream did: how its walk ended, and what the next visit waits for.
 struct Visit {
     walk: Walk,
-    next_due: Option<i64>,
+    next: Next,
 }
 
 /// Compacts one stream from where the last visit stopped, within `budget`.
@@ -215,22 +210,23 @@ fn compact_stream(
     }
     hint.compact_seen_head = if walk == Walk::End && compacted_through < row.head_seq { row.head_seq } else { 0 };
     hint.compact_young_at = young_at.unwrap_or(Timestamp::UNIX_EPOCH);
-    let next_due = due_when_old(hint.compact_young_at, min_age);
+    // Segments too young to merge now will be old enough on a later run.
+    let next = if young_at.is_some() { Next::NextRun } else { Next::OnChange };
     sweep::save_hint(ctx, stored, hint);
-    Visit { walk, next_due }
+    Visit { walk, next }
 }
 
-/// Visits one due stream: skips it when it has nothing unexamined or its hints say
+/// Visits one pending stream: skips it when it has nothing unexamined or its hints say
 /// there is nothing to merge yet, else compacts it.
-fn visit(ctx: &ReducerContext, due: &SweepDue, budget: &mut Budget, min_age: Duration) -> Visit {
-    let done = |next_due| Visit { walk: Walk::End, next_due };
-    let Some(row) = ctx.db.stream().stream_id().find(&due.stream_id) else { return done(None) };
+fn visit(ctx: &ReducerContext, pending: &SweepPending, budget: &mut Budget, min_age: Duration) -> Visit {
+    let done = |next| Visit { walk: Walk::End, next };
+    let Some(row) = ctx.db.stream().stream_id().find(&pending.stream_id) else { return done(Next::OnChange) };
     if row.head_seq <= row.compacted_through {
-        return done(None);
+        return done(Next::OnChange);
     }
     let (stored, hint) = sweep::hint_for(ctx, &row);
-    if let Some(next_due) = nothing_to_do(ctx, &row, &hint, min_age) {
-        return done(next_due);
+    if let Some(next) = nothing_to_do(ctx, &row, &hint, min_age) {
+        return done(next);
     }
     compact_stream(ctx, row, budget, min_age, stored.as_ref(), hint)
 }
@@ -255,18 +251,18 @@ pub fn compact_segments(ctx: &ReducerContext, schedule: CompactionSchedule) -> R
     // Events cost nothing until decoded, and only small segments are decoded: bytes bound that.
     let mut budget = Budget::new(COMPACT_SCAN_SEGMENTS, u64::MAX, COMPACT_SCAN_BYTES);
     let mut turns = sweep::Turns::default();
-    for due in sweep::in_turn(ctx, Sweep::Compaction, sweep::due_now(ctx, Sweep::Compaction)) {
+    for pending in sweep::in_turn(ctx, Sweep::Compaction, sweep::pending(ctx, Sweep::Compaction)) {
         if !budget.has_room() {
             break;
         }
-        let visit = visit(ctx, &due, &mut budget, min_age);
+        let visit = visit(ctx, &pending, &mut budget, min_age);
         if visit.walk == Walk::OutOfBudget {
-            // Still due: the next run starts here (`Turns`).
-            turns.cut_off(&due.stream_id);
+            // Still pending: the next run starts here (`Turns`).
+            turns.cut_off(&pending.stream_id);
             break;
         }
-        sweep::visited(ctx, &due, visit.next_due);
-        turns.done(&due.stream_id);
+        sweep::visited(ctx, Sweep::Compaction, &pending, visit.next);
+        turns.done(&pending.stream_id);
     }
     turns.save(ctx, Sweep::Compaction, &budget);
     if !budget.has_room() {

@@ -91,13 +91,8 @@ pub fn set_limits(ctx: &ReducerContext, max_payload_bytes: u32, max_batch_events
 pub fn set_compaction(ctx: &ReducerContext, min_age_secs: u64) -> ReducerResult {
     access::require_admin(ctx)?;
     let mut cfg = config(ctx);
-    let shorter = min_age_secs < cfg.compact_min_age_secs;
     cfg.compact_min_age_secs = min_age_secs;
     ctx.db.khala_config().id().update(cfg);
-    if shorter {
-        // The due times compaction has set came from the longer age: they would be late.
-        crate::sweep::reseed(ctx, crate::sweep::Sweep::Compaction);
-    }
     Ok(())
 }
 

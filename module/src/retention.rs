@@ -3,16 +3,16 @@
 //!
 //! A run loads at most one [`budget`] of segments (`retention_chunk_segments` segments,
 //! [`RETENTION_EVENTS`] events, [`RETENTION_BYTES`] of `data`, plus the one segment that
-//! crosses the limit), visits the streams due (`sweep_due`) in turn from where the last
-//! run stopped, and skips a stream whose oldest segment it has already seen unexpired
-//! (`sweep.rs`). A stream with a policy is due when it has new events or a new policy,
-//! and again when its oldest segment expires by age. A run that used its whole budget asks for another run
+//! crosses the limit), visits the streams pending (`sweep_pending`) in turn from where the
+//! last run stopped, and skips a stream whose oldest segment it has already seen
+//! unexpired (`sweep.rs`). A stream with a policy is pending when it has new events or a
+//! new policy, and again when its oldest segment expires by age (`retention_wake`). A run that used its whole budget asks for another run
 //! [`CATCH_UP_DELAY`] later, so a backlog drains at several budgets a second while each
 //! transaction stays short. `reset_stream` deletes through the same [`trim_oldest`].
 
 use crate::config::config;
 use crate::streams::{event_key, keyed_stream, stream, stream_segment, Stream, StreamSegment};
-use crate::sweep::{self, Budget, Sweep, SweepDue, Walk};
+use crate::sweep::{self, Budget, Next, Sweep, SweepPending, Walk};
 use crate::{fail, ReducerResult};
 use khala_proto::hash::key_hash;
 use khala_proto::{segment, ErrorCode};
@@ -66,10 +66,15 @@ impl Policy {
         self.retain_max_events > 0 || self.retain_max_age_secs > 0
     }
 
-    /// When a segment published at `published_at` expires by age (`None` without an age
-    /// limit: it can only expire by count, when new events come).
-    fn expires_at(&self, published_at: Timestamp) -> Option<i64> {
-        (self.retain_max_age_secs > 0).then(|| sweep::due_after(published_at, Duration::from_secs(self.retain_max_age_secs)))
+    /// What a visit waits for when the oldest segment left was published at
+    /// `published_at`: its expiry by age, or, without an age limit, new events (it can
+    /// only expire by count).
+    fn next_visit(&self, published_at: Timestamp) -> Next {
+        let expiry = published_at.checked_add_duration(Duration::from_secs(self.retain_max_age_secs));
+        match expiry {
+            Some(at) if self.retain_max_age_secs > 0 => Next::At(at),
+            _ => Next::OnChange,
+        }
     }
 
     /// Whether a segment may go: it lies wholly below the newest `retain_max_events`, or
@@ -143,27 +148,27 @@ fn catch_up(ctx: &ReducerContext, running: u64) {
     }
 }
 
-/// Visits one due stream: trims what has expired, unless its hints say the oldest
-/// segment has not. Returns how the walk ended and when the stream is due next.
-fn visit(ctx: &ReducerContext, due: &SweepDue, budget: &mut Budget) -> (Walk, Option<i64>) {
+/// Visits one pending stream: trims what has expired, unless its hints say the oldest
+/// segment has not. Returns how the walk ended and what the next visit waits for.
+fn visit(ctx: &ReducerContext, pending: &SweepPending, budget: &mut Budget) -> (Walk, Next) {
     let now = ctx.timestamp;
-    let Some(mut row) = ctx.db.stream().stream_id().find(&due.stream_id) else { return (Walk::End, None) };
+    let Some(mut row) = ctx.db.stream().stream_id().find(&pending.stream_id) else { return (Walk::End, Next::OnChange) };
     let policy = Policy::of(&row);
     if !policy.any() || row.oldest_seq > row.head_seq {
-        return (Walk::End, None);
+        return (Walk::End, Next::OnChange);
     }
     let (stored, mut hint) = sweep::hint_for(ctx, &row);
     let known = hint.oldest_first_seq != 0 && hint.oldest_first_seq == row.oldest_seq;
     if known && !policy.expired(hint.oldest_last_seq, hint.oldest_published_at, now) {
-        return (Walk::End, policy.expires_at(hint.oldest_published_at));
+        return (Walk::End, policy.next_visit(hint.oldest_published_at));
     }
     let trimmed = trim_oldest(ctx, &mut row, budget, |s| policy.expired(s.last_seq, s.published_at, now));
-    let Some((first_seq, last_seq, published_at)) = trimmed.kept else { return (trimmed.walk, None) };
+    let Some((first_seq, last_seq, published_at)) = trimmed.kept else { return (trimmed.walk, Next::OnChange) };
     hint.oldest_first_seq = first_seq;
     hint.oldest_last_seq = last_seq;
     hint.oldest_published_at = published_at;
     sweep::save_hint(ctx, stored.as_ref(), hint);
-    (trimmed.walk, policy.expires_at(published_at))
+    (trimmed.walk, policy.next_visit(published_at))
 }
 
 /// Applies the retention policies, one budget per run, visiting streams in turn.
@@ -175,18 +180,18 @@ pub fn sweep_retention(ctx: &ReducerContext, schedule: RetentionSchedule) -> Red
     }
     let mut budget = budget(ctx);
     let mut turns = sweep::Turns::default();
-    for due in sweep::in_turn(ctx, Sweep::Retention, sweep::due_now(ctx, Sweep::Retention)) {
+    for pending in sweep::in_turn(ctx, Sweep::Retention, sweep::pending(ctx, Sweep::Retention)) {
         if !budget.has_room() {
             break;
         }
-        let (walk, next_due) = visit(ctx, &due, &mut budget);
+        let (walk, next) = visit(ctx, &pending, &mut budget);
         if walk == Walk::OutOfBudget {
-            // Still due: the next run starts here (`Turns`).
-            turns.cut_off(&due.stream_id);
+            // Still pending: the next run starts here (`Turns`).
+            turns.cut_off(&pending.stream_id);
             break;
         }
-        sweep::visited(ctx, &due, next_due);
-        turns.done(&due.stream_id);
+        sweep::visited(ctx, Sweep::Retention, &pending, next);
+        turns.done(&pending.stream_id);
     }
     turns.save(ctx, Sweep::Retention, &budget);
     if !budget.has_room() {

@@ -17,17 +17,17 @@
 //! - `stream_sweep`: per stream, what makes a visit free when there is nothing to do
 //!   (the oldest segment is not expired yet; only an unchanged trailing run is left; the
 //!   next segment is still too young to compact).
-//! - `sweep_due`: per stream and sweep, when the sweep must look at it next, so that a
-//!   run reads the streams that may have work instead of every stream. A change to a
-//!   stream (a publish, a new policy) makes it due now ([`mark_changed`]); a visit makes
-//!   it due at the next time it knows of, or not at all when only a change can give it
-//!   work ([`visited`]).
+//! - `sweep_pending`, `retention_wake`: which streams a run must look at, so that a run
+//!   reads the streams that may have work instead of every stream. A change to a stream
+//!   (a publish, a new policy) makes it pending ([`mark_changed`]); a visit clears it,
+//!   keeps it for the next run, or leaves a wake-up for when its oldest segment expires
+//!   by age ([`visited`]).
 
 use crate::config::config;
 use crate::streams::{stream, stream_segment, Stream, StreamSegment};
-use spacetimedb::{table, ReducerContext, Table, Timestamp};
-use std::collections::HashMap;
-use std::time::Duration;
+use crate::{fail, ReducerResult};
+use khala_proto::ErrorCode;
+use spacetimedb::{reducer, table, ReducerContext, ScheduleAt, Table, Timestamp};
 
 /// Seqs per index request of [`walk`] come from this many bytes of payload at the
 /// current `max_payload_bytes` (32 seqs at the default 256 KiB).
@@ -112,49 +112,69 @@ impl StreamSweep {
     }
 }
 
-/// Which sweep a `sweep_state`, `sweep_due` or `sweep_seeded` row belongs to.
+/// Which sweep a `sweep_state` or `sweep_seeded` row belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sweep {
     Retention = 0,
     Compaction = 1,
 }
 
-/// When one sweep must next look at one stream. Private. A stream with no row for a
-/// sweep has nothing for it until something changes the stream, which makes it due now.
-/// Runs read only the rows due (`by_sweep_due`), so an idle stream costs a run nothing:
-/// reading every `stream` row each second cost 20-41 ms a run at 10,000 streams.
-#[table(name = sweep_due, index(name = by_sweep_due, btree(columns = [sweep, due_at])))]
+/// The streams that a sweep must look at on its next run. Private. A publish (or a new
+/// policy) sets the flags of the sweeps that could now have work on the stream; a visit
+/// clears its own flag unless the stream needs another visit soon; a row with neither
+/// flag goes. Runs read this table, not every stream: reading every `stream` and
+/// `stream_sweep` row each second cost 25-50 ms a run at 10,000 idle streams.
+///
+/// Keyed by stream id alone, on purpose: a non-unique index in SpacetimeDB 1.2 keeps
+/// every key it has ever held (its multimap does not drop a key whose last row is
+/// deleted), so an index on a time that moves would grow for ever and slow every scan.
+#[table(name = sweep_pending)]
 #[derive(Clone, PartialEq)]
-pub struct SweepDue {
+pub struct SweepPending {
     #[primary_key]
-    #[auto_inc]
-    pub id: u64,
-    #[index(btree)]
     pub stream_id: String,
-    /// `Sweep as u8`.
-    pub sweep: u8,
-    /// Microseconds since the Unix epoch (1.2 cannot look a `Timestamp` up in an index).
-    pub due_at: i64,
+    pub retention: bool,
+    pub compaction: bool,
 }
 
-/// The sweeps that have made every stream due once. A database made before `sweep_due`
-/// existed has no row here, so its first run of each sweep makes every stream due (what
-/// every run used to read); `set_compaction` removes compaction's row, since a new
-/// minimum age moves every due time compaction has set. Private.
+impl SweepPending {
+    fn flag(&self, sweep: Sweep) -> bool {
+        match sweep {
+            Sweep::Retention => self.retention,
+            Sweep::Compaction => self.compaction,
+        }
+    }
+
+    fn with(mut self, sweep: Sweep, on: bool) -> Self {
+        match sweep {
+            Sweep::Retention => self.retention = on,
+            Sweep::Compaction => self.compaction = on,
+        }
+        self
+    }
+}
+
+/// A one-shot wake-up for the retention sweep: when a stream's oldest segment expires by
+/// age, with no publish to make the stream pending before then. The engine's scheduler
+/// is the time index. At most one per stream (`stream_id` is unique). Private.
+#[table(name = retention_wake, scheduled(wake_retention))]
+pub struct RetentionWake {
+    #[primary_key]
+    #[auto_inc]
+    pub scheduled_id: u64,
+    pub scheduled_at: ScheduleAt,
+    #[unique]
+    pub stream_id: String,
+}
+
+/// The sweeps that have made every stream pending once. A database made before
+/// `sweep_pending` existed has no row here, so its first run of each sweep makes every
+/// stream pending (what every run used to read). Private.
 #[table(name = sweep_seeded)]
 pub struct SweepSeeded {
     #[primary_key]
     pub sweep: u8,
     pub at: Timestamp,
-}
-
-fn micros(at: Timestamp) -> i64 {
-    at.to_micros_since_unix_epoch()
-}
-
-/// `at` plus `after`, as a due time (saturating: a policy of u64::MAX seconds is "never").
-pub fn due_after(at: Timestamp, after: Duration) -> i64 {
-    micros(at).saturating_add(i64::try_from(after.as_micros()).unwrap_or(i64::MAX))
 }
 
 /// A fresh database has no streams to seed: both sweeps start seeded.
@@ -164,75 +184,96 @@ pub fn init(ctx: &ReducerContext) {
     }
 }
 
-/// Makes the next run of `sweep` look at every stream once.
-pub fn reseed(ctx: &ReducerContext, sweep: Sweep) {
-    ctx.db.sweep_seeded().sweep().delete(sweep as u8);
-}
-
 /// `stream` has changed (new events, a new policy): each sweep that could now have work
-/// on it looks at it on its next run. Retention only when the stream has a policy. One
-/// index lookup, and a write only when the stream was not due already.
+/// on it looks at it on its next run; retention only when the stream has a policy. One
+/// lookup, and a write only when a flag was not set already.
 pub fn mark_changed(ctx: &ReducerContext, stream: &Stream) {
-    let now = micros(ctx.timestamp);
-    let rows: Vec<SweepDue> = ctx.db.sweep_due().stream_id().filter(&stream.stream_id).collect();
-    let has_policy = stream.retain_max_events > 0 || stream.retain_max_age_secs > 0;
-    for sweep in [Sweep::Compaction, Sweep::Retention] {
-        if sweep == Sweep::Retention && !has_policy {
-            continue;
-        }
-        match rows.iter().find(|r| r.sweep == sweep as u8) {
-            Some(r) if r.due_at <= now => {}
-            Some(r) => {
-                ctx.db.sweep_due().id().update(SweepDue { due_at: now, ..r.clone() });
-            }
-            None => {
-                ctx.db.sweep_due().insert(SweepDue { id: 0, stream_id: stream.stream_id.clone(), sweep: sweep as u8, due_at: now });
-            }
-        }
-    }
+    let retention = stream.retain_max_events > 0 || stream.retain_max_age_secs > 0;
+    mark(ctx, &stream.stream_id, retention, true);
 }
 
-/// The rows of `sweep` due now. The first run on a database not yet seeded makes every
-/// stream due first.
-pub fn due_now(ctx: &ReducerContext, sweep: Sweep) -> Vec<SweepDue> {
-    if ctx.db.sweep_seeded().sweep().find(sweep as u8).is_none() {
-        seed(ctx, sweep);
-    }
-    ctx.db.sweep_due().by_sweep_due().filter((sweep as u8, ..=micros(ctx.timestamp))).collect()
-}
-
-/// Makes every stream due now for `sweep`.
-fn seed(ctx: &ReducerContext, sweep: Sweep) {
-    let now = micros(ctx.timestamp);
-    let existing: HashMap<String, SweepDue> =
-        ctx.db.sweep_due().by_sweep_due().filter(sweep as u8).map(|r| (r.stream_id.clone(), r)).collect();
-    for s in ctx.db.stream().iter() {
-        match existing.get(&s.stream_id) {
-            Some(r) if r.due_at <= now => {}
-            Some(r) => {
-                ctx.db.sweep_due().id().update(SweepDue { due_at: now, ..r.clone() });
-            }
-            None => {
-                ctx.db.sweep_due().insert(SweepDue { id: 0, stream_id: s.stream_id, sweep: sweep as u8, due_at: now });
-            }
-        }
-    }
-    log::info!("sweep {sweep:?}: every stream made due once");
-    ctx.db.sweep_seeded().insert(SweepSeeded { sweep: sweep as u8, at: ctx.timestamp });
-}
-
-/// A visit to `due`'s stream is over: it is due again at `next` (microseconds since the
-/// Unix epoch), or, with `None`, not until the stream changes.
-pub fn visited(ctx: &ReducerContext, due: &SweepDue, next: Option<i64>) {
-    match next {
-        Some(at) if at == due.due_at => {}
-        Some(at) => {
-            ctx.db.sweep_due().id().update(SweepDue { due_at: at, ..due.clone() });
+/// Sets the flags asked for on `stream_id`'s pending row (never clears one).
+fn mark(ctx: &ReducerContext, stream_id: &str, retention: bool, compaction: bool) {
+    let pending = ctx.db.sweep_pending();
+    match pending.stream_id().find(stream_id.to_string()) {
+        Some(row) if (row.retention || !retention) && (row.compaction || !compaction) => {}
+        Some(row) => {
+            let (retention, compaction) = (row.retention || retention, row.compaction || compaction);
+            pending.stream_id().update(SweepPending { retention, compaction, ..row });
         }
         None => {
-            ctx.db.sweep_due().id().delete(due.id);
+            pending.insert(SweepPending { stream_id: stream_id.to_string(), retention, compaction });
         }
     }
+}
+
+/// The streams pending for `sweep`. The first run on a database not yet seeded makes
+/// every stream pending first.
+pub fn pending(ctx: &ReducerContext, sweep: Sweep) -> Vec<SweepPending> {
+    if ctx.db.sweep_seeded().sweep().find(sweep as u8).is_none() {
+        for s in ctx.db.stream().iter() {
+            mark(ctx, &s.stream_id, sweep == Sweep::Retention, sweep == Sweep::Compaction);
+        }
+        log::info!("sweep {sweep:?}: every stream made pending once");
+        ctx.db.sweep_seeded().insert(SweepSeeded { sweep: sweep as u8, at: ctx.timestamp });
+    }
+    ctx.db.sweep_pending().iter().filter(|p| p.flag(sweep)).collect()
+}
+
+/// What a visit leaves for the stream's next visit by the same sweep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing until the stream changes.
+    OnChange,
+    /// Look again on the next run (compaction, while segments are too young to merge).
+    NextRun,
+    /// Look again when this time comes, or when the stream changes before (retention,
+    /// when the oldest segment expires by age).
+    At(Timestamp),
+}
+
+/// A visit of `sweep` to `row`'s stream is over.
+pub fn visited(ctx: &ReducerContext, sweep: Sweep, row: &SweepPending, next: Next) {
+    if next == Next::NextRun {
+        return;
+    }
+    if let Next::At(at) = next {
+        wake_at(ctx, &row.stream_id, at);
+    }
+    let cleared = row.clone().with(sweep, false);
+    if !cleared.retention && !cleared.compaction {
+        ctx.db.sweep_pending().stream_id().delete(&row.stream_id);
+    } else {
+        ctx.db.sweep_pending().stream_id().update(cleared);
+    }
+}
+
+/// Makes sure retention looks at `stream_id` by `at`: keeps a wake-up due no later,
+/// else replaces it.
+fn wake_at(ctx: &ReducerContext, stream_id: &str, at: Timestamp) {
+    let wakes = ctx.db.retention_wake();
+    if let Some(existing) = wakes.stream_id().find(stream_id.to_string()) {
+        match existing.scheduled_at {
+            ScheduleAt::Time(t) if t <= at => return,
+            _ => {
+                wakes.stream_id().delete(stream_id.to_string());
+            }
+        }
+    }
+    wakes.insert(RetentionWake { scheduled_id: 0, scheduled_at: ScheduleAt::Time(at), stream_id: stream_id.to_string() });
+}
+
+/// A stream's oldest segment has expired by age: retention looks at it on its next run.
+/// Only the scheduler may call it.
+#[reducer]
+pub fn wake_retention(ctx: &ReducerContext, wake: RetentionWake) -> ReducerResult {
+    if ctx.sender != ctx.identity() {
+        return Err(fail(ErrorCode::Unauthorized, "wake_retention is run by the scheduler only"));
+    }
+    if ctx.db.stream().stream_id().find(&wake.stream_id).is_some() {
+        mark(ctx, &wake.stream_id, true, false);
+    }
+    Ok(())
 }
 
 /// How much one run may load: segments, events and bytes of `data`. A run checks for
@@ -328,14 +369,14 @@ pub fn walk(
     Walk::End
 }
 
-/// The streams due, in the order this run of `sweep` visits them: by stream id, starting
-/// after the stream the previous run recorded ([`Turns`]), wrapping around.
-pub fn in_turn(ctx: &ReducerContext, sweep: Sweep, mut due: Vec<SweepDue>) -> Vec<SweepDue> {
+/// The streams pending, in the order this run of `sweep` visits them: by stream id,
+/// starting after the stream the previous run recorded ([`Turns`]), wrapping around.
+pub fn in_turn(ctx: &ReducerContext, sweep: Sweep, mut pending: Vec<SweepPending>) -> Vec<SweepPending> {
     let after = SweepState::read(ctx, sweep).map(|s| s.resume_after).unwrap_or_default();
-    due.sort_by(|a, b| a.stream_id.cmp(&b.stream_id));
-    let start = due.partition_point(|d| d.stream_id <= after);
-    due.rotate_left(start);
-    due
+    pending.sort_by(|a, b| a.stream_id.cmp(&b.stream_id));
+    let start = pending.partition_point(|p| p.stream_id <= after);
+    pending.rotate_left(start);
+    pending
 }
 
 /// Which streams a run has visited, to choose where the next run starts.
@@ -414,9 +455,10 @@ pub fn save_hint(ctx: &ReducerContext, stored: Option<&StreamSweep>, hint: Strea
     }
 }
 
-/// Drops a stream's hints and due times (its history is starting over; its next publish
-/// makes it due again).
+/// Drops what the sweeps know and have planned for a stream (its history is starting
+/// over; its next publish makes it pending again).
 pub fn forget(ctx: &ReducerContext, stream_id: &str) {
     ctx.db.stream_sweep().stream_id().delete(stream_id.to_string());
-    ctx.db.sweep_due().stream_id().delete(stream_id);
+    ctx.db.sweep_pending().stream_id().delete(stream_id.to_string());
+    ctx.db.retention_wake().stream_id().delete(stream_id.to_string());
 }

@@ -395,9 +395,10 @@ fn world(label: &str) -> World {
     // `stream_segment` under a before/after snapshot; a day keeps them as they are.
     db.call("set_compaction", json!([86_400]));
     db.call("create_stream", json!([SA, 0, 0]));
-    // A count policy (never reached here) makes the retention sweep visit `s.b` and
-    // write its private hint rows, so those tables hold something worth hiding too.
-    db.call("create_stream", json!([SB, 1_000, 0]));
+    // A policy (never reached here) makes the retention sweep visit `s.b` and write its
+    // private hint rows and a wake-up for a day later, so those tables hold something
+    // worth hiding too.
+    db.call("create_stream", json!([SB, 1_000, 86_400]));
     let pub_all = db.publisher();
     let publish = |stream_id: &str, from: u64, n: u64| {
         db.call_as(&pub_all, "publish", json!([stream_id, batch(stream_id, from, n)])).unwrap_or_else(|e| panic!("publish {stream_id}: {e}"));
@@ -610,7 +611,7 @@ fn sql_shows_each_attacker_exactly_its_own_rows_and_refuses_its_writes() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(empty().is_empty(), "tables without rows to attack: {:?}", empty());
-    for private in ["khala_config", "event_key", "window_churn", "grant_expiry_schedule", "grant_sweep_schedule", "grant_sweep_state", "retention_schedule", "compaction_schedule", "sweep_due", "sweep_seeded"] {
+    for private in ["khala_config", "event_key", "window_churn", "grant_expiry_schedule", "grant_sweep_schedule", "grant_sweep_state", "retention_schedule", "compaction_schedule", "sweep_pending", "retention_wake", "sweep_seeded"] {
         assert_eq!(tables.get(private), Some(&false), "{private} is a private table");
     }
     let owner_view: BTreeMap<&String, SqlRows> = tables.keys().map(|t| (t, db.sql(&format!("SELECT * FROM {t}")))).collect();
@@ -745,11 +746,12 @@ fn sql_shows_each_attacker_exactly_its_own_rows_and_refuses_its_writes() {
 // ------------------------------------------------------------------------------------
 
 /// Tables that change on their own while a test runs, whatever the attackers do:
-/// - `sweep_state`, `stream_sweep`, `sweep_due`: the retention and compaction sweeps
-///   (every second) rewrite their private cursor, per-stream hints and due times;
+/// - `sweep_state`, `stream_sweep`, `sweep_pending`, `retention_wake`: the retention and
+///   compaction sweeps (every second) rewrite their private cursor, per-stream hints,
+///   pending streams and wake-ups;
 /// - `presence`: every HTTP reducer call connects and disconnects its caller, and each
 ///   recounts, so `updated_at` moves; its `connected` count is still compared.
-const SELF_CHANGING: [&str; 4] = ["sweep_state", "stream_sweep", "sweep_due", "presence"];
+const SELF_CHANGING: [&str; 5] = ["sweep_state", "stream_sweep", "sweep_pending", "retention_wake", "presence"];
 
 /// Every user table's rows (sorted), as the owner sees them.
 fn snapshot(db: &TestDb) -> BTreeMap<String, Vec<String>> {
@@ -836,6 +838,7 @@ fn every_reducer_refuses_the_attackers_tells_them_nothing_and_changes_nothing() 
             ("sweep_grants", schedule.clone(), Refused(ErrorCode::Unauthorized)),
             ("sweep_retention", schedule.clone(), Refused(ErrorCode::Unauthorized)),
             ("compact_segments", schedule.clone(), Refused(ErrorCode::Unauthorized)),
+            ("wake_retention", json!([{ "scheduled_id": 1, "scheduled_at": now, "stream_id": SB }]), Refused(ErrorCode::Unauthorized)),
             (
                 "expire_grant",
                 json!([{ "scheduled_id": 1, "scheduled_at": now, "grant_id": victim_grant_id, "publish": false }]),

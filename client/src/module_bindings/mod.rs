@@ -48,6 +48,8 @@ pub mod publish_segment_reducer;
 pub mod reset_stream_reducer;
 pub mod retention_schedule_table;
 pub mod retention_schedule_type;
+pub mod retention_wake_table;
+pub mod retention_wake_type;
 pub mod revoke_reducer;
 pub mod set_compaction_reducer;
 pub mod set_limits_reducer;
@@ -64,14 +66,15 @@ pub mod stream_sweep_table;
 pub mod stream_sweep_type;
 pub mod stream_table;
 pub mod stream_type;
-pub mod sweep_due_table;
-pub mod sweep_due_type;
 pub mod sweep_grants_reducer;
+pub mod sweep_pending_table;
+pub mod sweep_pending_type;
 pub mod sweep_retention_reducer;
 pub mod sweep_seeded_table;
 pub mod sweep_seeded_type;
 pub mod sweep_state_table;
 pub mod sweep_state_type;
+pub mod wake_retention_reducer;
 pub mod window_churn_table;
 pub mod window_churn_type;
 
@@ -127,6 +130,8 @@ pub use publish_segment_reducer::{
 pub use reset_stream_reducer::{reset_stream, set_flags_for_reset_stream, ResetStreamCallbackId};
 pub use retention_schedule_table::*;
 pub use retention_schedule_type::RetentionSchedule;
+pub use retention_wake_table::*;
+pub use retention_wake_type::RetentionWake;
 pub use revoke_reducer::{revoke, set_flags_for_revoke, RevokeCallbackId};
 pub use set_compaction_reducer::{
     set_compaction, set_flags_for_set_compaction, SetCompactionCallbackId,
@@ -149,9 +154,9 @@ pub use stream_sweep_table::*;
 pub use stream_sweep_type::StreamSweep;
 pub use stream_table::*;
 pub use stream_type::Stream;
-pub use sweep_due_table::*;
-pub use sweep_due_type::SweepDue;
 pub use sweep_grants_reducer::{set_flags_for_sweep_grants, sweep_grants, SweepGrantsCallbackId};
+pub use sweep_pending_table::*;
+pub use sweep_pending_type::SweepPending;
 pub use sweep_retention_reducer::{
     set_flags_for_sweep_retention, sweep_retention, SweepRetentionCallbackId,
 };
@@ -159,6 +164,9 @@ pub use sweep_seeded_table::*;
 pub use sweep_seeded_type::SweepSeeded;
 pub use sweep_state_table::*;
 pub use sweep_state_type::SweepState;
+pub use wake_retention_reducer::{
+    set_flags_for_wake_retention, wake_retention, WakeRetentionCallbackId,
+};
 pub use window_churn_table::*;
 pub use window_churn_type::WindowChurn;
 
@@ -250,6 +258,9 @@ pub enum Reducer {
     SweepRetention {
         schedule: RetentionSchedule,
     },
+    WakeRetention {
+        wake: RetentionWake,
+    },
 }
 
 impl __sdk::InModule for Reducer {
@@ -280,6 +291,7 @@ impl __sdk::Reducer for Reducer {
             Reducer::SetRole { .. } => "set_role",
             Reducer::SweepGrants { .. } => "sweep_grants",
             Reducer::SweepRetention { .. } => "sweep_retention",
+            Reducer::WakeRetention { .. } => "wake_retention",
         }
     }
 }
@@ -393,6 +405,10 @@ impl TryFrom<__ws::ReducerCallInfo<__ws::BsatnFormat>> for Reducer {
                 sweep_retention_reducer::SweepRetentionArgs,
             >("sweep_retention", &value.args)?
             .into()),
+            "wake_retention" => Ok(__sdk::parse_reducer_args::<
+                wake_retention_reducer::WakeRetentionArgs,
+            >("wake_retention", &value.args)?
+            .into()),
             unknown => {
                 Err(
                     __sdk::InternalError::unknown_name("reducer", unknown, "ReducerCallInfo")
@@ -421,12 +437,13 @@ pub struct DbUpdate {
     presence: __sdk::TableUpdate<Presence>,
     publish_grant: __sdk::TableUpdate<PublishGrant>,
     retention_schedule: __sdk::TableUpdate<RetentionSchedule>,
+    retention_wake: __sdk::TableUpdate<RetentionWake>,
     stream: __sdk::TableUpdate<Stream>,
     stream_grant: __sdk::TableUpdate<StreamGrant>,
     stream_publisher: __sdk::TableUpdate<StreamPublisher>,
     stream_segment: __sdk::TableUpdate<StreamSegment>,
     stream_sweep: __sdk::TableUpdate<StreamSweep>,
-    sweep_due: __sdk::TableUpdate<SweepDue>,
+    sweep_pending: __sdk::TableUpdate<SweepPending>,
     sweep_seeded: __sdk::TableUpdate<SweepSeeded>,
     sweep_state: __sdk::TableUpdate<SweepState>,
     window_churn: __sdk::TableUpdate<WindowChurn>,
@@ -480,6 +497,9 @@ impl TryFrom<__ws::DatabaseUpdate<__ws::BsatnFormat>> for DbUpdate {
                 "retention_schedule" => db_update
                     .retention_schedule
                     .append(retention_schedule_table::parse_table_update(table_update)?),
+                "retention_wake" => db_update
+                    .retention_wake
+                    .append(retention_wake_table::parse_table_update(table_update)?),
                 "stream" => db_update
                     .stream
                     .append(stream_table::parse_table_update(table_update)?),
@@ -495,9 +515,9 @@ impl TryFrom<__ws::DatabaseUpdate<__ws::BsatnFormat>> for DbUpdate {
                 "stream_sweep" => db_update
                     .stream_sweep
                     .append(stream_sweep_table::parse_table_update(table_update)?),
-                "sweep_due" => db_update
-                    .sweep_due
-                    .append(sweep_due_table::parse_table_update(table_update)?),
+                "sweep_pending" => db_update
+                    .sweep_pending
+                    .append(sweep_pending_table::parse_table_update(table_update)?),
                 "sweep_seeded" => db_update
                     .sweep_seeded
                     .append(sweep_seeded_table::parse_table_update(table_update)?),
@@ -587,6 +607,9 @@ impl __sdk::DbUpdate for DbUpdate {
                 &self.retention_schedule,
             )
             .with_updates_by_pk(|row| &row.scheduled_id);
+        diff.retention_wake = cache
+            .apply_diff_to_table::<RetentionWake>("retention_wake", &self.retention_wake)
+            .with_updates_by_pk(|row| &row.scheduled_id);
         diff.stream = cache
             .apply_diff_to_table::<Stream>("stream", &self.stream)
             .with_updates_by_pk(|row| &row.stream_id);
@@ -602,9 +625,9 @@ impl __sdk::DbUpdate for DbUpdate {
         diff.stream_sweep = cache
             .apply_diff_to_table::<StreamSweep>("stream_sweep", &self.stream_sweep)
             .with_updates_by_pk(|row| &row.stream_id);
-        diff.sweep_due = cache
-            .apply_diff_to_table::<SweepDue>("sweep_due", &self.sweep_due)
-            .with_updates_by_pk(|row| &row.id);
+        diff.sweep_pending = cache
+            .apply_diff_to_table::<SweepPending>("sweep_pending", &self.sweep_pending)
+            .with_updates_by_pk(|row| &row.stream_id);
         diff.sweep_seeded = cache
             .apply_diff_to_table::<SweepSeeded>("sweep_seeded", &self.sweep_seeded)
             .with_updates_by_pk(|row| &row.sweep);
@@ -637,12 +660,13 @@ pub struct AppliedDiff<'r> {
     presence: __sdk::TableAppliedDiff<'r, Presence>,
     publish_grant: __sdk::TableAppliedDiff<'r, PublishGrant>,
     retention_schedule: __sdk::TableAppliedDiff<'r, RetentionSchedule>,
+    retention_wake: __sdk::TableAppliedDiff<'r, RetentionWake>,
     stream: __sdk::TableAppliedDiff<'r, Stream>,
     stream_grant: __sdk::TableAppliedDiff<'r, StreamGrant>,
     stream_publisher: __sdk::TableAppliedDiff<'r, StreamPublisher>,
     stream_segment: __sdk::TableAppliedDiff<'r, StreamSegment>,
     stream_sweep: __sdk::TableAppliedDiff<'r, StreamSweep>,
-    sweep_due: __sdk::TableAppliedDiff<'r, SweepDue>,
+    sweep_pending: __sdk::TableAppliedDiff<'r, SweepPending>,
     sweep_seeded: __sdk::TableAppliedDiff<'r, SweepSeeded>,
     sweep_state: __sdk::TableAppliedDiff<'r, SweepState>,
     window_churn: __sdk::TableAppliedDiff<'r, WindowChurn>,
@@ -712,6 +736,11 @@ impl<'r> __sdk::AppliedDiff<'r> for AppliedDiff<'r> {
             &self.retention_schedule,
             event,
         );
+        callbacks.invoke_table_row_callbacks::<RetentionWake>(
+            "retention_wake",
+            &self.retention_wake,
+            event,
+        );
         callbacks.invoke_table_row_callbacks::<Stream>("stream", &self.stream, event);
         callbacks.invoke_table_row_callbacks::<StreamGrant>(
             "stream_grant",
@@ -733,7 +762,11 @@ impl<'r> __sdk::AppliedDiff<'r> for AppliedDiff<'r> {
             &self.stream_sweep,
             event,
         );
-        callbacks.invoke_table_row_callbacks::<SweepDue>("sweep_due", &self.sweep_due, event);
+        callbacks.invoke_table_row_callbacks::<SweepPending>(
+            "sweep_pending",
+            &self.sweep_pending,
+            event,
+        );
         callbacks.invoke_table_row_callbacks::<SweepSeeded>(
             "sweep_seeded",
             &self.sweep_seeded,
@@ -1334,12 +1367,13 @@ impl __sdk::SpacetimeModule for RemoteModule {
         presence_table::register_table(client_cache);
         publish_grant_table::register_table(client_cache);
         retention_schedule_table::register_table(client_cache);
+        retention_wake_table::register_table(client_cache);
         stream_table::register_table(client_cache);
         stream_grant_table::register_table(client_cache);
         stream_publisher_table::register_table(client_cache);
         stream_segment_table::register_table(client_cache);
         stream_sweep_table::register_table(client_cache);
-        sweep_due_table::register_table(client_cache);
+        sweep_pending_table::register_table(client_cache);
         sweep_seeded_table::register_table(client_cache);
         sweep_state_table::register_table(client_cache);
         window_churn_table::register_table(client_cache);

@@ -8,13 +8,12 @@ use spacetimedb_sdk::__codegen::{self as __sdk, __lib, __sats, __ws};
 
 #[derive(__lib::ser::Serialize, __lib::de::Deserialize, Clone, PartialEq, Debug)]
 #[sats(crate = __lib)]
-pub struct SweepDue {
-    pub id: u64,
+pub struct SweepPending {
     pub stream_id: String,
-    pub sweep: u8,
-    pub due_at: i64,
+    pub retention: bool,
+    pub compaction: bool,
 }
 
-impl __sdk::InModule for SweepDue {
+impl __sdk::InModule for SweepPending {
     type Module = super::RemoteModule;
 }
