@@ -5,10 +5,11 @@
 //! [`RETENTION_EVENTS`] events, [`RETENTION_BYTES`] of `data`, plus the one segment that
 //! crosses the limit), visits the streams pending (`sweep_pending`) in turn from where the
 //! last run stopped, and skips a stream whose oldest segment it has already seen
-//! unexpired (`sweep.rs`). A stream with a policy is pending when it has new events or a
-//! new policy, and again when its oldest segment expires by age (`retention_wake`). A run that used its whole budget asks for another run
-//! [`CATCH_UP_DELAY`] later, so a backlog drains at several budgets a second while each
-//! transaction stays short. `reset_stream` deletes through the same [`trim_oldest`].
+//! unexpired (`sweep.rs`). A stream with a policy is pending when it has new events or
+//! a new policy, and again when its oldest segment expires by age (`retention_wake`). A
+//! run that used its whole budget asks for another run [`CATCH_UP_DELAY`] later, so a
+//! backlog drains at several budgets a second while each transaction stays short.
+//! `reset_stream` deletes through the same [`trim_oldest`].
 
 use crate::config::config;
 use crate::streams::{event_key, keyed_stream, stream, stream_segment, Stream, StreamSegment};
@@ -27,6 +28,9 @@ pub const RETENTION_EVENTS: u64 = 65_536;
 pub const RETENTION_BYTES: u64 = 8 * 1024 * 1024;
 /// How soon a run that used its whole budget runs again.
 pub const CATCH_UP_DELAY: Duration = Duration::from_millis(100);
+/// The furthest ahead a retention wake-up is scheduled; a longer age limit is checked
+/// again at this horizon.
+pub const MAX_WAKE_AHEAD: Duration = Duration::from_secs(30 * 24 * 3600);
 
 #[table(name = retention_schedule, scheduled(sweep_retention))]
 pub struct RetentionSchedule {
@@ -68,13 +72,17 @@ impl Policy {
 
     /// What a visit waits for when the oldest segment left was published at
     /// `published_at`: its expiry by age, or, without an age limit, new events (it can
-    /// only expire by count).
-    fn next_visit(&self, published_at: Timestamp) -> Next {
-        let expiry = published_at.checked_add_duration(Duration::from_secs(self.retain_max_age_secs));
-        match expiry {
-            Some(at) if self.retain_max_age_secs > 0 => Next::At(at),
-            _ => Next::OnChange,
+    /// only expire by count). An expiry more than [`MAX_WAKE_AHEAD`] away wakes the sweep
+    /// at that horizon instead, and that visit looks again: the engine refuses to schedule
+    /// further than about 795 days ahead, and a refused insert would fail every run.
+    fn next_visit(&self, published_at: Timestamp, now: Timestamp) -> Next {
+        if self.retain_max_age_secs == 0 {
+            return Next::OnChange;
         }
+        let micros = |t: Timestamp| t.to_micros_since_unix_epoch();
+        let max_age = i64::try_from(self.retain_max_age_secs).unwrap_or(i64::MAX).saturating_mul(1_000_000);
+        let horizon = micros(now).saturating_add(MAX_WAKE_AHEAD.as_micros() as i64);
+        Next::At(Timestamp::from_micros_since_unix_epoch(micros(published_at).saturating_add(max_age).min(horizon)))
     }
 
     /// Whether a segment may go: it lies wholly below the newest `retain_max_events`, or
@@ -160,7 +168,7 @@ fn visit(ctx: &ReducerContext, pending: &SweepPending, budget: &mut Budget) -> (
     let (stored, mut hint) = sweep::hint_for(ctx, &row);
     let known = hint.oldest_first_seq != 0 && hint.oldest_first_seq == row.oldest_seq;
     if known && !policy.expired(hint.oldest_last_seq, hint.oldest_published_at, now) {
-        return (Walk::End, policy.next_visit(hint.oldest_published_at));
+        return (Walk::End, policy.next_visit(hint.oldest_published_at, now));
     }
     let trimmed = trim_oldest(ctx, &mut row, budget, |s| policy.expired(s.last_seq, s.published_at, now));
     let Some((first_seq, last_seq, published_at)) = trimmed.kept else { return (trimmed.walk, Next::OnChange) };
@@ -168,7 +176,7 @@ fn visit(ctx: &ReducerContext, pending: &SweepPending, budget: &mut Budget) -> (
     hint.oldest_last_seq = last_seq;
     hint.oldest_published_at = published_at;
     sweep::save_hint(ctx, stored.as_ref(), hint);
-    (trimmed.walk, policy.next_visit(published_at))
+    (trimmed.walk, policy.next_visit(published_at, now))
 }
 
 /// Applies the retention policies, one budget per run, visiting streams in turn.

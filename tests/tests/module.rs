@@ -305,6 +305,16 @@ fn the_retention_sweep_raises_the_floor_and_removes_rows() {
     assert_eq!(code(db.call_as(&db.owner.clone(), "set_retention", json!(["s.none", 1, 0]))), ErrorCode::UnknownStream);
 }
 
+/// The first integer in a JSON value, however deep (a schedule's time).
+fn first_number(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64(),
+        Value::Array(items) => items.iter().find_map(first_number),
+        Value::Object(fields) => fields.values().find_map(first_number),
+        _ => None,
+    }
+}
+
 /// The streams the sweeps will look at without a change: pending rows and wake-ups.
 fn planned(db: &TestDb) -> Vec<String> {
     let mut planned = Vec::new();
@@ -312,6 +322,7 @@ fn planned(db: &TestDb) -> Vec<String> {
         let rows = db.sql(&format!("SELECT * FROM {table}"));
         planned.extend(rows.rows.iter().map(|r| format!("{table}: {}", rows.get(r, "stream_id").and_then(Value::as_str).unwrap())));
     }
+    planned.sort();
     planned
 }
 
@@ -322,8 +333,12 @@ fn the_sweeps_come_back_on_their_own_when_work_is_due_and_leave_idle_streams_alo
     db.call("set_compaction", json!([1]));
     db.call("create_stream", json!(["s.age", 0, 2])); // every segment expires 2 s after its publish
     db.call("create_stream", json!(["s.count", 100, 0])); // nothing expires by count here
+    // Age limits further ahead than the engine schedules (about 795 days): their wake-ups
+    // must be capped, or every retention run would fail, s.age's trims with it.
+    db.call("create_stream", json!(["s.long", 0, 3 * 365 * 86_400]));
+    db.call("create_stream", json!(["s.max", 0, u64::MAX]));
     for seq in 1..=3 {
-        for stream_id in ["s.age", "s.count", "s.plain"] {
+        for stream_id in ["s.age", "s.count", "s.plain", "s.long", "s.max"] {
             publish(&db, &publisher, stream_id, batch(seq, 1)).unwrap();
         }
     }
@@ -331,11 +346,19 @@ fn the_sweeps_come_back_on_their_own_when_work_is_due_and_leave_idle_streams_alo
     // comes (the segments' expiry, their merge age), not because something changed.
     let aged = wait_for("s.age to expire", Duration::from_secs(10), || stream(&db, "s.age").filter(|s| s.oldest_seq > s.head_seq));
     assert_eq!((aged.head_seq, aged.segment_count), (3, 0));
-    for stream_id in ["s.count", "s.plain"] {
+    for stream_id in ["s.count", "s.plain", "s.long", "s.max"] {
         wait_for("the small segments to merge", Duration::from_secs(10), || (segments(&db, stream_id).len() == 1).then_some(()));
     }
-    // Idle, and nothing left to come: no stream is pending, so a run reads no stream at all.
-    wait_for("nothing planned", Duration::from_secs(5), || planned(&db).is_empty().then_some(()));
+    // Idle, and nothing left to come but the long limits' wake-ups, at most 30 days ahead:
+    // no stream is pending, so a run reads no stream at all.
+    let wakes_only = vec!["retention_wake: s.long".to_string(), "retention_wake: s.max".to_string()];
+    wait_for("nothing planned but the long limits' wake-ups", Duration::from_secs(5), || (planned(&db) == wakes_only).then_some(()));
+    let wakes = db.sql("SELECT * FROM retention_wake");
+    let month_ahead = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64 + 30 * 86_400 * 1_000_000;
+    for row in &wakes.rows {
+        let at = first_number(wakes.get(row, "scheduled_at").unwrap()).unwrap();
+        assert!(at <= month_ahead + 60_000_000, "a wake-up more than 30 days ahead: {row:?}");
+    }
     // A publish makes the stream pending again: its new segment merges with the old ones.
     publish(&db, &publisher, "s.count", batch(4, 1)).unwrap();
     wait_for("the new segment to merge", Duration::from_secs(10), || {
@@ -343,7 +366,7 @@ fn the_sweeps_come_back_on_their_own_when_work_is_due_and_leave_idle_streams_alo
         (segs.len() == 1 && segs[0].last_seq == 4).then_some(())
     });
     assert_eq!(verify_stream(&db, "s.count").unwrap(), (1..=4).collect::<Vec<_>>());
-    wait_for("nothing planned again", Duration::from_secs(5), || planned(&db).is_empty().then_some(()));
+    wait_for("nothing planned again", Duration::from_secs(5), || (planned(&db) == wakes_only).then_some(()));
 }
 
 #[test]
