@@ -369,6 +369,27 @@ fn the_sweeps_come_back_on_their_own_when_work_is_due_and_leave_idle_streams_alo
     wait_for("nothing planned again", Duration::from_secs(5), || (planned(&db) == wakes_only).then_some(()));
 }
 
+/// A database made before `sweep_pending` existed holds streams with work and no pending
+/// flag. Made here by changing a policy behind the module's back (owner SQL), and then
+/// removing retention's `sweep_seeded` row, as such a database has none.
+#[test]
+fn a_database_from_before_the_pending_table_is_swept_once_seeded() {
+    let db = shared_server().new_database("seed");
+    let publisher = db.publisher();
+    db.call("set_compaction", json!([86_400]));
+    for seq in 1..=6 {
+        publish(&db, &publisher, "s.old", batch(seq, 1)).unwrap();
+    }
+    db.sql("UPDATE stream SET retain_max_events = 2 WHERE stream_id = 's.old'");
+    // Nothing marked the stream for retention: runs pass it by.
+    std::thread::sleep(Duration::from_millis(2_500));
+    assert_eq!(segments(&db, "s.old").len(), 6, "the stream must have work that no flag announces");
+    db.sql("DELETE FROM sweep_seeded WHERE sweep = 0");
+    let row = wait_for("the seeded run to trim s.old", Duration::from_secs(5), || stream(&db, "s.old").filter(|s| s.oldest_seq > 1));
+    assert_eq!((row.oldest_seq, row.head_seq, row.segment_count), (5, 6, 2));
+    assert_eq!(db.sql("SELECT * FROM sweep_seeded WHERE sweep = 0").rows.len(), 1, "seeded once, and recorded");
+}
+
 #[test]
 fn bad_input_gets_a_clear_code_and_never_traps() {
     let db = shared_server().new_database("badinput");
