@@ -112,7 +112,21 @@ impl StreamSweep {
     }
 }
 
-/// Which sweep a `sweep_state` or `sweep_seeded` row belongs to.
+/// How many streams each sweep's runs have looked at, for operators and the tests: the
+/// runs of an idle database look at none. Written only by a run that looked at a stream.
+/// Private.
+#[table(name = sweep_visits)]
+pub struct SweepVisits {
+    /// `Sweep as u8`.
+    #[primary_key]
+    pub sweep: u8,
+    /// Runs that looked at at least one stream.
+    pub visiting_runs: u64,
+    /// Streams looked at, over all runs (a stream counts once per run).
+    pub visits: u64,
+}
+
+/// Which sweep a `sweep_state`, `sweep_seeded` or `sweep_visits` row belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sweep {
     Retention = 0,
@@ -389,23 +403,39 @@ pub fn in_turn(ctx: &ReducerContext, sweep: Sweep, mut pending: Vec<SweepPending
 #[derive(Default)]
 pub struct Turns {
     last_done: Option<String>,
+    /// Streams this run looked at, whatever it found.
+    visits: u64,
 }
 
 impl Turns {
     /// `stream_id` has had its turn.
     pub fn done(&mut self, stream_id: &str) {
+        self.visits += 1;
         self.last_done = Some(stream_id.to_string());
     }
 
     /// The budget ran out during `stream_id`'s turn.
     pub fn cut_off(&mut self, stream_id: &str) {
+        self.visits += 1;
         if self.last_done.is_none() {
-            self.done(stream_id);
+            self.last_done = Some(stream_id.to_string());
         }
     }
 
-    /// Stores where the next run of `sweep` starts and what this run loaded.
+    /// Stores where the next run of `sweep` starts, what this run loaded and how many
+    /// streams it looked at.
     pub fn save(self, ctx: &ReducerContext, sweep: Sweep, budget: &Budget) {
+        if self.visits > 0 {
+            let visits = ctx.db.sweep_visits();
+            match visits.sweep().find(sweep as u8) {
+                Some(row) => {
+                    visits.sweep().update(SweepVisits { visiting_runs: row.visiting_runs + 1, visits: row.visits + self.visits, ..row });
+                }
+                None => {
+                    visits.insert(SweepVisits { sweep: sweep as u8, visiting_runs: 1, visits: self.visits });
+                }
+            }
+        }
         let existing = SweepState::read(ctx, sweep);
         let mut row = existing.clone().unwrap_or_else(|| SweepState::start(sweep));
         if let Some(last) = self.last_done {

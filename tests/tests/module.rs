@@ -305,6 +305,12 @@ fn the_retention_sweep_raises_the_floor_and_removes_rows() {
     assert_eq!(code(db.call_as(&db.owner.clone(), "set_retention", json!(["s.none", 1, 0]))), ErrorCode::UnknownStream);
 }
 
+fn sorted_rows(mut rows: Vec<Vec<Value>>) -> Vec<String> {
+    let mut out: Vec<String> = rows.drain(..).map(|r| Value::Array(r).to_string()).collect();
+    out.sort();
+    out
+}
+
 /// The first integer in a JSON value, however deep (a schedule's time).
 fn first_number(v: &Value) -> Option<i64> {
     match v {
@@ -353,6 +359,12 @@ fn the_sweeps_come_back_on_their_own_when_work_is_due_and_leave_idle_streams_alo
     // no stream is pending, so a run reads no stream at all.
     let wakes_only = vec!["retention_wake: s.long".to_string(), "retention_wake: s.max".to_string()];
     wait_for("nothing planned but the long limits' wake-ups", Duration::from_secs(5), || (planned(&db) == wakes_only).then_some(()));
+    // Idle runs look at no stream at all (a run that read every stream would count each).
+    let visits = |db: &TestDb| sorted_rows(db.sql("SELECT * FROM sweep_visits").rows);
+    let before = visits(&db);
+    assert_eq!(before.len(), 2, "both sweeps have looked at streams: {before:?}");
+    std::thread::sleep(Duration::from_millis(2_500));
+    assert_eq!(visits(&db), before, "idle runs looked at streams");
     let wakes = db.sql("SELECT * FROM retention_wake");
     let month_ahead = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64 + 30 * 86_400 * 1_000_000;
     for row in &wakes.rows {

@@ -611,7 +611,7 @@ fn sql_shows_each_attacker_exactly_its_own_rows_and_refuses_its_writes() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(empty().is_empty(), "tables without rows to attack: {:?}", empty());
-    for private in ["khala_config", "event_key", "window_churn", "grant_expiry_schedule", "grant_sweep_schedule", "grant_sweep_state", "retention_schedule", "compaction_schedule", "sweep_pending", "retention_wake", "sweep_seeded"] {
+    for private in ["khala_config", "event_key", "window_churn", "grant_expiry_schedule", "grant_sweep_schedule", "grant_sweep_state", "retention_schedule", "compaction_schedule", "sweep_pending", "retention_wake", "sweep_seeded", "sweep_visits"] {
         assert_eq!(tables.get(private), Some(&false), "{private} is a private table");
     }
     let owner_view: BTreeMap<&String, SqlRows> = tables.keys().map(|t| (t, db.sql(&format!("SELECT * FROM {t}")))).collect();
@@ -746,12 +746,12 @@ fn sql_shows_each_attacker_exactly_its_own_rows_and_refuses_its_writes() {
 // ------------------------------------------------------------------------------------
 
 /// Tables that change on their own while a test runs, whatever the attackers do:
-/// - `sweep_state`, `stream_sweep`, `sweep_pending`, `retention_wake`: the retention and
-///   compaction sweeps (every second) rewrite their private cursor, per-stream hints,
-///   pending streams and wake-ups;
+/// - `sweep_state`, `stream_sweep`, `sweep_pending`, `retention_wake`, `sweep_visits`:
+///   the retention and compaction sweeps (every second) rewrite their private cursor,
+///   per-stream hints, pending streams, wake-ups and visit counts;
 /// - `presence`: every HTTP reducer call connects and disconnects its caller, and each
 ///   recounts, so `updated_at` moves; its `connected` count is still compared.
-const SELF_CHANGING: [&str; 5] = ["sweep_state", "stream_sweep", "sweep_pending", "retention_wake", "presence"];
+const SELF_CHANGING: [&str; 6] = ["sweep_state", "stream_sweep", "sweep_pending", "retention_wake", "sweep_visits", "presence"];
 
 /// Every user table's rows (sorted), as the owner sees them.
 fn snapshot(db: &TestDb) -> BTreeMap<String, Vec<String>> {

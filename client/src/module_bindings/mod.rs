@@ -74,6 +74,8 @@ pub mod sweep_seeded_table;
 pub mod sweep_seeded_type;
 pub mod sweep_state_table;
 pub mod sweep_state_type;
+pub mod sweep_visits_table;
+pub mod sweep_visits_type;
 pub mod wake_retention_reducer;
 pub mod window_churn_table;
 pub mod window_churn_type;
@@ -164,6 +166,8 @@ pub use sweep_seeded_table::*;
 pub use sweep_seeded_type::SweepSeeded;
 pub use sweep_state_table::*;
 pub use sweep_state_type::SweepState;
+pub use sweep_visits_table::*;
+pub use sweep_visits_type::SweepVisits;
 pub use wake_retention_reducer::{
     set_flags_for_wake_retention, wake_retention, WakeRetentionCallbackId,
 };
@@ -446,6 +450,7 @@ pub struct DbUpdate {
     sweep_pending: __sdk::TableUpdate<SweepPending>,
     sweep_seeded: __sdk::TableUpdate<SweepSeeded>,
     sweep_state: __sdk::TableUpdate<SweepState>,
+    sweep_visits: __sdk::TableUpdate<SweepVisits>,
     window_churn: __sdk::TableUpdate<WindowChurn>,
 }
 
@@ -524,6 +529,9 @@ impl TryFrom<__ws::DatabaseUpdate<__ws::BsatnFormat>> for DbUpdate {
                 "sweep_state" => db_update
                     .sweep_state
                     .append(sweep_state_table::parse_table_update(table_update)?),
+                "sweep_visits" => db_update
+                    .sweep_visits
+                    .append(sweep_visits_table::parse_table_update(table_update)?),
                 "window_churn" => db_update
                     .window_churn
                     .append(window_churn_table::parse_table_update(table_update)?),
@@ -634,6 +642,9 @@ impl __sdk::DbUpdate for DbUpdate {
         diff.sweep_state = cache
             .apply_diff_to_table::<SweepState>("sweep_state", &self.sweep_state)
             .with_updates_by_pk(|row| &row.sweep);
+        diff.sweep_visits = cache
+            .apply_diff_to_table::<SweepVisits>("sweep_visits", &self.sweep_visits)
+            .with_updates_by_pk(|row| &row.sweep);
         diff.window_churn = cache
             .apply_diff_to_table::<WindowChurn>("window_churn", &self.window_churn)
             .with_updates_by_pk(|row| &row.identity);
@@ -669,6 +680,7 @@ pub struct AppliedDiff<'r> {
     sweep_pending: __sdk::TableAppliedDiff<'r, SweepPending>,
     sweep_seeded: __sdk::TableAppliedDiff<'r, SweepSeeded>,
     sweep_state: __sdk::TableAppliedDiff<'r, SweepState>,
+    sweep_visits: __sdk::TableAppliedDiff<'r, SweepVisits>,
     window_churn: __sdk::TableAppliedDiff<'r, WindowChurn>,
 }
 
@@ -773,6 +785,11 @@ impl<'r> __sdk::AppliedDiff<'r> for AppliedDiff<'r> {
             event,
         );
         callbacks.invoke_table_row_callbacks::<SweepState>("sweep_state", &self.sweep_state, event);
+        callbacks.invoke_table_row_callbacks::<SweepVisits>(
+            "sweep_visits",
+            &self.sweep_visits,
+            event,
+        );
         callbacks.invoke_table_row_callbacks::<WindowChurn>(
             "window_churn",
             &self.window_churn,
@@ -1376,6 +1393,7 @@ impl __sdk::SpacetimeModule for RemoteModule {
         sweep_pending_table::register_table(client_cache);
         sweep_seeded_table::register_table(client_cache);
         sweep_state_table::register_table(client_cache);
+        sweep_visits_table::register_table(client_cache);
         window_churn_table::register_table(client_cache);
     }
 }
