@@ -242,6 +242,20 @@ impl Api {
         serde_json::from_str(&body).map(Some).map_err(|e| Self::http_error(what, e))
     }
 
+    /// The server's live heap, `jemalloc_allocated_bytes` on `GET /v1/metrics` (summed
+    /// over its label sets); `None` if the server serves no such route or metric (a hosted
+    /// server may not). It grows with every segment ever written until the server restarts
+    /// (docs/OPERATIONS.md, "The server's memory grows with segments written").
+    pub fn server_heap_bytes(&self) -> Result<Option<u64>> {
+        let what = "reading the server's metrics";
+        let response = self.http.get(format!("{}/v1/metrics", self.base)).send().map_err(|e| Self::http_error(what, e))?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let body = Self::check(what, response)?;
+        Ok(metric_sum(&body, "jemalloc_allocated_bytes").map(|v| v as u64))
+    }
+
     /// The live module's schema as `RawModuleDefV9` JSON
     /// (`GET /v1/database/NAME/schema?version=9`); `None` if the database does not exist.
     pub fn database_schema(&self, name: &str, token: Option<&str>) -> Result<Option<Value>> {
@@ -259,9 +273,34 @@ impl Api {
     }
 }
 
+/// The sum of `name`'s samples in a Prometheus text exposition, over all its label sets;
+/// `None` when it has none.
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let samples = text.lines().filter_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let value = if rest.starts_with('{') { rest.rsplit_once('}')?.1 } else if rest.starts_with(' ') { rest } else { return None };
+        value.split_whitespace().next()?.parse::<f64>().ok()
+    });
+    samples.fold(None, |sum, v| Some(sum.unwrap_or(0.0) + v))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_metric_is_summed_over_its_label_sets_and_never_confused_with_a_longer_name() {
+        let text = "# HELP jemalloc_allocated_bytes Number of bytes allocated\n\
+                    # TYPE jemalloc_allocated_bytes gauge\n\
+                    jemalloc_allocated_bytes{node_id=\"0\"} 1000\n\
+                    jemalloc_allocated_bytes{node_id=\"1\"} 24.5\n\
+                    jemalloc_allocated_bytes_total 7\n\
+                    jemalloc_active_bytes 99\n";
+        assert_eq!(metric_sum(text, "jemalloc_allocated_bytes"), Some(1024.5));
+        assert_eq!(metric_sum("jemalloc_allocated_bytes 3 1700000000\n", "jemalloc_allocated_bytes"), Some(3.0));
+        assert_eq!(metric_sum(text, "page_pool_resident_bytes"), None);
+        assert_eq!(metric_sum("jemalloc_allocated_bytes{a=\"}\"} nope\n", "jemalloc_allocated_bytes"), None);
+    }
 
     #[test]
     fn reads_the_identity_claim_of_a_token() {

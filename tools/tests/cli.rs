@@ -70,6 +70,8 @@ fn up_publishes_reuses_and_down_stops_only_our_server() {
     let report: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(report["server_up"], true);
     assert_eq!(report["database"], "cli-test");
+    let heap = report["server_heap_bytes"].as_u64().unwrap_or_else(|| panic!("the local server reports its heap: {report}"));
+    assert!(heap > 1_000_000, "a running server's heap is more than 1 MB: {heap}");
 
     let pid: u32 = std::fs::read_to_string(data.join("server.pid")).unwrap().split_whitespace().next().unwrap().parse().unwrap();
     let down = khala(&data, &["down"]);

@@ -77,6 +77,11 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         let connected = presence.rows.first().map_or(0, |r| as_u64(presence.get(r, "connected")));
         report["streams"] = Value::Array(streams);
         report["connected_clients"] = json!(connected);
+        // A server that will not tell is not an error: a hosted one may keep its metrics.
+        report["server_heap_bytes"] = json!(api.server_heap_bytes().unwrap_or_else(|e| {
+            log::debug!("no server heap figure: {e}");
+            None
+        }));
         if args.grants {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
             let roles = inspect::roles(&api, &args.target.database, &token)?;
@@ -98,6 +103,10 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     }
     println!("database   {}", args.target.database);
     println!("connected  {}", report["connected_clients"]);
+    if let Some(bytes) = report["server_heap_bytes"].as_u64() {
+        // It grows with every segment ever written until the server restarts.
+        println!("heap       {:.1} MB (the server's jemalloc_allocated_bytes; docs/OPERATIONS.md#server-memory-grows)", bytes as f64 / 1e6);
+    }
     let mut table = new_table(&["stream", "epoch", "head_seq", "oldest_seq", "segments", "duplicates"], 1);
     for s in report["streams"].as_array().into_iter().flatten() {
         table.add_row(vec![
