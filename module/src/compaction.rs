@@ -63,7 +63,13 @@ fn events_in(s: &StreamSegment) -> u64 {
 }
 
 fn is_small(s: &StreamSegment) -> bool {
-    events_in(s) < SMALL_SEGMENT_EVENTS && (s.data.len() as u64) < SMALL_SEGMENT_BYTES
+    is_small_len(events_in(s), s.data.len() as u64)
+}
+
+/// Whether a segment of `events` events and `bytes` bytes of `data` is small, so that
+/// compaction may merge it. A segment that is not small never joins a merge.
+pub fn is_small_len(events: u64, bytes: u64) -> bool {
+    events < SMALL_SEGMENT_EVENTS && bytes < SMALL_SEGMENT_BYTES
 }
 
 /// Adjacent small segments that will become one.

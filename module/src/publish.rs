@@ -188,6 +188,11 @@ fn commit(ctx: &ReducerContext, mut row: crate::streams::Stream, existed: bool, 
     let data_stored = data.is_some();
     if let Some(data) = data {
         let first_seq = row.head_seq + 1;
+        // Compaction would only look at a segment that is not small and move past it: when
+        // it has looked at everything before, move past it here, so that it never loads
+        // the segment (a batched publisher's segments would otherwise all be read again).
+        let examined_all = row.compacted_through == row.head_seq;
+        let small = crate::compaction::is_small_len(head - row.head_seq, data.len() as u64);
         ctx.db.stream_segment().insert(StreamSegment {
             id: 0,
             window_key: window_key(&stream_id, bucket(first_seq)),
@@ -208,6 +213,9 @@ fn commit(ctx: &ReducerContext, mut row: crate::streams::Stream, existed: bool, 
         }
         row.head_seq = head;
         row.head_hash = chain.to_vec();
+        if examined_all && !small {
+            row.compacted_through = head;
+        }
     }
     row.duplicates += duplicates;
     row.updated_at = ctx.timestamp;

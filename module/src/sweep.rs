@@ -199,15 +199,20 @@ pub fn init(ctx: &ReducerContext) {
 }
 
 /// `stream` has changed (new events, a new policy): each sweep that could now have work
-/// on it looks at it on its next run; retention only when the stream has a policy. One
-/// lookup, and a write only when a flag was not set already.
+/// on it looks at it on its next run: retention when the stream has a policy, compaction
+/// when it has segments it has not examined. One lookup when either applies, and a write
+/// only when a flag was not set already.
 pub fn mark_changed(ctx: &ReducerContext, stream: &Stream) {
     let retention = stream.retain_max_events > 0 || stream.retain_max_age_secs > 0;
-    mark(ctx, &stream.stream_id, retention, true);
+    let compaction = stream.compacted_through < stream.head_seq;
+    mark(ctx, &stream.stream_id, retention, compaction);
 }
 
 /// Sets the flags asked for on `stream_id`'s pending row (never clears one).
 fn mark(ctx: &ReducerContext, stream_id: &str, retention: bool, compaction: bool) {
+    if !retention && !compaction {
+        return;
+    }
     let pending = ctx.db.sweep_pending();
     match pending.stream_id().find(stream_id.to_string()) {
         Some(row) if (row.retention || !retention) && (row.compaction || !compaction) => {}

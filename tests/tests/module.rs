@@ -381,6 +381,32 @@ fn the_sweeps_come_back_on_their_own_when_work_is_due_and_leave_idle_streams_alo
     wait_for("nothing planned again", Duration::from_secs(5), || (planned(&db) == wakes_only).then_some(()));
 }
 
+/// A segment that is not small never joins a merge, so compaction has no reason to load
+/// it: a batched publisher's log would otherwise all be read again once it is old enough.
+#[test]
+fn compaction_loads_only_segments_it_could_merge() {
+    let db = shared_server().new_database("bigseg");
+    let publisher = db.publisher();
+    db.call("set_compaction", json!([1]));
+    for b in 0..3 {
+        publish(&db, &publisher, "s.big", batch(1 + b * 64, 64)).unwrap();
+    }
+    let rows = db.sql("SELECT compacted_through FROM stream WHERE stream_id = 's.big'");
+    assert_eq!(rows.rows[0][0].as_u64(), Some(192), "publish moved compaction past the large segments");
+    // Runs every second, segments old enough after one: without that move, these runs
+    // would load all three segments to find nothing to merge.
+    std::thread::sleep(Duration::from_millis(3_000));
+    let loaded = db.sql("SELECT segments_loaded FROM sweep_state WHERE sweep = 1");
+    let loaded = loaded.rows.first().and_then(|r| r[0].as_u64()).unwrap_or(0);
+    assert_eq!(loaded, 0, "compaction loaded segments it could not merge");
+    assert_eq!(segments(&db, "s.big").len(), 3);
+    // A small segment after them is compaction's again.
+    publish(&db, &publisher, "s.big", batch(193, 1)).unwrap();
+    publish(&db, &publisher, "s.big", batch(194, 1)).unwrap();
+    wait_for("the two small segments to merge", Duration::from_secs(10), || (segments(&db, "s.big").len() == 4).then_some(()));
+    assert_eq!(verify_stream(&db, "s.big").unwrap(), (1..=194).collect::<Vec<_>>());
+}
+
 /// A database made before `sweep_pending` existed holds streams with work and no pending
 /// flag. Made here by changing a policy behind the module's back (owner SQL), and then
 /// removing retention's `sweep_seeded` row, as such a database has none.
