@@ -168,13 +168,8 @@ fn nothing_to_do(ctx: &ReducerContext, row: &Stream, hint: &StreamSweep, min_age
     }
 }
 
-/// What a visit to one stream did: how its walk ended, and what the next visit waits for.
-struct Visit {
-    walk: Walk,
-    next: Next,
-}
-
-/// Compacts one stream from where the last visit stopped, within `budget`.
+/// Compacts one stream from where the last visit stopped, within `budget`; returns how
+/// its walk ended and what the next visit waits for.
 fn compact_stream(
     ctx: &ReducerContext,
     mut row: Stream,
@@ -182,7 +177,7 @@ fn compact_stream(
     min_age: Duration,
     stored: Option<&StreamSweep>,
     mut hint: StreamSweep,
-) -> Visit {
+) -> (Walk, Next) {
     let stream_id = row.stream_id.clone();
     let from = row.compacted_through.saturating_add(1).max(row.oldest_seq);
     let (mut run, mut merged_away, mut examined_through, mut young_at) = (Run::default(), 0u64, None, None);
@@ -219,20 +214,19 @@ fn compact_stream(
     // Segments too young to merge now will be old enough on a later run.
     let next = if young_at.is_some() { Next::NextRun } else { Next::OnChange };
     sweep::save_hint(ctx, stored, hint);
-    Visit { walk, next }
+    (walk, next)
 }
 
 /// Visits one pending stream: skips it when it has nothing unexamined or its hints say
 /// there is nothing to merge yet, else compacts it.
-fn visit(ctx: &ReducerContext, pending: &SweepPending, budget: &mut Budget, min_age: Duration) -> Visit {
-    let done = |next| Visit { walk: Walk::End, next };
-    let Some(row) = ctx.db.stream().stream_id().find(&pending.stream_id) else { return done(Next::OnChange) };
+fn visit(ctx: &ReducerContext, pending: &SweepPending, budget: &mut Budget, min_age: Duration) -> (Walk, Next) {
+    let Some(row) = ctx.db.stream().stream_id().find(&pending.stream_id) else { return (Walk::End, Next::OnChange) };
     if row.head_seq <= row.compacted_through {
-        return done(Next::OnChange);
+        return (Walk::End, Next::OnChange);
     }
     let (stored, hint) = sweep::hint_for(ctx, &row);
     if let Some(next) = nothing_to_do(ctx, &row, &hint, min_age) {
-        return done(next);
+        return (Walk::End, next);
     }
     compact_stream(ctx, row, budget, min_age, stored.as_ref(), hint)
 }
@@ -256,21 +250,7 @@ pub fn compact_segments(ctx: &ReducerContext, schedule: CompactionSchedule) -> R
     let min_age = Duration::from_secs(crate::config::config(ctx).compact_min_age_secs);
     // Events cost nothing until decoded, and only small segments are decoded: bytes bound that.
     let mut budget = Budget::new(COMPACT_SCAN_SEGMENTS, u64::MAX, COMPACT_SCAN_BYTES);
-    let mut turns = sweep::Turns::default();
-    for pending in sweep::in_turn(ctx, Sweep::Compaction, sweep::pending(ctx, Sweep::Compaction)) {
-        if !budget.has_room() {
-            break;
-        }
-        let visit = visit(ctx, &pending, &mut budget, min_age);
-        if visit.walk == Walk::OutOfBudget {
-            // Still pending: the next run starts here (`Turns`).
-            turns.cut_off(&pending.stream_id);
-            break;
-        }
-        sweep::visited(ctx, Sweep::Compaction, &pending, visit.next);
-        turns.done(&pending.stream_id);
-    }
-    turns.save(ctx, Sweep::Compaction, &budget);
+    sweep::run(ctx, Sweep::Compaction, &mut budget, |pending, budget| visit(ctx, pending, budget, min_age));
     if !budget.has_room() {
         catch_up(ctx, schedule.scheduled_id);
     }

@@ -52,6 +52,11 @@ pub fn budget(ctx: &ReducerContext) -> Budget {
     Budget::new(u64::from(config(ctx).retention_chunk_segments.max(1)), RETENTION_EVENTS, RETENTION_BYTES)
 }
 
+/// Whether `stream` has a retention policy (a count or an age limit).
+pub fn has_policy(stream: &Stream) -> bool {
+    Policy::of(stream).any()
+}
+
 /// A stream's policy and head, copied out so that checking a segment does not borrow
 /// the row being trimmed.
 #[derive(Clone, Copy)]
@@ -187,21 +192,7 @@ pub fn sweep_retention(ctx: &ReducerContext, schedule: RetentionSchedule) -> Red
         return Err(fail(ErrorCode::Unauthorized, "sweep_retention is run by the scheduler only"));
     }
     let mut budget = budget(ctx);
-    let mut turns = sweep::Turns::default();
-    for pending in sweep::in_turn(ctx, Sweep::Retention, sweep::pending(ctx, Sweep::Retention)) {
-        if !budget.has_room() {
-            break;
-        }
-        let (walk, next) = visit(ctx, &pending, &mut budget);
-        if walk == Walk::OutOfBudget {
-            // Still pending: the next run starts here (`Turns`).
-            turns.cut_off(&pending.stream_id);
-            break;
-        }
-        sweep::visited(ctx, Sweep::Retention, &pending, next);
-        turns.done(&pending.stream_id);
-    }
-    turns.save(ctx, Sweep::Retention, &budget);
+    sweep::run(ctx, Sweep::Retention, &mut budget, |pending, budget| visit(ctx, pending, budget));
     if !budget.has_room() {
         catch_up(ctx, schedule.scheduled_id);
     }

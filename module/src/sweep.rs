@@ -21,7 +21,7 @@
 //!   reads the streams that may have work instead of every stream. A change to a stream
 //!   (a publish, a new policy) makes it pending ([`mark_changed`]); a visit clears it,
 //!   keeps it for the next run, or leaves a wake-up for when its oldest segment expires
-//!   by age ([`visited`]).
+//!   by age (`visited`).
 
 use crate::config::config;
 use crate::streams::{stream, stream_segment, Stream, StreamSegment};
@@ -203,7 +203,7 @@ pub fn init(ctx: &ReducerContext) {
 /// when it has segments it has not examined. One lookup when either applies, and a write
 /// only when a flag was not set already.
 pub fn mark_changed(ctx: &ReducerContext, stream: &Stream) {
-    let retention = stream.retain_max_events > 0 || stream.retain_max_age_secs > 0;
+    let retention = crate::retention::has_policy(stream);
     let compaction = stream.compacted_through < stream.head_seq;
     mark(ctx, &stream.stream_id, retention, compaction);
 }
@@ -228,7 +228,7 @@ fn mark(ctx: &ReducerContext, stream_id: &str, retention: bool, compaction: bool
 
 /// The streams pending for `sweep`. The first run on a database not yet seeded makes
 /// every stream pending first.
-pub fn pending(ctx: &ReducerContext, sweep: Sweep) -> Vec<SweepPending> {
+fn pending(ctx: &ReducerContext, sweep: Sweep) -> Vec<SweepPending> {
     if ctx.db.sweep_seeded().sweep().find(sweep as u8).is_none() {
         for s in ctx.db.stream().iter() {
             mark(ctx, &s.stream_id, sweep == Sweep::Retention, sweep == Sweep::Compaction);
@@ -252,7 +252,7 @@ pub enum Next {
 }
 
 /// A visit of `sweep` to `row`'s stream is over.
-pub fn visited(ctx: &ReducerContext, sweep: Sweep, row: &SweepPending, next: Next) {
+fn visited(ctx: &ReducerContext, sweep: Sweep, row: &SweepPending, next: Next) {
     if next == Next::NextRun {
         return;
     }
@@ -388,9 +388,30 @@ pub fn walk(
     Walk::End
 }
 
+/// One run of `sweep`: visits the pending streams in turn while `budget` lasts. `visit`
+/// returns how its walk ended and what the stream's next visit waits for; a stream the
+/// budget cut off stays pending, and the next run starts with it ([`Turns`]). Stores where
+/// the next run starts and what this one loaded.
+pub fn run(ctx: &ReducerContext, sweep: Sweep, budget: &mut Budget, mut visit: impl FnMut(&SweepPending, &mut Budget) -> (Walk, Next)) {
+    let mut turns = Turns::default();
+    for row in in_turn(ctx, sweep, pending(ctx, sweep)) {
+        if !budget.has_room() {
+            break;
+        }
+        let (walk, next) = visit(&row, budget);
+        if walk == Walk::OutOfBudget {
+            turns.cut_off(&row.stream_id);
+            break;
+        }
+        visited(ctx, sweep, &row, next);
+        turns.done(&row.stream_id);
+    }
+    turns.save(ctx, sweep, budget);
+}
+
 /// The streams pending, in the order this run of `sweep` visits them: by stream id,
 /// starting after the stream the previous run recorded ([`Turns`]), wrapping around.
-pub fn in_turn(ctx: &ReducerContext, sweep: Sweep, mut pending: Vec<SweepPending>) -> Vec<SweepPending> {
+fn in_turn(ctx: &ReducerContext, sweep: Sweep, mut pending: Vec<SweepPending>) -> Vec<SweepPending> {
     let after = SweepState::read(ctx, sweep).map(|s| s.resume_after).unwrap_or_default();
     pending.sort_by(|a, b| a.stream_id.cmp(&b.stream_id));
     let start = pending.partition_point(|p| p.stream_id <= after);
@@ -406,7 +427,7 @@ pub fn in_turn(ctx: &ReducerContext, sweep: Sweep, mut pending: Vec<SweepPending
 /// whole budget has had its turn, so a stream with a large backlog takes one budget and
 /// then lets the others go first.
 #[derive(Default)]
-pub struct Turns {
+struct Turns {
     last_done: Option<String>,
     /// Streams this run looked at, whatever it found.
     visits: u64,
@@ -414,13 +435,13 @@ pub struct Turns {
 
 impl Turns {
     /// `stream_id` has had its turn.
-    pub fn done(&mut self, stream_id: &str) {
+    fn done(&mut self, stream_id: &str) {
         self.visits += 1;
         self.last_done = Some(stream_id.to_string());
     }
 
     /// The budget ran out during `stream_id`'s turn.
-    pub fn cut_off(&mut self, stream_id: &str) {
+    fn cut_off(&mut self, stream_id: &str) {
         self.visits += 1;
         if self.last_done.is_none() {
             self.last_done = Some(stream_id.to_string());
@@ -429,7 +450,7 @@ impl Turns {
 
     /// Stores where the next run of `sweep` starts, what this run loaded and how many
     /// streams it looked at.
-    pub fn save(self, ctx: &ReducerContext, sweep: Sweep, budget: &Budget) {
+    fn save(self, ctx: &ReducerContext, sweep: Sweep, budget: &Budget) {
         if self.visits > 0 {
             let visits = ctx.db.sweep_visits();
             match visits.sweep().find(sweep as u8) {
