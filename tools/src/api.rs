@@ -121,6 +121,16 @@ impl Api {
         }
     }
 
+    /// Sends `request`: `None` if the server answers 404 (no such database or route), else
+    /// the body of a successful answer.
+    fn body_unless_missing(what: &str, request: reqwest::blocking::RequestBuilder) -> Result<Option<String>> {
+        let response = request.send().map_err(|e| Self::http_error(what, e))?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        Self::check(what, response).map(Some)
+    }
+
     /// Mints a new identity (`POST /v1/identity`).
     pub fn new_identity(&self) -> Result<Credentials> {
         let what = "creating an identity";
@@ -191,11 +201,7 @@ impl Api {
     /// Whether database `name` exists (`GET /v1/database/NAME` answers 404 when not).
     pub fn database_exists(&self, name: &str) -> Result<bool> {
         let what = format!("reading database {name}");
-        let response = self.http.get(format!("{}/v1/database/{name}", self.base)).send().map_err(|e| Self::http_error(&what, e))?;
-        if response.status() == reqwest::StatusCode::NOT_FOUND {
-            return Ok(false);
-        }
-        Self::check(&what, response).map(|_| true)
+        Ok(Self::body_unless_missing(&what, self.http.get(format!("{}/v1/database/{name}", self.base)))?.is_some())
     }
 
     /// The identity that owns database `name` (`GET /v1/database/NAME`).
@@ -234,11 +240,7 @@ impl Api {
     /// route (404).
     pub fn server_health(&self) -> Result<Option<Value>> {
         let what = "reading the server's health";
-        let response = self.http.get(format!("{}/v1/health", self.base)).send().map_err(|e| Self::http_error(what, e))?;
-        if response.status() == reqwest::StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        let body = Self::check(what, response)?;
+        let Some(body) = Self::body_unless_missing(what, self.http.get(format!("{}/v1/health", self.base)))? else { return Ok(None) };
         serde_json::from_str(&body).map(Some).map_err(|e| Self::http_error(what, e))
     }
 
@@ -248,12 +250,8 @@ impl Api {
     /// (docs/OPERATIONS.md, "The server's memory grows with segments written").
     pub fn server_heap_bytes(&self) -> Result<Option<u64>> {
         let what = "reading the server's metrics";
-        let response = self.http.get(format!("{}/v1/metrics", self.base)).send().map_err(|e| Self::http_error(what, e))?;
-        if response.status() == reqwest::StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        let body = Self::check(what, response)?;
-        Ok(metric_sum(&body, "jemalloc_allocated_bytes").map(|v| v as u64))
+        let body = Self::body_unless_missing(what, self.http.get(format!("{}/v1/metrics", self.base)))?;
+        Ok(body.and_then(|b| metric_sum(&b, "jemalloc_allocated_bytes")).map(|v| v as u64))
     }
 
     /// The live module's schema as `RawModuleDefV9` JSON
@@ -264,11 +262,7 @@ impl Api {
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
-        let response = request.send().map_err(|e| Self::http_error(&what, e))?;
-        if response.status() == reqwest::StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        let body = Self::check(&what, response)?;
+        let Some(body) = Self::body_unless_missing(&what, request)? else { return Ok(None) };
         serde_json::from_str(&body).map(Some).map_err(|e| Self::http_error(&what, e))
     }
 }
