@@ -63,7 +63,9 @@ fn a_backlog_larger_than_the_window_replays_in_order() {
     publish_range(&db, &publisher, "s.w", backlog + 1, 300, 1);
     client.wait_applied("s.w", backlog + 300, T);
     assert_eq!(client.applied("s.w"), (1..=backlog + 300).collect::<Vec<_>>());
-    // The windows follow the cursor: at most five stay open (one behind, three ahead).
+    // The windows follow the cursor: at most five stay open (the cursor's, two ahead, the
+    // one before it when a segment may straddle, and the one just left, until its close
+    // delay has passed).
     let windows = db.sql("SELECT * FROM client_window");
     assert!(windows.rows.len() <= 5, "{} windows open", windows.rows.len());
     client.stop().unwrap();

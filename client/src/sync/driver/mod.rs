@@ -196,6 +196,12 @@ pub struct Driver {
     notes: Vec<Note>,
 }
 
+/// The client's seed mixed with a stream's id (FNV-1a), so that its streams draw
+/// different window close delays.
+fn stream_seed(seed: u64, stream_id: &str) -> u64 {
+    stream_id.bytes().fold(seed ^ 0xCBF2_9CE4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3))
+}
+
 impl Driver {
     pub fn new(settings: Settings, stored: Stored) -> Self {
         let (cursors, corrupt) = match stored {
@@ -206,7 +212,7 @@ impl Driver {
         let mut streams = BTreeMap::new();
         for id in &settings.streams {
             let cursor = cursors.iter().find(|c| &c.stream_id == id).cloned().unwrap_or_else(|| genesis(id));
-            let mut state = StreamState::new(&cursor);
+            let mut state = StreamState::new(&cursor, stream_seed(settings.seed, id));
             if corrupt.is_some() {
                 notes.push(state.corrupt_checkpoint(id));
             }

@@ -37,11 +37,12 @@ pub struct StreamState {
 }
 
 impl StreamState {
-    pub fn new(cursor: &StreamCursor) -> Self {
+    /// `seed` draws the stream's window close delays ([`Windows::new`]).
+    pub fn new(cursor: &StreamCursor, seed: u64) -> Self {
         StreamState {
             engine: StreamEngine::new(cursor),
             durable: cursor.clone(),
-            windows: Windows::default(),
+            windows: Windows::new(seed),
             grant: Grant::default(),
             acks: Acks::default(),
             hold: Hold::default(),

@@ -6,7 +6,7 @@
 //! at once and its result fed back, and the server answers calls and pushes row changes
 //! into one ordered queue per connection, which the test delivers message by message.
 
-use super::windows::{WindowCall, Windows, MAX_WANTED};
+use super::windows::{close_delay, WindowCall, Windows, CLOSE_SPREAD, MAX_WANTED};
 use super::*;
 use crate::apply::SegmentIn;
 use crate::transport::{GrantRow, StreamRow, WindowRow};
@@ -973,6 +973,68 @@ proptest! {
 }
 
 // Single behaviours, deterministic.
+
+/// `w` with buckets `from..=to` opened and confirmed, planned at `now` for a cursor at
+/// the start of bucket `from`.
+fn windows_open(seed: u64, from: u64, to: u64, now: Instant) -> Windows {
+    let mut w = Windows::new(seed);
+    let calls = w.plan(from * WINDOW_EVENTS, false, now);
+    assert_eq!(calls, (from..=to).map(WindowCall::Open).collect::<Vec<_>>());
+    for call in calls {
+        w.answered(call);
+    }
+    w
+}
+
+/// Every subscriber of a stream leaves a bucket at about the same moment. Each closes
+/// the bucket it has just left after a delay of its own, so that the server's deletes
+/// come spread out; a bucket further behind (the cursor jumped) and a reset close at
+/// once.
+#[test]
+fn the_bucket_just_left_closes_after_the_clients_own_delay() {
+    let t0 = Instant::now();
+    let seed = (0..).find(|s| close_delay(*s, 0) > Duration::from_millis(100)).unwrap();
+    let delay = close_delay(seed, 0);
+    let mut w = windows_open(seed, 0, 2, t0);
+    // The cursor enters bucket 1: bucket 3 opens, bucket 0 stays open for its delay.
+    let calls = w.plan(WINDOW_EVENTS, false, t0);
+    assert_eq!(calls, vec![WindowCall::Open(3)]);
+    w.answered(WindowCall::Open(3));
+    assert!(w.plan(WINDOW_EVENTS + 5, false, t0 + delay - Duration::from_millis(1)).is_empty());
+    assert_eq!(w.open, BTreeSet::from([0, 1, 2, 3]));
+    assert_eq!(w.plan(WINDOW_EVENTS + 9, false, t0 + delay), vec![WindowCall::Close(0)]);
+    w.answered(WindowCall::Close(0));
+
+    // A cursor that jumps two buckets closes the bucket it left two behind at once.
+    let mut w = windows_open(seed, 0, 2, t0);
+    let calls = w.plan(2 * WINDOW_EVENTS, false, t0);
+    assert_eq!(calls, vec![WindowCall::Close(0), WindowCall::Open(3), WindowCall::Open(4)]);
+
+    // A reset closes every window at once, the one waiting for its delay too.
+    let mut w = windows_open(seed, 0, 2, t0);
+    assert_eq!(w.plan(WINDOW_EVENTS, false, t0), vec![WindowCall::Open(3)]);
+    w.answered(WindowCall::Open(3));
+    w.reset();
+    let calls = w.plan(WINDOW_EVENTS, false, t0);
+    assert!(calls.contains(&WindowCall::Close(0)), "{calls:?}");
+}
+
+/// The delays are the client's own: the same for one seed and bucket, in
+/// `[0, CLOSE_SPREAD)`, and spread over that range across clients and buckets.
+#[test]
+fn close_delays_spread_over_clients_and_buckets() {
+    assert_eq!(close_delay(42, 7), close_delay(42, 7));
+    for draws in [(0..400u64).map(|seed| close_delay(seed, 3)).collect::<Vec<_>>(), (0..400u64).map(|b| close_delay(99, b)).collect()] {
+        assert!(draws.iter().all(|d| *d < CLOSE_SPREAD));
+        // Each tenth of the range holds some of the 400 draws (about 40 each).
+        for tenth in 0..10u32 {
+            let (lo, hi) = (CLOSE_SPREAD * tenth / 10, CLOSE_SPREAD * (tenth + 1) / 10);
+            let n = draws.iter().filter(|d| **d >= lo && **d < hi).count();
+            assert!((15..=70).contains(&n), "{n} of 400 delays in [{lo:?}, {hi:?})");
+        }
+    }
+}
+
 
 /// A connected, subscribed client with `n` events applied and checkpointed on `s.a`.
 fn live_sim(n: u64) -> Sim {

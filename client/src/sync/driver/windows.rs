@@ -16,6 +16,16 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// e.g. while the module was being republished): without a limit its bucket stayed
 /// `opening` (or `closing`) until the connection ended or a gap's reset closed it.
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// The longest a client keeps the bucket its cursor has just left open before closing it.
+///
+/// Closing a window makes the server send the bucket's rows back as deletes, evaluated
+/// on the database's one thread (about 15 ms for 8,192 one-event segments) and decoded
+/// by the client. Every subscriber of a stream leaves a bucket at about the same moment:
+/// closed at once, ten subscribers' closes queued one behind the other and held every
+/// publish for 300–450 ms (docs/BENCHMARKS.md). Each client waits a delay of its own in
+/// `[0, CLOSE_SPREAD)` per bucket ([`close_delay`]), holding at most one bucket more
+/// than [`MAX_WANTED`] meanwhile.
+pub const CLOSE_SPREAD: Duration = Duration::from_secs(4);
 
 /// A window call to make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -56,10 +66,33 @@ pub struct Windows {
     unanswered: VecDeque<(WindowCall, Instant)>,
     /// Whether windows can be opened at all (the owner sees every row without them).
     pub usable: bool,
+    /// Draws this client's close delays ([`close_delay`]).
+    seed: u64,
+    /// The bucket just behind the wanted ones, and when it may be closed.
+    leaving: Option<(u64, Instant)>,
 }
 
 impl Default for Windows {
     fn default() -> Self {
+        Windows::new(0)
+    }
+}
+
+/// How long after the cursor left `bucket` a client with `seed` closes it: a delay in
+/// `[0, CLOSE_SPREAD)`, different per seed and per bucket, so that the subscribers of a
+/// stream close their windows spread out instead of all at once.
+pub fn close_delay(seed: u64, bucket: u64) -> Duration {
+    // splitmix64's finaliser: every bit of the seed and the bucket moves the draw.
+    let mut z = seed ^ bucket.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    CLOSE_SPREAD.mul_f64((z >> 11) as f64 / (1u64 << 53) as f64)
+}
+
+impl Windows {
+    /// The windows of one stream for a client that draws its close delays from `seed`.
+    pub fn new(seed: u64) -> Self {
         Windows {
             open: BTreeSet::new(),
             opening: BTreeSet::new(),
@@ -69,11 +102,11 @@ impl Default for Windows {
             retry_at: None,
             unanswered: VecDeque::new(),
             usable: true,
+            seed,
+            leaving: None,
         }
     }
-}
 
-impl Windows {
     /// Asks for every window to be closed and reopened at the next [`Windows::plan`].
     pub fn reset(&mut self) {
         self.reset = true;
@@ -232,9 +265,14 @@ impl Windows {
         let want: BTreeSet<u64> = (from..=b0 + PREFETCH_BUCKETS).collect();
         // Closes go first: the server holds at most `MAX_WINDOWS_PER_STREAM` (8) per
         // stream, and a cursor that jumped would otherwise have every old window and
-        // every new one open at once.
+        // every new one open at once. The bucket just behind waits for its delay
+        // (`CLOSE_SPREAD`); any further behind closes now.
+        let behind = from.checked_sub(1);
         for b in self.mine.clone() {
             if !want.contains(&b) && self.open.contains(&b) && !self.closing.contains(&b) {
+                if Some(b) == behind && !self.close_due(b, now) {
+                    continue;
+                }
                 calls.push(WindowCall::Close(b));
                 self.closing.insert(b);
                 self.mine.remove(&b);
@@ -257,5 +295,19 @@ impl Windows {
         }
         self.sent(&calls, now);
         calls
+    }
+
+    /// Whether bucket `b`, just behind the wanted ones, may be closed at `now`: once its
+    /// [`close_delay`] has passed since the first plan that found it behind.
+    fn close_due(&mut self, b: u64, now: Instant) -> bool {
+        let due = match self.leaving {
+            Some((leaving, due)) if leaving == b => due,
+            _ => {
+                let due = now + close_delay(self.seed, b);
+                self.leaving = Some((b, due));
+                due
+            }
+        };
+        now >= due
     }
 }
