@@ -600,7 +600,7 @@ impl Driver {
                 for call in &calls {
                     log::warn!("{id}: window call {call:?} had no answer within {} s; making it again", windows::ANSWER_WITHIN.as_secs());
                 }
-                calls.extend(if self.slots.waits(id, s.catching_up()) { s.windows.release(now.at) } else { s.windows.plan(s.engine.fetch_after(), s.engine.may_straddle() || s.hold.widened(), now.at) });
+                calls.extend(if self.slots.waits(id, s.catching_up()) { s.windows.release(now.at) } else { s.windows.plan(s.engine.fetch_after(), s.engine.may_straddle() || s.hold.widened(), !s.catching_up(), now.at) });
                 for call in calls {
                     out.push(match call {
                         WindowCall::Open(bucket) => Command::OpenWindow { stream_id: id.clone(), bucket },

@@ -897,7 +897,7 @@ proptest! {
     /// every call is confirmed exactly the wanted buckets are open (the one before the
     /// cursor's only when the next segment may straddle into it).
     #[test]
-    fn windows_follow_the_cursor_and_stay_bounded(steps in proptest::collection::vec(((0u64..6, any::<bool>(), any::<bool>(), 0usize..4, any::<bool>(), 0u8..8), 0u8..12), 1..80), settle_straddle in any::<bool>()) {
+    fn windows_follow_the_cursor_and_stay_bounded(steps in proptest::collection::vec(((0u64..6, any::<bool>(), any::<bool>(), 0usize..4, any::<bool>(), 0u8..8, any::<bool>()), 0u8..12), 1..80), settle_straddle in any::<bool>()) {
         let base = Instant::now();
         let mut w = Windows::default();
         let mut server: BTreeSet<u64> = BTreeSet::new();
@@ -924,7 +924,7 @@ proptest! {
             }
             w.answered(call);
         };
-        for (i, ((advance, reset, late, confirm, straddle, refuse), drop)) in steps.into_iter().enumerate() {
+        for (i, ((advance, reset, late, confirm, straddle, refuse, live), drop)) in steps.into_iter().enumerate() {
             // Now and then the clock jumps past the answer limit.
             let now = base + Duration::from_millis(i as u64 * 10) + super::windows::ANSWER_WITHIN * (i as u32 / 20);
             cursor += advance * WINDOW_EVENTS / 2;
@@ -933,7 +933,7 @@ proptest! {
             }
             // A call unanswered for too long is made again.
             in_flight.extend(w.expire(now));
-            in_flight.extend(w.plan(cursor, straddle, now));
+            in_flight.extend(w.plan(cursor, straddle, live, now));
             refused_any |= refuse == 0;
             // The server drops a call unanswered (1 in 12 steps): it changes nothing.
             if drop == 0 && in_flight.pop_front().is_some() {
@@ -959,7 +959,7 @@ proptest! {
             // Past the answer limit, and each time past a refusal's retry delay.
             let now = base + Duration::from_secs(600 + 2 * k);
             in_flight.extend(w.expire(now));
-            in_flight.extend(w.plan(cursor, settle_straddle, now));
+            in_flight.extend(w.plan(cursor, settle_straddle, true, now));
             while let Some(call) = in_flight.pop_front() {
                 answer(&mut w, &mut server, call, false, now);
             }
@@ -978,7 +978,7 @@ proptest! {
 /// the start of bucket `from`.
 fn windows_open(seed: u64, from: u64, to: u64, now: Instant) -> Windows {
     let mut w = Windows::new(seed);
-    let calls = w.plan(from * WINDOW_EVENTS, false, now);
+    let calls = w.plan(from * WINDOW_EVENTS, false, true, now);
     assert_eq!(calls, (from..=to).map(WindowCall::Open).collect::<Vec<_>>());
     for call in calls {
         w.answered(call);
@@ -988,35 +988,49 @@ fn windows_open(seed: u64, from: u64, to: u64, now: Instant) -> Windows {
 
 /// Every subscriber of a stream leaves a bucket at about the same moment. Each closes
 /// the bucket it has just left after a delay of its own, so that the server's deletes
-/// come spread out; a bucket further behind (the cursor jumped) and a reset close at
-/// once.
+/// come spread out; a bucket further behind (the cursor jumped), a reset, a stream that
+/// is catching up, and one live for less than `CLOSE_SPREAD` close at once.
 #[test]
 fn the_bucket_just_left_closes_after_the_clients_own_delay() {
     let t0 = Instant::now();
+    let t1 = t0 + CLOSE_SPREAD;
     let seed = (0..).find(|s| close_delay(*s, 0) > Duration::from_millis(100)).unwrap();
     let delay = close_delay(seed, 0);
     let mut w = windows_open(seed, 0, 2, t0);
-    // The cursor enters bucket 1: bucket 3 opens, bucket 0 stays open for its delay.
-    let calls = w.plan(WINDOW_EVENTS, false, t0);
-    assert_eq!(calls, vec![WindowCall::Open(3)]);
+    // Live since t0; at t1 the cursor enters bucket 1: bucket 3 opens, bucket 0 stays
+    // open for its delay.
+    assert_eq!(w.plan(WINDOW_EVENTS, false, true, t1), vec![WindowCall::Open(3)]);
     w.answered(WindowCall::Open(3));
-    assert!(w.plan(WINDOW_EVENTS + 5, false, t0 + delay - Duration::from_millis(1)).is_empty());
+    assert!(w.plan(WINDOW_EVENTS + 5, false, true, t1 + delay - Duration::from_millis(1)).is_empty());
     assert_eq!(w.open, BTreeSet::from([0, 1, 2, 3]));
-    assert_eq!(w.plan(WINDOW_EVENTS + 9, false, t0 + delay), vec![WindowCall::Close(0)]);
+    assert_eq!(w.plan(WINDOW_EVENTS + 9, false, true, t1 + delay), vec![WindowCall::Close(0)]);
     w.answered(WindowCall::Close(0));
 
     // A cursor that jumps two buckets closes the bucket it left two behind at once.
     let mut w = windows_open(seed, 0, 2, t0);
-    let calls = w.plan(2 * WINDOW_EVENTS, false, t0);
+    let calls = w.plan(2 * WINDOW_EVENTS, false, true, t1);
     assert_eq!(calls, vec![WindowCall::Close(0), WindowCall::Open(3), WindowCall::Open(4)]);
 
     // A reset closes every window at once, the one waiting for its delay too.
     let mut w = windows_open(seed, 0, 2, t0);
-    assert_eq!(w.plan(WINDOW_EVENTS, false, t0), vec![WindowCall::Open(3)]);
+    assert_eq!(w.plan(WINDOW_EVENTS, false, true, t1), vec![WindowCall::Open(3)]);
     w.answered(WindowCall::Open(3));
     w.reset();
-    let calls = w.plan(WINDOW_EVENTS, false, t0);
+    let calls = w.plan(WINDOW_EVENTS, false, true, t1);
     assert!(calls.contains(&WindowCall::Close(0)), "{calls:?}");
+
+    // Catching up, the cursor leaves a bucket every few milliseconds: no delay; nor just
+    // after it caught up (live since t1 only), in step with no other subscriber.
+    let mut w = windows_open(seed, 0, 2, t0);
+    assert_eq!(w.plan(WINDOW_EVENTS - 2, false, false, t1), vec![]);
+    assert_eq!(w.plan(WINDOW_EVENTS, false, true, t1), vec![WindowCall::Close(0), WindowCall::Open(3)]);
+    w.answered(WindowCall::Close(0));
+    w.answered(WindowCall::Open(3));
+    assert_eq!(w.plan(2 * WINDOW_EVENTS, false, true, t1 + CLOSE_SPREAD - Duration::from_millis(1)), vec![WindowCall::Close(1), WindowCall::Open(4)]);
+    w.answered(WindowCall::Close(1));
+    w.answered(WindowCall::Open(4));
+    // Live for CLOSE_SPREAD now: the next bucket left waits for its delay.
+    assert_eq!(w.plan(3 * WINDOW_EVENTS, false, true, t1 + CLOSE_SPREAD), vec![WindowCall::Open(5)]);
 }
 
 /// The delays are the client's own: the same for one seed and bucket, in

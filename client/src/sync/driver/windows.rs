@@ -24,7 +24,10 @@ pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 /// closed at once, ten subscribers' closes queued one behind the other and held every
 /// publish for 300–450 ms (docs/BENCHMARKS.md). Each client waits a delay of its own in
 /// `[0, CLOSE_SPREAD)` per bucket ([`close_delay`]), holding at most one bucket more
-/// than [`MAX_WANTED`] meanwhile.
+/// than [`MAX_WANTED`] meanwhile. Only once a stream has followed live for
+/// `CLOSE_SPREAD`: one catching up leaves a bucket every few milliseconds, one that has
+/// just caught up is in step with no other subscriber, and delayed closes there raised a
+/// cold replay's peak memory by about a quarter.
 pub const CLOSE_SPREAD: Duration = Duration::from_secs(4);
 
 /// A window call to make.
@@ -70,6 +73,8 @@ pub struct Windows {
     seed: u64,
     /// The bucket just behind the wanted ones, and when it may be closed.
     leaving: Option<(u64, Instant)>,
+    /// Since when the stream has followed live (plans with `live`), if it does.
+    live_since: Option<Instant>,
 }
 
 impl Default for Windows {
@@ -104,6 +109,7 @@ impl Windows {
             usable: true,
             seed,
             leaving: None,
+            live_since: None,
         }
     }
 
@@ -240,9 +246,12 @@ impl Windows {
     /// it: `StreamEngine::may_straddle`) and
     /// [`PREFETCH_BUCKETS`] after, so replay rarely waits on a round trip and memory stays
     /// bounded by [`MAX_WANTED`] buckets of events. Old windows are closed before new
-    /// ones are opened, and at most [`MAX_WANTED`] opens are in flight. The caller checks
-    /// `usable` and the grant first.
-    pub fn plan(&mut self, fetch_after: u64, straddle: bool, now: Instant) -> Vec<WindowCall> {
+    /// ones are opened, and at most [`MAX_WANTED`] opens are in flight. Once the stream
+    /// has been `live` (following its head, not catching up) for [`CLOSE_SPREAD`], the
+    /// bucket just left waits for its [`close_delay`]. The caller checks `usable` and the
+    /// grant first.
+    pub fn plan(&mut self, fetch_after: u64, straddle: bool, live: bool, now: Instant) -> Vec<WindowCall> {
+        self.live_since = if live { Some(self.live_since.unwrap_or(now)) } else { None };
         let mut calls = Vec::new();
         if self.reset {
             // Close, and reopen once closed, so that the rows of every bucket are
@@ -260,17 +269,18 @@ impl Windows {
             self.sent(&calls, now);
             return calls;
         }
+        let spread = self.live_since.is_some_and(|t| now.saturating_duration_since(t) >= CLOSE_SPREAD);
         let b0 = bucket(fetch_after + 1);
         let from = if straddle { b0.saturating_sub(1) } else { b0 };
         let want: BTreeSet<u64> = (from..=b0 + PREFETCH_BUCKETS).collect();
         // Closes go first: the server holds at most `MAX_WINDOWS_PER_STREAM` (8) per
         // stream, and a cursor that jumped would otherwise have every old window and
-        // every new one open at once. The bucket just behind waits for its delay
-        // (`CLOSE_SPREAD`); any further behind closes now.
+        // every new one open at once. A stream long live enough has the bucket just behind
+        // wait for its delay (`CLOSE_SPREAD`); any further behind closes now.
         let behind = from.checked_sub(1);
         for b in self.mine.clone() {
             if !want.contains(&b) && self.open.contains(&b) && !self.closing.contains(&b) {
-                if Some(b) == behind && !self.close_due(b, now) {
+                if spread && Some(b) == behind && !self.close_due(b, now) {
                     continue;
                 }
                 calls.push(WindowCall::Close(b));
