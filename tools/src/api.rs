@@ -2,6 +2,7 @@
 //! and SQL. Used by `khala up`, the admin commands, the mirror and the test harness.
 
 use crate::error::{Result, ToolError};
+use crate::metrics_text::Samples;
 use khala_proto::CodedError;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -206,10 +207,21 @@ impl Api {
 
     /// The identity that owns database `name` (`GET /v1/database/NAME`).
     pub fn database_owner(&self, name: &str) -> Result<String> {
+        self.database_field(name, "owner_identity")
+    }
+
+    /// Database `name`'s own identity (`GET /v1/database/NAME`): the `db` label of its
+    /// metrics.
+    pub fn database_identity(&self, name: &str) -> Result<String> {
+        self.database_field(name, "database_identity")
+    }
+
+    /// An identity field of `GET /v1/database/NAME`, as lowercase hex.
+    fn database_field(&self, name: &str, field: &str) -> Result<String> {
         let what = format!("reading database {name}");
         let response = self.http.get(format!("{}/v1/database/{name}", self.base)).send().map_err(|e| Self::http_error(&what, e))?;
         let body: Value = serde_json::from_str(&Self::check(&what, response)?).map_err(|e| Self::http_error(&what, e))?;
-        identity_value(&body["owner_identity"]).ok_or_else(|| Self::http_error(&what, format!("no owner_identity in {body}")))
+        identity_value(&body[field]).ok_or_else(|| Self::http_error(&what, format!("no {field} in {body}")))
     }
 
     /// Runs one SQL statement and returns its rows.
@@ -249,9 +261,13 @@ impl Api {
     /// server may not). It grows with every segment ever written until the server restarts
     /// (docs/OPERATIONS.md, "The server's memory grows with segments written").
     pub fn server_heap_bytes(&self) -> Result<Option<u64>> {
+        Ok(self.server_metrics()?.and_then(|m| m.sum("jemalloc_allocated_bytes", &[])).map(|v| v as u64))
+    }
+
+    /// The server's metrics (`GET /v1/metrics`); `None` if it serves no such route.
+    pub fn server_metrics(&self) -> Result<Option<Samples>> {
         let what = "reading the server's metrics";
-        let body = Self::body_unless_missing(what, self.http.get(format!("{}/v1/metrics", self.base)))?;
-        Ok(body.and_then(|b| metric_sum(&b, "jemalloc_allocated_bytes")).map(|v| v as u64))
+        Ok(Self::body_unless_missing(what, self.http.get(format!("{}/v1/metrics", self.base)))?.map(|text| Samples::parse(&text)))
     }
 
     /// The live module's schema as `RawModuleDefV9` JSON
@@ -267,34 +283,9 @@ impl Api {
     }
 }
 
-/// The sum of `name`'s samples in a Prometheus text exposition, over all its label sets;
-/// `None` when it has none.
-pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
-    let samples = text.lines().filter_map(|line| {
-        let rest = line.strip_prefix(name)?;
-        let value = if rest.starts_with('{') { rest.rsplit_once('}')?.1 } else if rest.starts_with(' ') { rest } else { return None };
-        value.split_whitespace().next()?.parse::<f64>().ok()
-    });
-    samples.fold(None, |sum, v| Some(sum.unwrap_or(0.0) + v))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_metric_is_summed_over_its_label_sets_and_never_confused_with_a_longer_name() {
-        let text = "# HELP jemalloc_allocated_bytes Number of bytes allocated\n\
-                    # TYPE jemalloc_allocated_bytes gauge\n\
-                    jemalloc_allocated_bytes{node_id=\"0\"} 1000\n\
-                    jemalloc_allocated_bytes{node_id=\"1\"} 24.5\n\
-                    jemalloc_allocated_bytes_total 7\n\
-                    jemalloc_active_bytes 99\n";
-        assert_eq!(metric_sum(text, "jemalloc_allocated_bytes"), Some(1024.5));
-        assert_eq!(metric_sum("jemalloc_allocated_bytes 3 1700000000\n", "jemalloc_allocated_bytes"), Some(3.0));
-        assert_eq!(metric_sum(text, "page_pool_resident_bytes"), None);
-        assert_eq!(metric_sum("jemalloc_allocated_bytes{a=\"}\"} nope\n", "jemalloc_allocated_bytes"), None);
-    }
 
     #[test]
     fn reads_the_identity_claim_of_a_token() {

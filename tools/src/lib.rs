@@ -13,7 +13,8 @@
 //! - [`parity`]: authority vs module vs client logs, by seq and hash.
 //! - [`paths`]: default locations.
 //! - [`progress`]: indicatif bars on a terminal only.
-//! - [`prometheus`]: serving metrics; [`exporter`]: the module's state as metrics (docs/METRICS.md).
+//! - [`prometheus`]: serving metrics; [`exporter`]: the module's state as metrics (docs/METRICS.md);
+//!   [`metrics_text`]: reading a server's.
 //! - [`error`]: [`ToolError`] with stable codes.
 
 pub mod api;
@@ -29,6 +30,7 @@ pub mod grants;
 pub mod error;
 pub mod faults;
 pub mod inspect;
+pub mod metrics_text;
 pub mod mirror;
 pub mod module_wasm;
 pub mod parity;

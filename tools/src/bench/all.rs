@@ -352,7 +352,7 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
         report["machine"]["loadavg_at_start"].as_str().unwrap_or("?"),
     ));
     md.push_str("\nLatency, one event per `publish` call at a steady rate, timed from the send to the subscriber's handler (Khala: a real client per granted identity) or insert callback (bare module; with one RLS rule, each subscriber has its own query plan as with Khala), and for Khala to the `persist` before its checkpoint write:\n\n");
-    md.push_str("| subscribers | events/s | path | sent | delivered | missing | p50 | p99 | max | to checkpoint p99 |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| subscribers | events/s | path | sent | delivered | missing | p50 | p99 | max | to checkpoint p99 | database thread: busy; per call, reducer + update |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for l in &latency {
         for (path, r, hop) in [
             ("Khala", &l["khala"], "publish_to_handler"),
@@ -361,8 +361,13 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
         ] {
             let ms = |k: &str| r[hop][k].as_f64().map_or("—".to_string(), |v| format!("{v} ms"));
             let durable = r["publish_to_durable_checkpoint"]["p99_ms"].as_f64().map_or("—".to_string(), |v| format!("{v} ms"));
+            let server = &r["server"];
+            let thread = match (server["database_thread_busy"].as_f64(), server["reducer_cpu_us_per_call"].as_f64(), server["update_cpu_us_per_call"].as_f64()) {
+                (Some(busy), Some(reducer), Some(update)) => format!("{:.0}%; {reducer} + {update} µs", busy * 100.0),
+                _ => "—".to_string(),
+            };
             md.push_str(&format!(
-                "| {} | {} | {path} | {} | {} | {} | {} | {} | {} | {durable} |\n",
+                "| {} | {} | {path} | {} | {} | {} | {} | {} | {} | {durable} | {thread} |\n",
                 l["subscribers"], l["rate"], r["sent"], r["delivered"], r["missing"], ms("p50_ms"), ms("p99_ms"), ms("max_ms")
             ));
         }
