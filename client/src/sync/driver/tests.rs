@@ -951,6 +951,11 @@ proptest! {
             // close was refused stays held (the server's cap bounds those).
             let held = w.open.union(&w.opening).filter(|b| !w.closing.contains(b)).count();
             prop_assert!(held <= 2 * MAX_WANTED || refused_any, "{held} windows held: open {:?}, opening {:?}", w.open, w.opening);
+            // Without refusals or drops the server holds at most what the client wants
+            // and the bucket it has just left (waiting for its close delay), and what
+            // the client has asked to close.
+            let asked_closed = w.closing.len();
+            prop_assert!(refused_any || server.len() <= MAX_WANTED + 1 + asked_closed, "server {server:?}, closing {:?}", w.closing);
             // What the client holds as open, the server holds (a refused close is kept).
             prop_assert!(w.open.iter().all(|b| server.contains(b) || in_flight.contains(&WindowCall::Close(*b))), "open {:?}, server {server:?}", w.open);
         }
@@ -1031,6 +1036,74 @@ fn the_bucket_just_left_closes_after_the_clients_own_delay() {
     w.answered(WindowCall::Open(4));
     // Live for CLOSE_SPREAD now: the next bucket left waits for its delay.
     assert_eq!(w.plan(3 * WINDOW_EVENTS, false, true, t1 + CLOSE_SPREAD), vec![WindowCall::Open(5)]);
+}
+
+/// A bucket waiting for its delay closes at once when the cursor moves on again, when the
+/// stream falls behind, and when its windows are released; a bucket the cursor comes back
+/// to (a rebuilt history) waits its whole delay again when it is left again.
+#[test]
+fn a_bucket_waiting_to_close_closes_at_once_when_things_change() {
+    let t0 = Instant::now();
+    let t1 = t0 + CLOSE_SPREAD;
+    let seed = (0..).find(|s| close_delay(*s, 0) > Duration::from_millis(100) && close_delay(*s, 1) > Duration::from_millis(100)).unwrap();
+    let waiting = |live_plans: &[u64]| {
+        let mut w = windows_open(seed, 0, 2, t0);
+        for (i, fetch_after) in live_plans.iter().enumerate() {
+            for call in w.plan(*fetch_after, false, true, t1 + Duration::from_millis(i as u64)) {
+                w.answered(call);
+            }
+        }
+        w
+    };
+    // The cursor leaves bucket 1 too: bucket 0 is two behind and closes; 1 waits.
+    let mut w = waiting(&[WINDOW_EVENTS]);
+    assert_eq!(w.plan(2 * WINDOW_EVENTS, false, true, t1), vec![WindowCall::Close(0), WindowCall::Open(4)]);
+    // The stream falls behind (catching up): no more waiting.
+    let mut w = waiting(&[WINDOW_EVENTS]);
+    assert_eq!(w.plan(WINDOW_EVENTS + 1, false, false, t1), vec![WindowCall::Close(0)]);
+    // Released for another stream's replay: every window closes.
+    let mut w = waiting(&[WINDOW_EVENTS]);
+    assert!(w.release(t1).contains(&WindowCall::Close(0)));
+
+    // Bucket 0 closes after its delay; the history is rebuilt and the cursor comes back
+    // into bucket 0, then leaves it again: it waits its delay again, from then.
+    let mut w = waiting(&[WINDOW_EVENTS]);
+    let delay = close_delay(seed, 0);
+    assert_eq!(w.plan(WINDOW_EVENTS, false, true, t1 + delay), vec![WindowCall::Close(0)]);
+    w.answered(WindowCall::Close(0));
+    let t2 = t1 + delay + Duration::from_secs(1);
+    for call in w.plan(0, false, true, t2) {
+        w.answered(call);
+    }
+    assert!(w.open.contains(&0));
+    assert!(!w.plan(WINDOW_EVENTS, false, true, t2).contains(&WindowCall::Close(0)));
+    assert!(!w.plan(WINDOW_EVENTS, false, true, t2 + delay - Duration::from_millis(1)).contains(&WindowCall::Close(0)));
+    assert!(w.plan(WINDOW_EVENTS, false, true, t2 + delay).contains(&WindowCall::Close(0)));
+}
+
+/// The driver passes whether a stream follows live: a live stream keeps the bucket it
+/// has just left open for its delay, then closes it, with no event to move it.
+#[test]
+fn a_live_stream_closes_the_bucket_it_left_after_its_own_delay() {
+    let mut sim = live_sim(10);
+    sim.advance(CLOSE_SPREAD);
+    let delay = close_delay(stream_seed(sim.seed, "s.a"), 0);
+    // To the last event of bucket 0: the next one is in bucket 1.
+    sim.publish(0, WINDOW_EVENTS - 11);
+    sim.deliver(100);
+    assert_eq!(sim.driver.applied()["s.a"], WINDOW_EVENTS - 1);
+    let left_at = sim.elapsed;
+    let mut closed_after = None;
+    while closed_after.is_none() && sim.elapsed < left_at + CLOSE_SPREAD + Duration::from_secs(1) {
+        if !sim.server["s.a"].windows.contains(&0) {
+            closed_after = Some(sim.elapsed - left_at);
+        }
+        sim.advance(Duration::from_millis(50));
+        sim.deliver(100);
+    }
+    let closed_after = closed_after.expect("bucket 0 was closed");
+    assert!(closed_after >= delay && closed_after <= delay + Duration::from_millis(200), "closed {closed_after:?} after leaving, delay {delay:?}");
+    assert!(sim.server["s.a"].windows.contains(&1));
 }
 
 /// The delays are the client's own: the same for one seed and bucket, in

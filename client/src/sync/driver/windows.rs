@@ -22,7 +22,7 @@ pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 /// on the database's one thread (about 15 ms for 8,192 one-event segments) and decoded
 /// by the client. Every subscriber of a stream leaves a bucket at about the same moment:
 /// closed at once, ten subscribers' closes queued one behind the other and held every
-/// publish for 300–450 ms (docs/BENCHMARKS.md). Each client waits a delay of its own in
+/// publish for 300–500 ms (docs/BENCHMARKS.md). Each client waits a delay of its own in
 /// `[0, CLOSE_SPREAD)` per bucket ([`close_delay`]), holding at most one bucket more
 /// than [`MAX_WANTED`] meanwhile. Only once a stream has followed live for
 /// `CLOSE_SPREAD`: one catching up leaves a bucket every few milliseconds, one that has
@@ -116,6 +116,7 @@ impl Windows {
     /// Asks for every window to be closed and reopened at the next [`Windows::plan`].
     pub fn reset(&mut self) {
         self.reset = true;
+        self.leaving = None;
     }
 
     /// The connection is gone: its window rows come back with the next subscription,
@@ -125,6 +126,8 @@ impl Windows {
         self.opening.clear();
         self.closing.clear();
         self.unanswered.clear();
+        self.leaving = None;
+        self.live_since = None;
     }
 
     /// The first unanswered `call` has its answer.
@@ -230,6 +233,8 @@ impl Windows {
     /// answers calls in order, so the close follows the open. Afterwards none is ours (one
     /// asked for before a reconnect and never opened is held by no one).
     pub fn release(&mut self, now: Instant) -> Vec<WindowCall> {
+        self.live_since = None;
+        self.leaving = None;
         let mut calls = Vec::new();
         for b in std::mem::take(&mut self.mine) {
             if (self.open.contains(&b) || self.opening.contains(&b)) && !self.closing.contains(&b) {
@@ -282,6 +287,9 @@ impl Windows {
             if !want.contains(&b) && self.open.contains(&b) && !self.closing.contains(&b) {
                 if spread && Some(b) == behind && !self.close_due(b, now) {
                     continue;
+                }
+                if self.leaving.is_some_and(|(leaving, _)| leaving == b) {
+                    self.leaving = None;
                 }
                 calls.push(WindowCall::Close(b));
                 self.closing.insert(b);
