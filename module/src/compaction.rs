@@ -160,7 +160,7 @@ fn nothing_to_do(ctx: &ReducerContext, row: &Stream, hint: &StreamSweep, min_age
     let unchanged_tail = hint.compact_seen_head != 0 && hint.compact_seen_head == row.head_seq;
     let still_young = hint.compact_young_at != Timestamp::UNIX_EPOCH && !old_enough(ctx, hint.compact_young_at, min_age);
     if still_young {
-        Some(Next::NextRun)
+        Some(Next::At(sweep::wake_time(hint.compact_young_at, min_age, ctx.timestamp)))
     } else if unchanged_tail {
         Some(Next::OnChange)
     } else {
@@ -211,8 +211,8 @@ fn compact_stream(
     }
     hint.compact_seen_head = if walk == Walk::End && compacted_through < row.head_seq { row.head_seq } else { 0 };
     hint.compact_young_at = young_at.unwrap_or(Timestamp::UNIX_EPOCH);
-    // Segments too young to merge now will be old enough on a later run.
-    let next = if young_at.is_some() { Next::NextRun } else { Next::OnChange };
+    // Segments too young to merge now: a wake-up when they are old enough.
+    let next = young_at.map_or(Next::OnChange, |at| Next::At(sweep::wake_time(at, min_age, ctx.timestamp)));
     sweep::save_hint(ctx, stored, hint);
     (walk, next)
 }

@@ -86,13 +86,19 @@ pub fn set_limits(ctx: &ReducerContext, max_payload_bytes: u32, max_batch_events
     Ok(())
 }
 
-/// Sets how old a small segment must be before compaction merges it (admin only).
+/// Sets how old a small segment must be before compaction merges it (admin only). A
+/// shorter age has the next compaction run look at every stream once: wake-ups set under
+/// the old age may be due sooner now.
 #[reducer]
 pub fn set_compaction(ctx: &ReducerContext, min_age_secs: u64) -> ReducerResult {
     access::require_admin(ctx)?;
     let mut cfg = config(ctx);
+    let shorter = min_age_secs < cfg.compact_min_age_secs;
     cfg.compact_min_age_secs = min_age_secs;
     ctx.db.khala_config().id().update(cfg);
+    if shorter {
+        crate::sweep::reseed_compaction(ctx);
+    }
     Ok(())
 }
 

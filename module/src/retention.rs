@@ -28,9 +28,6 @@ pub const RETENTION_EVENTS: u64 = 65_536;
 pub const RETENTION_BYTES: u64 = 8 * 1024 * 1024;
 /// How soon a run that used its whole budget runs again.
 pub const CATCH_UP_DELAY: Duration = Duration::from_millis(100);
-/// The furthest ahead a retention wake-up is scheduled; a longer age limit is checked
-/// again at this horizon.
-pub const MAX_WAKE_AHEAD: Duration = Duration::from_secs(30 * 24 * 3600);
 
 #[table(name = retention_schedule, scheduled(sweep_retention))]
 pub struct RetentionSchedule {
@@ -77,17 +74,14 @@ impl Policy {
 
     /// What a visit waits for when the oldest segment left was published at
     /// `published_at`: its expiry by age, or, without an age limit, new events (it can
-    /// only expire by count). An expiry more than [`MAX_WAKE_AHEAD`] away wakes the sweep
+    /// only expire by count). An expiry more than [`sweep::MAX_WAKE_AHEAD`] away wakes the sweep
     /// at that horizon instead, and that visit looks again: the engine refuses to schedule
     /// further than about 795 days ahead, and a refused insert would fail every run.
     fn next_visit(&self, published_at: Timestamp, now: Timestamp) -> Next {
         if self.retain_max_age_secs == 0 {
             return Next::OnChange;
         }
-        let micros = |t: Timestamp| t.to_micros_since_unix_epoch();
-        let max_age = i64::try_from(self.retain_max_age_secs).unwrap_or(i64::MAX).saturating_mul(1_000_000);
-        let horizon = micros(now).saturating_add(MAX_WAKE_AHEAD.as_micros() as i64);
-        Next::At(Timestamp::from_micros_since_unix_epoch(micros(published_at).saturating_add(max_age).min(horizon)))
+        Next::At(sweep::wake_time(published_at, Duration::from_secs(self.retain_max_age_secs), now))
     }
 
     /// Whether a segment may go: it lies wholly below the newest `retain_max_events`, or

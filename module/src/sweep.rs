@@ -17,17 +17,24 @@
 //! - `stream_sweep`: per stream, what makes a visit free when there is nothing to do
 //!   (the oldest segment is not expired yet; only an unchanged trailing run is left; the
 //!   next segment is still too young to compact).
-//! - `sweep_pending`, `retention_wake`: which streams a run must look at, so that a run
-//!   reads the streams that may have work instead of every stream. A change to a stream
-//!   (a publish, a new policy) makes it pending ([`mark_changed`]); a visit clears it,
-//!   keeps it for the next run, or leaves a wake-up for when its oldest segment expires
-//!   by age (`visited`).
+//! - `sweep_pending`, `retention_wake`, `compaction_wake`: which streams a run must look
+//!   at, so that a run reads the streams that may have work instead of every stream. A
+//!   change to a stream (a publish, a new policy) makes it pending ([`mark_changed`]); a
+//!   visit clears it, and may leave a wake-up for when time alone brings work: its
+//!   oldest segment expiring by age, its youngest segments becoming old enough to merge
+//!   (`visited`).
 
 use crate::config::config;
 use crate::streams::{stream, stream_segment, Stream, StreamSegment};
 use crate::{fail, ReducerResult};
 use khala_proto::ErrorCode;
 use spacetimedb::{reducer, table, ReducerContext, ScheduleAt, Table, Timestamp};
+use std::time::Duration;
+
+/// The furthest ahead a wake-up is scheduled: the engine refuses to schedule further than
+/// about 795 days ahead, and a refused insert would fail every run. A visit at this
+/// horizon looks again and sets the next one.
+pub const MAX_WAKE_AHEAD: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Seqs per index request of [`walk`] come from this many bytes of payload at the
 /// current `max_payload_bytes` (32 seqs at the default 256 KiB).
@@ -181,6 +188,19 @@ pub struct RetentionWake {
     pub stream_id: String,
 }
 
+/// A one-shot wake-up for the compaction sweep: when a stream's youngest unmerged
+/// segments become old enough to merge (`compact_min_age_secs`), with no publish to make
+/// the stream pending before then. At most one per stream. Private.
+#[table(name = compaction_wake, scheduled(wake_compaction))]
+pub struct CompactionWake {
+    #[primary_key]
+    #[auto_inc]
+    pub scheduled_id: u64,
+    pub scheduled_at: ScheduleAt,
+    #[unique]
+    pub stream_id: String,
+}
+
 /// The sweeps that have made every stream pending once. A database made before
 /// `sweep_pending` existed has no row here, so its first run of each sweep makes every
 /// stream pending (what every run used to read). Private.
@@ -244,20 +264,25 @@ fn pending(ctx: &ReducerContext, sweep: Sweep) -> Vec<SweepPending> {
 pub enum Next {
     /// Nothing until the stream changes.
     OnChange,
-    /// Look again on the next run (compaction, while segments are too young to merge).
-    NextRun,
-    /// Look again when this time comes, or when the stream changes before (retention,
-    /// when the oldest segment expires by age).
+    /// Look again when this time comes, or when the stream changes before (retention:
+    /// when the oldest segment expires by age; compaction: when the segments too young
+    /// to merge are old enough). See [`wake_time`].
     At(Timestamp),
+}
+
+/// When a sweep should look again at something that comes due `after` past `since`:
+/// at most [`MAX_WAKE_AHEAD`] from `now`.
+pub fn wake_time(since: Timestamp, after: Duration, now: Timestamp) -> Timestamp {
+    let micros = |t: Timestamp| t.to_micros_since_unix_epoch();
+    let after = i64::try_from(after.as_micros()).unwrap_or(i64::MAX);
+    let horizon = micros(now).saturating_add(MAX_WAKE_AHEAD.as_micros() as i64);
+    Timestamp::from_micros_since_unix_epoch(micros(since).saturating_add(after).min(horizon))
 }
 
 /// A visit of `sweep` to `row`'s stream is over.
 fn visited(ctx: &ReducerContext, sweep: Sweep, row: &SweepPending, next: Next) {
-    if next == Next::NextRun {
-        return;
-    }
     if let Next::At(at) = next {
-        wake_at(ctx, &row.stream_id, at);
+        wake_at(ctx, sweep, &row.stream_id, at);
     }
     let cleared = row.clone().with(sweep, false);
     if !cleared.retention && !cleared.compaction {
@@ -267,32 +292,63 @@ fn visited(ctx: &ReducerContext, sweep: Sweep, row: &SweepPending, next: Next) {
     }
 }
 
-/// Makes sure retention looks at `stream_id` by `at`: keeps a wake-up due no later,
-/// else replaces it.
-fn wake_at(ctx: &ReducerContext, stream_id: &str, at: Timestamp) {
-    let wakes = ctx.db.retention_wake();
-    if let Some(existing) = wakes.stream_id().find(stream_id.to_string()) {
-        match existing.scheduled_at {
-            ScheduleAt::Time(t) if t <= at => return,
-            _ => {
-                wakes.stream_id().delete(stream_id.to_string());
-            }
+/// Makes sure `sweep` looks at `stream_id` by `at`: keeps a wake-up due no later, else
+/// replaces it.
+fn wake_at(ctx: &ReducerContext, sweep: Sweep, stream_id: &str, at: Timestamp) {
+    let id = stream_id.to_string();
+    let existing = match sweep {
+        Sweep::Retention => ctx.db.retention_wake().stream_id().find(&id).map(|w| w.scheduled_at),
+        Sweep::Compaction => ctx.db.compaction_wake().stream_id().find(&id).map(|w| w.scheduled_at),
+    };
+    if matches!(existing, Some(ScheduleAt::Time(t)) if t <= at) {
+        return;
+    }
+    let scheduled_at = ScheduleAt::Time(at);
+    match sweep {
+        Sweep::Retention => {
+            ctx.db.retention_wake().stream_id().delete(&id);
+            ctx.db.retention_wake().insert(RetentionWake { scheduled_id: 0, scheduled_at, stream_id: id });
+        }
+        Sweep::Compaction => {
+            ctx.db.compaction_wake().stream_id().delete(&id);
+            ctx.db.compaction_wake().insert(CompactionWake { scheduled_id: 0, scheduled_at, stream_id: id });
         }
     }
-    wakes.insert(RetentionWake { scheduled_id: 0, scheduled_at: ScheduleAt::Time(at), stream_id: stream_id.to_string() });
 }
 
 /// A stream's oldest segment has expired by age: retention looks at it on its next run.
 /// Only the scheduler may call it.
 #[reducer]
 pub fn wake_retention(ctx: &ReducerContext, wake: RetentionWake) -> ReducerResult {
+    woken(ctx, Sweep::Retention, &wake.stream_id)
+}
+
+/// A stream's youngest unmerged segments are old enough to merge: compaction looks at it
+/// on its next run. Only the scheduler may call it.
+#[reducer]
+pub fn wake_compaction(ctx: &ReducerContext, wake: CompactionWake) -> ReducerResult {
+    woken(ctx, Sweep::Compaction, &wake.stream_id)
+}
+
+fn woken(ctx: &ReducerContext, sweep: Sweep, stream_id: &str) -> ReducerResult {
     if ctx.sender != ctx.identity() {
-        return Err(fail(ErrorCode::Unauthorized, "wake_retention is run by the scheduler only"));
+        let name = match sweep {
+            Sweep::Retention => "wake_retention",
+            Sweep::Compaction => "wake_compaction",
+        };
+        return Err(fail(ErrorCode::Unauthorized, format!("{name} is run by the scheduler only")));
     }
-    if ctx.db.stream().stream_id().find(&wake.stream_id).is_some() {
-        mark(ctx, &wake.stream_id, true, false);
+    if ctx.db.stream().stream_id().find(stream_id.to_string()).is_some() {
+        mark(ctx, stream_id, sweep == Sweep::Retention, sweep == Sweep::Compaction);
     }
     Ok(())
+}
+
+/// A shorter `compact_min_age_secs` may bring wake-ups set under the old one forward:
+/// compaction's next run looks at every stream once (as a database made before
+/// `sweep_pending` does).
+pub fn reseed_compaction(ctx: &ReducerContext) {
+    ctx.db.sweep_seeded().sweep().delete(Sweep::Compaction as u8);
 }
 
 /// How much one run may load: segments, events and bytes of `data`. A run checks for
@@ -517,4 +573,5 @@ pub fn forget(ctx: &ReducerContext, stream_id: &str) {
     ctx.db.stream_sweep().stream_id().delete(stream_id.to_string());
     ctx.db.sweep_pending().stream_id().delete(stream_id.to_string());
     ctx.db.retention_wake().stream_id().delete(stream_id.to_string());
+    ctx.db.compaction_wake().stream_id().delete(stream_id.to_string());
 }

@@ -324,7 +324,7 @@ fn first_number(v: &Value) -> Option<i64> {
 /// The streams the sweeps will look at without a change: pending rows and wake-ups.
 fn planned(db: &TestDb) -> Vec<String> {
     let mut planned = Vec::new();
-    for table in ["sweep_pending", "retention_wake"] {
+    for table in ["sweep_pending", "retention_wake", "compaction_wake"] {
         let rows = db.sql(&format!("SELECT * FROM {table}"));
         planned.extend(rows.rows.iter().map(|r| format!("{table}: {}", rows.get(r, "stream_id").and_then(Value::as_str).unwrap())));
     }
@@ -379,6 +379,47 @@ fn the_sweeps_come_back_on_their_own_when_work_is_due_and_leave_idle_streams_alo
     });
     assert_eq!(verify_stream(&db, "s.count").unwrap(), (1..=4).collect::<Vec<_>>());
     wait_for("nothing planned again", Duration::from_secs(5), || (planned(&db) == wakes_only).then_some(()));
+}
+
+/// A stream whose small segments are too young to merge is not visited by every run
+/// until they are old enough: compaction leaves a wake-up for then and forgets the
+/// stream meanwhile. A shorter age (`set_compaction`) has every stream looked at again.
+#[test]
+fn compaction_waits_for_young_segments_with_a_wake_up_not_a_visit_every_run() {
+    let db = shared_server().new_database("young");
+    let publisher = db.publisher();
+    db.call("set_compaction", json!([4]));
+    let compaction_visits = |db: &TestDb| {
+        let rows = db.sql("SELECT * FROM sweep_visits");
+        rows.rows.iter().find(|r| rows.get(r, "sweep").and_then(Value::as_u64) == Some(1)).and_then(|r| rows.get(r, "visits").and_then(Value::as_u64)).unwrap_or(0)
+    };
+    let start = compaction_visits(&db);
+    for seq in 1..=3 {
+        publish(&db, &publisher, "s.young", batch(seq, 1)).unwrap();
+    }
+    // The first run finds the three segments too young: one visit, and a wake-up.
+    let first = wait_for("compaction to look at s.young", Duration::from_secs(5), || (compaction_visits(&db) > start).then(|| compaction_visits(&db)));
+    wait_for("a wake-up for s.young", Duration::from_secs(2), || (planned(&db) == vec!["compaction_wake: s.young".to_string()]).then_some(()));
+    // Still too young for about three more seconds: the runs meanwhile look at nothing.
+    std::thread::sleep(Duration::from_millis(2_000));
+    assert_eq!(compaction_visits(&db), first, "runs looked at a stream whose segments were too young");
+    assert_eq!(segments(&db, "s.young").len(), 3, "merged before its age");
+    // The wake-up brings compaction back, and the segments merge.
+    wait_for("the young segments to merge", Duration::from_secs(6), || (segments(&db, "s.young").len() == 1).then_some(()));
+    assert_eq!(verify_stream(&db, "s.young").unwrap(), (1..=3).collect::<Vec<_>>());
+    wait_for("nothing planned", Duration::from_secs(3), || planned(&db).is_empty().then_some(()));
+
+    // A shorter age brings a wake-up set under the longer one forward.
+    db.call("set_compaction", json!([3_600]));
+    for seq in 4..=6 {
+        publish(&db, &publisher, "s.young", batch(seq, 1)).unwrap();
+    }
+    wait_for("an hour's wake-up", Duration::from_secs(5), || (planned(&db) == vec!["compaction_wake: s.young".to_string()]).then_some(()));
+    db.call("set_compaction", json!([1]));
+    wait_for("the new segments to merge at the new age", Duration::from_secs(6), || {
+        let segs = segments(&db, "s.young");
+        (segs.len() == 1 && segs[0].last_seq == 6).then_some(())
+    });
 }
 
 /// A segment that is not small never joins a merge, so compaction has no reason to load

@@ -17,6 +17,8 @@ pub mod close_window_reducer;
 pub mod compact_segments_reducer;
 pub mod compaction_schedule_table;
 pub mod compaction_schedule_type;
+pub mod compaction_wake_table;
+pub mod compaction_wake_type;
 pub mod connection_table;
 pub mod connection_type;
 pub mod create_stream_reducer;
@@ -76,6 +78,7 @@ pub mod sweep_state_table;
 pub mod sweep_state_type;
 pub mod sweep_visits_table;
 pub mod sweep_visits_type;
+pub mod wake_compaction_reducer;
 pub mod wake_retention_reducer;
 pub mod window_churn_table;
 pub mod window_churn_type;
@@ -97,6 +100,8 @@ pub use compact_segments_reducer::{
 };
 pub use compaction_schedule_table::*;
 pub use compaction_schedule_type::CompactionSchedule;
+pub use compaction_wake_table::*;
+pub use compaction_wake_type::CompactionWake;
 pub use connection_table::*;
 pub use connection_type::Connection;
 pub use create_stream_reducer::{
@@ -168,6 +173,9 @@ pub use sweep_state_table::*;
 pub use sweep_state_type::SweepState;
 pub use sweep_visits_table::*;
 pub use sweep_visits_type::SweepVisits;
+pub use wake_compaction_reducer::{
+    set_flags_for_wake_compaction, wake_compaction, WakeCompactionCallbackId,
+};
 pub use wake_retention_reducer::{
     set_flags_for_wake_retention, wake_retention, WakeRetentionCallbackId,
 };
@@ -262,6 +270,9 @@ pub enum Reducer {
     SweepRetention {
         schedule: RetentionSchedule,
     },
+    WakeCompaction {
+        wake: CompactionWake,
+    },
     WakeRetention {
         wake: RetentionWake,
     },
@@ -295,6 +306,7 @@ impl __sdk::Reducer for Reducer {
             Reducer::SetRole { .. } => "set_role",
             Reducer::SweepGrants { .. } => "sweep_grants",
             Reducer::SweepRetention { .. } => "sweep_retention",
+            Reducer::WakeCompaction { .. } => "wake_compaction",
             Reducer::WakeRetention { .. } => "wake_retention",
         }
     }
@@ -409,6 +421,10 @@ impl TryFrom<__ws::ReducerCallInfo<__ws::BsatnFormat>> for Reducer {
                 sweep_retention_reducer::SweepRetentionArgs,
             >("sweep_retention", &value.args)?
             .into()),
+            "wake_compaction" => Ok(__sdk::parse_reducer_args::<
+                wake_compaction_reducer::WakeCompactionArgs,
+            >("wake_compaction", &value.args)?
+            .into()),
             "wake_retention" => Ok(__sdk::parse_reducer_args::<
                 wake_retention_reducer::WakeRetentionArgs,
             >("wake_retention", &value.args)?
@@ -430,6 +446,7 @@ pub struct DbUpdate {
     client_ack: __sdk::TableUpdate<ClientAck>,
     client_window: __sdk::TableUpdate<ClientWindow>,
     compaction_schedule: __sdk::TableUpdate<CompactionSchedule>,
+    compaction_wake: __sdk::TableUpdate<CompactionWake>,
     connection: __sdk::TableUpdate<Connection>,
     event_key: __sdk::TableUpdate<EventKey>,
     grant_expiry_schedule: __sdk::TableUpdate<GrantExpirySchedule>,
@@ -469,6 +486,9 @@ impl TryFrom<__ws::DatabaseUpdate<__ws::BsatnFormat>> for DbUpdate {
                 "compaction_schedule" => db_update
                     .compaction_schedule
                     .append(compaction_schedule_table::parse_table_update(table_update)?),
+                "compaction_wake" => db_update
+                    .compaction_wake
+                    .append(compaction_wake_table::parse_table_update(table_update)?),
                 "connection" => db_update
                     .connection
                     .append(connection_table::parse_table_update(table_update)?),
@@ -573,6 +593,9 @@ impl __sdk::DbUpdate for DbUpdate {
                 &self.compaction_schedule,
             )
             .with_updates_by_pk(|row| &row.scheduled_id);
+        diff.compaction_wake = cache
+            .apply_diff_to_table::<CompactionWake>("compaction_wake", &self.compaction_wake)
+            .with_updates_by_pk(|row| &row.scheduled_id);
         diff.connection = cache
             .apply_diff_to_table::<Connection>("connection", &self.connection)
             .with_updates_by_pk(|row| &row.id);
@@ -660,6 +683,7 @@ pub struct AppliedDiff<'r> {
     client_ack: __sdk::TableAppliedDiff<'r, ClientAck>,
     client_window: __sdk::TableAppliedDiff<'r, ClientWindow>,
     compaction_schedule: __sdk::TableAppliedDiff<'r, CompactionSchedule>,
+    compaction_wake: __sdk::TableAppliedDiff<'r, CompactionWake>,
     connection: __sdk::TableAppliedDiff<'r, Connection>,
     event_key: __sdk::TableAppliedDiff<'r, EventKey>,
     grant_expiry_schedule: __sdk::TableAppliedDiff<'r, GrantExpirySchedule>,
@@ -703,6 +727,11 @@ impl<'r> __sdk::AppliedDiff<'r> for AppliedDiff<'r> {
         callbacks.invoke_table_row_callbacks::<CompactionSchedule>(
             "compaction_schedule",
             &self.compaction_schedule,
+            event,
+        );
+        callbacks.invoke_table_row_callbacks::<CompactionWake>(
+            "compaction_wake",
+            &self.compaction_wake,
             event,
         );
         callbacks.invoke_table_row_callbacks::<Connection>("connection", &self.connection, event);
@@ -1373,6 +1402,7 @@ impl __sdk::SpacetimeModule for RemoteModule {
         client_ack_table::register_table(client_cache);
         client_window_table::register_table(client_cache);
         compaction_schedule_table::register_table(client_cache);
+        compaction_wake_table::register_table(client_cache);
         connection_table::register_table(client_cache);
         event_key_table::register_table(client_cache);
         grant_expiry_schedule_table::register_table(client_cache);
