@@ -153,6 +153,20 @@ fn old_enough(ctx: &ReducerContext, at: Timestamp, min_age: Duration) -> bool {
     ctx.timestamp.duration_since(at).is_some_and(|age| age >= min_age)
 }
 
+/// What a visit that found segments too young to merge (the first published at
+/// `young_at`) waits for. A stream published to within the last run's interval stays
+/// pending: its next publish would mark it again anyway, and clearing it would cost a
+/// pending row's delete and insert every run. A stream gone quiet gets a wake-up for when
+/// the segment is old enough, and no visit until then.
+fn wait_until_old_enough(ctx: &ReducerContext, row: &Stream, young_at: Timestamp, min_age: Duration) -> Next {
+    let publishing = ctx.timestamp.duration_since(row.updated_at).is_none_or(|since| since < COMPACT_INTERVAL);
+    if publishing {
+        Next::NextRun
+    } else {
+        Next::At(sweep::wake_time(young_at, min_age, ctx.timestamp))
+    }
+}
+
 /// Whether the hints say a visit would find nothing to merge (only an unchanged trailing
 /// run is left, or the next segment is still too young), and if so what the next visit
 /// waits for.
@@ -160,7 +174,7 @@ fn nothing_to_do(ctx: &ReducerContext, row: &Stream, hint: &StreamSweep, min_age
     let unchanged_tail = hint.compact_seen_head != 0 && hint.compact_seen_head == row.head_seq;
     let still_young = hint.compact_young_at != Timestamp::UNIX_EPOCH && !old_enough(ctx, hint.compact_young_at, min_age);
     if still_young {
-        Some(Next::At(sweep::wake_time(hint.compact_young_at, min_age, ctx.timestamp)))
+        Some(wait_until_old_enough(ctx, row, hint.compact_young_at, min_age))
     } else if unchanged_tail {
         Some(Next::OnChange)
     } else {
@@ -211,8 +225,7 @@ fn compact_stream(
     }
     hint.compact_seen_head = if walk == Walk::End && compacted_through < row.head_seq { row.head_seq } else { 0 };
     hint.compact_young_at = young_at.unwrap_or(Timestamp::UNIX_EPOCH);
-    // Segments too young to merge now: a wake-up when they are old enough.
-    let next = young_at.map_or(Next::OnChange, |at| Next::At(sweep::wake_time(at, min_age, ctx.timestamp)));
+    let next = young_at.map_or(Next::OnChange, |at| wait_until_old_enough(ctx, &row, at, min_age));
     sweep::save_hint(ctx, stored, hint);
     (walk, next)
 }

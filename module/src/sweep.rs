@@ -264,6 +264,9 @@ fn pending(ctx: &ReducerContext, sweep: Sweep) -> Vec<SweepPending> {
 pub enum Next {
     /// Nothing until the stream changes.
     OnChange,
+    /// Look again on the next run (compaction, while a stream still being published has
+    /// segments too young to merge).
+    NextRun,
     /// Look again when this time comes, or when the stream changes before (retention:
     /// when the oldest segment expires by age; compaction: when the segments too young
     /// to merge are old enough). See [`wake_time`].
@@ -281,6 +284,9 @@ pub fn wake_time(since: Timestamp, after: Duration, now: Timestamp) -> Timestamp
 
 /// A visit of `sweep` to `row`'s stream is over.
 fn visited(ctx: &ReducerContext, sweep: Sweep, row: &SweepPending, next: Next) {
+    if next == Next::NextRun {
+        return;
+    }
     if let Next::At(at) = next {
         wake_at(ctx, sweep, &row.stream_id, at);
     }
