@@ -21,6 +21,8 @@ mod chart;
 mod latency;
 #[path = "../bench/mirror.rs"]
 mod mirror;
+#[path = "../bench/server_account.rs"]
+mod server_account;
 #[path = "../bench/redis.rs"]
 mod redis_base;
 
@@ -529,9 +531,15 @@ fn publish(args: PublishArgs) -> anyhow::Result<()> {
         grants::make_publisher(&api, db, &owner.token, &owner.identity, &["bench.*"], 24 * 3600)?;
     }
     // Baseline first, then Khala, on the same server in the same run (ratios are the figures to trust).
+    let watch = server_account::ServerWatch::start(&api, "pub-bare")?;
     let bare = publish_bare(&server.url(), "pub-bare", &owner.token, &args)?;
+    let bare_server = watch.finish(&api, "insert")?;
+    let watch = server_account::ServerWatch::start(&api, "pub-sdk")?;
     let sdk = publish_sdk(&server.url(), "pub-sdk", &owner.token, &args)?;
+    let sdk_server = watch.finish(&api, "publish_segment")?;
+    let watch = server_account::ServerWatch::start(&api, "pub-sdk-events")?;
     let events = publish_sdk_events(&server.url(), "pub-sdk-events", &owner.token, &args)?;
+    let events_server = watch.finish(&api, "publish")?;
     let ratio = |x: f64| (x / bare.events_per_sec * 1000.0).round() / 1000.0;
     let mut out = json!({
         "command": command,
@@ -540,6 +548,11 @@ fn publish(args: PublishArgs) -> anyhow::Result<()> {
         "sdk_segment_to_bare": ratio(sdk.events_per_sec),
         "sdk_bsatn_events_per_sec": events.events_per_sec.round(),
         "sdk_bsatn_to_bare": ratio(events.events_per_sec),
+        // The database's own account of each path (per call: reducer and subscription
+        // update CPU on its thread, waits for it, how busy it was).
+        "bare_server": bare_server,
+        "sdk_segment_server": sdk_server,
+        "sdk_bsatn_server": events_server,
     });
     if !args.skip_http {
         let http = publish_http(&api, "pub-http", &owner.token, &args)?;
