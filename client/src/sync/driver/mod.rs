@@ -196,10 +196,13 @@ pub struct Driver {
     notes: Vec<Note>,
 }
 
-/// The client's seed mixed with a stream's id (FNV-1a), so that its streams draw
-/// different window close delays.
+/// The client's seed mixed with a stream's id, so that its streams draw different window
+/// close delays.
 fn stream_seed(seed: u64, stream_id: &str) -> u64 {
-    stream_id.bytes().fold(seed ^ 0xCBF2_9CE4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3))
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    (seed, stream_id).hash(&mut hasher);
+    hasher.finish()
 }
 
 impl Driver {

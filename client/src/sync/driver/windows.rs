@@ -3,6 +3,7 @@
 
 use khala_proto::hash::bucket;
 use std::collections::{BTreeSet, VecDeque};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::{Duration, Instant};
 
 /// Window buckets kept open ahead of the one holding the cursor.
@@ -87,12 +88,10 @@ impl Default for Windows {
 /// `[0, CLOSE_SPREAD)`, different per seed and per bucket, so that the subscribers of a
 /// stream close their windows spread out instead of all at once.
 pub fn close_delay(seed: u64, bucket: u64) -> Duration {
-    // splitmix64's finaliser: every bit of the seed and the bucket moves the draw.
-    let mut z = seed ^ bucket.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    CLOSE_SPREAD.mul_f64((z >> 11) as f64 / (1u64 << 53) as f64)
+    let mut hasher = DefaultHasher::new();
+    (seed, bucket).hash(&mut hasher);
+    // The top 53 bits as a fraction in [0, 1).
+    CLOSE_SPREAD.mul_f64((hasher.finish() >> 11) as f64 / (1u64 << 53) as f64)
 }
 
 impl Windows {
