@@ -34,7 +34,7 @@ impl Samples {
     /// The sum of the samples named `name` that carry every label in `labels`; `None`
     /// when there are none.
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        self.0.iter().filter(|s| s.matches(name, labels)).fold(None, |sum, s| Some(sum.unwrap_or(0.0) + s.value))
+        self.matching(name, labels).fold(None, |sum, s| Some(sum.unwrap_or(0.0) + s.value))
     }
 
     /// The samples named `name` that carry every label in `labels`.

@@ -21,6 +21,14 @@ impl ServerWatch {
         Ok(ServerWatch { db_identity: api.database_identity(db)?, before: api.server_metrics()?, started: Instant::now() })
     }
 
+    /// Runs `work` on database `db` and returns its result with [`server_side`] for the
+    /// calls of `reducer` it made.
+    pub fn around<T>(api: &Api, db: &str, reducer: &str, work: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, Value)> {
+        let watch = ServerWatch::start(api, db)?;
+        let done = work()?;
+        Ok((done, watch.finish(api, reducer)?))
+    }
+
     /// [`server_side`] for calls of `reducer`; null when the server serves no metrics.
     pub fn finish(self, api: &Api, reducer: &str) -> anyhow::Result<Value> {
         let seconds = self.started.elapsed().as_secs_f64();
@@ -44,7 +52,7 @@ fn server_side(before: &Samples, after: &Samples, db: &str, reducer: &str, secon
         (delta("spacetime_txn_cpu_time_sec_count", &labels), delta("spacetime_txn_cpu_time_sec_sum", &labels))
     };
     let per_call = |(calls, secs): (f64, f64), unit: f64| if calls > 0.0 { json!(((secs / calls * unit) * 10.0).round() / 10.0) } else { Value::Null };
-    let (calls, _) = cpu(reducer, "Reducer");
+    let reducer_cpu = cpu(reducer, "Reducer");
     let closes = cpu("close_window", "Update");
     // Cumulative bucket counts of the wait histogram over the run, by upper bound.
     let wait_labels = [("db", db), ("reducer", reducer)];
@@ -61,8 +69,8 @@ fn server_side(before: &Samples, after: &Samples, db: &str, reducer: &str, secon
     let bound = |q: f64| buckets.iter().find(|(_, cumulative)| waits > 0.0 && *cumulative >= q * waits).map(|(le, _)| if le.is_finite() { json!(le * 1000.0) } else { json!("inf") });
     json!({
         "reducer": reducer,
-        "calls": calls,
-        "reducer_cpu_us_per_call": per_call(cpu(reducer, "Reducer"), 1e6),
+        "calls": reducer_cpu.0,
+        "reducer_cpu_us_per_call": per_call(reducer_cpu, 1e6),
         "update_cpu_us_per_call": per_call(cpu(reducer, "Update"), 1e6),
         "wait_p99_ms_at_most": bound(0.99),
         "wait_max_ms_at_most": bound(1.0),

@@ -531,15 +531,10 @@ fn publish(args: PublishArgs) -> anyhow::Result<()> {
         grants::make_publisher(&api, db, &owner.token, &owner.identity, &["bench.*"], 24 * 3600)?;
     }
     // Baseline first, then Khala, on the same server in the same run (ratios are the figures to trust).
-    let watch = server_account::ServerWatch::start(&api, "pub-bare")?;
-    let bare = publish_bare(&server.url(), "pub-bare", &owner.token, &args)?;
-    let bare_server = watch.finish(&api, "insert")?;
-    let watch = server_account::ServerWatch::start(&api, "pub-sdk")?;
-    let sdk = publish_sdk(&server.url(), "pub-sdk", &owner.token, &args)?;
-    let sdk_server = watch.finish(&api, "publish_segment")?;
-    let watch = server_account::ServerWatch::start(&api, "pub-sdk-events")?;
-    let events = publish_sdk_events(&server.url(), "pub-sdk-events", &owner.token, &args)?;
-    let events_server = watch.finish(&api, "publish")?;
+    use server_account::ServerWatch;
+    let (bare, bare_server) = ServerWatch::around(&api, "pub-bare", "insert", || publish_bare(&server.url(), "pub-bare", &owner.token, &args))?;
+    let (sdk, sdk_server) = ServerWatch::around(&api, "pub-sdk", "publish_segment", || publish_sdk(&server.url(), "pub-sdk", &owner.token, &args))?;
+    let (events, events_server) = ServerWatch::around(&api, "pub-sdk-events", "publish", || publish_sdk_events(&server.url(), "pub-sdk-events", &owner.token, &args))?;
     let ratio = |x: f64| (x / bare.events_per_sec * 1000.0).round() / 1000.0;
     let mut out = json!({
         "command": command,
