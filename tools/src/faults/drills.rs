@@ -290,8 +290,8 @@ fn converge_limit(s: &Settings) -> Duration {
 /// silence, given up 30 s later (spacetimedb-sdk 1.2.0 websocket.rs), so at most 90 s.
 const HALF_OPEN_DETECTION: Duration = Duration::from_secs(90);
 
-/// The mirror gives up a call after 30 s (over the SDK `SDK_CALL_TIMEOUT` in
-/// `mirror/publisher.rs`, over HTTP `mirror::REQUEST_TIMEOUT`), then reconciles
+/// The mirror gives up a call after 10 s over the SDK (`SDK_CALL_TIMEOUT` in
+/// `mirror/publisher.rs`) and 30 s over HTTP (`mirror::REQUEST_TIMEOUT`), then reconciles
 /// and republishes: it catches up within a minute of the last fault.
 const MIRROR_RECOVERY: Duration = Duration::from_secs(60);
 
