@@ -37,7 +37,8 @@ pub enum Msg {
     Acked { stream_id: String, seq: u64, result: Result<(), String> },
 }
 
-/// What the client reads of a `stream` row.
+/// What the client reads of a `stream_view` row (module/src/stream_view.rs): the
+/// stream's epoch and floor, and a head that may trail the stream's by up to 250 ms.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamRow {
     pub stream_id: String,
@@ -65,8 +66,8 @@ pub struct WindowRow {
     pub bucket: u64,
 }
 
-impl From<&Stream> for StreamRow {
-    fn from(r: &Stream) -> Self {
+impl From<&StreamView> for StreamRow {
+    fn from(r: &StreamView) -> Self {
         StreamRow { stream_id: r.stream_id.clone(), epoch: r.epoch, head_seq: r.head_seq, oldest_seq: r.oldest_seq, head_hash: from_slice(&r.head_hash).unwrap_or(GENESIS) }
     }
 }
@@ -95,7 +96,7 @@ fn status(s: &Status) -> Result<(), String> {
 /// security already narrows them to the caller's grants and open windows, and 1.2 cannot
 /// plan a filter on a table whose RLS rule is a join (see `module/src/windows.rs`).
 pub fn queries() -> Vec<String> {
-    ["stream_grant", "stream", "client_window", "stream_segment"].iter().map(|t| format!("SELECT * FROM {t}")).collect()
+    ["stream_grant", "stream_view", "client_window", "stream_segment"].iter().map(|t| format!("SELECT * FROM {t}")).collect()
 }
 
 /// A segment row whose events do not decode: refused like one that does not verify.
@@ -213,15 +214,15 @@ pub fn connect(url: &str, database: &str, token: &str, compress: bool, tx: &Send
         let _ = t.send(Msg::Segment(row.stream_id.clone(), segment_in(row), row.published_at.to_micros_since_unix_epoch()));
     });
     let t = tx.clone();
-    conn.db.stream().on_insert(move |_, row| {
+    conn.db.stream_view().on_insert(move |_, row| {
         let _ = t.send(Msg::Stream(row.into()));
     });
     let t = tx.clone();
-    conn.db.stream().on_update(move |_, _, row| {
+    conn.db.stream_view().on_update(move |_, _, row| {
         let _ = t.send(Msg::Stream(row.into()));
     });
     let t = tx.clone();
-    conn.db.stream().on_delete(move |_, row| {
+    conn.db.stream_view().on_delete(move |_, row| {
         let _ = t.send(Msg::StreamGone(row.stream_id.clone()));
     });
     let t = tx.clone();

@@ -59,6 +59,7 @@ pub fn init(ctx: &ReducerContext) {
     retention::schedule(ctx);
     crate::compaction::schedule(ctx);
     crate::sweep::init(ctx);
+    crate::stream_view::init(ctx);
     access::schedule_grant_sweep(ctx);
 }
 

@@ -6,6 +6,8 @@
 //! - [`access`]: roles (`admin`, `publisher`), per-stream grants with leases, and the
 //!   row-level security rules that make each client see only what it is granted.
 //! - [`streams`]: the `stream` and `stream_segment` tables, stream ids, stream creation.
+//! - [`stream_view`]: what subscribers read of a stream, apart from the row each publish
+//!   rewrites.
 //! - [`publish`]: the batch `publish` reducer: dedupe, `authority_seq`, seqs, hash chain.
 //! - [`ack`]: monotonic, chain-checked client acks.
 //! - [`retention`]: per-stream retention and the scheduled sweep that raises `oldest_seq`.
@@ -27,6 +29,7 @@ pub mod config;
 pub mod presence;
 pub mod publish;
 pub mod retention;
+pub mod stream_view;
 pub mod streams;
 pub mod sweep;
 pub mod system_tables;

@@ -223,8 +223,12 @@ fn commit(ctx: &ReducerContext, mut row: crate::streams::Stream, existed: bool, 
         sweep::mark_changed(ctx, &row);
     }
     if existed {
+        if data_stored {
+            crate::stream_view::mark_stale(ctx, &stream_id);
+        }
         ctx.db.stream().stream_id().update(row);
     } else {
+        crate::stream_view::write(ctx, &row);
         ctx.db.stream().insert(row);
         access::on_stream_created(ctx, &stream_id);
     }

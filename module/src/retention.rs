@@ -141,6 +141,7 @@ pub fn trim_oldest(ctx: &ReducerContext, row: &mut Stream, budget: &mut Budget, 
         row.oldest_seq = oldest;
         row.segment_count = row.segment_count.saturating_sub(segments);
         row.updated_at = ctx.timestamp;
+        crate::stream_view::write(ctx, row);
         ctx.db.stream().stream_id().update(row.clone());
     }
     Trimmed { segments, kept, walk }
@@ -185,6 +186,7 @@ pub fn sweep_retention(ctx: &ReducerContext, schedule: RetentionSchedule) -> Red
     if ctx.sender != ctx.identity() {
         return Err(fail(ErrorCode::Unauthorized, "sweep_retention is run by the scheduler only"));
     }
+    crate::stream_view::seed_once(ctx);
     let mut budget = budget(ctx);
     sweep::run(ctx, Sweep::Retention, &mut budget, |pending, budget| visit(ctx, pending, budget));
     if !budget.has_room() {

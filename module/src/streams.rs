@@ -202,6 +202,7 @@ pub fn create_stream(ctx: &ReducerContext, stream_id: String, retain_max_events:
     if existing.is_some() {
         ctx.db.stream().stream_id().update(row);
     } else {
+        crate::stream_view::write(ctx, &row);
         let created = ctx.db.stream().insert(row);
         access::on_stream_created(ctx, &created.stream_id);
     }
@@ -258,6 +259,7 @@ pub fn reset_stream(ctx: &ReducerContext, stream_id: String) -> ReducerResult {
     row.segment_count = 0;
     row.compacted_through = 0;
     row.updated_at = ctx.timestamp;
+    crate::stream_view::write(ctx, &row);
     ctx.db.stream().stream_id().update(row);
     Ok(())
 }

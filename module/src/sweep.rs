@@ -203,7 +203,8 @@ pub struct CompactionWake {
 
 /// The sweeps that have made every stream pending once. A database made before
 /// `sweep_pending` existed has no row here, so its first run of each sweep makes every
-/// stream pending (what every run used to read). Private.
+/// stream pending (what every run used to read). Key 2 records that every stream's
+/// `stream_view` was written once (`stream_view::seed_once`). Private.
 #[table(name = sweep_seeded)]
 pub struct SweepSeeded {
     #[primary_key]

@@ -185,7 +185,7 @@ fn a_breaking_change_is_refused_and_nothing_is_published() {
 
     let run = deploy(&db.name, &token, &wasms().bare, &[]);
     assert!(!run.ok());
-    assert!(run.stderr.contains("khala: data_loss_refused: refusing 26 change(s) SpacetimeDB cannot migrate in place"), "{}", run.stderr);
+    assert!(run.stderr.contains("khala: data_loss_refused: refusing 29 change(s) SpacetimeDB cannot migrate in place"), "{}", run.stderr);
     assert!(run.stderr.contains("--clear-database publishes with the database cleared"), "{}", run.stderr);
     assert!(run.stderr.contains("add --allow-breaking too"), "{}", run.stderr);
     assert!(run.stdout.contains("data_losing+client_breaking  table       stream: removed (public table"), "{}", run.stdout);
@@ -195,7 +195,7 @@ fn a_breaking_change_is_refused_and_nothing_is_published() {
     // One flag is not enough: each refusal names the other.
     let report = deploy(&db.name, &token, &wasms().bare, &["--json", "--allow-breaking"]).json();
     assert_eq!((report["action"].as_str(), report["error"]["code"].as_str()), (Some("refused"), Some("data_loss_refused")));
-    assert_eq!(report["classes"]["data_losing"], 26);
+    assert_eq!(report["classes"]["data_losing"], 29);
     assert!(report["classes"]["client_breaking"].as_u64().unwrap() > 0);
     assert!(report["changes"].as_array().unwrap().iter().any(|c| c["class"] == "data_losing" && c["name"] == "stream_segment" && c["breaks_clients"] == true));
     let report = deploy(&db.name, &token, &wasms().bare, &["--json", "--clear-database"]).json();

@@ -434,27 +434,31 @@ fn world(label: &str) -> World {
     db.grant(&ack_b, SB, &["ack"], 3_600);
     db.grant(&ack_b, NOWHERE, &["ack"], 3_600);
     let stranger = db.new_identity();
+    // The publishes' views are written by a refresh 250 ms later: settled before any
+    // snapshot is taken.
+    wait_for("the stream views to be refreshed", ARRIVE, || db.sql("SELECT * FROM view_stale").rows.is_empty().then_some(()));
     World { db, pub_all, victim, victim_conn, sub_a, _sub_a_conn: sub_a_conn, pub_a, stranger, ack_b }
 }
 
 /// One attacker: its credentials (`None`: no `Authorization` header at all), the hex
-/// identity whose rows it may see (empty for anonymous: a new one per request), and the
-/// streams it may read (grant or publish reach).
+/// identity whose rows it may see (empty for anonymous: a new one per request), the
+/// streams it may read (grant or publish reach), and those it holds a subscribe grant on.
 struct Attacker {
     name: &'static str,
     creds: Option<Credentials>,
     identity: String,
     streams: &'static [&'static str],
+    subscribes: &'static [&'static str],
 }
 
 impl World {
     fn attackers(&self) -> Vec<Attacker> {
-        let who = |name, c: &Credentials, streams| Attacker { name, creds: Some(c.clone()), identity: c.identity.to_ascii_lowercase(), streams };
+        let who = |name, c: &Credentials, streams, subscribes| Attacker { name, creds: Some(c.clone()), identity: c.identity.to_ascii_lowercase(), streams, subscribes };
         vec![
-            who("stranger", &self.stranger, &[]),
-            Attacker { name: "anonymous", creds: None, identity: String::new(), streams: &[] },
-            who("pub_a", &self.pub_a, &[SA]),
-            who("sub_a", &self.sub_a, &[SA]),
+            who("stranger", &self.stranger, &[], &[]),
+            Attacker { name: "anonymous", creds: None, identity: String::new(), streams: &[], subscribes: &[] },
+            who("pub_a", &self.pub_a, &[SA], &[]),
+            who("sub_a", &self.sub_a, &[SA], &[SA]),
         ]
     }
 
@@ -545,6 +549,8 @@ fn user_tables(db: &TestDb) -> BTreeMap<String, bool> {
 enum Scope {
     /// Rows of the streams the caller may read (`stream_id` column).
     Streams,
+    /// Rows of the streams the caller holds a subscribe grant on.
+    Subscribed,
     /// The caller's own rows (this identity column).
     Own(&'static str),
     /// Nobody but admins (no attacker is one).
@@ -556,6 +562,7 @@ enum Scope {
 fn scope(table: &str) -> Scope {
     match table {
         "stream" | "stream_segment" => Scope::Streams,
+        "stream_view" => Scope::Subscribed,
         "stream_grant" | "publish_grant" | "stream_publisher" | "client_ack" | "client_window" => Scope::Own("grantee"),
         "identity_role" | "connection" => Scope::Own("identity"),
         "presence" => Scope::Admins,
@@ -567,6 +574,7 @@ fn scope(table: &str) -> Scope {
 fn allowed(all: &SqlRows, table: &str, who: &Attacker) -> Vec<String> {
     let keep = |r: &Vec<Value>| match scope(table) {
         Scope::Streams => all.get(r, "stream_id").and_then(Value::as_str).is_some_and(|s| who.streams.contains(&s)),
+        Scope::Subscribed => all.get(r, "stream_id").and_then(Value::as_str).is_some_and(|s| who.subscribes.contains(&s)),
         Scope::Own(col) => !who.identity.is_empty() && all.get(r, col).is_some_and(|v| identity_hex(v) == who.identity),
         Scope::Admins => false,
     };
@@ -608,21 +616,23 @@ fn sql_shows_each_attacker_exactly_its_own_rows_and_refuses_its_writes() {
     // `sweep_pending`: a row there lives until the next sweep run (under a second), since
     // segments too young to merge leave a `compaction_wake` instead; it is private, and
     // refused to every attacker below whatever it holds.
-    let transient = ["sweep_pending"];
+    // `view_stale` and `view_refresh` hold a published stream until its view's refresh,
+    // 250 ms later.
+    let transient = ["sweep_pending", "view_stale", "view_refresh"];
     let empty = || -> Vec<&String> { tables.keys().filter(|t| !transient.contains(&t.as_str()) && db.sql(&format!("SELECT * FROM {t}")).rows.is_empty()).collect() };
     let deadline = std::time::Instant::now() + ARRIVE;
     while !empty().is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(empty().is_empty(), "tables without rows to attack: {:?}", empty());
-    for private in ["khala_config", "event_key", "window_churn", "grant_expiry_schedule", "grant_sweep_schedule", "grant_sweep_state", "retention_schedule", "compaction_schedule", "sweep_pending", "retention_wake", "compaction_wake", "sweep_seeded", "sweep_visits"] {
+    for private in ["khala_config", "event_key", "window_churn", "grant_expiry_schedule", "grant_sweep_schedule", "grant_sweep_state", "retention_schedule", "compaction_schedule", "sweep_pending", "retention_wake", "compaction_wake", "sweep_seeded", "sweep_visits", "view_stale", "view_refresh"] {
         assert_eq!(tables.get(private), Some(&false), "{private} is a private table");
     }
     let owner_view: BTreeMap<&String, SqlRows> = tables.keys().map(|t| (t, db.sql(&format!("SELECT * FROM {t}")))).collect();
     // Here the ack-only grantee of s.b attacks too: its own grants name s.b, so for it
     // only the identities are searched; the exact comparison still holds it to them.
     let mut attackers = w.attackers();
-    attackers.push(Attacker { name: "ack_b", creds: Some(w.ack_b.clone()), identity: w.ack_b.identity.to_ascii_lowercase(), streams: &[] });
+    attackers.push(Attacker { name: "ack_b", creds: Some(w.ack_b.clone()), identity: w.ack_b.identity.to_ascii_lowercase(), streams: &[], subscribes: &[] });
     let others = |who: &Attacker| -> Vec<String> { w.others().into_iter().filter(|id| *id != who.identity).collect() };
     let clean = |who: &Attacker, text: &str, context: &str| {
         let text = if who.name == "ack_b" { text.replace(SB, "") } else { text.to_string() };
@@ -654,6 +664,8 @@ fn sql_shows_each_attacker_exactly_its_own_rows_and_refuses_its_writes() {
     let (stranger, anonymous, pub_a, sub_a, ack_b) = (&attackers[0], &attackers[1], &attackers[2], &attackers[3], &attackers[4]);
     let count = |who: &Attacker, q: &str| w.sql_as(who, q).unwrap_or_else(|e| panic!("{q}: {e}")).rows.len();
     assert_eq!(count(sub_a, "SELECT * FROM stream"), 1, "sub_a sees s.a's stream row");
+    assert_eq!(count(sub_a, "SELECT * FROM stream_view"), 1, "sub_a sees s.a's view");
+    assert_eq!(count(pub_a, "SELECT * FROM stream_view"), 0, "a publish reach does not show the view");
     assert_eq!(count(sub_a, "SELECT * FROM stream_segment"), 1, "sub_a sees s.a's segment through its window");
     assert_eq!(count(sub_a, "SELECT * FROM stream_grant"), 1, "sub_a sees its own grant");
     assert_eq!(count(sub_a, "SELECT * FROM client_ack"), 1, "sub_a sees its own ack");
@@ -676,6 +688,7 @@ fn sql_shows_each_attacker_exactly_its_own_rows_and_refuses_its_writes() {
     // query names, so none of them reaches s.b.
     let crafted = [
         format!("SELECT * FROM stream WHERE stream_id = '{SB}'"),
+        format!("SELECT * FROM stream_view WHERE stream_id = '{SB}'"),
         format!("SELECT * FROM stream_segment WHERE stream_id = '{SB}'"),
         format!("SELECT * FROM client_ack WHERE stream_id = '{SB}'"),
         format!("SELECT * FROM stream_grant WHERE grantee = 0x{}", w.victim.identity),
@@ -753,9 +766,10 @@ fn sql_shows_each_attacker_exactly_its_own_rows_and_refuses_its_writes() {
 /// - `sweep_state`, `stream_sweep`, `sweep_pending`, `retention_wake`, `compaction_wake`,
 ///   `sweep_visits`: the retention and compaction sweeps (every second) rewrite their
 ///   private cursor, per-stream hints, pending streams, wake-ups and visit counts;
+/// - `view_stale`, `view_refresh`: a publish's mark and the refresh 250 ms later;
 /// - `presence`: every HTTP reducer call connects and disconnects its caller, and each
 ///   recounts, so `updated_at` moves; its `connected` count is still compared.
-const SELF_CHANGING: [&str; 7] = ["sweep_state", "stream_sweep", "sweep_pending", "retention_wake", "compaction_wake", "sweep_visits", "presence"];
+const SELF_CHANGING: [&str; 9] = ["sweep_state", "stream_sweep", "sweep_pending", "retention_wake", "compaction_wake", "sweep_visits", "view_stale", "view_refresh", "presence"];
 
 /// Every user table's rows (sorted), as the owner sees them.
 fn snapshot(db: &TestDb) -> BTreeMap<String, Vec<String>> {
@@ -842,6 +856,7 @@ fn every_reducer_refuses_the_attackers_tells_them_nothing_and_changes_nothing() 
             ("sweep_grants", schedule.clone(), Refused(ErrorCode::Unauthorized)),
             ("sweep_retention", schedule.clone(), Refused(ErrorCode::Unauthorized)),
             ("compact_segments", schedule.clone(), Refused(ErrorCode::Unauthorized)),
+            ("refresh_views", schedule.clone(), Refused(ErrorCode::Unauthorized)),
             ("wake_retention", json!([{ "scheduled_id": 1, "scheduled_at": now, "stream_id": SB }]), Refused(ErrorCode::Unauthorized)),
             ("wake_compaction", json!([{ "scheduled_id": 1, "scheduled_at": now, "stream_id": SB }]), Refused(ErrorCode::Unauthorized)),
             (

@@ -7,7 +7,8 @@ use khala_proto::{StaleCursor, StreamCursor};
 use super::pending::Pending;
 use std::collections::BTreeSet;
 
-/// The server's view of a stream (its `stream` row).
+/// The server's view of a stream: its `stream_view` row, whose head trails the stream's
+/// by up to the module's `VIEW_EVERY` while it is published.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamInfo {
     pub epoch: u32,
@@ -98,8 +99,10 @@ pub enum Alert {
     Rebootstrap(StaleCursor),
     /// The server is behind the durable cursor; held.
     ServerBehind { cursor: u64, head: u64 },
-    /// The server caught up and its chain at the cursor matched: applying resumes.
-    Resumed { cursor: u64 },
+    /// The server caught up and its chain at the cursor matched (or a rebuild's floor
+    /// segment came): applying resumes. `refetch`: segments past the cursor that came
+    /// meanwhile were not kept, and must be delivered again.
+    Resumed { cursor: u64, refetch: bool },
 }
 
 /// What offering one segment did.
@@ -119,6 +122,8 @@ pub struct StreamEngine {
     epoch: u32,
     /// Last applied seq.
     applied: u64,
+    /// While held behind the server: a segment past the cursor was dropped.
+    held_dropped: bool,
     /// Chain hash at `applied`.
     chain: Hash32,
     mode: StreamMode,
@@ -129,7 +134,7 @@ pub struct StreamEngine {
     segment_ends: BTreeSet<u64>,
     /// The cursor is the last seq of a segment (or 0), so the next event starts one.
     at_segment_end: bool,
-    /// The last server view, for stale checks and health.
+    /// The last `stream_view` row, for stale checks and health.
     info: Option<StreamInfo>,
 }
 
@@ -140,6 +145,7 @@ impl StreamEngine {
             stream_id: cursor.stream_id.clone(),
             epoch: cursor.epoch,
             applied: cursor.seq,
+            held_dropped: false,
             chain: khala_proto::hash::from_slice(&cursor.chain_hash).unwrap_or(GENESIS),
             mode: StreamMode::Normal,
             pending: Pending::default(),
@@ -224,7 +230,15 @@ impl StreamEngine {
         self.at_segment_end = false;
     }
 
-    /// Takes in the server's `stream` row.
+    /// Takes in the server's `stream_view` row.
+    ///
+    /// The view is written at most every `VIEW_EVERY` while the stream is published, yet
+    /// within a session it never trails what this client has applied: the client applies
+    /// segments of commits delivered before the view's, so of a head the view has
+    /// reached. A checkpoint from an earlier session can be past it: a cursor past the
+    /// view's head then holds as if the server were behind, and the segment holding the
+    /// cursor settles it ([`StreamEngine::offer`]); the driver reports the hold only if
+    /// it lasts (docs/CLIENT.md, "The head").
     pub fn observe(&mut self, info: StreamInfo) -> Vec<Alert> {
         let mut alerts = Vec::new();
         self.info = Some(info.clone());
@@ -247,6 +261,7 @@ impl StreamEngine {
         if self.applied > info.head_seq {
             if self.mode == StreamMode::Normal {
                 alerts.push(Alert::ServerBehind { cursor: self.applied, head: info.head_seq });
+                self.held_dropped = false;
                 // What was buffered came from the history the server lost.
                 self.clear_pending();
             }
@@ -259,7 +274,7 @@ impl StreamEngine {
                     self.mode = StreamMode::Normal;
                     // The head is the last seq of the last segment.
                     self.at_segment_end = true;
-                    alerts.push(Alert::Resumed { cursor: self.applied });
+                    alerts.push(Alert::Resumed { cursor: self.applied, refetch: std::mem::take(&mut self.held_dropped) });
                 } else {
                     alerts.push(self.rebootstrap(&info, RebootstrapReason::ChainMismatch));
                 }
@@ -308,7 +323,7 @@ impl StreamEngine {
             self.chain = segment.prev_hash;
             self.mode = StreamMode::Normal;
             self.at_segment_end = true;
-            offer.alerts.push(Alert::Resumed { cursor: from });
+            offer.alerts.push(Alert::Resumed { cursor: from, refetch: true });
         }
         // The chain at the cursor, where this segment covers it, must equal ours.
         let at_cursor = if self.applied + 1 == segment.first_seq {
@@ -326,7 +341,7 @@ impl StreamEngine {
             }
             if let StreamMode::ServerBehind { .. } = self.mode {
                 self.mode = StreamMode::Normal;
-                offer.alerts.push(Alert::Resumed { cursor: self.applied });
+                offer.alerts.push(Alert::Resumed { cursor: self.applied, refetch: std::mem::take(&mut self.held_dropped) });
             }
         }
         // Where this segment meets buffered events, the hashes must agree as well. If
@@ -341,6 +356,7 @@ impl StreamEngine {
         if let StreamMode::ServerBehind { .. } = self.mode {
             // Nothing beyond the cursor may be applied before the cursor is confirmed.
             offer.duplicates += segment.events.iter().filter(|e| e.seq <= self.applied).count() as u64;
+            self.held_dropped |= segment.last_seq > self.applied;
             return offer;
         }
         for (e, (prev_chain, hash)) in segment.events.into_iter().zip(verified) {

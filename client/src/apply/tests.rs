@@ -176,10 +176,36 @@ fn a_cursor_ahead_of_the_head_holds_then_resumes_on_equal_chain() {
     // The mirror republishes 5..=8 with the same seqs and hashes.
     engine.observe(StreamInfo { epoch: 1, head_seq: 8, oldest_seq: 1, head_hash: segs[1].last_hash });
     let offer = engine.offer(segs[1].clone());
-    assert!(offer.alerts.contains(&Alert::Resumed { cursor: 6 }), "{offer:?}");
+    assert!(offer.alerts.contains(&Alert::Resumed { cursor: 6, refetch: false }), "{offer:?}");
     let mut applied = Vec::new();
     drain(&mut engine, &mut applied);
     assert_eq!(applied, vec![7, 8], "no double apply, no rebootstrap");
+}
+
+/// A hold drops the segments past the cursor that come before the one that settles it:
+/// the resume asks for them again (`refetch`), and only then. (At a session's start a
+/// cursor past the view's head holds like this, and a newly opened window's rows come in
+/// any order.)
+#[test]
+fn a_hold_that_dropped_segments_past_the_cursor_resumes_with_a_refetch() {
+    let all = events(12);
+    let segs = segments(&all, &[4, 4, 4], 1);
+    let cursor = StreamCursor { stream_id: STREAM.into(), epoch: 1, seq: 4, chain_hash: chain_through(&GENESIS, STREAM, &all[..4]).to_vec(), updated_at_micros: 0 };
+    let mut engine = StreamEngine::new(&cursor);
+    let alerts = engine.observe(StreamInfo { epoch: 1, head_seq: 2, oldest_seq: 1, head_hash: chain_through(&GENESIS, STREAM, &all[..2]) });
+    assert_eq!(alerts, vec![Alert::ServerBehind { cursor: 4, head: 2 }]);
+    assert_eq!(engine.offer(segs[2].clone()).accepted, 0, "9..=12 comes before the cursor is settled");
+    let offer = engine.offer(segs[1].clone());
+    assert!(offer.alerts.contains(&Alert::Resumed { cursor: 4, refetch: true }), "{offer:?}");
+    let mut applied = Vec::new();
+    drain(&mut engine, &mut applied);
+    assert_eq!(applied, vec![5, 6, 7, 8]);
+
+    // The same hold, settled by the first segment to come: nothing to fetch again.
+    let mut engine = StreamEngine::new(&cursor);
+    engine.observe(StreamInfo { epoch: 1, head_seq: 2, oldest_seq: 1, head_hash: chain_through(&GENESIS, STREAM, &all[..2]) });
+    let offer = engine.offer(segs[1].clone());
+    assert!(offer.alerts.contains(&Alert::Resumed { cursor: 4, refetch: false }), "{offer:?}");
 }
 
 /// The segment holding the cursor comes back cut differently after the server lost it:
@@ -200,7 +226,7 @@ fn a_recut_segment_makes_the_cursor_straddle_again() {
     let after = segments(&all, &[2, 6], 1);
     engine.observe(StreamInfo { epoch: 1, head_seq: 8, oldest_seq: 1, head_hash: after[1].last_hash });
     let offer = engine.offer(after[1].clone());
-    assert!(offer.alerts.contains(&Alert::Resumed { cursor: 4 }), "{offer:?}");
+    assert!(offer.alerts.contains(&Alert::Resumed { cursor: 4, refetch: false }), "{offer:?}");
     assert!(!engine.may_straddle(), "5 is buffered");
     engine.clear_pending();
     assert!(engine.may_straddle(), "4 is inside 3..=8 now: the segment may begin a bucket earlier");
@@ -321,7 +347,7 @@ fn a_rebootstrap_resumes_from_the_floor_segment_and_asks_for_the_rest() {
     // A later segment arrives before the floor: it is not kept...
     assert_eq!(engine.offer(segs[2].clone()).accepted, 0);
     let offer = engine.offer(segs[1].clone());
-    assert!(offer.alerts.contains(&Alert::Resumed { cursor: 3 }), "{offer:?}");
+    assert!(offer.alerts.contains(&Alert::Resumed { cursor: 3, refetch: true }), "{offer:?}");
     let mut applied = Vec::new();
     drain(&mut engine, &mut applied);
     assert_eq!(applied, vec![4, 5, 6]);

@@ -47,6 +47,7 @@ pub mod publish_grant_table;
 pub mod publish_grant_type;
 pub mod publish_reducer;
 pub mod publish_segment_reducer;
+pub mod refresh_views_reducer;
 pub mod reset_stream_reducer;
 pub mod retention_schedule_table;
 pub mod retention_schedule_type;
@@ -68,6 +69,8 @@ pub mod stream_sweep_table;
 pub mod stream_sweep_type;
 pub mod stream_table;
 pub mod stream_type;
+pub mod stream_view_table;
+pub mod stream_view_type;
 pub mod sweep_grants_reducer;
 pub mod sweep_pending_table;
 pub mod sweep_pending_type;
@@ -78,6 +81,10 @@ pub mod sweep_state_table;
 pub mod sweep_state_type;
 pub mod sweep_visits_table;
 pub mod sweep_visits_type;
+pub mod view_refresh_table;
+pub mod view_refresh_type;
+pub mod view_stale_table;
+pub mod view_stale_type;
 pub mod wake_compaction_reducer;
 pub mod wake_retention_reducer;
 pub mod window_churn_table;
@@ -134,6 +141,9 @@ pub use publish_reducer::{publish, set_flags_for_publish, PublishCallbackId};
 pub use publish_segment_reducer::{
     publish_segment, set_flags_for_publish_segment, PublishSegmentCallbackId,
 };
+pub use refresh_views_reducer::{
+    refresh_views, set_flags_for_refresh_views, RefreshViewsCallbackId,
+};
 pub use reset_stream_reducer::{reset_stream, set_flags_for_reset_stream, ResetStreamCallbackId};
 pub use retention_schedule_table::*;
 pub use retention_schedule_type::RetentionSchedule;
@@ -161,6 +171,8 @@ pub use stream_sweep_table::*;
 pub use stream_sweep_type::StreamSweep;
 pub use stream_table::*;
 pub use stream_type::Stream;
+pub use stream_view_table::*;
+pub use stream_view_type::StreamView;
 pub use sweep_grants_reducer::{set_flags_for_sweep_grants, sweep_grants, SweepGrantsCallbackId};
 pub use sweep_pending_table::*;
 pub use sweep_pending_type::SweepPending;
@@ -173,6 +185,10 @@ pub use sweep_state_table::*;
 pub use sweep_state_type::SweepState;
 pub use sweep_visits_table::*;
 pub use sweep_visits_type::SweepVisits;
+pub use view_refresh_table::*;
+pub use view_refresh_type::ViewRefresh;
+pub use view_stale_table::*;
+pub use view_stale_type::ViewStale;
 pub use wake_compaction_reducer::{
     set_flags_for_wake_compaction, wake_compaction, WakeCompactionCallbackId,
 };
@@ -233,6 +249,9 @@ pub enum Reducer {
     PublishSegment {
         stream_id: String,
         data: Vec<u8>,
+    },
+    RefreshViews {
+        refresh: ViewRefresh,
     },
     ResetStream {
         stream_id: String,
@@ -297,6 +316,7 @@ impl __sdk::Reducer for Reducer {
             Reducer::OpenWindow { .. } => "open_window",
             Reducer::Publish { .. } => "publish",
             Reducer::PublishSegment { .. } => "publish_segment",
+            Reducer::RefreshViews { .. } => "refresh_views",
             Reducer::ResetStream { .. } => "reset_stream",
             Reducer::Revoke { .. } => "revoke",
             Reducer::SetCompaction { .. } => "set_compaction",
@@ -373,6 +393,10 @@ impl TryFrom<__ws::ReducerCallInfo<__ws::BsatnFormat>> for Reducer {
             "publish_segment" => Ok(__sdk::parse_reducer_args::<
                 publish_segment_reducer::PublishSegmentArgs,
             >("publish_segment", &value.args)?
+            .into()),
+            "refresh_views" => Ok(__sdk::parse_reducer_args::<
+                refresh_views_reducer::RefreshViewsArgs,
+            >("refresh_views", &value.args)?
             .into()),
             "reset_stream" => Ok(
                 __sdk::parse_reducer_args::<reset_stream_reducer::ResetStreamArgs>(
@@ -464,10 +488,13 @@ pub struct DbUpdate {
     stream_publisher: __sdk::TableUpdate<StreamPublisher>,
     stream_segment: __sdk::TableUpdate<StreamSegment>,
     stream_sweep: __sdk::TableUpdate<StreamSweep>,
+    stream_view: __sdk::TableUpdate<StreamView>,
     sweep_pending: __sdk::TableUpdate<SweepPending>,
     sweep_seeded: __sdk::TableUpdate<SweepSeeded>,
     sweep_state: __sdk::TableUpdate<SweepState>,
     sweep_visits: __sdk::TableUpdate<SweepVisits>,
+    view_refresh: __sdk::TableUpdate<ViewRefresh>,
+    view_stale: __sdk::TableUpdate<ViewStale>,
     window_churn: __sdk::TableUpdate<WindowChurn>,
 }
 
@@ -540,6 +567,9 @@ impl TryFrom<__ws::DatabaseUpdate<__ws::BsatnFormat>> for DbUpdate {
                 "stream_sweep" => db_update
                     .stream_sweep
                     .append(stream_sweep_table::parse_table_update(table_update)?),
+                "stream_view" => db_update
+                    .stream_view
+                    .append(stream_view_table::parse_table_update(table_update)?),
                 "sweep_pending" => db_update
                     .sweep_pending
                     .append(sweep_pending_table::parse_table_update(table_update)?),
@@ -552,6 +582,12 @@ impl TryFrom<__ws::DatabaseUpdate<__ws::BsatnFormat>> for DbUpdate {
                 "sweep_visits" => db_update
                     .sweep_visits
                     .append(sweep_visits_table::parse_table_update(table_update)?),
+                "view_refresh" => db_update
+                    .view_refresh
+                    .append(view_refresh_table::parse_table_update(table_update)?),
+                "view_stale" => db_update
+                    .view_stale
+                    .append(view_stale_table::parse_table_update(table_update)?),
                 "window_churn" => db_update
                     .window_churn
                     .append(window_churn_table::parse_table_update(table_update)?),
@@ -656,6 +692,9 @@ impl __sdk::DbUpdate for DbUpdate {
         diff.stream_sweep = cache
             .apply_diff_to_table::<StreamSweep>("stream_sweep", &self.stream_sweep)
             .with_updates_by_pk(|row| &row.stream_id);
+        diff.stream_view = cache
+            .apply_diff_to_table::<StreamView>("stream_view", &self.stream_view)
+            .with_updates_by_pk(|row| &row.stream_id);
         diff.sweep_pending = cache
             .apply_diff_to_table::<SweepPending>("sweep_pending", &self.sweep_pending)
             .with_updates_by_pk(|row| &row.stream_id);
@@ -668,6 +707,12 @@ impl __sdk::DbUpdate for DbUpdate {
         diff.sweep_visits = cache
             .apply_diff_to_table::<SweepVisits>("sweep_visits", &self.sweep_visits)
             .with_updates_by_pk(|row| &row.sweep);
+        diff.view_refresh = cache
+            .apply_diff_to_table::<ViewRefresh>("view_refresh", &self.view_refresh)
+            .with_updates_by_pk(|row| &row.scheduled_id);
+        diff.view_stale = cache
+            .apply_diff_to_table::<ViewStale>("view_stale", &self.view_stale)
+            .with_updates_by_pk(|row| &row.stream_id);
         diff.window_churn = cache
             .apply_diff_to_table::<WindowChurn>("window_churn", &self.window_churn)
             .with_updates_by_pk(|row| &row.identity);
@@ -701,10 +746,13 @@ pub struct AppliedDiff<'r> {
     stream_publisher: __sdk::TableAppliedDiff<'r, StreamPublisher>,
     stream_segment: __sdk::TableAppliedDiff<'r, StreamSegment>,
     stream_sweep: __sdk::TableAppliedDiff<'r, StreamSweep>,
+    stream_view: __sdk::TableAppliedDiff<'r, StreamView>,
     sweep_pending: __sdk::TableAppliedDiff<'r, SweepPending>,
     sweep_seeded: __sdk::TableAppliedDiff<'r, SweepSeeded>,
     sweep_state: __sdk::TableAppliedDiff<'r, SweepState>,
     sweep_visits: __sdk::TableAppliedDiff<'r, SweepVisits>,
+    view_refresh: __sdk::TableAppliedDiff<'r, ViewRefresh>,
+    view_stale: __sdk::TableAppliedDiff<'r, ViewStale>,
     window_churn: __sdk::TableAppliedDiff<'r, WindowChurn>,
 }
 
@@ -803,6 +851,7 @@ impl<'r> __sdk::AppliedDiff<'r> for AppliedDiff<'r> {
             &self.stream_sweep,
             event,
         );
+        callbacks.invoke_table_row_callbacks::<StreamView>("stream_view", &self.stream_view, event);
         callbacks.invoke_table_row_callbacks::<SweepPending>(
             "sweep_pending",
             &self.sweep_pending,
@@ -819,6 +868,12 @@ impl<'r> __sdk::AppliedDiff<'r> for AppliedDiff<'r> {
             &self.sweep_visits,
             event,
         );
+        callbacks.invoke_table_row_callbacks::<ViewRefresh>(
+            "view_refresh",
+            &self.view_refresh,
+            event,
+        );
+        callbacks.invoke_table_row_callbacks::<ViewStale>("view_stale", &self.view_stale, event);
         callbacks.invoke_table_row_callbacks::<WindowChurn>(
             "window_churn",
             &self.window_churn,
@@ -1420,10 +1475,13 @@ impl __sdk::SpacetimeModule for RemoteModule {
         stream_publisher_table::register_table(client_cache);
         stream_segment_table::register_table(client_cache);
         stream_sweep_table::register_table(client_cache);
+        stream_view_table::register_table(client_cache);
         sweep_pending_table::register_table(client_cache);
         sweep_seeded_table::register_table(client_cache);
         sweep_state_table::register_table(client_cache);
         sweep_visits_table::register_table(client_cache);
+        view_refresh_table::register_table(client_cache);
+        view_stale_table::register_table(client_cache);
         window_churn_table::register_table(client_cache);
     }
 }

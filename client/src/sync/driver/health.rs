@@ -13,7 +13,7 @@ pub fn stream_state(s: &StreamState) -> ConnectionState {
         ConnectionState::Forbidden
     } else if s.corrupt_ahead().is_some() {
         ConnectionState::Corrupt
-    } else if matches!(s.engine.mode(), StreamMode::ServerBehind { .. }) {
+    } else if matches!(s.engine.mode(), StreamMode::ServerBehind { .. }) && s.hold.behind_confirmed() {
         ConnectionState::ServerBehind
     } else if s.rebuilding() {
         ConnectionState::Stale

@@ -5,6 +5,12 @@ use std::time::{Duration, Instant};
 
 /// How long events may wait behind a missing seq before the windows are reopened.
 pub const GAP_PATIENCE: Duration = Duration::from_secs(2);
+/// How long a cursor may stand past the head the client knows before the server is
+/// reported behind. At a session's start the client knows only the `stream_view` row,
+/// whose head trails the stream's by up to 250 ms while it is published: the hold that
+/// follows is settled as soon as the segment holding the cursor arrives, and a server
+/// that lost commits stays behind for longer than this.
+pub const BEHIND_GRACE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Default)]
 pub struct Hold {
@@ -13,6 +19,8 @@ pub struct Hold {
     gap_since: Option<Instant>,
     /// Since when the server has been behind the durable cursor.
     behind_since: Option<Instant>,
+    /// That hold outlasted [`BEHIND_GRACE`] (and was logged once): the server is behind.
+    behind_confirmed: bool,
     /// Whether that hold has outlasted the limit (and was logged once).
     behind_reported: bool,
     /// A gap outlasted [`GAP_PATIENCE`] and the stream has not moved since: the bucket
@@ -57,9 +65,25 @@ impl Hold {
         self.behind_since = Some(now);
     }
 
-    pub fn resumed(&mut self) {
+    /// The hold ended; returns whether it had been confirmed.
+    pub fn resumed(&mut self) -> bool {
         self.behind_since = None;
         self.behind_reported = false;
+        std::mem::take(&mut self.behind_confirmed)
+    }
+
+    /// Marks a hold longer than [`BEHIND_GRACE`] as confirmed; true the first time only.
+    pub fn confirm_behind(&mut self, now: Instant) -> bool {
+        let over = self.behind_since.is_some_and(|t| now.saturating_duration_since(t) > BEHIND_GRACE);
+        let first = over && !self.behind_confirmed;
+        self.behind_confirmed |= over;
+        first
+    }
+
+    /// Whether the server is known to be behind the durable cursor (the hold outlasted
+    /// [`BEHIND_GRACE`]).
+    pub fn behind_confirmed(&self) -> bool {
+        self.behind_confirmed
     }
 
     /// Marks a hold longer than `limit` as reported; true the first time only.

@@ -612,6 +612,9 @@ impl Driver {
                 }
             }
             if let StreamMode::ServerBehind { head } = s.engine.mode() {
+                if s.hold.confirm_behind(now.at) {
+                    log::warn!("{id}: the server's head {head} is behind the checkpoint {} (it lost commits in a crash); holding", s.engine.applied());
+                }
                 if s.hold.behind_too_long(self.settings.server_behind_limit, now.at) {
                     log::error!("{id}: the server has been behind the checkpoint for over {:?} (head {head}, checkpoint {})", self.settings.server_behind_limit, s.engine.applied());
                 }

@@ -135,15 +135,22 @@ impl StreamState {
                     dirty = true;
                 }
                 Alert::ServerBehind { cursor, head } => {
-                    log::warn!("{id}: the server's head {head} is behind the checkpoint {cursor} (it lost commits in a crash); holding");
+                    // Reported once it lasts (`Hold::confirm_behind`): at a session's
+                    // start the view's head may only trail the stream's.
+                    log::debug!("{id}: the known head {head} is behind the checkpoint {cursor}; holding until the segment holding it comes");
                     self.hold.server_behind(now);
                     self.windows.reset();
                 }
-                Alert::Resumed { cursor } => {
-                    log::info!("{id}: applying again from {cursor}");
-                    self.hold.resumed();
-                    // Segments after the cursor that arrived while held were not kept.
-                    self.windows.reset();
+                Alert::Resumed { cursor, refetch } => {
+                    if self.hold.resumed() {
+                        log::info!("{id}: the server caught up; applying again from {cursor}");
+                    } else {
+                        log::debug!("{id}: applying from {cursor}");
+                    }
+                    if refetch {
+                        // Segments after the cursor that arrived while held were not kept.
+                        self.windows.reset();
+                    }
                 }
             }
         }

@@ -1,0 +1,160 @@
+//! `stream_view`: what a subscriber reads of a stream, kept apart from the `stream` row
+//! that every publish rewrites.
+//!
+//! Behind a rule on `:sender`, every subscriber has query plans of its own, and each
+//! changed row of a table it watches is joined to every subscriber's rule rows before the
+//! filter on the caller applies: each commit costs about the square of the subscribers
+//! (docs/BENCHMARKS.md, "A hundred subscribers"). A publish changed three rows that
+//! subscribers watched: the segment, and the stream row's delete and insert. Subscribers
+//! now watch this view instead of `stream`: it changes at once when the epoch or the
+//! retention floor does, and otherwise brings the head up at most every [`VIEW_EVERY`].
+//! A subscriber follows the head from the segments it receives; the view tells it where
+//! the stream stands before it has any (docs/CLIENT.md, "The head").
+//!
+//! `stream` stays the record: publish, ack and the sweeps read it, and publishers (the
+//! mirror) still see it whole.
+
+use crate::streams::{stream, Stream};
+use crate::sweep::{sweep_seeded, SweepSeeded};
+use crate::{fail, ReducerResult};
+use khala_proto::ErrorCode;
+use spacetimedb::{client_visibility_filter, reducer, table, Filter, ReducerContext, ScheduleAt, Table};
+use std::time::Duration;
+
+/// The longest the view's head trails the stream's while it is published.
+pub const VIEW_EVERY: Duration = Duration::from_millis(250);
+/// Most views one refresh writes; a refresh that leaves some comes again at once.
+pub const REFRESH_BATCH: usize = 4096;
+/// `sweep_seeded` key of the views: a database made before `stream_view` existed has no
+/// row there, and its first refresh (or retention run) writes every stream's view.
+pub const VIEWS_SEEDED: u8 = 2;
+
+/// A stream's epoch, retention floor and a recent head: the fields a client's
+/// `StreamInfo` takes. Its head lags `stream.head_seq` by at most [`VIEW_EVERY`] while the
+/// stream is published; it never runs ahead of it.
+#[table(name = stream_view, public)]
+#[derive(Clone, PartialEq, Debug)]
+pub struct StreamView {
+    #[primary_key]
+    pub stream_id: String,
+    /// `stream.epoch`, written in the transaction that changes it.
+    pub epoch: u32,
+    /// A seq the stream's head has reached: `stream.head_seq` as of the last refresh.
+    pub head_seq: u64,
+    /// `stream.oldest_seq`, written in the transaction that raises it.
+    pub oldest_seq: u64,
+    /// The chain hash at `head_seq`.
+    pub head_hash: Vec<u8>,
+}
+
+/// A client sees a stream's view only while it holds a subscribe grant on it (the same
+/// rule as `stream`'s, and for the same reason the grant stands on the left).
+#[client_visibility_filter]
+const VIEW_VISIBILITY: Filter = Filter::Sql(
+    "SELECT stream_view.* FROM stream_grant JOIN stream_view ON stream_grant.stream_id = stream_view.stream_id \
+     WHERE stream_grant.grantee = :sender AND stream_grant.subscribe = true",
+);
+
+/// Streams published since their view was last written. Private.
+#[table(name = view_stale)]
+pub struct ViewStale {
+    #[primary_key]
+    pub stream_id: String,
+}
+
+/// The one pending refresh of stale views, one-shot. Private; run by the engine's scheduler.
+#[table(name = view_refresh, scheduled(refresh_views))]
+pub struct ViewRefresh {
+    #[primary_key]
+    #[auto_inc]
+    pub scheduled_id: u64,
+    pub scheduled_at: ScheduleAt,
+}
+
+/// The view `row` gives.
+fn view_of(row: &Stream) -> StreamView {
+    StreamView {
+        stream_id: row.stream_id.clone(),
+        epoch: row.epoch,
+        head_seq: row.head_seq,
+        oldest_seq: row.oldest_seq,
+        head_hash: row.head_hash.clone(),
+    }
+}
+
+/// Writes `row`'s view now, unless it already says the same: for a new stream, a new
+/// epoch, a raised floor, and a refresh.
+pub fn write(ctx: &ReducerContext, row: &Stream) {
+    let view = view_of(row);
+    match ctx.db.stream_view().stream_id().find(&row.stream_id) {
+        Some(old) if old == view => {}
+        Some(_) => {
+            ctx.db.stream_view().stream_id().update(view);
+        }
+        None => {
+            ctx.db.stream_view().insert(view);
+        }
+    }
+}
+
+/// A publish moved `stream_id`'s head: its view is written by the next refresh, at most
+/// [`VIEW_EVERY`] from now. One lookup when the stream is stale already (a stream being
+/// published), an insert otherwise, and a refresh scheduled when none is pending.
+pub fn mark_stale(ctx: &ReducerContext, stream_id: &str) {
+    let stale = ctx.db.view_stale();
+    if stale.stream_id().find(stream_id.to_string()).is_some() {
+        return;
+    }
+    stale.insert(ViewStale { stream_id: stream_id.to_string() });
+    if ctx.db.view_refresh().count() == 0 {
+        schedule(ctx, VIEW_EVERY);
+    }
+}
+
+fn schedule(ctx: &ReducerContext, after: Duration) {
+    let at = ctx.timestamp.checked_add_duration(after).unwrap_or(ctx.timestamp);
+    ctx.db.view_refresh().insert(ViewRefresh { scheduled_id: 0, scheduled_at: ScheduleAt::Time(at) });
+}
+
+/// A fresh database has no streams: its views start seeded.
+pub fn init(ctx: &ReducerContext) {
+    ctx.db.sweep_seeded().insert(SweepSeeded { sweep: VIEWS_SEEDED, at: ctx.timestamp });
+}
+
+/// Writes every stream's view once, on a database made before views existed. One lookup
+/// when that is done already; the retention sweep calls it every run, so an upgraded
+/// database has its views within a run.
+pub fn seed_once(ctx: &ReducerContext) {
+    if ctx.db.sweep_seeded().sweep().find(VIEWS_SEEDED).is_some() {
+        return;
+    }
+    let mut seeded = 0u64;
+    for row in ctx.db.stream().iter() {
+        write(ctx, &row);
+        seeded += 1;
+    }
+    log::info!("stream_view: wrote the views of {seeded} streams once");
+    init(ctx);
+}
+
+/// Writes the views of the streams published since their last refresh, at most
+/// [`REFRESH_BATCH`] per run. Only the scheduler may call it.
+#[reducer]
+pub fn refresh_views(ctx: &ReducerContext, refresh: ViewRefresh) -> ReducerResult {
+    if ctx.sender != ctx.identity() {
+        return Err(fail(ErrorCode::Unauthorized, "refresh_views is run by the scheduler only"));
+    }
+    seed_once(ctx);
+    let stale: Vec<String> = ctx.db.view_stale().iter().take(REFRESH_BATCH + 1).map(|s| s.stream_id).collect();
+    for stream_id in stale.iter().take(REFRESH_BATCH) {
+        if let Some(row) = ctx.db.stream().stream_id().find(stream_id) {
+            write(ctx, &row);
+        }
+        ctx.db.view_stale().stream_id().delete(stream_id);
+    }
+    let pending = ctx.db.view_refresh().iter().any(|r| r.scheduled_id != refresh.scheduled_id);
+    if stale.len() > REFRESH_BATCH && !pending {
+        schedule(ctx, Duration::ZERO);
+    }
+    Ok(())
+}
