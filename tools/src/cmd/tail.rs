@@ -17,7 +17,7 @@ use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Args, Debug)]
@@ -44,7 +44,9 @@ pub struct TailArgs {
     /// Print nothing per event (for measurements).
     #[arg(long)]
     pub quiet: bool,
-    /// Exit once every stream is live and caught up with its head.
+    /// Exit once every stream is live and caught up with its head, and has stayed so for
+    /// a second: a stream's head, as a client reads it (its `stream_view` row), trails
+    /// the stream's by up to 250 ms while it is published.
     #[arg(long)]
     pub exit_when_live: bool,
     /// Exit after this many events were applied.
@@ -74,6 +76,10 @@ pub enum SqliteCommit {
 /// Events behind, over all streams, before a replay gets a progress bar (a live burst
 /// does not flash one).
 const BAR_FROM_LAG: u64 = 1_000;
+/// How long `--exit-when-live` waits, caught up throughout, before it exits: longer than
+/// the module's `VIEW_EVERY` (250 ms) plus the refresh's delivery, so that a head that
+/// trailed is brought up before the client counts itself done.
+const LIVE_SETTLE: Duration = Duration::from_secs(1);
 
 /// A replay's progress bar, drawn while the client replays a backlog: on a terminal only
 /// (stderr), and only when events are not printed to that terminal too.
@@ -267,6 +273,9 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
     let watcher_stop = stop.clone();
     let exit_when_live = args.exit_when_live;
     let mut bar = ReplayBar::new(args.quiet);
+    // Since when every stream has been caught up, without a break.
+    let live_since: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let watcher_live_since = live_since.clone();
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_millis(20));
         if INTERRUPTED.load(Ordering::Relaxed) {
@@ -275,7 +284,12 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
         let h = health.get();
         bar.show(&h);
         let caught_up = h.state == ConnectionState::Live as i32 && h.streams.iter().all(|s| s.lag == 0);
-        if exit_when_live && caught_up {
+        let since = {
+            let mut since = watcher_live_since.lock().unwrap();
+            *since = if caught_up { Some(since.unwrap_or_else(Instant::now)) } else { None };
+            *since
+        };
+        if exit_when_live && since.is_some_and(|t| t.elapsed() >= LIVE_SETTLE) {
             watcher_stop.store(true, Ordering::Relaxed);
         }
         if watcher_stop.load(Ordering::Relaxed) {
@@ -285,7 +299,9 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
     });
     let started = Instant::now();
     let result = client.run(&stop);
-    let secs = started.elapsed().as_secs_f64();
+    // With --exit-when-live, the time until it caught up for good, not the second after.
+    let caught_up_at = live_since.lock().unwrap().filter(|_| exit_when_live);
+    let secs = caught_up_at.unwrap_or_else(Instant::now).saturating_duration_since(started).as_secs_f64();
     let applied = client.handler().applied;
     if args.report {
         let report = json!({
