@@ -21,7 +21,9 @@ use khala_proto::ErrorCode;
 use spacetimedb::{client_visibility_filter, reducer, table, Filter, ReducerContext, ScheduleAt, Table, TimeDuration};
 use std::time::Duration;
 
-/// The longest the view's head trails the stream's while it is published.
+/// How often published streams' views are refreshed: the longest the view's head trails
+/// the stream's while the database keeps up (a refresh waits its turn behind a backlog of
+/// calls like any reducer).
 pub const VIEW_EVERY: Duration = Duration::from_millis(250);
 /// Most views one refresh writes; the rest wait for the next.
 pub const REFRESH_BATCH: usize = 4096;
@@ -47,12 +49,20 @@ pub struct StreamView {
     pub head_hash: Vec<u8>,
 }
 
-/// A client sees a stream's view only while it holds a subscribe grant on it (the same
-/// rule as `stream`'s, and for the same reason the grant stands on the left).
+/// A client sees a stream's view while it holds a subscribe grant on it, as it sees the
+/// `stream` row (the grant stands on the left for the same reason).
 #[client_visibility_filter]
 const VIEW_VISIBILITY: Filter = Filter::Sql(
     "SELECT stream_view.* FROM stream_grant JOIN stream_view ON stream_grant.stream_id = stream_view.stream_id \
      WHERE stream_grant.grantee = :sender AND stream_grant.subscribe = true",
+);
+
+/// A publisher sees the views of the streams its publish grants reach, as it sees their
+/// `stream` rows. Rules on one table are ORed.
+#[client_visibility_filter]
+const VIEW_BY_PUBLISH_GRANT: Filter = Filter::Sql(
+    "SELECT stream_view.* FROM stream_publisher JOIN stream_view ON stream_publisher.stream_id = stream_view.stream_id \
+     WHERE stream_publisher.grantee = :sender",
 );
 
 /// Streams published since their view was last written. Private.
@@ -124,10 +134,14 @@ pub fn init(ctx: &ReducerContext) {
     schedule(ctx);
 }
 
-/// On a database made before views existed, writes every stream's view once and starts
-/// the refresh. One lookup when that is done already; the retention sweep calls it every
-/// run, so an upgraded database has its views within a run.
+/// On a database made before views existed, writes every stream's view once; and starts
+/// the refresh wherever none runs. A lookup and a count when both are done already; the
+/// retention sweep calls it every run, so an upgraded database has its views within a
+/// run.
 pub fn seed_once(ctx: &ReducerContext) {
+    if ctx.db.view_refresh().count() == 0 {
+        schedule(ctx);
+    }
     if ctx.db.sweep_seeded().sweep().find(VIEWS_SEEDED).is_some() {
         return;
     }
@@ -137,12 +151,7 @@ pub fn seed_once(ctx: &ReducerContext) {
         seeded += 1;
     }
     log::info!("stream_view: wrote the views of {seeded} streams once");
-    if ctx.db.view_refresh().count() > 0 {
-        // Seeded again by hand (the tests do): the refresh runs already.
-        ctx.db.sweep_seeded().insert(SweepSeeded { sweep: VIEWS_SEEDED, at: ctx.timestamp });
-    } else {
-        init(ctx);
-    }
+    ctx.db.sweep_seeded().insert(SweepSeeded { sweep: VIEWS_SEEDED, at: ctx.timestamp });
 }
 
 /// Writes the views of the streams published since their last refresh, at most

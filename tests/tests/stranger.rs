@@ -441,24 +441,23 @@ fn world(label: &str) -> World {
 }
 
 /// One attacker: its credentials (`None`: no `Authorization` header at all), the hex
-/// identity whose rows it may see (empty for anonymous: a new one per request), the
-/// streams it may read (grant or publish reach), and those it holds a subscribe grant on.
+/// identity whose rows it may see (empty for anonymous: a new one per request), and the
+/// streams it may read (grant or publish reach).
 struct Attacker {
     name: &'static str,
     creds: Option<Credentials>,
     identity: String,
     streams: &'static [&'static str],
-    subscribes: &'static [&'static str],
 }
 
 impl World {
     fn attackers(&self) -> Vec<Attacker> {
-        let who = |name, c: &Credentials, streams, subscribes| Attacker { name, creds: Some(c.clone()), identity: c.identity.to_ascii_lowercase(), streams, subscribes };
+        let who = |name, c: &Credentials, streams| Attacker { name, creds: Some(c.clone()), identity: c.identity.to_ascii_lowercase(), streams };
         vec![
-            who("stranger", &self.stranger, &[], &[]),
-            Attacker { name: "anonymous", creds: None, identity: String::new(), streams: &[], subscribes: &[] },
-            who("pub_a", &self.pub_a, &[SA], &[]),
-            who("sub_a", &self.sub_a, &[SA], &[SA]),
+            who("stranger", &self.stranger, &[]),
+            Attacker { name: "anonymous", creds: None, identity: String::new(), streams: &[] },
+            who("pub_a", &self.pub_a, &[SA]),
+            who("sub_a", &self.sub_a, &[SA]),
         ]
     }
 
@@ -549,8 +548,6 @@ fn user_tables(db: &TestDb) -> BTreeMap<String, bool> {
 enum Scope {
     /// Rows of the streams the caller may read (`stream_id` column).
     Streams,
-    /// Rows of the streams the caller holds a subscribe grant on.
-    Subscribed,
     /// The caller's own rows (this identity column).
     Own(&'static str),
     /// Nobody but admins (no attacker is one).
@@ -561,8 +558,7 @@ enum Scope {
 /// is not listed fails the suite: a new public table needs its attack reviewed here.
 fn scope(table: &str) -> Scope {
     match table {
-        "stream" | "stream_segment" => Scope::Streams,
-        "stream_view" => Scope::Subscribed,
+        "stream" | "stream_view" | "stream_segment" => Scope::Streams,
         "stream_grant" | "publish_grant" | "stream_publisher" | "client_ack" | "client_window" => Scope::Own("grantee"),
         "identity_role" | "connection" => Scope::Own("identity"),
         "presence" => Scope::Admins,
@@ -574,7 +570,6 @@ fn scope(table: &str) -> Scope {
 fn allowed(all: &SqlRows, table: &str, who: &Attacker) -> Vec<String> {
     let keep = |r: &Vec<Value>| match scope(table) {
         Scope::Streams => all.get(r, "stream_id").and_then(Value::as_str).is_some_and(|s| who.streams.contains(&s)),
-        Scope::Subscribed => all.get(r, "stream_id").and_then(Value::as_str).is_some_and(|s| who.subscribes.contains(&s)),
         Scope::Own(col) => !who.identity.is_empty() && all.get(r, col).is_some_and(|v| identity_hex(v) == who.identity),
         Scope::Admins => false,
     };
@@ -632,7 +627,7 @@ fn sql_shows_each_attacker_exactly_its_own_rows_and_refuses_its_writes() {
     // Here the ack-only grantee of s.b attacks too: its own grants name s.b, so for it
     // only the identities are searched; the exact comparison still holds it to them.
     let mut attackers = w.attackers();
-    attackers.push(Attacker { name: "ack_b", creds: Some(w.ack_b.clone()), identity: w.ack_b.identity.to_ascii_lowercase(), streams: &[], subscribes: &[] });
+    attackers.push(Attacker { name: "ack_b", creds: Some(w.ack_b.clone()), identity: w.ack_b.identity.to_ascii_lowercase(), streams: &[] });
     let others = |who: &Attacker| -> Vec<String> { w.others().into_iter().filter(|id| *id != who.identity).collect() };
     let clean = |who: &Attacker, text: &str, context: &str| {
         let text = if who.name == "ack_b" { text.replace(SB, "") } else { text.to_string() };
@@ -665,7 +660,8 @@ fn sql_shows_each_attacker_exactly_its_own_rows_and_refuses_its_writes() {
     let count = |who: &Attacker, q: &str| w.sql_as(who, q).unwrap_or_else(|e| panic!("{q}: {e}")).rows.len();
     assert_eq!(count(sub_a, "SELECT * FROM stream"), 1, "sub_a sees s.a's stream row");
     assert_eq!(count(sub_a, "SELECT * FROM stream_view"), 1, "sub_a sees s.a's view");
-    assert_eq!(count(pub_a, "SELECT * FROM stream_view"), 0, "a publish reach does not show the view");
+    assert_eq!(count(pub_a, "SELECT * FROM stream_view"), 1, "pub_a sees s.a's view (its publish reach)");
+    assert_eq!(count(ack_b, "SELECT * FROM stream_view"), 0, "an ack scope does not show the view");
     assert_eq!(count(sub_a, "SELECT * FROM stream_segment"), 1, "sub_a sees s.a's segment through its window");
     assert_eq!(count(sub_a, "SELECT * FROM stream_grant"), 1, "sub_a sees its own grant");
     assert_eq!(count(sub_a, "SELECT * FROM client_ack"), 1, "sub_a sees its own ack");

@@ -232,10 +232,11 @@ impl StreamEngine {
 
     /// Takes in the server's `stream_view` row.
     ///
-    /// The view is written at most every `VIEW_EVERY` while the stream is published, yet
-    /// within a session it never trails what this client has applied: the client applies
-    /// segments of commits delivered before the view's, so of a head the view has
-    /// reached. A checkpoint from an earlier session can be past it: a cursor past the
+    /// The view is refreshed every `VIEW_EVERY` while the stream is published, and a live
+    /// client applies past it in between; but a view row that arrives within a session is
+    /// never behind what this client has applied: the client applies segments of commits
+    /// delivered before that row, so of a head the view had reached. A checkpoint from an
+    /// earlier session can be past it: a cursor past the
     /// view's head then holds as if the server were behind, and the segment holding the
     /// cursor settles it ([`StreamEngine::offer`]); the driver reports the hold only if
     /// it lasts (docs/CLIENT.md, "The head").

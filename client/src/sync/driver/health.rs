@@ -13,8 +13,14 @@ pub fn stream_state(s: &StreamState) -> ConnectionState {
         ConnectionState::Forbidden
     } else if s.corrupt_ahead().is_some() {
         ConnectionState::Corrupt
-    } else if matches!(s.engine.mode(), StreamMode::ServerBehind { .. }) && s.hold.behind_confirmed() {
-        ConnectionState::ServerBehind
+    } else if matches!(s.engine.mode(), StreamMode::ServerBehind { .. }) {
+        // Within its grace a hold may only be a view that trails the checkpoint: not
+        // reported behind yet, and not live either.
+        if s.hold.behind_confirmed() {
+            ConnectionState::ServerBehind
+        } else {
+            ConnectionState::Replaying
+        }
     } else if s.rebuilding() {
         ConnectionState::Stale
     } else if s.engine.applied() < head || !s.windows.live(s.engine.fetch_after() + 1) {

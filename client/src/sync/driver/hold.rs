@@ -61,8 +61,11 @@ impl Hold {
         self.widened
     }
 
+    /// A new hold starts: its own grace and its own reports.
     pub fn server_behind(&mut self, now: Instant) {
         self.behind_since = Some(now);
+        self.behind_confirmed = false;
+        self.behind_reported = false;
     }
 
     /// The hold ended; returns whether it had been confirmed.

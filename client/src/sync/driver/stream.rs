@@ -128,6 +128,8 @@ impl StreamState {
                         stale.head
                     );
                     notes.push(Note::Rebootstrap { stream_id: id.to_string(), reason: stale.reason });
+                    // A hold behind the server ends here too (its chain differed).
+                    self.hold.resumed();
                     self.corrupt = None;
                     self.retry.rebootstrap(stale);
                     self.windows.reset();
