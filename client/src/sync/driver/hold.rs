@@ -102,3 +102,26 @@ impl Hold {
         self.behind_since.filter(|_| self.behind_reported).map(|t| now.saturating_duration_since(t))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each hold has its own grace: one that ended without a resume (in a rebootstrap)
+    /// left its confirmation behind, and the next hold, such as the brief one at a
+    /// session's start, was reported at once.
+    #[test]
+    fn a_new_hold_starts_its_own_grace() {
+        let t0 = Instant::now();
+        let mut hold = Hold::default();
+        hold.server_behind(t0);
+        assert!(!hold.confirm_behind(t0 + BEHIND_GRACE / 2));
+        assert!(hold.confirm_behind(t0 + BEHIND_GRACE * 2), "reported once it outlasts the grace");
+        assert!(!hold.confirm_behind(t0 + BEHIND_GRACE * 3), "and only once");
+        let t1 = t0 + BEHIND_GRACE * 4;
+        hold.server_behind(t1);
+        assert!(!hold.behind_confirmed(), "a new hold is not confirmed by the one before");
+        assert!(!hold.confirm_behind(t1 + BEHIND_GRACE / 2));
+        assert!(!hold.resumed(), "resumed within its grace: never reported");
+    }
+}
