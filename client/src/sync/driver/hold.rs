@@ -77,10 +77,7 @@ impl Hold {
 
     /// Marks a hold longer than [`BEHIND_GRACE`] as confirmed; true the first time only.
     pub fn confirm_behind(&mut self, now: Instant) -> bool {
-        let over = self.behind_since.is_some_and(|t| now.saturating_duration_since(t) > BEHIND_GRACE);
-        let first = over && !self.behind_confirmed;
-        self.behind_confirmed |= over;
-        first
+        first_past(self.behind_since, BEHIND_GRACE, now, &mut self.behind_confirmed)
     }
 
     /// Whether the server is known to be behind the durable cursor (the hold outlasted
@@ -91,16 +88,22 @@ impl Hold {
 
     /// Marks a hold longer than `limit` as reported; true the first time only.
     pub fn behind_too_long(&mut self, limit: Duration, now: Instant) -> bool {
-        let over = self.behind_since.is_some_and(|t| now.saturating_duration_since(t) > limit);
-        let first = over && !self.behind_reported;
-        self.behind_reported |= over;
-        first
+        first_past(self.behind_since, limit, now, &mut self.behind_reported)
     }
 
     /// How long the server has been behind, once that is reported.
     pub fn reported_behind_for(&self, now: Instant) -> Option<Duration> {
         self.behind_since.filter(|_| self.behind_reported).map(|t| now.saturating_duration_since(t))
     }
+}
+
+/// Whether what began at `since` has lasted past `limit` at `now` for the first time:
+/// sets `marked` then, and is false while it stays set.
+fn first_past(since: Option<Instant>, limit: Duration, now: Instant, marked: &mut bool) -> bool {
+    let over = since.is_some_and(|t| now.saturating_duration_since(t) > limit);
+    let first = over && !*marked;
+    *marked |= over;
+    first
 }
 
 #[cfg(test)]
