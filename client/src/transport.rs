@@ -38,7 +38,7 @@ pub enum Msg {
 }
 
 /// What the client reads of a `stream_view` row (module/src/stream_view.rs): the
-/// stream's epoch and floor, and a head that may trail the stream's by up to 250 ms.
+/// stream's epoch and floor, and a head refreshed every 250 ms while it is published.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamRow {
     pub stream_id: String,

@@ -7,8 +7,8 @@ use khala_proto::{StaleCursor, StreamCursor};
 use super::pending::Pending;
 use std::collections::BTreeSet;
 
-/// The server's view of a stream: its `stream_view` row, whose head trails the stream's
-/// by up to the module's `VIEW_EVERY` while it is published.
+/// The server's view of a stream: its `stream_view` row, whose head the module refreshes
+/// every `VIEW_EVERY` (250 ms) while the stream is published.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamInfo {
     pub epoch: u32,

@@ -45,8 +45,8 @@ pub struct TailArgs {
     #[arg(long)]
     pub quiet: bool,
     /// Exit once every stream is live and caught up with its head, and has stayed so for
-    /// a second: a stream's head, as a client reads it (its `stream_view` row), trails
-    /// the stream's by up to 250 ms while it is published.
+    /// a second: a stream's head, as a client reads it (its `stream_view` row), is
+    /// refreshed every 250 ms while the stream is published.
     #[arg(long)]
     pub exit_when_live: bool,
     /// Exit after this many events were applied.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 pub const GAP_PATIENCE: Duration = Duration::from_secs(2);
 /// How long a cursor may stand past the head the client knows before the server is
 /// reported behind. At a session's start the client knows only the `stream_view` row,
-/// whose head trails the stream's by up to 250 ms while it is published: the hold that
+/// whose head is refreshed every 250 ms while the stream is published: the hold that
 /// follows is settled as soon as the segment holding the cursor arrives, and a server
 /// that lost commits stays behind for longer than this.
 pub const BEHIND_GRACE: Duration = Duration::from_secs(3);
