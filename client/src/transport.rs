@@ -35,6 +35,9 @@ pub enum Msg {
     SubscriptionError(u64, String),
     Hello(Result<(), String>),
     Acked { stream_id: String, seq: u64, result: Result<(), String> },
+    /// Not the SDK's: the checkpoint writer (`sync/writer.rs`) has an answer. It wakes
+    /// the sync loop, which takes the answer from the writer; the driver never sees it.
+    CheckpointWritten,
 }
 
 /// What the client reads of a `stream_view` row (module/src/stream_view.rs): the

@@ -6,9 +6,11 @@
 //! [`Input`]s, and carries out the driver's [`Command`]s against the SDK connection, the
 //! handler, the checkpoint file, the health file and the metrics, feeding each result
 //! back. Everything the SDK reports arrives as a [`Msg`] on one channel, so all state
-//! lives on this one thread.
+//! lives on this one thread; only checkpoint files are written on another
+//! (`writer.rs`), whose answers ring that channel.
 
 pub mod driver;
+mod writer;
 
 use crate::checkpoint::{CheckpointError, CheckpointFile};
 use crate::config::ClientConfig;
@@ -24,6 +26,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
+use writer::{CheckpointWriter, WriteFailed, Written};
 
 pub(crate) fn now_micros() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
@@ -46,7 +49,7 @@ pub struct SyncClient<H: Handler> {
     config: ClientConfig,
     handler: H,
     health: HealthHandle,
-    checkpoint: CheckpointFile,
+    writer: CheckpointWriter,
     driver: Driver,
     conn: Option<Connection>,
     metrics: ClientMetrics,
@@ -88,7 +91,8 @@ impl<H: Handler> SyncClient<H> {
         let snapshot = driver.health(now());
         health.update(|h| *h = snapshot);
         let stream_metrics = config.streams.iter().map(|id| (id.clone(), StreamMetrics::new(id))).collect();
-        Ok(SyncClient { config, handler, health, checkpoint, driver, conn: None, metrics: ClientMetrics::default(), stream_metrics })
+        let writer = CheckpointWriter::spawn(checkpoint).map_err(|source| CheckpointError::Io { path: config.checkpoint.clone(), source })?;
+        Ok(SyncClient { config, handler, health, writer, driver, conn: None, metrics: ClientMetrics::default(), stream_metrics })
     }
 
     pub fn health(&self) -> HealthHandle {
@@ -111,6 +115,12 @@ impl<H: Handler> SyncClient<H> {
     /// Syncs until `shutdown` is set (returns `Ok`) or a failure retrying cannot fix.
     pub fn run(&mut self, shutdown: &AtomicBool) -> Result<(), ClientError> {
         loop {
+            // A write that finished while no connection could be rung.
+            if let Some(written) = self.writer.try_take() {
+                if let Some(end) = self.written(written, shutdown) {
+                    return end;
+                }
+            }
             if shutdown.load(Ordering::Relaxed) {
                 if let Some(end) = self.step(Input::Shutdown, shutdown) {
                     return end;
@@ -134,6 +144,13 @@ impl<H: Handler> SyncClient<H> {
             };
             let mut next = first;
             while let Some(msg) = next {
+                if let Msg::CheckpointWritten = msg {
+                    if let Some(end) = self.writer.try_take().and_then(|written| self.written(written, shutdown)) {
+                        return end;
+                    }
+                    next = self.conn.as_ref().and_then(|c| c.rx.try_recv().ok());
+                    continue;
+                }
                 if let Msg::Segment(id, Ok(segment), published_at) = &msg {
                     if let Some(m) = self.stream_metrics.get_mut(id) {
                         m.segment(segment.first_seq, segment.last_seq, *published_at);
@@ -237,21 +254,13 @@ impl<H: Handler> SyncClient<H> {
                     log::warn!("the handler could not persist its effects ({e}); the checkpoint waits");
                     return Ok(Some(Input::Checkpointed { set_aside_to: None, persisted: false }));
                 }
-                // A file that cannot be written ends the run; a `run` called again writes it.
-                let set_aside_to = match set_aside.then(|| self.checkpoint.set_aside()).transpose() {
-                    Ok(to) => to,
-                    Err(e) => {
-                        self.driver.checkpoint_not_written(None);
-                        return Err(Err(e.into()));
-                    }
-                };
-                if let Some(cursors) = cursors {
-                    if let Err(e) = self.checkpoint.store(cursors) {
-                        self.driver.checkpoint_not_written(set_aside_to);
-                        return Err(Err(e.into()));
-                    }
+                if cursors.is_none() && !set_aside {
+                    // The handler owns its cursors: its persist was the checkpoint.
+                    return Ok(Some(Input::Checkpointed { set_aside_to: None, persisted: true }));
                 }
-                return Ok(Some(Input::Checkpointed { set_aside_to, persisted: true }));
+                // The handler's effects are durable, so the file may now say so; the
+                // answer rings the connection's channel (`run` takes it).
+                self.writer.submit(cursors, set_aside, self.conn.as_ref().map(|c| c.tx.clone()));
             }
             Command::ReportHealth { write_file } => self.report_health(write_file),
             Command::Note(note) => match note {
@@ -272,11 +281,31 @@ impl<H: Handler> SyncClient<H> {
                 }
             }
             Command::Stop(end) => {
+                // The driver stops only after its checkpoint's answer, so nothing is in
+                // flight here; were it otherwise, the write would still finish first.
+                if let Some(Err(failed)) = self.writer.wait() {
+                    self.disconnect();
+                    return Err(Err(self.write_failed(failed)));
+                }
                 self.disconnect();
                 return Err(end);
             }
         }
         Ok(None)
+    }
+
+    /// Feeds a finished checkpoint write to the driver. A file that cannot be written ends
+    /// the run; a `run` called again writes it.
+    fn written(&mut self, written: Written, shutdown: &AtomicBool) -> Option<Result<(), ClientError>> {
+        match written {
+            Ok(set_aside_to) => self.step(Input::Checkpointed { set_aside_to, persisted: true }, shutdown),
+            Err(failed) => Some(Err(self.write_failed(failed))),
+        }
+    }
+
+    fn write_failed(&mut self, failed: WriteFailed) -> ClientError {
+        self.driver.checkpoint_not_written(failed.set_aside_to);
+        failed.error.into()
     }
 
     /// Hands the stream's ready events to the handler, one at a time, each result to

@@ -134,9 +134,11 @@ pub enum Command {
     CaughtUp,
     /// Have the handler persist; only if it did, set the corrupt checkpoint file aside
     /// (when `set_aside`) and write `cursors` to the checkpoint file (`None`: the handler
-    /// owns its cursors, no file); then [`Input::Checkpointed`]. (A corrupt file set aside
-    /// before the handler's drop of every stream is durable would let a crash restart
-    /// from nothing, over the handler's old state.)
+    /// owns its cursors, no file); then [`Input::Checkpointed`], at once or after other
+    /// inputs (the shell writes the file on a thread of its own). Until that answer no
+    /// other checkpoint is asked for. (A corrupt file set aside before the handler's drop
+    /// of every stream is durable would let a crash restart from nothing, over the
+    /// handler's old state.)
     Checkpoint { cursors: Option<Vec<StreamCursor>>, set_aside: bool },
     /// Publish [`Driver::health`] (and write the health file when `write_file`).
     ReportHealth { write_file: bool },
@@ -163,6 +165,15 @@ pub enum Note {
 /// whether it is of the stream's current history (not a rebuild's old cursor).
 type Offered = Vec<(String, StreamCursor, bool)>;
 
+/// A stop waiting for its checkpoint: the checkpoint in flight is answered first (the
+/// shell writes files on another thread), then what was applied since is offered once,
+/// and only its answer lets [`Command::Stop`] out.
+#[derive(Debug)]
+struct Stopping {
+    result: Result<(), ClientError>,
+    flushed: bool,
+}
+
 /// The sync loop's state and decisions (see the module doc).
 #[derive(Debug)]
 pub struct Driver {
@@ -183,6 +194,8 @@ pub struct Driver {
     /// Applied events (or a rebootstrap) not yet in a checkpoint.
     dirty: bool,
     offered: Option<Offered>,
+    /// A stop asked for and waiting for its checkpoint; no other input moves the driver.
+    stopping: Option<Stopping>,
     last_checkpoint: Option<Instant>,
     last_health_file: Option<Instant>,
     /// Handler work was handed out in the last round; it is settled at the next tick.
@@ -234,6 +247,7 @@ impl Driver {
             setting_aside: None,
             dirty: false,
             offered: None,
+            stopping: None,
             last_checkpoint: None,
             last_health_file: None,
             worked: false,
@@ -298,6 +312,10 @@ impl Driver {
     /// Takes one input; returns what to do, in order.
     pub fn step(&mut self, input: Input, now: Now) -> Vec<Command> {
         let mut out = Vec::new();
+        if self.stopping.is_some() && !matches!(input, Input::Checkpointed { .. }) {
+            // Stopping: only the checkpoint's answer moves the driver on.
+            return out;
+        }
         match input {
             Input::Tick => self.tick(now, &mut out),
             Input::Msg(msg) => self.message(msg, now, &mut out),
@@ -351,12 +369,9 @@ impl Driver {
                     // The handler's batch may be gone, not waiting: read its cursors again.
                     self.session_ended(ClientError::HandlerPersist, now, &mut out);
                 }
+                self.continue_stop(now, &mut out);
             }
-            Input::Shutdown => {
-                self.checkpoint(now, &mut out);
-                out.push(Command::ReportHealth { write_file: true });
-                out.push(Command::Stop(Ok(())));
-            }
+            Input::Shutdown => self.stop(Ok(()), now, &mut out),
         }
         out.extend(self.notes.drain(..).map(Command::Note));
         out
@@ -406,8 +421,7 @@ impl Driver {
                 _ => ConnectionState::Unspecified,
             };
             self.session.phase = Phase::Stopped { state };
-            out.push(Command::ReportHealth { write_file: true });
-            out.push(Command::Stop(Err(err)));
+            self.stop(Err(err), now, out);
             return;
         }
         let delay = self.session.failed();
@@ -645,6 +659,32 @@ impl Driver {
         }
     }
 
+    /// Stops with `result` once what was applied is checkpointed (see [`Stopping`]).
+    fn stop(&mut self, result: Result<(), ClientError>, now: Now, out: &mut Vec<Command>) {
+        self.stopping = Some(Stopping { result, flushed: false });
+        self.continue_stop(now, out);
+    }
+
+    /// Moves a stop on: waits while a checkpoint is in flight, then offers the last one
+    /// once, then stops.
+    fn continue_stop(&mut self, now: Now, out: &mut Vec<Command>) {
+        if self.offered.is_some() {
+            return;
+        }
+        let Some(stopping) = self.stopping.as_mut() else { return };
+        if !stopping.flushed {
+            stopping.flushed = true;
+            self.checkpoint(now, out);
+            if self.offered.is_some() {
+                return;
+            }
+        }
+        if let Some(stopping) = self.stopping.take() {
+            out.push(Command::ReportHealth { write_file: true });
+            out.push(Command::Stop(stopping.result));
+        }
+    }
+
     /// Asks for a checkpoint when something changed, except while a corrupt file waits
     /// for the handler to drop every stream.
     fn checkpoint(&mut self, now: Now, out: &mut Vec<Command>) {
@@ -672,7 +712,7 @@ impl Driver {
     fn checkpointed(&mut self, set_aside_to: Option<PathBuf>, persisted: bool) {
         if !persisted {
             log::warn!("the handler could not persist its effects; the checkpoint waits");
-            return self.checkpoint_not_written(None);
+            return self.not_written(None);
         }
         let Some(offered) = self.offered.take() else { return };
         self.note_set_aside(set_aside_to);
@@ -686,12 +726,21 @@ impl Driver {
         }
     }
 
-    /// The checkpoint offered last was not written (the handler could not persist, or
-    /// the file could not be set aside or stored and `run` returned that error), though
-    /// the corrupt file was moved to `set_aside_to` if that is `Some`: the next round
-    /// offers one again. Without this a `run` called again after such an error waited for
-    /// ever on the answer to a checkpoint nobody would write.
+    /// The checkpoint offered last was not written (the file could not be set aside or
+    /// stored, and `run` returned that error), though the corrupt file was moved to
+    /// `set_aside_to` if that is `Some`: the next round offers one again, and a stop that
+    /// waited for it is dropped. Without this a `run` called again after such an error
+    /// waited for ever on the answer to a checkpoint nobody would write.
     pub fn checkpoint_not_written(&mut self, set_aside_to: Option<PathBuf>) {
+        if self.offered.is_some() {
+            // `run` ends with the write's error instead of a stop that waited for it.
+            self.stopping = None;
+        }
+        self.not_written(set_aside_to);
+    }
+
+    /// The checkpoint offered last was not written: offer one again at the next chance.
+    fn not_written(&mut self, set_aside_to: Option<PathBuf>) {
         if self.offered.take().is_none() {
             return;
         }

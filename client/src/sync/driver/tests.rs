@@ -158,6 +158,9 @@ struct Faults {
     crash_in_checkpoint: bool,
     /// The checkpoint file cannot be written (`run` returns the error and is called again).
     checkpoint_write: u32,
+    /// The next checkpoint file write is slow: its answer comes only at
+    /// [`Sim::finish_write`], as the shell's writer thread gives it, after other inputs.
+    slow_write: u32,
 }
 
 /// The client process, the server and the handler.
@@ -185,6 +188,9 @@ struct Sim {
     crash_due: bool,
     /// Publishes leave the `stream_view` row behind until [`Sim::refresh_view`].
     lag_views: bool,
+    /// A checkpoint file write in flight (see `Faults::slow_write`): the cursors it
+    /// stores when it finishes.
+    write_in_flight: Option<Vec<StreamCursor>>,
     /// Figures for the record.
     applied: u64,
     reoffered: u64,
@@ -225,6 +231,7 @@ impl Sim {
             stopped: false,
             crash_due: false,
             lag_views: false,
+            write_in_flight: None,
             applied: 0,
             reoffered: 0,
             rebootstraps: 0,
@@ -453,6 +460,11 @@ impl Sim {
                         let kept = before.iter().any(|b| (&b.stream_id, b.epoch, b.seq, &b.chain_hash) == (&c.stream_id, c.epoch, c.seq, &c.chain_hash)) || c.seq == 0;
                         let held = self.persisted_has(&c.stream_id, c.seq, &c.chain_hash);
                         assert!(kept || held, "checkpoint {} at {} is not in the handler's persisted projection {:?}", c.stream_id, c.seq, self.persisted.get(&c.stream_id));
+                    }
+                    assert!(self.write_in_flight.is_none(), "a checkpoint asked for while a write is in flight");
+                    if !set_aside && std::mem::take(&mut self.faults.slow_write) > 0 {
+                        self.write_in_flight = Some(cursors);
+                        return;
                     }
                     self.file = Some(Ok(cursors));
                 }
@@ -698,8 +710,19 @@ impl Sim {
         }
     }
 
+    /// The slow checkpoint write in flight lands, and its answer reaches the driver.
+    fn finish_write(&mut self) {
+        if let Some(cursors) = self.write_in_flight.take() {
+            self.file = Some(Ok(cursors));
+            self.feed(Input::Checkpointed { set_aside_to: None, persisted: true });
+            self.tick();
+        }
+    }
+
     /// The client process is killed and started again.
     fn crash(&mut self, corrupt: bool) {
+        // A write in flight is lost with the process (the file keeps the one before).
+        self.write_in_flight = None;
         self.alive = false;
         if self.conn.take().is_some() {
             for s in self.server.values_mut() {
@@ -755,6 +778,7 @@ impl Sim {
     /// every message delivered, time passed for gaps and backoffs.
     fn heal(&mut self) {
         self.faults = Faults::default();
+        self.finish_write();
         for (i, id) in STREAMS.iter().enumerate() {
             if !self.server[id].granted {
                 self.renew(i);
@@ -827,6 +851,10 @@ enum Action {
     CorruptCheckpoint,
     /// [`Sim::refresh_view`].
     RefreshView(usize),
+    /// The next checkpoint write is slow (`Faults::slow_write`).
+    SlowCheckpointWrite,
+    /// [`Sim::finish_write`].
+    FinishWrite,
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -855,6 +883,8 @@ fn action() -> impl Strategy<Value = Action> {
         1 => Just(Action::CrashInCheckpoint),
         1 => Just(Action::CorruptCheckpoint),
         3 => stream.prop_map(Action::RefreshView),
+        2 => Just(Action::SlowCheckpointWrite),
+        3 => Just(Action::FinishWrite),
     ]
 }
 
@@ -901,6 +931,8 @@ fn run_case_with(owns: bool, lag_views: bool, actions: &[Action]) -> Sim {
             Action::CrashInCheckpoint => sim.faults.crash_in_checkpoint = true,
             Action::CorruptCheckpoint => sim.crash(true),
             Action::RefreshView(i) => sim.refresh_view(i),
+            Action::SlowCheckpointWrite => sim.faults.slow_write = 1,
+            Action::FinishWrite => sim.finish_write(),
         }
         if std::mem::take(&mut sim.crash_due) {
             sim.crash(false);
@@ -1245,6 +1277,38 @@ fn live_sim(n: u64) -> Sim {
         sim.advance(Duration::from_millis(50));
     }
     sim
+}
+
+/// The shell writes checkpoint files on a thread of its own. While a write is in flight
+/// events keep being applied, no second checkpoint is asked for, and nothing is acked
+/// past the last answered one; a stop waits for the write, then checkpoints what was
+/// applied since, and only then stops.
+#[test]
+fn events_apply_while_a_checkpoint_is_written_and_a_stop_waits_for_it() {
+    let mut sim = live_sim(5);
+    assert_eq!(sim.driver.durable("s.a").unwrap().seq, 5);
+    sim.faults.slow_write = 1;
+    sim.publish(0, 3);
+    sim.deliver(100);
+    sim.advance(Duration::from_millis(50));
+    assert_eq!(sim.write_in_flight.as_ref().map(|c| c[0].seq), Some(8), "the write of 8 is in flight");
+    sim.publish(0, 4);
+    for _ in 0..5 {
+        sim.deliver(100);
+        sim.advance(Duration::from_millis(50));
+    }
+    assert_eq!(sim.driver.applied()["s.a"], 12, "events are applied while the write is in flight");
+    assert_eq!(sim.driver.durable("s.a").unwrap().seq, 5, "durable only once the write is answered");
+    assert_eq!(sim.server["s.a"].acked, 5, "no ack past the answered checkpoint");
+
+    sim.feed(Input::Shutdown);
+    assert!(!sim.stopped, "stopped with a write in flight");
+    sim.publish(0, 2);
+    sim.deliver(100);
+    assert!(!sim.stopped && sim.driver.applied()["s.a"] == 12, "a stopping driver went on applying");
+    sim.finish_write();
+    assert!(sim.stopped, "the stop did not follow the last checkpoint's answer");
+    assert_eq!(sim.file.as_ref().and_then(|f| f.as_ref().ok()).map(|c| c[0].seq), Some(12), "the stop checkpointed what followed the write");
 }
 
 #[test]
