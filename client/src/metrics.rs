@@ -24,10 +24,20 @@ pub const CORRUPT_SEGMENTS: &str = "khala_client_corrupt_segments_total";
 pub const STATE: &str = "khala_client_state";
 pub const STREAMS: &str = "khala_client_streams";
 pub const LEASE_SECONDS_LEFT: &str = "khala_client_lease_seconds_left";
+pub const CHECKPOINT_WRITE: &str = "khala_client_checkpoint_write_seconds";
 
 /// Buckets of [`DELIVERY_LATENCY`], in seconds (a recorder that wants buckets must be
 /// told them; `khala tail` does).
 pub const LATENCY_BUCKETS: [f64; 13] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Buckets of [`CHECKPOINT_WRITE`], in seconds: a store is one `fdatasync` (well under a
+/// millisecond on a quiet disk, tens of milliseconds on a busy one).
+pub const CHECKPOINT_WRITE_BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+/// Times one checkpoint file write (on the writer thread).
+pub fn checkpoint_written(seconds: f64) {
+    histogram!(CHECKPOINT_WRITE).record(seconds);
+}
 
 /// Received segments remembered per stream for their `published_at`, at most (beyond it
 /// the newest are dropped: latency and lag-seconds then miss them, nothing else does).

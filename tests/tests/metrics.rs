@@ -145,6 +145,10 @@ fn tail_serves_applied_counts_lag_latency_state_rebootstraps_and_lease_ends() {
     assert_eq!(s.get(&key("khala_client_lease_expiries_total", &s_label)), Some(&0.0));
     assert_eq!(s.get(&key("khala_client_corrupt_segments_total", &s_label)), Some(&0.0));
     assert_eq!(s.get(&key("khala_client_auth_failures_total", &[("kind", "unauthorized")])), Some(&0.0));
+    // The replay was checkpointed, each write timed on the writer thread.
+    let writes = s.get("khala_client_checkpoint_write_seconds_count").copied().unwrap_or(0.0);
+    assert!(writes >= 1.0, "checkpoint writes timed: {writes}");
+    assert_eq!(s.get(&key("khala_client_checkpoint_write_seconds_bucket", &[("le", "+Inf")])), Some(&writes));
     let lease = s[&key("khala_client_lease_seconds_left", &s_label)];
     assert!((3500.0..=3600.0).contains(&lease), "lease seconds left {lease}");
     // A replayed backlog is lag, not delivery latency.

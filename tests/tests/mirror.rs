@@ -143,8 +143,10 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> Output {
     Output { status: child.wait().unwrap(), stdout: stdout.into_bytes(), stderr: stderr.into_bytes() }
 }
 
-/// Kills the mirror with SIGKILL `kills` times at random points (a run lives `life_ms`
-/// at most), then lets a last run finish; the module must hold exactly the input.
+/// Kills the mirror with SIGKILL `kills` times at random points, then lets a last run
+/// finish; the module must hold exactly the input. Each run is killed once the module's
+/// heads pass a random share of the input, or after a random time in `life_ms`,
+/// whichever comes first: a time alone lands after the end on a fast machine.
 fn sigkill_drill(label: &str, events: u64, kills: usize, batch: &str, life_ms: std::ops::Range<u64>) {
     let db = shared_server().new_database(label);
     let dir = tempfile::tempdir().unwrap();
@@ -157,7 +159,11 @@ fn sigkill_drill(label: &str, events: u64, kills: usize, batch: &str, life_ms: s
     let mut mid_run = 0;
     for round in 1..=kills {
         let mut child = mirror(&db, dir.path(), args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(rng.gen_range(life_ms.clone())));
+        let deadline = Instant::now() + Duration::from_millis(rng.gen_range(life_ms.clone()));
+        let target = rng.gen_range(events / 10..events * 9 / 10);
+        while Instant::now() < deadline && heads_total(&db).is_none_or(|n| n < target) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let before = heads_total(&db);
         child.kill().unwrap();
         child.wait().unwrap();
@@ -174,8 +180,9 @@ fn sigkill_drill(label: &str, events: u64, kills: usize, batch: &str, life_ms: s
 
 #[test]
 fn sigkill_of_the_mirror_at_random_points_loses_and_doubles_nothing() {
-    // Small batches, one call in flight: a run takes seconds, so the kills land mid-run.
-    sigkill_drill("mirror-kill", 5000, 5, "4", 200..900);
+    // Small batches, one call in flight, so that a run lasts long enough to be killed
+    // in its middle (under a second on a fast machine).
+    sigkill_drill("mirror-kill", 10_000, 5, "4", 200..900);
 }
 
 /// The larger drill for the record (not in the default run):

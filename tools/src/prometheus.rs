@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Installs the Prometheus recorder and serves it on `addr`. The client's delivery
-/// latency histogram gets its buckets (any other histogram would be a summary).
+/// latency and checkpoint write histograms get their buckets (any other histogram would
+/// be a summary).
 /// `forget_gauges_after`: gauges not set for that long leave the output, so a series
 /// whose subject is gone (a stream that no longer exists) disappears instead of
 /// repeating its last value.
@@ -18,6 +19,7 @@ pub fn install(addr: SocketAddr, forget_gauges_after: Option<Duration>) -> Resul
     let mut builder = PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets_for_metric(Matcher::Full(khala_client::metrics::DELIVERY_LATENCY.into()), &khala_client::metrics::LATENCY_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(khala_client::metrics::CHECKPOINT_WRITE.into()), &khala_client::metrics::CHECKPOINT_WRITE_BUCKETS))
         .map_err(|e| failed(&e))?;
     if let Some(after) = forget_gauges_after {
         builder = builder.idle_timeout(MetricKindMask::GAUGE, Some(after));

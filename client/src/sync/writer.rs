@@ -13,7 +13,7 @@ use crate::checkpoint::{CheckpointError, CheckpointFile};
 use crate::transport::Msg;
 use khala_proto::StreamCursor;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
 
 /// What a write did: where the corrupt file went (when it was asked to set it aside).
@@ -36,6 +36,8 @@ struct Job {
 
 /// The writer thread and the one write it may have in flight.
 pub struct CheckpointWriter {
+    /// The file's path, to name it in the error of a writer that is gone.
+    path: PathBuf,
     jobs: Option<Sender<Job>>,
     done: Receiver<Written>,
     in_flight: bool,
@@ -45,11 +47,14 @@ pub struct CheckpointWriter {
 impl CheckpointWriter {
     /// Starts the thread that owns `file` from now on.
     pub fn spawn(mut file: CheckpointFile) -> std::io::Result<CheckpointWriter> {
+        let path = file.path().to_path_buf();
         let (jobs, job_rx) = mpsc::channel::<Job>();
         let (done_tx, done) = mpsc::channel();
         let thread = std::thread::Builder::new().name("khala-checkpoint".into()).spawn(move || {
             for job in job_rx {
+                let started = std::time::Instant::now();
                 let written = write(&mut file, job.cursors, job.set_aside);
+                crate::metrics::checkpoint_written(started.elapsed().as_secs_f64());
                 if done_tx.send(written).is_err() {
                     return;
                 }
@@ -58,16 +63,19 @@ impl CheckpointWriter {
                 }
             }
         })?;
-        Ok(CheckpointWriter { jobs: Some(jobs), done, in_flight: false, thread: Some(thread) })
+        Ok(CheckpointWriter { path, jobs: Some(jobs), done, in_flight: false, thread: Some(thread) })
     }
 
     /// Hands one write over; `wake` (the connection's channel, if any) hears
-    /// [`Msg::CheckpointWritten`] when it is done.
+    /// [`Msg::CheckpointWritten`] when it is done. A writer thread that is gone answers
+    /// with a failed write.
     pub fn submit(&mut self, cursors: Option<Vec<StreamCursor>>, set_aside: bool, wake: Option<Sender<Msg>>) {
-        assert!(!self.in_flight, "a second checkpoint write while one is in flight (the driver offers one at a time)");
-        let job = Job { cursors, set_aside, wake };
-        let sent = self.jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok());
-        assert!(sent, "the checkpoint writer thread is gone");
+        debug_assert!(!self.in_flight, "a second checkpoint write while one is in flight (the driver offers one at a time)");
+        if let Some(jobs) = &self.jobs {
+            // When the thread is gone its answer channel is closed too: `try_take` and
+            // `wait` see that.
+            let _ = jobs.send(Job { cursors, set_aside, wake });
+        }
         self.in_flight = true;
     }
 
@@ -76,7 +84,11 @@ impl CheckpointWriter {
         if !self.in_flight {
             return None;
         }
-        let written = self.done.try_recv().ok()?;
+        let written = match self.done.try_recv() {
+            Ok(written) => written,
+            Err(TryRecvError::Empty) => return None,
+            Err(TryRecvError::Disconnected) => Err(self.gone()),
+        };
         self.in_flight = false;
         Some(written)
     }
@@ -87,7 +99,13 @@ impl CheckpointWriter {
             return None;
         }
         self.in_flight = false;
-        Some(self.done.recv().expect("the checkpoint writer thread answers every write"))
+        Some(self.done.recv().unwrap_or_else(|_| Err(self.gone())))
+    }
+
+    /// The failure of a write whose thread ended without answering (it panicked).
+    fn gone(&self) -> WriteFailed {
+        let source = std::io::Error::other("the checkpoint writer thread ended");
+        WriteFailed { error: CheckpointError::Io { path: self.path.clone(), source }, set_aside_to: None }
     }
 }
 
@@ -136,6 +154,20 @@ mod tests {
         assert!(matches!(writer.wait(), Some(Ok(None))));
         assert_eq!(CheckpointFile::new(&path).load().unwrap().unwrap()[0].seq, 9);
         assert!(writer.wait().is_none(), "nothing in flight");
+    }
+
+    #[test]
+    fn a_writer_thread_that_is_gone_answers_with_a_failed_write() {
+        let (jobs, _job_rx) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel::<Written>();
+        drop(done_tx);
+        let mut writer = CheckpointWriter { path: PathBuf::from("cp"), jobs: Some(jobs), done, in_flight: false, thread: None };
+        writer.submit(Some(vec![cursor("s", 1)]), false, None);
+        let failed = writer.try_take().expect("an answer").unwrap_err();
+        assert_eq!(failed.error.code(), "checkpoint_io");
+        assert!(writer.try_take().is_none(), "nothing in flight after the answer");
+        writer.submit(None, true, None);
+        assert!(writer.wait().expect("an answer").is_err());
     }
 
     #[test]

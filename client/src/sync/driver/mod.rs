@@ -161,9 +161,10 @@ pub enum Note {
     AuthFailure(&'static str),
 }
 
-/// A checkpoint asked for and not answered yet: per stream, the cursor offered and
-/// whether it is of the stream's current history (not a rebuild's old cursor).
-type Offered = Vec<(String, StreamCursor, bool)>;
+/// A checkpoint asked for and not answered yet: per stream, the cursor offered and, when
+/// it is of the stream's current history (not a rebuild's old cursor), that history
+/// ([`StreamState::history`]).
+type Offered = Vec<(String, StreamCursor, Option<u64>)>;
 
 /// A stop waiting for its checkpoint: the checkpoint in flight is answered first (the
 /// shell writes files on another thread), then what was applied since is offered once,
@@ -196,6 +197,9 @@ pub struct Driver {
     offered: Option<Offered>,
     /// A stop asked for and waiting for its checkpoint; no other input moves the driver.
     stopping: Option<Stopping>,
+    /// A session ended while a checkpoint was in flight: checkpoint again at its answer,
+    /// as a session's end does.
+    flush_at_answer: bool,
     last_checkpoint: Option<Instant>,
     last_health_file: Option<Instant>,
     /// Handler work was handed out in the last round; it is settled at the next tick.
@@ -248,6 +252,7 @@ impl Driver {
             dirty: false,
             offered: None,
             stopping: None,
+            flush_at_answer: false,
             last_checkpoint: None,
             last_health_file: None,
             worked: false,
@@ -284,7 +289,10 @@ impl Driver {
 
     /// How long the shell may wait for a message before the next [`Input::Tick`].
     pub fn wait(&self) -> Duration {
-        if !self.session.subscribed() {
+        if self.stopping.is_some() {
+            // Waiting for the checkpoint's answer, which rings the loop.
+            TICK
+        } else if !self.session.subscribed() {
             TICK
         } else if self.worked {
             Duration::ZERO
@@ -312,9 +320,17 @@ impl Driver {
     /// Takes one input; returns what to do, in order.
     pub fn step(&mut self, input: Input, now: Now) -> Vec<Command> {
         let mut out = Vec::new();
-        if self.stopping.is_some() && !matches!(input, Input::Checkpointed { .. }) {
-            // Stopping: only the checkpoint's answer moves the driver on.
-            return out;
+        if self.stopping.is_some() {
+            // Stopping: only the checkpoint's answer moves the driver on (or a tick, once
+            // a write that failed must be tried again).
+            match input {
+                Input::Checkpointed { .. } => {}
+                Input::Tick => {
+                    self.continue_stop(now, &mut out);
+                    return out;
+                }
+                _ => return out,
+            }
         }
         match input {
             Input::Tick => self.tick(now, &mut out),
@@ -369,6 +385,9 @@ impl Driver {
                     // The handler's batch may be gone, not waiting: read its cursors again.
                     self.session_ended(ClientError::HandlerPersist, now, &mut out);
                 }
+                if std::mem::take(&mut self.flush_at_answer) {
+                    self.checkpoint(now, &mut out);
+                }
                 self.continue_stop(now, &mut out);
             }
             Input::Shutdown => self.stop(Ok(()), now, &mut out),
@@ -407,7 +426,9 @@ impl Driver {
             self.notes.push(Note::AuthFailure("unauthorized"));
         }
         // What was applied before the session ended is made durable now, so that
-        // neither a retry nor a stop applies it again.
+        // neither a retry nor a stop applies it again (at the answer of a checkpoint in
+        // flight, if one is).
+        self.flush_at_answer = self.offered.is_some();
         self.checkpoint(now, out);
         for s in self.streams.values_mut() {
             s.windows.disconnected();
@@ -699,7 +720,7 @@ impl Driver {
         let offered: Offered = self
             .streams
             .iter()
-            .map(|(id, s)| if s.rebuilding() { (id.clone(), s.durable.clone(), false) } else { (id.clone(), s.engine.cursor(now.unix_micros), true) })
+            .map(|(id, s)| if s.rebuilding() { (id.clone(), s.durable.clone(), None) } else { (id.clone(), s.engine.cursor(now.unix_micros), Some(s.history)) })
             .collect();
         let cursors = (!self.settings.handler_owns_cursors)
             .then(|| offered.iter().map(|(_, c, _)| c.clone()).chain(self.other_cursors.iter().cloned()).collect());
@@ -716,10 +737,11 @@ impl Driver {
         }
         let Some(offered) = self.offered.take() else { return };
         self.note_set_aside(set_aside_to);
-        for (id, cursor, current) in offered {
+        for (id, cursor, history) in offered {
             if let Some(s) = self.streams.get_mut(&id) {
                 s.durable = cursor;
-                if current {
+                // A rebootstrap taken since the offer: the cursor is of the old history.
+                if history == Some(s.history) {
                     s.acks.durable_again();
                 }
             }
@@ -728,13 +750,15 @@ impl Driver {
 
     /// The checkpoint offered last was not written (the file could not be set aside or
     /// stored, and `run` returned that error), though the corrupt file was moved to
-    /// `set_aside_to` if that is `Some`: the next round offers one again, and a stop that
-    /// waited for it is dropped. Without this a `run` called again after such an error
+    /// `set_aside_to` if that is `Some`: the next round offers one again (a stop that
+    /// waited for it, at the next tick). Without this a `run` called again after such an error
     /// waited for ever on the answer to a checkpoint nobody would write.
     pub fn checkpoint_not_written(&mut self, set_aside_to: Option<PathBuf>) {
-        if self.offered.is_some() {
-            // `run` ends with the write's error instead of a stop that waited for it.
-            self.stopping = None;
+        let in_flight = self.offered.is_some();
+        if let Some(stopping) = self.stopping.as_mut().filter(|_| in_flight) {
+            // `run` ends with the write's error; a `run` called again tries the last
+            // checkpoint again at its first tick, then stops.
+            stopping.flushed = false;
         }
         self.not_written(set_aside_to);
     }

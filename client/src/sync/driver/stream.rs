@@ -34,6 +34,11 @@ pub struct StreamState {
     /// The seqs of the refused segment (failing its own chain hashes) nearest the
     /// cursor. The stream reads as corrupt while the cursor is below its end.
     pub corrupt: Option<(u64, u64)>,
+    /// Counts the histories this process has followed the stream in (each rebootstrap,
+    /// or a resume from the handler's own cursor, starts one). A checkpoint is answered
+    /// after other inputs, so its answer makes acks current again only if the stream is
+    /// still in the history its cursor was offered in.
+    pub history: u64,
 }
 
 impl StreamState {
@@ -49,6 +54,7 @@ impl StreamState {
             retry: HandlerRetry::default(),
             budget: 0,
             corrupt: None,
+            history: 0,
         }
     }
 
@@ -134,6 +140,7 @@ impl StreamState {
                     self.retry.rebootstrap(stale);
                     self.windows.reset();
                     self.acks.rebootstrapped();
+                    self.history += 1;
                     dirty = true;
                 }
                 Alert::ServerBehind { cursor, head } => {
@@ -175,6 +182,7 @@ impl StreamState {
             self.engine = StreamEngine::new(&stored);
             self.durable = stored;
             self.windows.reset();
+            self.history += 1;
         }
     }
 }

@@ -189,8 +189,8 @@ struct Sim {
     /// Publishes leave the `stream_view` row behind until [`Sim::refresh_view`].
     lag_views: bool,
     /// A checkpoint file write in flight (see `Faults::slow_write`): the cursors it
-    /// stores when it finishes.
-    write_in_flight: Option<Vec<StreamCursor>>,
+    /// stores when it finishes, and where the corrupt file it set aside went.
+    write_in_flight: Option<(Vec<StreamCursor>, Option<PathBuf>)>,
     /// Figures for the record.
     applied: u64,
     reoffered: u64,
@@ -462,8 +462,8 @@ impl Sim {
                         assert!(kept || held, "checkpoint {} at {} is not in the handler's persisted projection {:?}", c.stream_id, c.seq, self.persisted.get(&c.stream_id));
                     }
                     assert!(self.write_in_flight.is_none(), "a checkpoint asked for while a write is in flight");
-                    if !set_aside && std::mem::take(&mut self.faults.slow_write) > 0 {
-                        self.write_in_flight = Some(cursors);
+                    if std::mem::take(&mut self.faults.slow_write) > 0 {
+                        self.write_in_flight = Some((cursors, set_aside_to));
                         return;
                     }
                     self.file = Some(Ok(cursors));
@@ -711,10 +711,16 @@ impl Sim {
     }
 
     /// The slow checkpoint write in flight lands, and its answer reaches the driver.
+    /// A pending `FailCheckpointWrite` fails it: the driver hears it as the shell tells
+    /// it, and `run` is called again.
     fn finish_write(&mut self) {
-        if let Some(cursors) = self.write_in_flight.take() {
-            self.file = Some(Ok(cursors));
-            self.feed(Input::Checkpointed { set_aside_to: None, persisted: true });
+        if let Some((cursors, set_aside_to)) = self.write_in_flight.take() {
+            if std::mem::take(&mut self.faults.checkpoint_write) > 0 {
+                self.driver.checkpoint_not_written(set_aside_to);
+            } else {
+                self.file = Some(Ok(cursors));
+                self.feed(Input::Checkpointed { set_aside_to, persisted: true });
+            }
             self.tick();
         }
     }
@@ -1291,7 +1297,7 @@ fn events_apply_while_a_checkpoint_is_written_and_a_stop_waits_for_it() {
     sim.publish(0, 3);
     sim.deliver(100);
     sim.advance(Duration::from_millis(50));
-    assert_eq!(sim.write_in_flight.as_ref().map(|c| c[0].seq), Some(8), "the write of 8 is in flight");
+    assert_eq!(sim.write_in_flight.as_ref().map(|(c, _)| c[0].seq), Some(8), "the write of 8 is in flight");
     sim.publish(0, 4);
     for _ in 0..5 {
         sim.deliver(100);
@@ -1303,12 +1309,84 @@ fn events_apply_while_a_checkpoint_is_written_and_a_stop_waits_for_it() {
 
     sim.feed(Input::Shutdown);
     assert!(!sim.stopped, "stopped with a write in flight");
+    assert_eq!(sim.driver.wait(), TICK, "a stopping driver must not make the loop spin");
     sim.publish(0, 2);
     sim.deliver(100);
     assert!(!sim.stopped && sim.driver.applied()["s.a"] == 12, "a stopping driver went on applying");
     sim.finish_write();
     assert!(sim.stopped, "the stop did not follow the last checkpoint's answer");
     assert_eq!(sim.file.as_ref().and_then(|f| f.as_ref().ok()).map(|c| c[0].seq), Some(12), "the stop checkpointed what followed the write");
+}
+
+/// A session that ends while a checkpoint is written checkpoints what was applied since
+/// at that write's answer, not only once a new session is up.
+#[test]
+fn a_session_that_ends_during_a_write_checkpoints_at_its_answer() {
+    let mut sim = live_sim(5);
+    sim.faults.slow_write = 1;
+    sim.publish(0, 3);
+    sim.deliver(100);
+    sim.advance(Duration::from_millis(50));
+    assert!(sim.write_in_flight.is_some());
+    sim.publish(0, 2);
+    sim.deliver(100);
+    assert_eq!(sim.driver.applied()["s.a"], 10);
+    sim.drop_connection("network");
+    sim.deliver(100);
+    // The server stays unreachable: the session does not come back.
+    sim.alive = false;
+    sim.finish_write();
+    assert_eq!(sim.file.as_ref().and_then(|f| f.as_ref().ok()).map(|c| c[0].seq), Some(10), "the end of the session was not checkpointed at the write's answer");
+}
+
+/// A rebootstrap taken while a checkpoint of the old history is written: its answer
+/// makes that cursor durable (the file holds it) but does not make acks current again,
+/// so nothing the handler dropped is acked.
+#[test]
+fn a_write_answered_after_a_rebootstrap_does_not_ack_the_old_history() {
+    let mut sim = live_sim(5);
+    sim.faults.slow_write = 1;
+    sim.publish(0, 3);
+    sim.deliver(100);
+    sim.advance(Duration::from_millis(50));
+    assert_eq!(sim.write_in_flight.as_ref().map(|(c, _)| c[0].seq), Some(8));
+    // Retention passes the cursor before 9..=11 reach the client (their segment is
+    // lost on the way): a rebootstrap from 11.
+    sim.conn.as_mut().unwrap().clear();
+    sim.publish(0, 3);
+    sim.lose_segment();
+    sim.retention(0, 3);
+    for _ in 0..5 {
+        sim.deliver(100);
+        sim.advance(Duration::from_millis(50));
+    }
+    assert_eq!(sim.rebootstraps, 1, "the retention did not rebootstrap the stream");
+    sim.finish_write();
+    // Acks are checked against what the handler persisted (`Command::Ack` in the sim).
+    sim.publish(0, 2);
+    for _ in 0..10 {
+        sim.deliver(100);
+        sim.advance(Duration::from_millis(600));
+    }
+    assert_eq!(sim.driver.applied()["s.a"], 13);
+    assert_eq!(sim.server["s.a"].acked, 13);
+}
+
+/// A slow write that fails ends `run`; called again, the client writes it anew, and a
+/// stop that waited for it stops after that.
+#[test]
+fn a_stop_whose_write_failed_stops_once_a_run_called_again_writes_it() {
+    let mut sim = live_sim(5);
+    sim.faults.slow_write = 1;
+    sim.publish(0, 3);
+    sim.deliver(100);
+    sim.advance(Duration::from_millis(50));
+    sim.feed(Input::Shutdown);
+    sim.faults.checkpoint_write = 1;
+    // The write fails; the tick after it is the first of a `run` called again.
+    sim.finish_write();
+    assert!(sim.stopped, "a run called again after the failed write never stopped");
+    assert_eq!(sim.file.as_ref().and_then(|f| f.as_ref().ok()).map(|c| c[0].seq), Some(8), "stopped without the cursors written");
 }
 
 #[test]
