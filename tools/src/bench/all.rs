@@ -96,7 +96,8 @@ fn first_line(path: &str, prefix: &str) -> Option<String> {
 
 /// The machine and the code the figures came from.
 fn machine() -> Value {
-    let git = |args: &[&str]| std::process::Command::new("git").args(args).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    // The tree the bench's modules are built from, wherever the bench is run from.
+    let git = |args: &[&str]| std::process::Command::new("git").args(args).current_dir(khala_tools::paths::workspace_root()).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
     json!({
         "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "cpu": first_line("/proc/cpuinfo", "model name"),
