@@ -14,6 +14,7 @@ use super::private_server;
 use super::server_account::ServerWatch;
 use anyhow::Context;
 use clap::Args;
+use khala_client::store::sqlite::{Commit, SqliteStore};
 use khala_client::{ClientConfig, Event, Handler, HandlerError, SyncClient};
 use khala_proto::StaleCursor;
 use khala_tools::api::{identity_arg, Api};
@@ -46,6 +47,10 @@ pub struct LatencyArgs {
     /// Leave out the bare module's fan-out (public and behind an RLS rule).
     #[arg(long)]
     pub skip_bare: bool,
+    /// Subscribers keep events and cursors in SQLite (`store::sqlite`, exactly-once
+    /// effects): `persist()` is its commit, and no checkpoint file is written.
+    #[arg(long)]
+    pub sqlite: bool,
 }
 
 const STREAM: &str = "bench.lat.0";
@@ -62,6 +67,8 @@ pub struct Load {
     pub seconds: u64,
     pub payload_bytes: usize,
     pub ack: bool,
+    /// Subscribers store through `SqliteStore` (see [`LatencyArgs::sqlite`]).
+    pub sqlite: bool,
 }
 
 /// What the subscribers saw, shared by all of them.
@@ -80,6 +87,8 @@ struct LatencyHandler {
     seen: Arc<Mutex<Seen>>,
     /// Send times of events applied since the last `persist`.
     unpersisted: Vec<i64>,
+    /// Where events and cursors are stored, when the handler owns its cursors.
+    store: Option<SqliteStore>,
 }
 
 fn sent_micros(payload: &[u8]) -> i64 {
@@ -88,6 +97,9 @@ fn sent_micros(payload: &[u8]) -> i64 {
 
 impl Handler for LatencyHandler {
     fn apply(&mut self, event: &Event) -> Result<(), HandlerError> {
+        if let Some(store) = &mut self.store {
+            store.apply(event)?;
+        }
         let now = unix_micros();
         let sent = sent_micros(&event.payload);
         let mut seen = self.seen.lock().expect("latency samples");
@@ -99,11 +111,19 @@ impl Handler for LatencyHandler {
         Ok(())
     }
 
-    fn rebootstrap(&mut self, _stale: &StaleCursor) -> Result<(), HandlerError> {
-        Ok(())
+    fn rebootstrap(&mut self, stale: &StaleCursor) -> Result<(), HandlerError> {
+        match &mut self.store {
+            Some(store) => store.rebootstrap(stale),
+            None => Ok(()),
+        }
     }
 
+    /// With a store, the time is taken once its commit is durable; without one, before
+    /// the client writes its checkpoint file (on its writer thread).
     fn persist(&mut self) -> Result<(), HandlerError> {
+        if let Some(store) = &mut self.store {
+            store.persist()?;
+        }
         if self.unpersisted.is_empty() {
             return Ok(());
         }
@@ -111,6 +131,13 @@ impl Handler for LatencyHandler {
         let mut seen = self.seen.lock().expect("latency samples");
         seen.durable_micros.extend(self.unpersisted.drain(..).map(|sent| now - sent));
         Ok(())
+    }
+
+    fn cursors(&mut self) -> Result<Option<Vec<khala_proto::StreamCursor>>, HandlerError> {
+        match &mut self.store {
+            Some(store) => store.cursors(),
+            None => Ok(None),
+        }
     }
 }
 
@@ -204,15 +231,23 @@ fn drain(want: usize, delivered: impl Fn() -> usize) {
 
 pub fn latency(args: LatencyArgs) -> anyhow::Result<()> {
     let command = format!(
-        "khala bench latency --subscribers {} --rate {} --seconds {} --payload-bytes {}{}{}",
+        "khala bench latency --subscribers {} --rate {} --seconds {} --payload-bytes {}{}{}{}",
         args.subscribers,
         args.rate,
         args.seconds,
         args.payload_bytes,
         if args.no_ack { " --no-ack" } else { "" },
-        if args.skip_bare { " --skip-bare" } else { "" }
+        if args.skip_bare { " --skip-bare" } else { "" },
+        if args.sqlite { " --sqlite" } else { "" }
     );
-    let load = Load { subscribers: args.subscribers, rate: args.rate, seconds: args.seconds, payload_bytes: args.payload_bytes, ack: !args.no_ack };
+    let load = Load {
+        subscribers: args.subscribers,
+        rate: args.rate,
+        seconds: args.seconds,
+        payload_bytes: args.payload_bytes,
+        ack: !args.no_ack,
+        sqlite: args.sqlite,
+    };
     let (server, dir) = private_server()?;
     let api = Api::new(&server.url());
     let owner = api.new_identity()?;
@@ -247,7 +282,11 @@ pub fn khala_latency(api: &Api, owner_token: &str, db: &str, dir: &std::path::Pa
         let mut config = ClientConfig::new(url.clone(), db, token_file, dir.join(format!("{db}-reader-{n}.checkpoint")));
         config.streams = vec![STREAM.to_string()];
         config.ack = load.ack;
-        let handler = LatencyHandler { subscriber: n, seen: seen.clone(), unpersisted: Vec::new() };
+        let store = match load.sqlite {
+            true => Some(SqliteStore::open(dir.join(format!("{db}-reader-{n}.sqlite")), Commit::Batch).map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?),
+            false => None,
+        };
+        let handler = LatencyHandler { subscriber: n, seen: seen.clone(), unpersisted: Vec::new(), store };
         let mut client = SyncClient::new(config, handler)?;
         let stop = stop.clone();
         clients.push(std::thread::Builder::new().name(format!("khala-bench-sub-{n}")).spawn(move || client.run(&stop))?);
