@@ -1285,12 +1285,9 @@ fn live_sim(n: u64) -> Sim {
     sim
 }
 
-/// The shell writes checkpoint files on a thread of its own. While a write is in flight
-/// events keep being applied, no second checkpoint is asked for, and nothing is acked
-/// past the last answered one; a stop waits for the write, then checkpoints what was
-/// applied since, and only then stops.
-#[test]
-fn events_apply_while_a_checkpoint_is_written_and_a_stop_waits_for_it() {
+/// [`live_sim`] with 5 checkpointed, then 6..=8 applied and their checkpoint's file write
+/// in flight (a slow one: see `Faults::slow_write`).
+fn writing_8() -> Sim {
     let mut sim = live_sim(5);
     assert_eq!(sim.driver.durable("s.a").unwrap().seq, 5);
     sim.faults.slow_write = 1;
@@ -1298,6 +1295,21 @@ fn events_apply_while_a_checkpoint_is_written_and_a_stop_waits_for_it() {
     sim.deliver(100);
     sim.advance(Duration::from_millis(50));
     assert_eq!(sim.write_in_flight.as_ref().map(|(c, _)| c[0].seq), Some(8), "the write of 8 is in flight");
+    sim
+}
+
+/// The seq the checkpoint file holds for `s.a`.
+fn file_seq(sim: &Sim) -> Option<u64> {
+    sim.file.as_ref().and_then(|f| f.as_ref().ok()).map(|c| c[0].seq)
+}
+
+/// The shell writes checkpoint files on a thread of its own. While a write is in flight
+/// events keep being applied, no second checkpoint is asked for, and nothing is acked
+/// past the last answered one; a stop waits for the write, then checkpoints what was
+/// applied since, and only then stops.
+#[test]
+fn events_apply_while_a_checkpoint_is_written_and_a_stop_waits_for_it() {
+    let mut sim = writing_8();
     sim.publish(0, 4);
     for _ in 0..5 {
         sim.deliver(100);
@@ -1315,19 +1327,14 @@ fn events_apply_while_a_checkpoint_is_written_and_a_stop_waits_for_it() {
     assert!(!sim.stopped && sim.driver.applied()["s.a"] == 12, "a stopping driver went on applying");
     sim.finish_write();
     assert!(sim.stopped, "the stop did not follow the last checkpoint's answer");
-    assert_eq!(sim.file.as_ref().and_then(|f| f.as_ref().ok()).map(|c| c[0].seq), Some(12), "the stop checkpointed what followed the write");
+    assert_eq!(file_seq(&sim), Some(12), "the stop checkpointed what followed the write");
 }
 
 /// A session that ends while a checkpoint is written checkpoints what was applied since
 /// at that write's answer, not only once a new session is up.
 #[test]
 fn a_session_that_ends_during_a_write_checkpoints_at_its_answer() {
-    let mut sim = live_sim(5);
-    sim.faults.slow_write = 1;
-    sim.publish(0, 3);
-    sim.deliver(100);
-    sim.advance(Duration::from_millis(50));
-    assert!(sim.write_in_flight.is_some());
+    let mut sim = writing_8();
     sim.publish(0, 2);
     sim.deliver(100);
     assert_eq!(sim.driver.applied()["s.a"], 10);
@@ -1336,7 +1343,7 @@ fn a_session_that_ends_during_a_write_checkpoints_at_its_answer() {
     // The server stays unreachable: the session does not come back.
     sim.alive = false;
     sim.finish_write();
-    assert_eq!(sim.file.as_ref().and_then(|f| f.as_ref().ok()).map(|c| c[0].seq), Some(10), "the end of the session was not checkpointed at the write's answer");
+    assert_eq!(file_seq(&sim), Some(10), "the end of the session was not checkpointed at the write's answer");
 }
 
 /// A rebootstrap taken while a checkpoint of the old history is written: its answer
@@ -1344,12 +1351,7 @@ fn a_session_that_ends_during_a_write_checkpoints_at_its_answer() {
 /// so nothing the handler dropped is acked.
 #[test]
 fn a_write_answered_after_a_rebootstrap_does_not_ack_the_old_history() {
-    let mut sim = live_sim(5);
-    sim.faults.slow_write = 1;
-    sim.publish(0, 3);
-    sim.deliver(100);
-    sim.advance(Duration::from_millis(50));
-    assert_eq!(sim.write_in_flight.as_ref().map(|(c, _)| c[0].seq), Some(8));
+    let mut sim = writing_8();
     // Retention passes the cursor before 9..=11 reach the client (their segment is
     // lost on the way): a rebootstrap from 11.
     sim.conn.as_mut().unwrap().clear();
@@ -1376,17 +1378,13 @@ fn a_write_answered_after_a_rebootstrap_does_not_ack_the_old_history() {
 /// stop that waited for it stops after that.
 #[test]
 fn a_stop_whose_write_failed_stops_once_a_run_called_again_writes_it() {
-    let mut sim = live_sim(5);
-    sim.faults.slow_write = 1;
-    sim.publish(0, 3);
-    sim.deliver(100);
-    sim.advance(Duration::from_millis(50));
+    let mut sim = writing_8();
     sim.feed(Input::Shutdown);
     sim.faults.checkpoint_write = 1;
     // The write fails; the tick after it is the first of a `run` called again.
     sim.finish_write();
     assert!(sim.stopped, "a run called again after the failed write never stopped");
-    assert_eq!(sim.file.as_ref().and_then(|f| f.as_ref().ok()).map(|c| c[0].seq), Some(8), "stopped without the cursors written");
+    assert_eq!(file_seq(&sim), Some(8), "stopped without the cursors written");
 }
 
 #[test]
