@@ -228,9 +228,7 @@ fn commit(ctx: &ReducerContext, mut row: crate::streams::Stream, existed: bool, 
         }
         ctx.db.stream().stream_id().update(row);
     } else {
-        crate::stream_view::write(ctx, &row);
-        ctx.db.stream().insert(row);
-        access::on_stream_created(ctx, &stream_id);
+        crate::streams::insert_new(ctx, row);
     }
 }
 

@@ -1,10 +1,9 @@
 //! `stream_view`: what a subscriber reads of a stream, kept apart from the `stream` row
 //! that every publish rewrites.
 //!
-//! Behind a rule on `:sender`, every subscriber has query plans of its own, and each
-//! changed row of a table it watches is joined to every subscriber's rule rows before the
-//! filter on the caller applies: each commit costs about the square of the subscribers
-//! (docs/BENCHMARKS.md, "A hundred subscribers"). A publish changed three rows that
+//! Behind a rule on `:sender`, every subscriber has query plans of its own, evaluated for
+//! each changed row of a table it watches (docs/BENCHMARKS.md, "A hundred subscribers"
+//! and "Subscribers watch a view, not the stream row"). A publish changed three rows that
 //! subscribers watched: the segment, and the stream row's delete and insert. Subscribers
 //! now watch this view instead of `stream`: it changes at once when the epoch or the
 //! retention floor does, and otherwise brings the head up at most every [`VIEW_EVERY`].
@@ -32,8 +31,9 @@ pub const REFRESH_BATCH: usize = 4096;
 pub const VIEWS_SEEDED: u8 = 2;
 
 /// A stream's epoch, retention floor and a recent head: the fields a client's
-/// `StreamInfo` takes. Its head lags `stream.head_seq` by at most [`VIEW_EVERY`] while the
-/// stream is published; it never runs ahead of it.
+/// `StreamInfo` takes. While the stream is published its head is refreshed every
+/// [`VIEW_EVERY`] (later behind a backlog of calls); it never runs ahead of
+/// `stream.head_seq`.
 #[table(name = stream_view, public)]
 #[derive(Clone, PartialEq, Debug)]
 pub struct StreamView {
@@ -113,8 +113,8 @@ pub fn write(ctx: &ReducerContext, row: &Stream) {
     }
 }
 
-/// A publish moved `stream_id`'s head: its view is written by the next refresh, at most
-/// [`VIEW_EVERY`] from now. One lookup when the stream is stale already (a stream being
+/// A publish moved `stream_id`'s head: its view is written by the next refresh (every
+/// [`VIEW_EVERY`]). One lookup when the stream is stale already (a stream being
 /// published), an insert otherwise.
 pub fn mark_stale(ctx: &ReducerContext, stream_id: &str) {
     let stale = ctx.db.view_stale();

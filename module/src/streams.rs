@@ -168,6 +168,15 @@ pub fn validate_stream_id(stream_id: &str) -> ReducerResult {
     Ok(())
 }
 
+/// Stores a stream that did not exist (its `new_stream` row, published to or not): the
+/// row, its view, and the reach of the prefix grants that cover it. Publishing and
+/// `create_stream` both create streams this one way.
+pub fn insert_new(ctx: &ReducerContext, row: Stream) {
+    crate::stream_view::write(ctx, &row);
+    let created = ctx.db.stream().insert(row);
+    access::on_stream_created(ctx, &created.stream_id);
+}
+
 /// A new, empty stream row.
 pub fn new_stream(ctx: &ReducerContext, stream_id: String) -> Stream {
     Stream {
@@ -202,9 +211,7 @@ pub fn create_stream(ctx: &ReducerContext, stream_id: String, retain_max_events:
     if existing.is_some() {
         ctx.db.stream().stream_id().update(row);
     } else {
-        crate::stream_view::write(ctx, &row);
-        let created = ctx.db.stream().insert(row);
-        access::on_stream_created(ctx, &created.stream_id);
+        insert_new(ctx, row);
     }
     Ok(())
 }
