@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
-use writer::{CheckpointWriter, WriteFailed, Written};
+use writer::{CheckpointWriter, WriteFailed};
 
 pub(crate) fn now_micros() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
@@ -116,10 +116,8 @@ impl<H: Handler> SyncClient<H> {
     pub fn run(&mut self, shutdown: &AtomicBool) -> Result<(), ClientError> {
         loop {
             // A write that finished while no connection could be rung.
-            if let Some(written) = self.writer.try_take() {
-                if let Some(end) = self.written(written, shutdown) {
-                    return end;
-                }
+            if let Some(end) = self.take_written(shutdown) {
+                return end;
             }
             if shutdown.load(Ordering::Relaxed) {
                 if let Some(end) = self.step(Input::Shutdown, shutdown) {
@@ -145,7 +143,7 @@ impl<H: Handler> SyncClient<H> {
             let mut next = first;
             while let Some(msg) = next {
                 if let Msg::CheckpointWritten = msg {
-                    if let Some(end) = self.writer.try_take().and_then(|written| self.written(written, shutdown)) {
+                    if let Some(end) = self.take_written(shutdown) {
                         return end;
                     }
                     next = self.conn.as_ref().and_then(|c| c.rx.try_recv().ok());
@@ -294,10 +292,10 @@ impl<H: Handler> SyncClient<H> {
         Ok(None)
     }
 
-    /// Feeds a finished checkpoint write to the driver. A file that cannot be written ends
-    /// the run; a `run` called again writes it.
-    fn written(&mut self, written: Written, shutdown: &AtomicBool) -> Option<Result<(), ClientError>> {
-        match written {
+    /// Feeds the checkpoint write that has finished, if one has, to the driver. A file
+    /// that cannot be written ends the run; a `run` called again writes it.
+    fn take_written(&mut self, shutdown: &AtomicBool) -> Option<Result<(), ClientError>> {
+        match self.writer.try_take()? {
             Ok(set_aside_to) => self.step(Input::Checkpointed { set_aside_to, persisted: true }, shutdown),
             Err(failed) => Some(Err(self.write_failed(failed))),
         }

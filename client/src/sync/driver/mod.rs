@@ -289,10 +289,8 @@ impl Driver {
 
     /// How long the shell may wait for a message before the next [`Input::Tick`].
     pub fn wait(&self) -> Duration {
-        if self.stopping.is_some() {
-            // Waiting for the checkpoint's answer, which rings the loop.
-            TICK
-        } else if !self.session.subscribed() {
+        // A stop waits for the checkpoint's answer, which rings the loop.
+        if self.stopping.is_some() || !self.session.subscribed() {
             TICK
         } else if self.worked {
             Duration::ZERO
@@ -754,11 +752,12 @@ impl Driver {
     /// waited for it, at the next tick). Without this a `run` called again after such an error
     /// waited for ever on the answer to a checkpoint nobody would write.
     pub fn checkpoint_not_written(&mut self, set_aside_to: Option<PathBuf>) {
-        let in_flight = self.offered.is_some();
-        if let Some(stopping) = self.stopping.as_mut().filter(|_| in_flight) {
-            // `run` ends with the write's error; a `run` called again tries the last
-            // checkpoint again at its first tick, then stops.
-            stopping.flushed = false;
+        if self.offered.is_some() {
+            if let Some(stopping) = &mut self.stopping {
+                // `run` ends with the write's error; a `run` called again tries the last
+                // checkpoint again at its first tick, then stops.
+                stopping.flushed = false;
+            }
         }
         self.not_written(set_aside_to);
     }
