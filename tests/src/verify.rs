@@ -27,6 +27,15 @@ pub struct StoredStream {
     pub duplicates: u64,
 }
 
+/// A stream's `stream_view` row, as SQL returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredView {
+    pub epoch: u64,
+    pub head_seq: u64,
+    pub oldest_seq: u64,
+    pub head_hash: Vec<u8>,
+}
+
 fn bytes(v: Option<&Value>) -> Vec<u8> {
     v.and_then(Value::as_str).map(|s| hex::decode(s).expect("hex bytes")).unwrap_or_default()
 }
@@ -58,6 +67,14 @@ pub fn streams(db: &TestDb) -> Vec<StoredStream> {
 
 pub fn stream(db: &TestDb, stream_id: &str) -> Option<StoredStream> {
     streams(db).into_iter().find(|s| s.stream_id == stream_id)
+}
+
+/// The stream's `stream_view` row (what subscribers read of it), as the owner reads it.
+pub fn stream_view(db: &TestDb, stream_id: &str) -> Option<StoredView> {
+    let rows = db.sql(&format!("SELECT * FROM stream_view WHERE stream_id = {}", quote(stream_id)));
+    let r = rows.rows.first()?;
+    let n = |c: &str| rows.get(r, c).and_then(Value::as_u64).unwrap_or_else(|| panic!("stream_view.{c}"));
+    Some(StoredView { epoch: n("epoch"), head_seq: n("head_seq"), oldest_seq: n("oldest_seq"), head_hash: bytes(rows.get(r, "head_hash")) })
 }
 
 /// The stream's segments in seq order, decoded.

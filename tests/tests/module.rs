@@ -5,7 +5,7 @@
 use khala_client::module_bindings::*;
 use khala_proto::hash::GENESIS;
 use khala_proto::ErrorCode;
-use khala_tests::verify::{count, segments, stream, verify_stream};
+use khala_tests::verify::{count, segments, stream, stream_view as view, verify_stream};
 use khala_tests::{event_json, sdk, shared_server, wait_for, TestDb};
 use khala_tools::api::{bytes_arg, Credentials};
 use khala_tools::ToolError;
@@ -424,16 +424,6 @@ fn compaction_waits_for_young_segments_with_a_wake_up_not_a_visit_every_run() {
     });
 }
 
-/// A stream's `stream_view` row, as the owner reads it: (epoch, head_seq, oldest_seq,
-/// head_hash).
-fn view(db: &TestDb, stream_id: &str) -> Option<(u64, u64, u64, Vec<u8>)> {
-    let rows = db.sql(&format!("SELECT * FROM stream_view WHERE stream_id = '{stream_id}'"));
-    let r = rows.rows.first()?;
-    let n = |c: &str| rows.get(r, c).and_then(Value::as_u64).unwrap_or_else(|| panic!("stream_view.{c}"));
-    let hash = rows.get(r, "head_hash").and_then(Value::as_str).map(|h| hex::decode(h.trim_start_matches("0x")).expect("hex")).unwrap_or_default();
-    Some((n("epoch"), n("head_seq"), n("oldest_seq"), hash))
-}
-
 /// What subscribers read of a stream: the view trails the publishes (it is not written by
 /// every publish, which is its point) and catches up within its refresh; a raised floor,
 /// a new epoch and a new stream are written at once; a database from before views gets
@@ -443,23 +433,23 @@ fn the_stream_view_trails_publishes_briefly_and_shows_floor_and_epoch_at_once() 
     let db = shared_server().new_database("view");
     let publisher = db.publisher();
     publish(&db, &publisher, "s.v", batch(1, 5)).unwrap();
-    assert_eq!(view(&db, "s.v").map(|v| (v.0, v.1, v.2)), Some((1, 5, 1)), "a new stream has its view at once");
+    assert_eq!(view(&db, "s.v").map(|v| (v.epoch, v.head_seq, v.oldest_seq)), Some((1, 5, 1)), "a new stream has its view at once");
     let mut trailed = 0;
     for i in 1..=20 {
         publish(&db, &publisher, "s.v", batch(1 + i * 5, 5)).unwrap();
-        let (_, head, _, _) = view(&db, "s.v").unwrap();
+        let head = view(&db, "s.v").unwrap().head_seq;
         assert!(head <= 5 + i * 5, "the view is ahead of the stream");
         trailed += u32::from(head < 5 + i * 5);
     }
     assert!(trailed > 0, "every publish wrote the view at once");
     let row = stream(&db, "s.v").unwrap();
     assert_eq!(row.head_seq, 105);
-    let caught_up = wait_for("the view to catch up", Duration::from_secs(3), || view(&db, "s.v").filter(|v| v.1 == 105));
-    assert_eq!(caught_up.3, row.head_hash, "the view's head hash is the stream's");
+    let caught_up = wait_for("the view to catch up", Duration::from_secs(3), || view(&db, "s.v").filter(|v| v.head_seq == 105));
+    assert_eq!(caught_up.head_hash, row.head_hash, "the view's head hash is the stream's");
     assert_eq!(db.sql("SELECT * FROM view_stale").rows.len(), 0, "refreshed views are no longer stale");
     assert_eq!(db.sql("SELECT * FROM view_refresh").rows.len(), 1, "one refresh, repeating");
     publish(&db, &publisher, "s.v", batch(106, 5)).unwrap();
-    wait_for("the view to follow the next publish", Duration::from_secs(3), || view(&db, "s.v").filter(|v| v.1 == 110));
+    wait_for("the view to follow the next publish", Duration::from_secs(3), || view(&db, "s.v").filter(|v| v.head_seq == 110));
 
     // Publishers that never pause, on four streams at once: every view reaches its
     // stream's head once they stop. (Refreshes scheduled one-shot by the publishes left
@@ -482,18 +472,18 @@ fn the_stream_view_trails_publishes_briefly_and_shows_floor_and_epoch_at_once() 
     std::thread::sleep(Duration::from_millis(1_000));
     for id in busy {
         let head = stream(&db, id).unwrap().head_seq;
-        assert_eq!(view(&db, id).map(|v| v.1), Some(head), "{id}: the view stopped short of the head a second after the last publish");
+        assert_eq!(view(&db, id).map(|v| v.head_seq), Some(head), "{id}: the view stopped short of the head a second after the last publish");
     }
 
     // Retention raises the floor, and the view with it in the same transaction (nothing
     // is stale by now: no refresh would bring it).
     db.call("set_retention", json!(["s.v", 10, 0]));
     let trimmed = wait_for("the sweep", Duration::from_secs(10), || stream(&db, "s.v").filter(|s| s.oldest_seq > 1));
-    assert_eq!(view(&db, "s.v").map(|v| v.2), Some(trimmed.oldest_seq), "the view's floor is the stream's");
+    assert_eq!(view(&db, "s.v").map(|v| v.oldest_seq), Some(trimmed.oldest_seq), "the view's floor is the stream's");
 
     // A reset starts a new epoch; the view shows it with the empty head.
     db.call("reset_stream", json!(["s.v"]));
-    assert_eq!(view(&db, "s.v").map(|v| (v.0, v.1, v.2)), Some((2, 0, 1)));
+    assert_eq!(view(&db, "s.v").map(|v| (v.epoch, v.head_seq, v.oldest_seq)), Some((2, 0, 1)));
 
     // A database from before views: every stream's view is written once.
     db.sql("DELETE FROM stream_view");
