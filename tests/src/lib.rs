@@ -16,7 +16,7 @@ pub mod verify;
 
 use khala_tools::api::{Api, Credentials, SqlRows};
 use khala_tools::engine::Engine;
-use khala_tools::server::{free_port, Lifetime, ServerDir, ServerProcess};
+use khala_tools::server::{Lifetime, ServerDir, ServerProcess};
 use khala_tools::ToolError;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -81,17 +81,8 @@ impl TestServer {
         let engine = engine();
         let dir = tempfile::Builder::new().prefix("khala-test-").tempdir().expect("a temp dir");
         let server_dir = ServerDir::open_or_create(dir.path()).expect("a fresh server dir");
-        // A free port can be taken again before the server binds it (another test's
-        // server, or a connection's ephemeral port): then try another one.
-        let mut attempts = 0;
-        let process = loop {
-            let port = free_port().expect("a free port");
-            match ServerProcess::start(&engine, &server_dir, port, Lifetime::TiedToThisProcess, START_TIMEOUT) {
-                Ok(process) => break process,
-                Err(khala_tools::ToolError::PortInUse { .. }) if attempts < 5 => attempts += 1,
-                Err(e) => panic!("starting the test server: {e}"),
-            }
-        };
+        let process = ServerProcess::start_on_a_free_port(&engine, &server_dir, Lifetime::TiedToThisProcess, START_TIMEOUT)
+            .unwrap_or_else(|e| panic!("starting the test server: {e}"));
         TestServer { url: process.url(), process: Mutex::new(process), engine, dir }
     }
 

@@ -160,6 +160,22 @@ fn spawn_tied(mut command: Command) -> std::io::Result<Child> {
 }
 
 impl ServerProcess {
+    /// Starts a server on a free loopback port (see [`ServerProcess::start`]). A free port
+    /// can be taken again before the server binds it (another test's server, or a
+    /// connection's ephemeral port): then it tries another one, five times at most.
+    pub fn start_on_a_free_port(engine: &Engine, dir: &ServerDir, lifetime: Lifetime, timeout: Duration) -> Result<ServerProcess> {
+        let mut attempts = 0;
+        loop {
+            match ServerProcess::start(engine, dir, free_port()?, lifetime, timeout) {
+                Err(ToolError::PortInUse { port }) if attempts < 5 => {
+                    log::debug!("port {port} was taken before the server could bind it; trying another");
+                    attempts += 1;
+                }
+                started => return started,
+            }
+        }
+    }
+
     /// Starts a server on `127.0.0.1:port` with its data in `dir`, and waits until it
     /// answers (at most `timeout`).
     pub fn start(engine: &Engine, dir: &ServerDir, port: u16, lifetime: Lifetime, timeout: Duration) -> Result<ServerProcess> {

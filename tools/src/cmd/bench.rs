@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use khala_tools::api::{publish_event_arg, Api};
 use khala_tools::engine::Engine;
 use khala_tools::grants;
-use khala_tools::server::{free_port, Lifetime, ServerDir, ServerProcess};
+use khala_tools::server::{Lifetime, ServerDir, ServerProcess};
 use rand::RngCore;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -187,7 +187,7 @@ pub(super) fn private_server() -> anyhow::Result<(ServerProcess, tempfile::TempD
     let engine = Engine::locate()?;
     let dir = tempfile::Builder::new().prefix("khala-bench-").tempdir()?;
     let server_dir = ServerDir::open_or_create(dir.path())?;
-    let server = ServerProcess::start(&engine, &server_dir, free_port()?, Lifetime::TiedToThisProcess, Duration::from_secs(60))?;
+    let server = ServerProcess::start_on_a_free_port(&engine, &server_dir, Lifetime::TiedToThisProcess, Duration::from_secs(60))?;
     Ok((server, dir))
 }
 

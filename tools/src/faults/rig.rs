@@ -8,7 +8,7 @@ use crate::engine::Engine;
 use crate::grants;
 use crate::inspect;
 use crate::mirror::mapping::topic_to_stream;
-use crate::server::{free_port, Lifetime, ServerDir, ServerProcess};
+use crate::server::{Lifetime, ServerDir, ServerProcess};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -74,7 +74,7 @@ impl Rig {
             eprintln!("khala chaos: keeping {}", tmp.path().display());
         }
         let server_dir = ServerDir::open_or_create(&tmp.path().join("server"))?;
-        let server = ServerProcess::start(&engine, &server_dir, free_port()?, Lifetime::TiedToThisProcess, Duration::from_secs(60))?;
+        let server = ServerProcess::start_on_a_free_port(&engine, &server_dir, Lifetime::TiedToThisProcess, Duration::from_secs(60))?;
         let api = Api::new(&server.url());
         let owner = api.new_identity()?;
         let mirror_id = api.new_identity()?;
