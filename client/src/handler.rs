@@ -6,6 +6,10 @@ use khala_proto::{StaleCursor, StreamCursor};
 /// Any error a handler returns; the event is retried from the same seq with backoff.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Waits for the disk on behalf of a handler whose [`Handler::persist`] commits without
+/// waiting for it ([`Handler::syncer`]). Runs on the client's checkpoint thread.
+pub type Syncer = Box<dyn FnMut() -> Result<(), HandlerError> + Send>;
+
 /// Receives each stream's events in seq order. An event counts as applied only when
 /// [`Handler::apply`] returns `Ok`; until then the same event is offered again.
 pub trait Handler {
@@ -41,6 +45,20 @@ pub trait Handler {
     /// after [`Handler::rebootstrap`] the stream has no cursor (or its floor's).
     fn cursors(&mut self) -> Result<Option<Vec<StreamCursor>>, HandlerError> {
         Ok(None)
+    }
+
+    /// For a handler whose [`Handler::persist`] commits atomically but without waiting
+    /// for the disk (SQLite's WAL with `synchronous = NORMAL`, say): what makes every
+    /// commit made so far durable. Taken once, when the client is made.
+    ///
+    /// An fsync on a busy disk takes tens of milliseconds, and the sync loop applies
+    /// nothing while it waits; the client calls the syncer on its checkpoint thread
+    /// instead, after each `persist` (and before the checkpoint file, if it writes one),
+    /// while the loop goes on applying. Acks wait for the syncer, so the server keeps
+    /// every event a power loss could take back. A syncer that fails counts as a failed
+    /// `persist`.
+    fn syncer(&mut self) -> Option<Syncer> {
+        None
     }
 
     /// Everything that has arrived is applied (live, or between replay windows): a cheap

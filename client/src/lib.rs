@@ -33,5 +33,5 @@ pub mod transport;
 pub use apply::Event;
 pub use config::ClientConfig;
 pub use error::ClientError;
-pub use handler::{Handler, HandlerError};
+pub use handler::{Handler, HandlerError, Syncer};
 pub use sync::SyncClient;

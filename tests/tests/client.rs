@@ -1,10 +1,15 @@
 //! The client on a real server: resume from the checkpoint, bounded replay windows,
-//! acks, handler retries, stale cursors, revocation, and corrupt checkpoints.
+//! acks, handler retries, stale cursors, revocation, corrupt checkpoints, and a handler's
+//! syncer.
 
+use khala_client::{Event, Handler, HandlerError, SyncClient, Syncer};
 use khala_proto::v1::{ConnectionState, RebootstrapReason};
+use khala_proto::{StaleCursor, StreamCursor};
 use khala_tests::client::{config, token_file, RunningClient};
 use khala_tests::{publish_range, shared_server, wait_for};
 use serde_json::json;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(20);
@@ -285,4 +290,93 @@ fn the_handler_hears_it_is_caught_up_after_each_live_event() {
         wait_for("caught up after a live event", Duration::from_secs(2), || client.seen.lock().unwrap().caught_up_at.contains(&n).then_some(()));
     }
     client.stop().unwrap();
+}
+
+/// A handler that owns its cursors in memory and commits at `persist`, whose syncer waits
+/// at a gate the test opens: a stand-in for a store whose fsync is slow.
+struct GatedSync {
+    applied: Arc<Mutex<Vec<u64>>>,
+    pending: Option<StreamCursor>,
+    committed: Option<StreamCursor>,
+    gate: Arc<(Mutex<bool>, Condvar)>,
+    syncs_started: Arc<AtomicU64>,
+}
+
+impl Handler for GatedSync {
+    fn apply(&mut self, event: &Event) -> Result<(), HandlerError> {
+        self.applied.lock().unwrap().push(event.seq);
+        self.pending = Some(event.cursor(0));
+        Ok(())
+    }
+
+    fn rebootstrap(&mut self, _stale: &StaleCursor) -> Result<(), HandlerError> {
+        Err("no rebootstrap in this test".into())
+    }
+
+    fn persist(&mut self) -> Result<(), HandlerError> {
+        if let Some(cursor) = self.pending.take() {
+            self.committed = Some(cursor);
+        }
+        Ok(())
+    }
+
+    fn cursors(&mut self) -> Result<Option<Vec<StreamCursor>>, HandlerError> {
+        self.pending = None;
+        Ok(Some(self.committed.iter().cloned().collect()))
+    }
+
+    fn syncer(&mut self) -> Option<Syncer> {
+        let (gate, started) = (self.gate.clone(), self.syncs_started.clone());
+        Some(Box::new(move || {
+            started.fetch_add(1, Ordering::SeqCst);
+            let (open, opened) = &*gate;
+            let _open = opened.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
+            Ok(())
+        }))
+    }
+}
+
+/// A handler's syncer runs off the sync loop: events keep being applied while it waits,
+/// and nothing is acked until it has returned (the server may drop what is acked).
+#[test]
+fn a_handlers_sync_holds_back_its_acks_and_not_its_applies() {
+    let db = shared_server().new_database("syncer");
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    db.grant(&reader, "s.y", &["subscribe", "ack"], 600);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&db, &token_file(dir.path(), &reader), &dir.path().join("cp"), &["s.y"]);
+    cfg.ack = true;
+    let applied = Arc::new(Mutex::new(Vec::new()));
+    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let syncs_started = Arc::new(AtomicU64::new(0));
+    let handler = GatedSync { applied: applied.clone(), pending: None, committed: None, gate: gate.clone(), syncs_started: syncs_started.clone() };
+    let mut client = SyncClient::new(cfg, handler).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::spawn(move || client.run(&flag));
+    let applied_up_to = |seq: u64| applied.lock().unwrap().last().is_some_and(|s| *s >= seq);
+    let acked = || {
+        let rows = db.sql("SELECT * FROM client_ack WHERE stream_id = 's.y'");
+        rows.rows.first().and_then(|r| rows.get(r, "acked_seq").cloned())
+    };
+
+    publish_range(&db, &publisher, "s.y", 1, 20, 20);
+    wait_for("s.y applied up to 20", T, || applied_up_to(20).then_some(()));
+    wait_for("the first sync to start", T, || (syncs_started.load(Ordering::SeqCst) > 0).then_some(()));
+    // The sync waits at the gate; the loop does not.
+    publish_range(&db, &publisher, "s.y", 21, 20, 5);
+    wait_for("s.y applied up to 40 while the sync waits", T, || applied_up_to(40).then_some(()));
+    // Acks go out every 500 ms at most: three intervals without one.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(acked(), None, "an ack went out before the handler's sync returned");
+    assert_eq!(syncs_started.load(Ordering::SeqCst), 1, "a second sync started while the first was in flight");
+
+    let (open, opened) = &*gate;
+    *open.lock().unwrap() = true;
+    opened.notify_all();
+    wait_for("the ack of s.y at 40", T, || acked().filter(|v| *v == json!(40)));
+    assert_eq!(*applied.lock().unwrap(), (1..=40).collect::<Vec<_>>());
+    stop.store(true, Ordering::Relaxed);
+    thread.join().unwrap().unwrap();
 }

@@ -16,10 +16,14 @@
 //! commits it at the client's checkpoint cadence ([`Handler::persist`]: every 20 ms, or
 //! 2,048 events per stream, while events flow); [`Commit::Event`] commits every event on
 //! its own (docs/CLIENT.md has both measured). The database is in WAL mode with
-//! `synchronous = FULL`, so a commit survives a power loss too.
+//! `synchronous = FULL`, so a commit survives a power loss too; until a client takes its
+//! [`Handler::syncer`]. Then it commits with `synchronous = NORMAL`, which writes the
+//! commit to the log without waiting for the disk (it survives the process's crash, not
+//! yet a power loss), and the client's checkpoint thread makes it durable with an
+//! `fdatasync` of the log ([`SqliteStore::wal_syncer`]) while the sync loop goes on applying.
 
 use crate::apply::Event;
-use crate::handler::{Handler, HandlerError};
+use crate::handler::{Handler, HandlerError, Syncer};
 use crate::sync::now_micros;
 use khala_proto::{StaleCursor, StreamCursor};
 use rusqlite::{params, Connection, OpenFlags};
@@ -116,6 +120,9 @@ pub struct SqliteStore {
     path: PathBuf,
     commit: Commit,
     in_tx: bool,
+    /// The database is in WAL mode (SQLite may refuse it, on some file systems): only
+    /// then can a syncer take the fsync over.
+    wal: bool,
     /// The cursor after the open batch's last event, per stream.
     batch: BTreeMap<String, StreamCursor>,
     batch_events: u64,
@@ -138,9 +145,10 @@ impl SqliteStore {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: path.clone(), source })?;
         }
         let conn = Connection::open(&path).map_err(|source| StoreError::Sqlite { path: path.clone(), source })?;
-        let mut store = SqliteStore { conn, path, commit, in_tx: false, batch: BTreeMap::new(), batch_events: 0, last: HashMap::new(), lost: false, stats: StoreStats::default() };
+        let mut store = SqliteStore { conn, path, commit, wal: false, in_tx: false, batch: BTreeMap::new(), batch_events: 0, last: HashMap::new(), lost: false, stats: StoreStats::default() };
         store.conn.busy_timeout(Duration::from_secs(10)).map_err(|e| store.err(e))?;
-        store.conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| store.err(e))?;
+        let mode: String = store.conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0)).map_err(|e| store.err(e))?;
+        store.wal = mode.eq_ignore_ascii_case("wal");
         store.conn.pragma_update(None, "synchronous", "FULL").map_err(|e| store.err(e))?;
         store.conn.execute_batch(SCHEMA).map_err(|e| store.err(e))?;
         store.reload_last()?;
@@ -152,13 +160,47 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .map_err(|source| StoreError::Sqlite { path: path.clone(), source })?;
-        let store = SqliteStore { conn, path, commit: Commit::Batch, in_tx: false, batch: BTreeMap::new(), batch_events: 0, last: HashMap::new(), lost: false, stats: StoreStats::default() };
+        let store = SqliteStore { conn, path, commit: Commit::Batch, wal: false, in_tx: false, batch: BTreeMap::new(), batch_events: 0, last: HashMap::new(), lost: false, stats: StoreStats::default() };
         store.conn.busy_timeout(Duration::from_secs(10)).map_err(|e| store.err(e))?;
         Ok(store)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Switches commits to `synchronous = NORMAL` and returns what makes them durable: an
+    /// `fdatasync` of the write-ahead log, where a commit lies until SQLite checkpoints the
+    /// log into the database file (a checkpoint syncs both itself). Whoever takes it must
+    /// call it before counting a commit as durable: [`SyncClient`](crate::SyncClient) does
+    /// so on its checkpoint thread, before it acks ([`Handler::syncer`]).
+    pub fn wal_syncer(&mut self) -> Result<Syncer, StoreError> {
+        if !self.wal {
+            let source = std::io::Error::other("the database is not in WAL mode, so its commits keep their own fsync");
+            return Err(StoreError::Io { path: self.path.clone(), source });
+        }
+        self.conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| self.err(e))?;
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        let wal = PathBuf::from(wal);
+        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let mut dir_synced = false;
+        Ok(Box::new(move || {
+            let log = match std::fs::File::open(&wal) {
+                Ok(log) => log,
+                // No log: the last connection closed, and closing checkpointed every commit
+                // into the database file and synced it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(source) => return Err(HandlerError::from(StoreError::Io { path: wal.clone(), source })),
+            };
+            log.sync_data().map_err(|source| HandlerError::from(StoreError::Io { path: wal.clone(), source }))?;
+            if !dir_synced {
+                // The log's directory entry, once: SQLite created the file.
+                std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|source| HandlerError::from(StoreError::Io { path: dir.clone(), source }))?;
+                dir_synced = true;
+            }
+            Ok(())
+        }))
     }
 
     pub fn stats(&self) -> StoreStats {
@@ -387,6 +429,18 @@ impl Handler for SqliteStore {
         Ok(self.commit()?)
     }
 
+    /// The store's fsync leaves the sync loop: see [`SqliteStore::wal_syncer`]. A store whose
+    /// syncer cannot be made keeps committing with `synchronous = FULL`.
+    fn syncer(&mut self) -> Option<Syncer> {
+        match self.wal_syncer() {
+            Ok(syncer) => Some(syncer),
+            Err(e) => {
+                log::warn!("{e}; commits keep waiting for the disk");
+                None
+            }
+        }
+    }
+
     /// What is committed; an open batch (one whose commit failed) is dropped first, and
     /// the client offers its events again.
     fn cursors(&mut self) -> Result<Option<Vec<StreamCursor>>, HandlerError> {
@@ -410,6 +464,40 @@ mod tests {
                 e
             })
             .collect()
+    }
+
+    fn synchronous(store: &SqliteStore) -> i64 {
+        store.conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap()
+    }
+
+    /// Commits wait for the disk until a syncer is taken; then the syncer syncs the log
+    /// (and answers for a log that closing the store folded into the database file).
+    #[test]
+    fn taking_the_syncer_moves_the_fsync_from_the_commit_to_the_syncer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.db");
+        let mut store = SqliteStore::open(&path, Commit::Batch).unwrap();
+        assert_eq!(synchronous(&store), 2, "FULL until a syncer is taken");
+        let mut sync = Handler::syncer(&mut store).expect("a store in WAL mode has a syncer");
+        assert_eq!(synchronous(&store), 1, "NORMAL once the syncer has the fsync");
+        for e in events("a", 1, 5, GENESIS) {
+            store.apply(&e).unwrap();
+        }
+        store.persist().unwrap();
+        assert!(dir.path().join("app.db-wal").exists(), "the commit lies in the log");
+        sync().unwrap();
+        drop(store);
+        assert!(!dir.path().join("app.db-wal").exists(), "closing folds the log into the database");
+        sync().unwrap();
+        assert_eq!(SqliteStore::open_read_only(&path).unwrap().extent("a").unwrap(), (5, 5));
+    }
+
+    #[test]
+    fn a_database_without_a_log_keeps_its_own_fsync() {
+        let mut store = SqliteStore::open(":memory:", Commit::Batch).unwrap();
+        assert!(Handler::syncer(&mut store).is_none(), "an in-memory database has no write-ahead log");
+        assert!(store.wal_syncer().is_err());
+        assert_eq!(synchronous(&store), 2);
     }
 
     #[test]

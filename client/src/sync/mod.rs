@@ -6,8 +6,9 @@
 //! [`Input`]s, and carries out the driver's [`Command`]s against the SDK connection, the
 //! handler, the checkpoint file, the health file and the metrics, feeding each result
 //! back. Everything the SDK reports arrives as a [`Msg`] on one channel, so all state
-//! lives on this one thread; only checkpoint files are written on another
-//! (`writer.rs`), whose answers ring that channel.
+//! lives on this one thread; only checkpoint files (and the fsync of a handler with a
+//! [`Syncer`](crate::handler::Syncer)) are written on another (`writer.rs`), whose answers
+//! ring that channel.
 
 pub mod driver;
 mod writer;
@@ -91,7 +92,7 @@ impl<H: Handler> SyncClient<H> {
         let snapshot = driver.health(now());
         health.update(|h| *h = snapshot);
         let stream_metrics = config.streams.iter().map(|id| (id.clone(), StreamMetrics::new(id))).collect();
-        let writer = CheckpointWriter::spawn(checkpoint).map_err(|source| CheckpointError::Io { path: config.checkpoint.clone(), source })?;
+        let writer = CheckpointWriter::spawn(checkpoint, handler.syncer()).map_err(|source| CheckpointError::Io { path: config.checkpoint.clone(), source })?;
         Ok(SyncClient { config, handler, health, writer, driver, conn: None, metrics: ClientMetrics::default(), stream_metrics })
     }
 
@@ -252,12 +253,14 @@ impl<H: Handler> SyncClient<H> {
                     log::warn!("the handler could not persist its effects ({e}); the checkpoint waits");
                     return Ok(Some(Input::Checkpointed { set_aside_to: None, persisted: false }));
                 }
-                if cursors.is_none() && !set_aside {
-                    // The handler owns its cursors: its persist was the checkpoint.
+                if cursors.is_none() && !set_aside && !self.writer.syncs() {
+                    // The handler owns its cursors and its persist waited for the disk:
+                    // that was the checkpoint.
                     return Ok(Some(Input::Checkpointed { set_aside_to: None, persisted: true }));
                 }
-                // The handler's effects are durable, so the file may now say so; the
-                // answer rings the connection's channel (`run` takes it).
+                // The handler's effects are committed; the writer makes them durable (its
+                // syncer), then the file may say so. The answer rings the connection's
+                // channel (`run` takes it).
                 self.writer.submit(cursors, set_aside, self.conn.as_ref().map(|c| c.tx.clone()));
             }
             Command::ReportHealth { write_file } => self.report_health(write_file),
@@ -283,7 +286,15 @@ impl<H: Handler> SyncClient<H> {
                 // flight here; were it otherwise, the write would still finish first.
                 if let Some(Err(failed)) = self.writer.wait() {
                     self.disconnect();
-                    return Err(Err(self.write_failed(failed)));
+                    let error = match failed {
+                        WriteFailed::Sync(e) => {
+                            log::warn!("the handler's sync failed ({e}); its last commits may not be on disk");
+                            self.driver.checkpoint_not_written(None);
+                            ClientError::HandlerPersist
+                        }
+                        WriteFailed::File { error, set_aside_to } => self.file_not_written(error, set_aside_to),
+                    };
+                    return Err(Err(error));
                 }
                 self.disconnect();
                 return Err(end);
@@ -293,17 +304,22 @@ impl<H: Handler> SyncClient<H> {
     }
 
     /// Feeds the checkpoint write that has finished, if one has, to the driver. A file
-    /// that cannot be written ends the run; a `run` called again writes it.
+    /// that cannot be written ends the run; a `run` called again writes it. A failed sync
+    /// is a failed `persist`.
     fn take_written(&mut self, shutdown: &AtomicBool) -> Option<Result<(), ClientError>> {
         match self.writer.try_take()? {
             Ok(set_aside_to) => self.step(Input::Checkpointed { set_aside_to, persisted: true }, shutdown),
-            Err(failed) => Some(Err(self.write_failed(failed))),
+            Err(WriteFailed::Sync(e)) => {
+                log::warn!("the handler's sync failed ({e}); its last commits may not be on disk");
+                self.step(Input::Checkpointed { set_aside_to: None, persisted: false }, shutdown)
+            }
+            Err(WriteFailed::File { error, set_aside_to }) => Some(Err(self.file_not_written(error, set_aside_to))),
         }
     }
 
-    fn write_failed(&mut self, failed: WriteFailed) -> ClientError {
-        self.driver.checkpoint_not_written(failed.set_aside_to);
-        failed.error.into()
+    fn file_not_written(&mut self, error: CheckpointError, set_aside_to: Option<std::path::PathBuf>) -> ClientError {
+        self.driver.checkpoint_not_written(set_aside_to);
+        error.into()
     }
 
     /// Hands the stream's ready events to the handler, one at a time, each result to

@@ -8,8 +8,13 @@
 //! order that makes a checkpoint safe is kept: the handler has persisted before the
 //! cursors are handed over, and acks wait for the answer. The driver offers one
 //! checkpoint at a time, so at most one write is ever in flight.
+//!
+//! A handler with a [`Syncer`] (one whose `persist` commits without waiting for the disk)
+//! has its fsync done here too, first: then the file, if the client keeps one, records
+//! only what is on disk.
 
 use crate::checkpoint::{CheckpointError, CheckpointFile};
+use crate::handler::{HandlerError, Syncer};
 use crate::transport::Msg;
 use khala_proto::StreamCursor;
 use std::path::PathBuf;
@@ -19,11 +24,13 @@ use std::thread::JoinHandle;
 /// What a write did: where the corrupt file went (when it was asked to set it aside).
 pub type Written = Result<Option<PathBuf>, WriteFailed>;
 
-/// A write that failed, after the corrupt file was set aside (`Some`) or not.
+/// A write that failed.
 #[derive(Debug)]
-pub struct WriteFailed {
-    pub error: CheckpointError,
-    pub set_aside_to: Option<PathBuf>,
+pub enum WriteFailed {
+    /// The handler's syncer failed; nothing else was done. Counts as a failed `persist`.
+    Sync(HandlerError),
+    /// The file could not be stored, after the corrupt one was set aside (`Some`) or not.
+    File { error: CheckpointError, set_aside_to: Option<PathBuf> },
 }
 
 /// One checkpoint to write.
@@ -38,6 +45,8 @@ struct Job {
 pub struct CheckpointWriter {
     /// The file's path, to name it in the error of a writer that is gone.
     path: PathBuf,
+    /// Whether each write starts with the handler's syncer.
+    syncs: bool,
     jobs: Option<Sender<Job>>,
     done: Receiver<Written>,
     in_flight: bool,
@@ -45,15 +54,16 @@ pub struct CheckpointWriter {
 }
 
 impl CheckpointWriter {
-    /// Starts the thread that owns `file` from now on.
-    pub fn spawn(mut file: CheckpointFile) -> std::io::Result<CheckpointWriter> {
+    /// Starts the thread that owns `file` (and the handler's `syncer`, if any) from now on.
+    pub fn spawn(mut file: CheckpointFile, mut syncer: Option<Syncer>) -> std::io::Result<CheckpointWriter> {
         let path = file.path().to_path_buf();
+        let syncs = syncer.is_some();
         let (jobs, job_rx) = mpsc::channel::<Job>();
         let (done_tx, done) = mpsc::channel();
         let thread = std::thread::Builder::new().name("khala-checkpoint".into()).spawn(move || {
             for job in job_rx {
                 let started = std::time::Instant::now();
-                let written = write(&mut file, job.cursors, job.set_aside);
+                let written = write(&mut file, syncer.as_mut(), job.cursors, job.set_aside);
                 crate::metrics::checkpoint_written(started.elapsed().as_secs_f64());
                 if done_tx.send(written).is_err() {
                     return;
@@ -63,7 +73,13 @@ impl CheckpointWriter {
                 }
             }
         })?;
-        Ok(CheckpointWriter { path, jobs: Some(jobs), done, in_flight: false, thread: Some(thread) })
+        Ok(CheckpointWriter { path, syncs, jobs: Some(jobs), done, in_flight: false, thread: Some(thread) })
+    }
+
+    /// Whether each write runs the handler's syncer: then a checkpoint of a handler that
+    /// owns its cursors goes through here too, though no file is written.
+    pub fn syncs(&self) -> bool {
+        self.syncs
     }
 
     /// Hands one write over; `wake` (the connection's channel, if any) hears
@@ -105,7 +121,7 @@ impl CheckpointWriter {
     /// The failure of a write whose thread ended without answering (it panicked).
     fn gone(&self) -> WriteFailed {
         let source = std::io::Error::other("the checkpoint writer thread ended");
-        WriteFailed { error: CheckpointError::Io { path: self.path.clone(), source }, set_aside_to: None }
+        WriteFailed::File { error: CheckpointError::Io { path: self.path.clone(), source }, set_aside_to: None }
     }
 }
 
@@ -119,12 +135,15 @@ impl Drop for CheckpointWriter {
     }
 }
 
-/// Sets the corrupt file aside when asked, then stores `cursors` (if the handler does not
-/// own them).
-fn write(file: &mut CheckpointFile, cursors: Option<Vec<StreamCursor>>, set_aside: bool) -> Written {
-    let set_aside_to = if set_aside { Some(file.set_aside().map_err(|error| WriteFailed { error, set_aside_to: None })?) } else { None };
+/// Runs the handler's syncer (if it has one), then sets the corrupt file aside when asked,
+/// then stores `cursors` (if the handler does not own them).
+fn write(file: &mut CheckpointFile, syncer: Option<&mut Syncer>, cursors: Option<Vec<StreamCursor>>, set_aside: bool) -> Written {
+    if let Some(sync) = syncer {
+        sync().map_err(WriteFailed::Sync)?;
+    }
+    let set_aside_to = if set_aside { Some(file.set_aside().map_err(|error| WriteFailed::File { error, set_aside_to: None })?) } else { None };
     if let Some(cursors) = cursors {
-        file.store(cursors).map_err(|error| WriteFailed { error, set_aside_to: set_aside_to.clone() })?;
+        file.store(cursors).map_err(|error| WriteFailed::File { error, set_aside_to: set_aside_to.clone() })?;
     }
     Ok(set_aside_to)
 }
@@ -141,7 +160,7 @@ mod tests {
     fn a_write_is_answered_and_rings_the_loop() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cp");
-        let mut writer = CheckpointWriter::spawn(CheckpointFile::new(&path)).unwrap();
+        let mut writer = CheckpointWriter::spawn(CheckpointFile::new(&path), None).unwrap();
         let (wake, rang) = mpsc::channel();
         writer.submit(Some(vec![cursor("s", 7)]), false, Some(wake));
         assert!(writer.in_flight);
@@ -161,10 +180,10 @@ mod tests {
         let (jobs, _job_rx) = mpsc::channel();
         let (done_tx, done) = mpsc::channel::<Written>();
         drop(done_tx);
-        let mut writer = CheckpointWriter { path: PathBuf::from("cp"), jobs: Some(jobs), done, in_flight: false, thread: None };
+        let mut writer = CheckpointWriter { path: PathBuf::from("cp"), syncs: false, jobs: Some(jobs), done, in_flight: false, thread: None };
         writer.submit(Some(vec![cursor("s", 1)]), false, None);
-        let failed = writer.try_take().expect("an answer").unwrap_err();
-        assert_eq!(failed.error.code(), "checkpoint_io");
+        let Err(WriteFailed::File { error, .. }) = writer.try_take().expect("an answer") else { panic!("not a failed file write") };
+        assert_eq!(error.code(), "checkpoint_io");
         assert!(writer.try_take().is_none(), "nothing in flight after the answer");
         writer.submit(None, true, None);
         assert!(writer.wait().expect("an answer").is_err());
@@ -175,17 +194,50 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cp");
         std::fs::write(&path, b"not a checkpoint").unwrap();
-        let mut writer = CheckpointWriter::spawn(CheckpointFile::new(&path)).unwrap();
+        let mut writer = CheckpointWriter::spawn(CheckpointFile::new(&path), None).unwrap();
         writer.submit(None, true, None);
         let aside = writer.wait().unwrap().unwrap().expect("set aside");
         assert!(aside.exists() && !path.exists());
         // A file where the checkpoint's directory should be: the store fails.
         let blocked = dir.path().join("blocked");
         std::fs::write(&blocked, b"").unwrap();
-        let mut writer = CheckpointWriter::spawn(CheckpointFile::new(blocked.join("cp"))).unwrap();
+        let mut writer = CheckpointWriter::spawn(CheckpointFile::new(blocked.join("cp")), None).unwrap();
         writer.submit(Some(vec![cursor("s", 1)]), false, None);
-        let failed = writer.wait().unwrap().unwrap_err();
-        assert!(failed.set_aside_to.is_none());
-        assert_eq!(failed.error.code(), "checkpoint_io");
+        let Err(WriteFailed::File { error, set_aside_to }) = writer.wait().unwrap() else { panic!("not a failed file write") };
+        assert!(set_aside_to.is_none());
+        assert_eq!(error.code(), "checkpoint_io");
+    }
+
+    /// The syncer runs before the file is stored, on every write, and a syncer that fails
+    /// fails the write without touching the file.
+    #[test]
+    fn the_handlers_syncer_runs_first_and_its_failure_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp");
+        let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        let file_at_sync = path.clone();
+        let syncer: Syncer = Box::new(move || {
+            let stored = CheckpointFile::new(&file_at_sync).load().unwrap().map(|c| c[0].seq);
+            let mut calls = seen.lock().unwrap();
+            calls.push(stored);
+            if calls.len() == 3 {
+                return Err("injected sync failure".into());
+            }
+            Ok(())
+        });
+        let mut writer = CheckpointWriter::spawn(CheckpointFile::new(&path), Some(syncer)).unwrap();
+        assert!(writer.syncs());
+        writer.submit(Some(vec![cursor("s", 7)]), false, None);
+        assert!(matches!(writer.wait(), Some(Ok(None))));
+        // A handler that owns its cursors: the syncer alone.
+        writer.submit(None, false, None);
+        assert!(matches!(writer.wait(), Some(Ok(None))));
+        writer.submit(Some(vec![cursor("s", 9)]), false, None);
+        let Some(Err(WriteFailed::Sync(e))) = writer.wait() else { panic!("not a failed sync") };
+        assert_eq!(e.to_string(), "injected sync failure");
+        assert_eq!(CheckpointFile::new(&path).load().unwrap().unwrap()[0].seq, 7, "a failed sync stores nothing");
+        // Each sync ran before the store of its own write.
+        assert_eq!(*calls.lock().unwrap(), vec![None, Some(7), Some(7)]);
     }
 }

@@ -8,14 +8,15 @@
 //! the wall-clock microseconds at which it was sent. Each subscriber is a real
 //! [`SyncClient`] as a granted non-owner identity (row-level security applies), in this
 //! process; its handler reads the send time back when it applies the event, and again in
-//! `persist`, which the client calls right before each checkpoint write.
+//! `persist`, which the client calls right before each checkpoint write (with `--sqlite`,
+//! once the store's syncer has made the commit durable).
 
 use super::private_server;
 use super::server_account::ServerWatch;
 use anyhow::Context;
 use clap::Args;
 use khala_client::store::sqlite::{Commit, SqliteStore};
-use khala_client::{ClientConfig, Event, Handler, HandlerError, SyncClient};
+use khala_client::{ClientConfig, Event, Handler, HandlerError, SyncClient, Syncer};
 use khala_proto::StaleCursor;
 use khala_tools::api::{identity_arg, Api};
 use khala_tools::faults::rig::unix_micros;
@@ -48,7 +49,8 @@ pub struct LatencyArgs {
     #[arg(long)]
     pub skip_bare: bool,
     /// Subscribers keep events and cursors in SQLite (`store::sqlite`, exactly-once
-    /// effects): `persist()` is its commit, and no checkpoint file is written.
+    /// effects): `persist()` is its commit, its syncer (on the client's checkpoint thread)
+    /// makes it durable, and no checkpoint file is written.
     #[arg(long)]
     pub sqlite: bool,
 }
@@ -78,7 +80,8 @@ struct Seen {
     applied: Vec<(usize, u64)>,
     /// Send time and send → handler, microseconds (the warm-up event excluded).
     handler_micros: Vec<(i64, i64)>,
-    /// Send → the handler's `persist` before the checkpoint write, microseconds.
+    /// Send → the handler's `persist` before the checkpoint write (with a store: the end
+    /// of the sync after its commit), microseconds.
     durable_micros: Vec<i64>,
 }
 
@@ -89,6 +92,10 @@ struct LatencyHandler {
     unpersisted: Vec<i64>,
     /// Where events and cursors are stored, when the handler owns its cursors.
     store: Option<SqliteStore>,
+    /// The store's commits are made durable by its syncer, which takes the durable times.
+    syncing: bool,
+    /// Send times of events committed to the store and not yet synced.
+    committed: Arc<Mutex<Vec<i64>>>,
 }
 
 fn sent_micros(payload: &[u8]) -> i64 {
@@ -118,11 +125,16 @@ impl Handler for LatencyHandler {
         }
     }
 
-    /// With a store, the time is taken once its commit is durable; without one, before
-    /// the client writes its checkpoint file (on its writer thread).
+    /// With a store, the time is taken once its commit is durable (in [`Handler::syncer`]
+    /// when the store has one); without one, before the client writes its checkpoint file
+    /// (on its writer thread).
     fn persist(&mut self) -> Result<(), HandlerError> {
         if let Some(store) = &mut self.store {
             store.persist()?;
+            if self.syncing {
+                self.committed.lock().expect("committed").append(&mut self.unpersisted);
+                return Ok(());
+            }
         }
         if self.unpersisted.is_empty() {
             return Ok(());
@@ -138,6 +150,21 @@ impl Handler for LatencyHandler {
             Some(store) => store.cursors(),
             None => Ok(None),
         }
+    }
+
+    /// The store's syncer, timing each event it makes durable.
+    fn syncer(&mut self) -> Option<Syncer> {
+        let mut sync = self.store.as_mut()?.syncer()?;
+        self.syncing = true;
+        let (committed, seen) = (self.committed.clone(), self.seen.clone());
+        Some(Box::new(move || {
+            // What was committed before the sync began is durable once it returns.
+            let sent = std::mem::take(&mut *committed.lock().expect("committed"));
+            sync()?;
+            let now = unix_micros();
+            seen.lock().expect("latency samples").durable_micros.extend(sent.into_iter().map(|sent| now - sent));
+            Ok(())
+        }))
     }
 }
 
@@ -286,7 +313,7 @@ pub fn khala_latency(api: &Api, owner_token: &str, db: &str, dir: &std::path::Pa
             true => Some(SqliteStore::open(dir.join(format!("{db}-reader-{n}.sqlite")), Commit::Batch).map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?),
             false => None,
         };
-        let handler = LatencyHandler { subscriber: n, seen: seen.clone(), unpersisted: Vec::new(), store };
+        let handler = LatencyHandler { subscriber: n, seen: seen.clone(), unpersisted: Vec::new(), store, syncing: false, committed: Arc::default() };
         let mut client = SyncClient::new(config, handler)?;
         let stop = stop.clone();
         clients.push(std::thread::Builder::new().name(format!("khala-bench-sub-{n}")).spawn(move || client.run(&stop))?);

@@ -7,7 +7,7 @@
 use super::Target;
 use clap::Args;
 use khala_client::health;
-use khala_client::{ClientConfig, Event, Handler, HandlerError, SyncClient};
+use khala_client::{ClientConfig, Event, Handler, HandlerError, SyncClient, Syncer};
 use khala_proto::hash::{display, payload_hash};
 use khala_proto::v1::ConnectionState;
 use khala_client::store::sqlite::{Commit, SqliteStore};
@@ -175,6 +175,11 @@ impl Handler for Printer {
             Some(store) => store.cursors(),
             None => Ok(None),
         }
+    }
+
+    /// The store's fsync runs on the client's checkpoint thread.
+    fn syncer(&mut self) -> Option<Syncer> {
+        self.store.as_mut()?.syncer()
     }
 
     fn caught_up(&mut self) {
