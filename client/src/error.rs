@@ -33,6 +33,11 @@ pub enum ClientError {
     /// handler's cursors, offering those events again.
     #[error("the handler could not persist its effects; resuming from its own cursors")]
     HandlerPersist,
+    /// The handler's syncer failed ([`crate::Handler::syncer`]): its commits may not be on
+    /// disk, and an fsync tried again can succeed without them (the kernel may have
+    /// dropped the pages it could not write), so the client stops rather than retry.
+    #[error("the handler's sync failed: {0}")]
+    HandlerSync(String),
 }
 
 impl ClientError {
@@ -48,6 +53,7 @@ impl ClientError {
             ClientError::Config(_) => "invalid_argument",
             ClientError::HandlerCursors(_) => "handler_cursors",
             ClientError::HandlerPersist => "handler_persist_failed",
+            ClientError::HandlerSync(_) => "handler_sync_failed",
         }
     }
 

@@ -20,9 +20,11 @@ pub trait Handler {
     /// was built from this stream; the events that follow rebuild it.
     fn rebootstrap(&mut self, stale: &StaleCursor) -> Result<(), HandlerError>;
 
-    /// Makes the effects of the events applied so far durable. Called before each
-    /// checkpoint write, so the checkpoint never runs ahead of what the handler kept; an
-    /// error postpones the checkpoint (nothing is lost, the write is tried again).
+    /// Makes the effects of the events applied so far durable (or, for a handler with a
+    /// [`Handler::syncer`], commits them, and the syncer makes them durable). Called
+    /// before each checkpoint write, so the checkpoint never runs ahead of what the
+    /// handler kept; an error postpones the checkpoint (nothing is lost, the write is
+    /// tried again).
     ///
     /// A handler that owns its cursors ([`Handler::cursors`]) commits here, in one
     /// transaction, its effects and the cursor of the last event applied on each stream
@@ -54,9 +56,12 @@ pub trait Handler {
     /// An fsync on a busy disk takes tens of milliseconds, and the sync loop applies
     /// nothing while it waits; the client calls the syncer on its checkpoint thread
     /// instead, after each `persist` (and before the checkpoint file, if it writes one),
-    /// while the loop goes on applying. Acks wait for the syncer, so the server keeps
-    /// every event a power loss could take back. A syncer that fails counts as a failed
-    /// `persist`.
+    /// while the loop goes on applying. Acks wait for it, so an ack never claims what a
+    /// power loss could take back; the handler's cursors are synced before they are read
+    /// at a reconnect, and once when the client is made (a crashed process may have left
+    /// commits that are not on disk). A syncer that fails ends `run`
+    /// (`handler_sync_failed`): an fsync tried again can succeed without the pages the
+    /// kernel failed to write, so retrying is not safe.
     fn syncer(&mut self) -> Option<Syncer> {
         None
     }

@@ -337,7 +337,7 @@ impl Handler for GatedSync {
 }
 
 /// A handler's syncer runs off the sync loop: events keep being applied while it waits,
-/// and nothing is acked until it has returned (the server may drop what is acked).
+/// and nothing it has not synced is acked (an ack says the client durably has it).
 #[test]
 fn a_handlers_sync_holds_back_its_acks_and_not_its_applies() {
     let db = shared_server().new_database("syncer");
@@ -348,10 +348,11 @@ fn a_handlers_sync_holds_back_its_acks_and_not_its_applies() {
     let mut cfg = config(&db, &token_file(dir.path(), &reader), &dir.path().join("cp"), &["s.y"]);
     cfg.ack = true;
     let applied = Arc::new(Mutex::new(Vec::new()));
-    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let gate = Arc::new((Mutex::new(true), Condvar::new()));
     let syncs_started = Arc::new(AtomicU64::new(0));
     let handler = GatedSync { applied: applied.clone(), pending: None, committed: None, gate: gate.clone(), syncs_started: syncs_started.clone() };
     let mut client = SyncClient::new(cfg, handler).unwrap();
+    assert_eq!(syncs_started.load(Ordering::SeqCst), 1, "the client syncs as it is made, before it trusts the handler's cursors");
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let thread = std::thread::spawn(move || client.run(&flag));
@@ -360,23 +361,31 @@ fn a_handlers_sync_holds_back_its_acks_and_not_its_applies() {
         let rows = db.sql("SELECT * FROM client_ack WHERE stream_id = 's.y'");
         rows.rows.first().and_then(|r| rows.get(r, "acked_seq").cloned())
     };
+    let set_gate = |open: bool| {
+        *gate.0.lock().unwrap() = open;
+        gate.1.notify_all();
+    };
 
     publish_range(&db, &publisher, "s.y", 1, 20, 20);
     wait_for("s.y applied up to 20", T, || applied_up_to(20).then_some(()));
-    wait_for("the first sync to start", T, || (syncs_started.load(Ordering::SeqCst) > 0).then_some(()));
-    // The sync waits at the gate; the loop does not.
-    publish_range(&db, &publisher, "s.y", 21, 20, 5);
-    wait_for("s.y applied up to 40 while the sync waits", T, || applied_up_to(40).then_some(()));
-    // Acks go out every 500 ms at most: three intervals without one.
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(acked(), None, "an ack went out before the handler's sync returned");
-    assert_eq!(syncs_started.load(Ordering::SeqCst), 1, "a second sync started while the first was in flight");
+    wait_for("the ack of s.y at 20", T, || acked().filter(|v| *v == json!(20)));
 
-    let (open, opened) = &*gate;
-    *open.lock().unwrap() = true;
-    opened.notify_all();
-    wait_for("the ack of s.y at 40", T, || acked().filter(|v| *v == json!(40)));
-    assert_eq!(*applied.lock().unwrap(), (1..=40).collect::<Vec<_>>());
+    set_gate(false);
+    let before = syncs_started.load(Ordering::SeqCst);
+    publish_range(&db, &publisher, "s.y", 21, 20, 20);
+    wait_for("s.y applied up to 40", T, || applied_up_to(40).then_some(()));
+    wait_for("a sync to start at the gate", T, || (syncs_started.load(Ordering::SeqCst) > before).then_some(()));
+    // The sync waits at the gate; the loop does not.
+    publish_range(&db, &publisher, "s.y", 41, 20, 5);
+    wait_for("s.y applied up to 60 while the sync waits", T, || applied_up_to(60).then_some(()));
+    // Acks go out every 500 ms at most: three intervals without a new one.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(acked(), Some(json!(20)), "an ack went past what the handler's sync had returned for");
+    assert_eq!(syncs_started.load(Ordering::SeqCst), before + 1, "a second sync started while the first was in flight");
+
+    set_gate(true);
+    wait_for("the ack of s.y at 60", T, || acked().filter(|v| *v == json!(60)));
+    assert_eq!(*applied.lock().unwrap(), (1..=60).collect::<Vec<_>>());
     stop.store(true, Ordering::Relaxed);
     thread.join().unwrap().unwrap();
 }

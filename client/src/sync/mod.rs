@@ -37,6 +37,14 @@ fn now() -> Now {
     Now { at: Instant::now(), unix_micros: now_micros() }
 }
 
+/// The error a failed write ends the run with.
+fn write_failed_error(failed: WriteFailed) -> ClientError {
+    match failed {
+        WriteFailed::Sync(e) => ClientError::HandlerSync(e.to_string()),
+        WriteFailed::File { error, .. } => error.into(),
+    }
+}
+
 /// One SDK connection and the channel its callbacks feed.
 struct Connection {
     db: DbConnection,
@@ -69,6 +77,12 @@ impl<H: Handler> SyncClient<H> {
             return Err(ClientError::Config("no streams to sync".into()));
         }
         let checkpoint = CheckpointFile::new(&config.checkpoint);
+        let mut syncer = handler.syncer();
+        if let Some(sync) = syncer.as_mut() {
+            // A process that crashed may have left commits that are not on disk yet: they
+            // must be before its cursors count as durable (and are acked).
+            sync().map_err(|e| ClientError::HandlerSync(e.to_string()))?;
+        }
         let owned = handler.cursors().map_err(|e| ClientError::HandlerCursors(e.to_string()))?;
         let handler_owns_cursors = owned.is_some();
         let stored = match owned.map(Ok).unwrap_or_else(|| checkpoint.load().map(Option::unwrap_or_default)) {
@@ -92,7 +106,7 @@ impl<H: Handler> SyncClient<H> {
         let snapshot = driver.health(now());
         health.update(|h| *h = snapshot);
         let stream_metrics = config.streams.iter().map(|id| (id.clone(), StreamMetrics::new(id))).collect();
-        let writer = CheckpointWriter::spawn(checkpoint, handler.syncer()).map_err(|source| CheckpointError::Io { path: config.checkpoint.clone(), source })?;
+        let writer = CheckpointWriter::spawn(checkpoint, syncer).map_err(|source| CheckpointError::Io { path: config.checkpoint.clone(), source })?;
         Ok(SyncClient { config, handler, health, writer, driver, conn: None, metrics: ClientMetrics::default(), stream_metrics })
     }
 
@@ -208,6 +222,11 @@ impl<H: Handler> SyncClient<H> {
                 }
             }
             Command::ReadHandlerCursors => {
+                // What the handler committed counts as durable once read: sync it first.
+                if let Err(failed) = self.writer.sync_now() {
+                    self.disconnect();
+                    return Err(Err(self.not_written(failed)));
+                }
                 return Ok(Some(match self.handler.cursors() {
                     Ok(cursors) => Input::HandlerCursors(cursors.unwrap_or_default()),
                     Err(e) => Input::Failed(ClientError::HandlerCursors(e.to_string())),
@@ -286,15 +305,7 @@ impl<H: Handler> SyncClient<H> {
                 // flight here; were it otherwise, the write would still finish first.
                 if let Some(Err(failed)) = self.writer.wait() {
                     self.disconnect();
-                    let error = match failed {
-                        WriteFailed::Sync(e) => {
-                            log::warn!("the handler's sync failed ({e}); its last commits may not be on disk");
-                            self.driver.checkpoint_not_written(None);
-                            ClientError::HandlerPersist
-                        }
-                        WriteFailed::File { error, set_aside_to } => self.file_not_written(error, set_aside_to),
-                    };
-                    return Err(Err(error));
+                    return Err(Err(self.not_written(failed)));
                 }
                 self.disconnect();
                 return Err(end);
@@ -304,22 +315,23 @@ impl<H: Handler> SyncClient<H> {
     }
 
     /// Feeds the checkpoint write that has finished, if one has, to the driver. A file
-    /// that cannot be written ends the run; a `run` called again writes it. A failed sync
-    /// is a failed `persist`.
+    /// that cannot be written, or a handler's sync that failed, ends the run; a `run`
+    /// called again writes it.
     fn take_written(&mut self, shutdown: &AtomicBool) -> Option<Result<(), ClientError>> {
         match self.writer.try_take()? {
             Ok(set_aside_to) => self.step(Input::Checkpointed { set_aside_to, persisted: true }, shutdown),
-            Err(WriteFailed::Sync(e)) => {
-                log::warn!("the handler's sync failed ({e}); its last commits may not be on disk");
-                self.step(Input::Checkpointed { set_aside_to: None, persisted: false }, shutdown)
-            }
-            Err(WriteFailed::File { error, set_aside_to }) => Some(Err(self.file_not_written(error, set_aside_to))),
+            Err(failed) => Some(Err(self.not_written(failed))),
         }
     }
 
-    fn file_not_written(&mut self, error: CheckpointError, set_aside_to: Option<std::path::PathBuf>) -> ClientError {
+    /// Tells the driver its checkpoint was not written; the error that ends the run.
+    fn not_written(&mut self, failed: WriteFailed) -> ClientError {
+        let set_aside_to = match &failed {
+            WriteFailed::File { set_aside_to, .. } => set_aside_to.clone(),
+            WriteFailed::Sync(_) => None,
+        };
         self.driver.checkpoint_not_written(set_aside_to);
-        error.into()
+        write_failed_error(failed)
     }
 
     /// Hands the stream's ready events to the handler, one at a time, each result to

@@ -27,7 +27,8 @@ pub type Written = Result<Option<PathBuf>, WriteFailed>;
 /// A write that failed.
 #[derive(Debug)]
 pub enum WriteFailed {
-    /// The handler's syncer failed; nothing else was done. Counts as a failed `persist`.
+    /// The handler's syncer failed; nothing else was done. Ends `run`
+    /// ([`ClientError::HandlerSync`](crate::ClientError::HandlerSync)).
     Sync(HandlerError),
     /// The file could not be stored, after the corrupt one was set aside (`Some`) or not.
     File { error: CheckpointError, set_aside_to: Option<PathBuf> },
@@ -50,6 +51,8 @@ pub struct CheckpointWriter {
     jobs: Option<Sender<Job>>,
     done: Receiver<Written>,
     in_flight: bool,
+    /// The answer of the write in flight, taken early by [`CheckpointWriter::sync_now`].
+    answered: Option<Written>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -73,7 +76,7 @@ impl CheckpointWriter {
                 }
             }
         })?;
-        Ok(CheckpointWriter { path, syncs, jobs: Some(jobs), done, in_flight: false, thread: Some(thread) })
+        Ok(CheckpointWriter { path, syncs, jobs: Some(jobs), done, in_flight: false, answered: None, thread: Some(thread) })
     }
 
     /// Whether each write runs the handler's syncer: then a checkpoint of a handler that
@@ -95,10 +98,38 @@ impl CheckpointWriter {
         self.in_flight = true;
     }
 
+    /// Makes everything the handler has committed durable now, before its cursors are
+    /// read again (a reconnect): they must not count as durable while a sync is still
+    /// owed. Waits for the write in flight (its answer is kept for `try_take`), then runs
+    /// the syncer once more; the loop waits meanwhile, as it did for every commit before
+    /// syncers. Nothing to do for a handler without a syncer.
+    pub fn sync_now(&mut self) -> Result<(), WriteFailed> {
+        if !self.syncs {
+            return Ok(());
+        }
+        if self.in_flight && self.answered.is_none() {
+            self.answered = Some(self.done.recv().unwrap_or_else(|_| Err(self.gone())));
+        }
+        if let Some(Err(_)) = &self.answered {
+            // That write failed: no sync after it may vouch for its commits.
+            self.in_flight = false;
+            return self.answered.take().expect("an answer").map(drop);
+        }
+        let Some(jobs) = &self.jobs else { return Err(self.gone()) };
+        if jobs.send(Job { cursors: None, set_aside: false, wake: None }).is_err() {
+            return Err(self.gone());
+        }
+        self.done.recv().unwrap_or_else(|_| Err(self.gone())).map(drop)
+    }
+
     /// The answer of the write in flight, if it is done.
     pub fn try_take(&mut self) -> Option<Written> {
         if !self.in_flight {
             return None;
+        }
+        if let Some(written) = self.answered.take() {
+            self.in_flight = false;
+            return Some(written);
         }
         let written = match self.done.try_recv() {
             Ok(written) => written,
@@ -115,7 +146,7 @@ impl CheckpointWriter {
             return None;
         }
         self.in_flight = false;
-        Some(self.done.recv().unwrap_or_else(|_| Err(self.gone())))
+        Some(self.answered.take().unwrap_or_else(|| self.done.recv().unwrap_or_else(|_| Err(self.gone()))))
     }
 
     /// The failure of a write whose thread ended without answering (it panicked).
@@ -180,7 +211,7 @@ mod tests {
         let (jobs, _job_rx) = mpsc::channel();
         let (done_tx, done) = mpsc::channel::<Written>();
         drop(done_tx);
-        let mut writer = CheckpointWriter { path: PathBuf::from("cp"), syncs: false, jobs: Some(jobs), done, in_flight: false, thread: None };
+        let mut writer = CheckpointWriter { path: PathBuf::from("cp"), syncs: false, jobs: Some(jobs), done, in_flight: false, answered: None, thread: None };
         writer.submit(Some(vec![cursor("s", 1)]), false, None);
         let Err(WriteFailed::File { error, .. }) = writer.try_take().expect("an answer") else { panic!("not a failed file write") };
         assert_eq!(error.code(), "checkpoint_io");
@@ -239,5 +270,32 @@ mod tests {
         assert_eq!(CheckpointFile::new(&path).load().unwrap().unwrap()[0].seq, 7, "a failed sync stores nothing");
         // Each sync ran before the store of its own write.
         assert_eq!(*calls.lock().unwrap(), vec![None, Some(7), Some(7)]);
+    }
+
+    /// Before a reconnect reads the handler's cursors: the answer of the write in flight is
+    /// kept for the loop and one more sync runs, unless that write failed.
+    #[test]
+    fn sync_now_keeps_the_answer_in_flight_and_syncs_once_more_unless_it_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let seen = calls.clone();
+        let syncer: Syncer = Box::new(move || match seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            2 => Err("injected sync failure".into()),
+            _ => Ok(()),
+        });
+        let mut writer = CheckpointWriter::spawn(CheckpointFile::new(dir.path().join("cp")), Some(syncer)).unwrap();
+        writer.submit(None, false, None);
+        writer.sync_now().unwrap();
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2, "the write's sync and one more");
+        assert!(matches!(writer.try_take(), Some(Ok(None))), "the write's answer is kept for the loop");
+        assert!(writer.try_take().is_none());
+        // The write in flight fails: no sync runs after it, and its failure is the answer.
+        writer.submit(None, false, None);
+        assert!(matches!(writer.sync_now(), Err(WriteFailed::Sync(_))));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert!(writer.try_take().is_none(), "the failure was handed over once");
+        // A writer without a syncer has nothing to sync.
+        let mut plain = CheckpointWriter::spawn(CheckpointFile::new(dir.path().join("cp2")), None).unwrap();
+        plain.sync_now().unwrap();
     }
 }

@@ -9,7 +9,7 @@
 //! [`SyncClient`] as a granted non-owner identity (row-level security applies), in this
 //! process; its handler reads the send time back when it applies the event, and again in
 //! `persist`, which the client calls right before each checkpoint write (with `--sqlite`,
-//! once the store's syncer has made the commit durable).
+//! in the store's syncer instead, once the commit is on disk).
 
 use super::private_server;
 use super::server_account::ServerWatch;
@@ -160,7 +160,10 @@ impl Handler for LatencyHandler {
         Some(Box::new(move || {
             // What was committed before the sync began is durable once it returns.
             let sent = std::mem::take(&mut *committed.lock().expect("committed"));
-            sync()?;
+            if let Err(e) = sync() {
+                committed.lock().expect("committed").extend(sent);
+                return Err(e);
+            }
             let now = unix_micros();
             seen.lock().expect("latency samples").durable_micros.extend(sent.into_iter().map(|sent| now - sent));
             Ok(())
