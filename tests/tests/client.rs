@@ -389,3 +389,90 @@ fn a_handlers_sync_holds_back_its_acks_and_not_its_applies() {
     stop.store(true, Ordering::Relaxed);
     thread.join().unwrap().unwrap();
 }
+
+/// A handler owning its cursors in memory whose syncer fails at its `fail_at`-th call
+/// (the first is the one made as the client is made).
+struct FailingSync {
+    pending: Option<StreamCursor>,
+    committed: Option<StreamCursor>,
+    fail_at: u64,
+    calls: Arc<AtomicU64>,
+}
+
+impl Handler for FailingSync {
+    fn apply(&mut self, event: &Event) -> Result<(), HandlerError> {
+        self.pending = Some(event.cursor(0));
+        Ok(())
+    }
+
+    fn rebootstrap(&mut self, _stale: &StaleCursor) -> Result<(), HandlerError> {
+        Err("no rebootstrap in this test".into())
+    }
+
+    fn persist(&mut self) -> Result<(), HandlerError> {
+        if let Some(cursor) = self.pending.take() {
+            self.committed = Some(cursor);
+        }
+        Ok(())
+    }
+
+    fn cursors(&mut self) -> Result<Option<Vec<StreamCursor>>, HandlerError> {
+        self.pending = None;
+        Ok(Some(self.committed.iter().cloned().collect()))
+    }
+
+    fn syncer(&mut self) -> Option<Syncer> {
+        let (calls, fail_at) = (self.calls.clone(), self.fail_at);
+        Some(Box::new(move || match calls.fetch_add(1, Ordering::SeqCst) + 1 {
+            n if n == fail_at => Err("injected fsync failure".into()),
+            _ => Ok(()),
+        }))
+    }
+}
+
+/// A failed sync ends `run` with `handler_sync_failed`, acks nothing it was to vouch
+/// for, and is never run again: a `run` called again ends the same way.
+#[test]
+fn a_failed_sync_ends_run_and_is_never_retried() {
+    let db = shared_server().new_database("sync-fails");
+    let publisher = db.publisher();
+    let reader = db.new_identity();
+    db.grant(&reader, "s.f", &["subscribe", "ack"], 600);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&db, &token_file(dir.path(), &reader), &dir.path().join("cp"), &["s.f"]);
+    cfg.ack = true;
+    publish_range(&db, &publisher, "s.f", 1, 10, 10);
+
+    // At a checkpoint: the third call (after the one as it is made, and the one before
+    // the connection reads the handler's cursors).
+    let calls = Arc::new(AtomicU64::new(0));
+    let handler = FailingSync { pending: None, committed: None, fail_at: 3, calls: calls.clone() };
+    let mut client = SyncClient::new(cfg.clone(), handler).unwrap();
+    let stop = AtomicBool::new(false);
+    let err = client.run(&stop).expect_err("a failed sync ends run");
+    assert_eq!(err.code(), "handler_sync_failed");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    // Were the syncer run again (and succeed), this run would go on until the stop.
+    let again = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_secs(3));
+            stop.store(true, Ordering::Relaxed);
+        });
+        client.run(&stop)
+    });
+    let err = again.expect_err("a run called again ends the same way");
+    assert_eq!(err.code(), "handler_sync_failed");
+    stop.store(false, Ordering::Relaxed);
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "the syncer ran again after it failed");
+    let rows = db.sql("SELECT * FROM client_ack WHERE stream_id = 's.f'");
+    assert!(rows.rows.is_empty(), "an ack went out for what the failed sync was to vouch for");
+    drop(client);
+
+    // Before a connection reads the handler's cursors: the session stops, and says why.
+    let calls = Arc::new(AtomicU64::new(0));
+    let handler = FailingSync { pending: None, committed: None, fail_at: 2, calls: calls.clone() };
+    let mut client = SyncClient::new(cfg, handler).unwrap();
+    let err = client.run(&stop).expect_err("a failed sync ends run");
+    assert_eq!(err.code(), "handler_sync_failed");
+    assert!(client.health().get().last_error.starts_with("handler_sync_failed"), "health says: {:?}", client.health().get().last_error);
+}

@@ -173,7 +173,9 @@ impl SqliteStore {
     /// `fdatasync` of the write-ahead log, where a commit lies until SQLite checkpoints the
     /// log into the database file (a checkpoint syncs both itself). Whoever takes it must
     /// call it before counting a commit as durable: [`SyncClient`](crate::SyncClient) does
-    /// so on its checkpoint thread, before it acks ([`Handler::syncer`]).
+    /// so on its checkpoint thread, before it acks ([`Handler::syncer`]). The store stays
+    /// on `NORMAL` for good: one taken back from a client (`into_handler`) and committed
+    /// to directly is durable only once that syncer (or a checkpoint of SQLite's) has run.
     pub fn wal_syncer(&mut self) -> Result<Syncer, StoreError> {
         if !self.wal {
             let source = std::io::Error::other("the database is not in WAL mode, so its commits keep their own fsync");

@@ -222,10 +222,11 @@ impl<H: Handler> SyncClient<H> {
                 }
             }
             Command::ReadHandlerCursors => {
-                // What the handler committed counts as durable once read: sync it first.
+                // What the handler committed counts as durable once read: sync it first. A
+                // failure ends the session with an error retrying cannot fix, so the driver
+                // stops (and says why in the health it reports).
                 if let Err(failed) = self.writer.sync_now() {
-                    self.disconnect();
-                    return Err(Err(self.not_written(failed)));
+                    return Ok(Some(Input::Failed(write_failed_error(failed))));
                 }
                 return Ok(Some(match self.handler.cursors() {
                     Ok(cursors) => Input::HandlerCursors(cursors.unwrap_or_default()),
@@ -315,8 +316,9 @@ impl<H: Handler> SyncClient<H> {
     }
 
     /// Feeds the checkpoint write that has finished, if one has, to the driver. A file
-    /// that cannot be written, or a handler's sync that failed, ends the run; a `run`
-    /// called again writes it.
+    /// that cannot be written ends the run, and a `run` called again writes it; a
+    /// handler's sync that failed ends this run and every one after it (the writer never
+    /// runs that syncer again).
     fn take_written(&mut self, shutdown: &AtomicBool) -> Option<Result<(), ClientError>> {
         match self.writer.try_take()? {
             Ok(set_aside_to) => self.step(Input::Checkpointed { set_aside_to, persisted: true }, shutdown),

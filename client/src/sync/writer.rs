@@ -27,7 +27,8 @@ pub type Written = Result<Option<PathBuf>, WriteFailed>;
 /// A write that failed.
 #[derive(Debug)]
 pub enum WriteFailed {
-    /// The handler's syncer failed; nothing else was done. Ends `run`
+    /// The handler's syncer failed (now, or at an earlier write: it is not run again);
+    /// nothing else was done. Ends `run`
     /// ([`ClientError::HandlerSync`](crate::ClientError::HandlerSync)).
     Sync(HandlerError),
     /// The file could not be stored, after the corrupt one was set aside (`Some`) or not.
@@ -64,9 +65,25 @@ impl CheckpointWriter {
         let (jobs, job_rx) = mpsc::channel::<Job>();
         let (done_tx, done) = mpsc::channel();
         let thread = std::thread::Builder::new().name("khala-checkpoint".into()).spawn(move || {
+            // A sync that failed is never tried again: after a failed fsync the kernel may
+            // have dropped the pages it could not write, and a second fsync can succeed
+            // without them. Every later write answers with that failure.
+            let mut sync_failed: Option<String> = None;
             for job in job_rx {
+                if let Some(failure) = &sync_failed {
+                    if done_tx.send(Err(WriteFailed::Sync(failure.clone().into()))).is_err() {
+                        return;
+                    }
+                    if let Some(wake) = job.wake {
+                        let _ = wake.send(Msg::CheckpointWritten);
+                    }
+                    continue;
+                }
                 let started = std::time::Instant::now();
                 let written = write(&mut file, syncer.as_mut(), job.cursors, job.set_aside);
+                if let Err(WriteFailed::Sync(e)) = &written {
+                    sync_failed = Some(e.to_string());
+                }
                 crate::metrics::checkpoint_written(started.elapsed().as_secs_f64());
                 if done_tx.send(written).is_err() {
                     return;
@@ -294,6 +311,11 @@ mod tests {
         assert!(matches!(writer.sync_now(), Err(WriteFailed::Sync(_))));
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
         assert!(writer.try_take().is_none(), "the failure was handed over once");
+        // A failed sync is never tried again: every later write answers with it.
+        writer.submit(None, false, None);
+        assert!(matches!(writer.wait(), Some(Err(WriteFailed::Sync(_)))));
+        assert!(matches!(writer.sync_now(), Err(WriteFailed::Sync(_))));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3, "the syncer ran again after it failed");
         // A writer without a syncer has nothing to sync.
         let mut plain = CheckpointWriter::spawn(CheckpointFile::new(dir.path().join("cp2")), None).unwrap();
         plain.sync_now().unwrap();
