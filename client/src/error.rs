@@ -38,6 +38,10 @@ pub enum ClientError {
     /// dropped the pages it could not write), so the client stops rather than retry.
     #[error("the handler's sync failed: {0}")]
     HandlerSync(String),
+    /// `run` was called again after it had stopped for a failure retrying cannot fix: that
+    /// failure again, by its own code.
+    #[error("stopped earlier, for good: {message}")]
+    StoppedEarlier { code: &'static str, message: String },
 }
 
 impl ClientError {
@@ -54,6 +58,7 @@ impl ClientError {
             ClientError::HandlerCursors(_) => "handler_cursors",
             ClientError::HandlerPersist => "handler_persist_failed",
             ClientError::HandlerSync(_) => "handler_sync_failed",
+            ClientError::StoppedEarlier { code, .. } => code,
         }
     }
 

@@ -475,4 +475,14 @@ fn a_failed_sync_ends_run_and_is_never_retried() {
     let err = client.run(&stop).expect_err("a failed sync ends run");
     assert_eq!(err.code(), "handler_sync_failed");
     assert!(client.health().get().last_error.starts_with("handler_sync_failed"), "health says: {:?}", client.health().get().last_error);
+    // That stopped the client for good: a `run` called again ends at once, the same way
+    // (it used to wait on a session that would never start, until its stop).
+    let again = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_secs(3));
+            stop.store(true, Ordering::Relaxed);
+        });
+        client.run(&stop)
+    });
+    assert_eq!(again.expect_err("a run after a stop for good ends with its failure").code(), "handler_sync_failed");
 }

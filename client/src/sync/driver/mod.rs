@@ -208,6 +208,8 @@ pub struct Driver {
     /// A stream ran out of its round's budget with events still ready.
     more_ready: bool,
     last_error: String,
+    /// The failure retrying cannot fix that stopped the client for good: its code and text.
+    stopped_for: Option<(&'static str, String)>,
     connect_attempts: u32,
     next_retry_ms: u64,
     notes: Vec<Note>,
@@ -247,6 +249,7 @@ impl Driver {
             other_cursors,
             me: None,
             last_error: corrupt.as_ref().map(|r| format!("checkpoint_corrupt: {r}")).unwrap_or_default(),
+            stopped_for: None,
             corrupt,
             setting_aside: None,
             dirty: false,
@@ -402,6 +405,13 @@ impl Driver {
                 self.session_ended(ClientError::Connect(format!("no answer to hello within {} s", HANDSHAKE_TIMEOUT.as_secs())), now, out)
             }
             Phase::Up { subscribed: true } => self.round(now, out),
+            // A `run` called again after a stop for good ends at once, with that failure
+            // (before, it waited on a session that would never start).
+            Phase::Stopped { .. } => {
+                if let Some((code, message)) = &self.stopped_for {
+                    out.push(Command::Stop(Err(ClientError::StoppedEarlier { code, message: message.clone() })));
+                }
+            }
             _ => {}
         }
     }
@@ -440,6 +450,7 @@ impl Driver {
                 _ => ConnectionState::Unspecified,
             };
             self.session.phase = Phase::Stopped { state };
+            self.stopped_for = Some((err.code(), err.to_string()));
             self.stop(Err(err), now, out);
             return;
         }

@@ -1613,6 +1613,12 @@ fn an_incompatible_server_stops_the_client_after_a_final_checkpoint() {
     let cmds = driver.step(Input::Msg(Msg::Hello(Err(coded(ErrorCode::UpgradeRequired, "9.0.0")))), now);
     assert!(matches!(cmds.last(), Some(Command::Stop(Err(ClientError::Incompatible(_))))), "{cmds:?}");
     assert_eq!(driver.health(now).state, ConnectionState::UpgradeRequired as i32);
+    // A `run` called again stops at its first tick, with the same code, and connects to
+    // nothing.
+    let cmds = driver.step(Input::Tick, now);
+    let [Command::Stop(Err(again))] = cmds.as_slice() else { panic!("{cmds:?}") };
+    assert_eq!(again.code(), "upgrade_required");
+    assert!(!again.is_retryable());
 }
 
 #[test]
