@@ -213,7 +213,7 @@ pub fn all(args: AllArgs) -> anyhow::Result<()> {
     let mut latency = Vec::new();
     for (subscribers, db) in [(args.latency_subscribers, "latency"), (args.fan_out_subscribers, "fan-out")] {
         next(&format!("latency: {} events/s, one per call, to {subscribers} subscribers (Khala, then the bare module without and with an RLS rule)", args.latency_rate));
-        let load = Load { subscribers, rate: args.latency_rate, seconds: args.latency_seconds, payload_bytes: args.payload_bytes, ack: true, sqlite: false };
+        let load = Load { subscribers, rate: args.latency_rate, seconds: args.latency_seconds, payload_bytes: args.payload_bytes, ack: true, sqlite: false, warm: false };
         let khala = khala_latency(&api, &owner.token, db, dir.path(), load)?;
         let bare = bare_fan_out(&api, &owner.token, &format!("{db}-bare"), load, BareTable::Public)?;
         let bare_rls = bare_fan_out(&api, &owner.token, &format!("{db}-bare-rls"), load, BareTable::Guarded)?;

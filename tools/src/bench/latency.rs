@@ -53,9 +53,25 @@ pub struct LatencyArgs {
     /// makes it durable, and no checkpoint file is written.
     #[arg(long)]
     pub sqlite: bool,
+    /// Warm the subscribers' SDK row caches before timing: publish a first window's worth
+    /// of one-event segments (seqs 2..=8,200), let the clients close that window, then
+    /// time from seq 8,201 within the second window. The SDK's cache (a hash table keyed
+    /// by row) rehashes as it first grows, in every client at once; a long-running client
+    /// has paid that already (docs/BENCHMARKS.md). Adds about 20 s. `rate × seconds` must
+    /// fit in the second window (at most 8,183 events).
+    #[arg(long)]
+    pub warm_clients: bool,
 }
 
 const STREAM: &str = "bench.lat.0";
+/// The last seq of the warm-up with `--warm-clients`: past the first window's bucket.
+const WARM_LAST_SEQ: u64 = khala_proto::hash::WINDOW_EVENTS + 8;
+/// How long the warm-up settles before timing: the clients close the window they left
+/// (each waits up to [`khala_client::sync::driver::windows::CLOSE_SPREAD`], 4 s, after 4 s
+/// live), and compaction merges the warm-up's segments once they are 10 s old (the default
+/// `compact_min_age_secs`), 8,192 of them in two or three runs that hold the database's
+/// thread for tens of milliseconds each: timed, they were the first second's tail.
+const WARM_SETTLE: Duration = Duration::from_secs(15);
 /// How long delivery may stall after the last send before the rest counts as missing.
 const DRAIN: Duration = Duration::from_secs(10);
 /// The longest wait for deliveries after the last send, stalled or not.
@@ -71,6 +87,19 @@ pub struct Load {
     pub ack: bool,
     /// Subscribers store through `SqliteStore` (see [`LatencyArgs::sqlite`]).
     pub sqlite: bool,
+    /// The clients' caches are warmed first (see [`LatencyArgs::warm_clients`]).
+    pub warm: bool,
+}
+
+impl Load {
+    /// The first seq timed: 2 (seq 1 wakes the subscribers up), or after the warm-up.
+    fn first_timed(&self) -> u64 {
+        if self.warm {
+            WARM_LAST_SEQ + 1
+        } else {
+            2
+        }
+    }
 }
 
 /// What the subscribers saw, shared by all of them.
@@ -87,6 +116,8 @@ struct Seen {
 
 struct LatencyHandler {
     subscriber: usize,
+    /// Events before this seq are not timed.
+    first_timed: u64,
     seen: Arc<Mutex<Seen>>,
     /// Send times of events applied since the last `persist`.
     unpersisted: Vec<i64>,
@@ -111,7 +142,7 @@ impl Handler for LatencyHandler {
         let sent = sent_micros(&event.payload);
         let mut seen = self.seen.lock().expect("latency samples");
         seen.applied.push((self.subscriber, event.seq));
-        if event.seq > 1 {
+        if event.seq >= self.first_timed {
             seen.handler_micros.push((sent, now - sent));
             self.unpersisted.push(sent);
         }
@@ -213,9 +244,9 @@ fn per_second(samples: &[(i64, i64)]) -> Value {
     )
 }
 
-/// Calls `send(seq)` at `rate` per second from seq 2 until `seconds` have passed, draining
-/// `next` between sends; returns how many were sent and how many failed.
-fn paced(rate: u64, seconds: u64, mut send: impl FnMut(u64) -> anyhow::Result<()>, next: impl Fn() -> Option<Outcome>) -> anyhow::Result<(u64, u64)> {
+/// Calls `send(seq)` at `rate` per second from seq `first` until `seconds` have passed,
+/// draining `next` between sends; returns how many were sent and how many failed.
+fn paced(first: u64, rate: u64, seconds: u64, mut send: impl FnMut(u64) -> anyhow::Result<()>, next: impl Fn() -> Option<Outcome>) -> anyhow::Result<(u64, u64)> {
     let total = rate * seconds;
     let started = Instant::now();
     let (mut failed, mut answered) = (0u64, 0u64);
@@ -234,7 +265,7 @@ fn paced(rate: u64, seconds: u64, mut send: impl FnMut(u64) -> anyhow::Result<()
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
-        send(i + 2)?;
+        send(first + i)?;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while answered < total && Instant::now() < deadline {
@@ -244,6 +275,33 @@ fn paced(rate: u64, seconds: u64, mut send: impl FnMut(u64) -> anyhow::Result<()
         }
     }
     Ok((total, failed + (total - answered)))
+}
+
+/// `--warm-clients`: publishes seqs 2..=[`WARM_LAST_SEQ`] one per call (as the timed run
+/// does, so the clients' caches hold as many rows as it will), waits until every
+/// subscriber applied them, then [`WARM_SETTLE`].
+fn warm_clients(sdk: &SdkPublisher, mut send: impl FnMut(u64) -> khala_tools::error::Result<()>, applied: impl Fn() -> usize, subscribers: usize) -> anyhow::Result<()> {
+    let progress = khala_tools::progress::spinner(format!("khala: warming {subscribers} subscribers' caches ({WARM_LAST_SEQ} events)"));
+    let mut outcomes = Vec::new();
+    for seq in 2..=WARM_LAST_SEQ {
+        send(seq)?;
+        outcomes.extend(std::iter::from_fn(|| sdk.next(Duration::ZERO)));
+    }
+    let started = Instant::now();
+    while (outcomes.len() as u64) < WARM_LAST_SEQ - 1 {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(60), "the warm-up's publish calls were not all answered within 60 s");
+        outcomes.extend(sdk.next(Duration::from_millis(20)));
+    }
+    let failed = outcomes.iter().filter(|o| !matches!(o, Outcome::Committed { .. })).count();
+    anyhow::ensure!(failed == 0, "{failed} of the warm-up's publish calls failed");
+    let want = WARM_LAST_SEQ as usize * subscribers;
+    while applied() < want {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(120), "the subscribers did not all apply the warm-up within 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(WARM_SETTLE);
+    progress.finish_and_clear();
+    Ok(())
 }
 
 /// Waits until `delivered()` reaches `want` or stops growing for [`DRAIN`].
@@ -261,14 +319,15 @@ fn drain(want: usize, delivered: impl Fn() -> usize) {
 
 pub fn latency(args: LatencyArgs) -> anyhow::Result<()> {
     let command = format!(
-        "khala bench latency --subscribers {} --rate {} --seconds {} --payload-bytes {}{}{}{}",
+        "khala bench latency --subscribers {} --rate {} --seconds {} --payload-bytes {}{}{}{}{}",
         args.subscribers,
         args.rate,
         args.seconds,
         args.payload_bytes,
         if args.no_ack { " --no-ack" } else { "" },
         if args.skip_bare { " --skip-bare" } else { "" },
-        if args.sqlite { " --sqlite" } else { "" }
+        if args.sqlite { " --sqlite" } else { "" },
+        if args.warm_clients { " --warm-clients" } else { "" }
     );
     let load = Load {
         subscribers: args.subscribers,
@@ -277,7 +336,13 @@ pub fn latency(args: LatencyArgs) -> anyhow::Result<()> {
         payload_bytes: args.payload_bytes,
         ack: !args.no_ack,
         sqlite: args.sqlite,
+        warm: args.warm_clients,
     };
+    let room = 2 * khala_proto::hash::WINDOW_EVENTS - load.first_timed();
+    anyhow::ensure!(
+        !load.warm || load.rate * load.seconds <= room,
+        "invalid_argument: --warm-clients times within the second window: rate x seconds must be at most {room}"
+    );
     let (server, dir) = private_server()?;
     let api = Api::new(&server.url());
     let owner = api.new_identity()?;
@@ -316,7 +381,7 @@ pub fn khala_latency(api: &Api, owner_token: &str, db: &str, dir: &std::path::Pa
             true => Some(SqliteStore::open(dir.join(format!("{db}-reader-{n}.sqlite")), Commit::Batch).map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?),
             false => None,
         };
-        let handler = LatencyHandler { subscriber: n, seen: seen.clone(), unpersisted: Vec::new(), store, syncing: false, committed: Arc::default() };
+        let handler = LatencyHandler { subscriber: n, first_timed: load.first_timed(), seen: seen.clone(), unpersisted: Vec::new(), store, syncing: false, committed: Arc::default() };
         let mut client = SyncClient::new(config, handler)?;
         let stop = stop.clone();
         clients.push(std::thread::Builder::new().name(format!("khala-bench-sub-{n}")).spawn(move || client.run(&stop))?);
@@ -339,11 +404,16 @@ pub fn khala_latency(api: &Api, owner_token: &str, db: &str, dir: &std::path::Pa
         std::thread::sleep(Duration::from_millis(20));
     }
     while sdk.next(Duration::ZERO).is_some() {}
+    if load.warm {
+        warm_clients(&sdk, |seq| sdk.send(STREAM, vec![event(seq, &mut rng)]), || seen.lock().expect("samples").applied.len(), load.subscribers)?;
+    }
 
     let progress = khala_tools::progress::spinner(format!("khala: {} events/s to {} subscribers", load.rate, load.subscribers));
     let server = ServerWatch::start(api, db)?;
-    let (sent, failed) = paced(load.rate, load.seconds, |seq| Ok(sdk.send(STREAM, vec![event(seq, &mut rng)])?), || sdk.next(Duration::ZERO))?;
-    let want = (sent as usize + 1) * load.subscribers;
+    let first = load.first_timed();
+    let (sent, failed) = paced(first, load.rate, load.seconds, |seq| Ok(sdk.send(STREAM, vec![event(seq, &mut rng)])?), || sdk.next(Duration::ZERO))?;
+    // Every event before the first timed one was delivered to every subscriber too.
+    let want = (sent as usize + first as usize - 1) * load.subscribers;
     drain(want, || seen.lock().expect("samples").applied.len());
     // One more checkpoint interval, so the last events reach `persist`.
     std::thread::sleep(Duration::from_millis(200));
@@ -354,8 +424,8 @@ pub fn khala_latency(api: &Api, owner_token: &str, db: &str, dir: &std::path::Pa
         c.join().map_err(|_| anyhow::anyhow!("a subscriber thread panicked"))?.context("a subscriber failed")?;
     }
     let seen = std::mem::take(&mut *seen.lock().expect("samples"));
-    // The warm-up event (seq 1) was delivered to every subscriber and is not counted.
-    let mut figures = deliveries(load, sent, failed, seen.applied.into_iter().filter(|(_, seq)| *seq > 1).collect());
+    // The warm-up events were delivered to every subscriber and are not counted.
+    let mut figures = deliveries(load, sent, failed, seen.applied.into_iter().filter(|(_, seq)| *seq >= first).collect());
     figures["publish_to_handler"] = percentiles(seen.handler_micros.iter().map(|(_, m)| *m).collect());
     figures["publish_to_handler_per_second"] = per_second(&seen.handler_micros);
     figures["publish_to_durable_checkpoint"] = percentiles(seen.durable_micros);
@@ -459,7 +529,7 @@ pub fn bare_fan_out(api: &Api, owner_token: &str, db: &str, load: Load, table: B
         BareTable::Guarded => publisher.send_guarded(STREAM, seq, seq, data),
     };
     let server = ServerWatch::start(api, db)?;
-    let (sent, failed) = paced(load.rate, load.seconds, |seq| Ok(send(seq, payload(load.payload_bytes, &mut rng))?), || publisher.next(Duration::ZERO))?;
+    let (sent, failed) = paced(2, load.rate, load.seconds, |seq| Ok(send(seq, payload(load.payload_bytes, &mut rng))?), || publisher.next(Duration::ZERO))?;
     let want = sent as usize * load.subscribers;
     drain(want, || micros.lock().expect("samples").len());
     let server = server.finish(api, if table == BareTable::Public { "insert" } else { "insert_guarded" })?;
@@ -477,6 +547,19 @@ pub fn bare_fan_out(api: &Api, owner_token: &str, db: &str, load: Load, table: B
 #[cfg(test)]
 mod tests {
     use super::*;
+    use khala_proto::hash::{bucket, WINDOW_EVENTS};
+
+    /// The warm-up ends past the first window, so its close is behind the timed run; the
+    /// timed run fits the second window, so no close falls in it.
+    #[test]
+    fn a_warm_run_is_timed_within_the_second_window() {
+        let load = Load { subscribers: 1, rate: 1, seconds: 1, payload_bytes: 8, ack: true, sqlite: false, warm: true };
+        assert_eq!(bucket(WARM_LAST_SEQ), 1);
+        assert_eq!(bucket(load.first_timed()), 1);
+        let room = 2 * WINDOW_EVENTS - load.first_timed();
+        assert_eq!(bucket(load.first_timed() + room - 1), 1, "the last seq the room allows");
+        assert_eq!(Load { warm: false, ..load }.first_timed(), 2);
+    }
 
     #[test]
     fn per_second_groups_samples_by_send_second_from_the_first_send() {
