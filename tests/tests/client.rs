@@ -292,17 +292,23 @@ fn the_handler_hears_it_is_caught_up_after_each_live_event() {
     client.stop().unwrap();
 }
 
-/// A handler that owns its cursors in memory and commits at `persist`, whose syncer waits
-/// at a gate the test opens: a stand-in for a store whose fsync is slow.
-struct GatedSync {
+/// A handler that owns its cursors in memory, commits at `persist`, records the seqs it
+/// applied, and hands over the syncer its test gives it: a stand-in for a store whose
+/// fsync is slow, or fails.
+struct SyncedInMemory {
     applied: Arc<Mutex<Vec<u64>>>,
     pending: Option<StreamCursor>,
     committed: Option<StreamCursor>,
-    gate: Arc<(Mutex<bool>, Condvar)>,
-    syncs_started: Arc<AtomicU64>,
+    sync: Option<Syncer>,
 }
 
-impl Handler for GatedSync {
+impl SyncedInMemory {
+    fn new(sync: Syncer) -> SyncedInMemory {
+        SyncedInMemory { applied: Arc::default(), pending: None, committed: None, sync: Some(sync) }
+    }
+}
+
+impl Handler for SyncedInMemory {
     fn apply(&mut self, event: &Event) -> Result<(), HandlerError> {
         self.applied.lock().unwrap().push(event.seq);
         self.pending = Some(event.cursor(0));
@@ -326,13 +332,7 @@ impl Handler for GatedSync {
     }
 
     fn syncer(&mut self) -> Option<Syncer> {
-        let (gate, started) = (self.gate.clone(), self.syncs_started.clone());
-        Some(Box::new(move || {
-            started.fetch_add(1, Ordering::SeqCst);
-            let (open, opened) = &*gate;
-            let _open = opened.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
-            Ok(())
-        }))
+        self.sync.take()
     }
 }
 
@@ -347,10 +347,17 @@ fn a_handlers_sync_holds_back_its_acks_and_not_its_applies() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(&db, &token_file(dir.path(), &reader), &dir.path().join("cp"), &["s.y"]);
     cfg.ack = true;
-    let applied = Arc::new(Mutex::new(Vec::new()));
+    // The syncer waits at a gate the test opens and closes.
     let gate = Arc::new((Mutex::new(true), Condvar::new()));
     let syncs_started = Arc::new(AtomicU64::new(0));
-    let handler = GatedSync { applied: applied.clone(), pending: None, committed: None, gate: gate.clone(), syncs_started: syncs_started.clone() };
+    let (waits_at, started) = (gate.clone(), syncs_started.clone());
+    let handler = SyncedInMemory::new(Box::new(move || {
+        started.fetch_add(1, Ordering::SeqCst);
+        let (open, opened) = &*waits_at;
+        let _open = opened.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
+        Ok(())
+    }));
+    let applied = handler.applied.clone();
     let mut client = SyncClient::new(cfg, handler).unwrap();
     assert_eq!(syncs_started.load(Ordering::SeqCst), 1, "the client syncs as it is made, before it trusts the handler's cursors");
     let stop = Arc::new(AtomicBool::new(false));
@@ -390,44 +397,13 @@ fn a_handlers_sync_holds_back_its_acks_and_not_its_applies() {
     thread.join().unwrap().unwrap();
 }
 
-/// A handler owning its cursors in memory whose syncer fails at its `fail_at`-th call
-/// (the first is the one made as the client is made).
-struct FailingSync {
-    pending: Option<StreamCursor>,
-    committed: Option<StreamCursor>,
-    fail_at: u64,
-    calls: Arc<AtomicU64>,
-}
-
-impl Handler for FailingSync {
-    fn apply(&mut self, event: &Event) -> Result<(), HandlerError> {
-        self.pending = Some(event.cursor(0));
-        Ok(())
-    }
-
-    fn rebootstrap(&mut self, _stale: &StaleCursor) -> Result<(), HandlerError> {
-        Err("no rebootstrap in this test".into())
-    }
-
-    fn persist(&mut self) -> Result<(), HandlerError> {
-        if let Some(cursor) = self.pending.take() {
-            self.committed = Some(cursor);
-        }
-        Ok(())
-    }
-
-    fn cursors(&mut self) -> Result<Option<Vec<StreamCursor>>, HandlerError> {
-        self.pending = None;
-        Ok(Some(self.committed.iter().cloned().collect()))
-    }
-
-    fn syncer(&mut self) -> Option<Syncer> {
-        let (calls, fail_at) = (self.calls.clone(), self.fail_at);
-        Some(Box::new(move || match calls.fetch_add(1, Ordering::SeqCst) + 1 {
-            n if n == fail_at => Err("injected fsync failure".into()),
-            _ => Ok(()),
-        }))
-    }
+/// A syncer that fails at its `fail_at`-th call (the first is the one made as the client
+/// is made), counting its calls in `calls`.
+fn failing_at(fail_at: u64, calls: Arc<AtomicU64>) -> Syncer {
+    Box::new(move || match calls.fetch_add(1, Ordering::SeqCst) + 1 {
+        n if n == fail_at => Err("injected fsync failure".into()),
+        _ => Ok(()),
+    })
 }
 
 /// A failed sync ends `run` with `handler_sync_failed`, acks nothing it was to vouch
@@ -446,7 +422,7 @@ fn a_failed_sync_ends_run_and_is_never_retried() {
     // At a checkpoint: the third call (after the one as it is made, and the one before
     // the connection reads the handler's cursors).
     let calls = Arc::new(AtomicU64::new(0));
-    let handler = FailingSync { pending: None, committed: None, fail_at: 3, calls: calls.clone() };
+    let handler = SyncedInMemory::new(failing_at(3, calls.clone()));
     let mut client = SyncClient::new(cfg.clone(), handler).unwrap();
     let stop = AtomicBool::new(false);
     let err = client.run(&stop).expect_err("a failed sync ends run");
@@ -470,7 +446,7 @@ fn a_failed_sync_ends_run_and_is_never_retried() {
 
     // Before a connection reads the handler's cursors: the session stops, and says why.
     let calls = Arc::new(AtomicU64::new(0));
-    let handler = FailingSync { pending: None, committed: None, fail_at: 2, calls: calls.clone() };
+    let handler = SyncedInMemory::new(failing_at(2, calls.clone()));
     let mut client = SyncClient::new(cfg, handler).unwrap();
     let err = client.run(&stop).expect_err("a failed sync ends run");
     assert_eq!(err.code(), "handler_sync_failed");

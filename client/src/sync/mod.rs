@@ -37,14 +37,6 @@ fn now() -> Now {
     Now { at: Instant::now(), unix_micros: now_micros() }
 }
 
-/// The error a failed write ends the run with.
-fn write_failed_error(failed: WriteFailed) -> ClientError {
-    match failed {
-        WriteFailed::Sync(e) => ClientError::HandlerSync(e.to_string()),
-        WriteFailed::File { error, .. } => error.into(),
-    }
-}
-
 /// One SDK connection and the channel its callbacks feed.
 struct Connection {
     db: DbConnection,
@@ -226,7 +218,7 @@ impl<H: Handler> SyncClient<H> {
                 // failure ends the session with an error retrying cannot fix, so the driver
                 // stops (and says why in the health it reports).
                 if let Err(failed) = self.writer.sync_now() {
-                    return Ok(Some(Input::Failed(write_failed_error(failed))));
+                    return Ok(Some(Input::Failed(failed.into())));
                 }
                 return Ok(Some(match self.handler.cursors() {
                     Ok(cursors) => Input::HandlerCursors(cursors.unwrap_or_default()),
@@ -328,12 +320,8 @@ impl<H: Handler> SyncClient<H> {
 
     /// Tells the driver its checkpoint was not written; the error that ends the run.
     fn not_written(&mut self, failed: WriteFailed) -> ClientError {
-        let set_aside_to = match &failed {
-            WriteFailed::File { set_aside_to, .. } => set_aside_to.clone(),
-            WriteFailed::Sync(_) => None,
-        };
-        self.driver.checkpoint_not_written(set_aside_to);
-        write_failed_error(failed)
+        self.driver.checkpoint_not_written(failed.set_aside_to());
+        failed.into()
     }
 
     /// Hands the stream's ready events to the handler, one at a time, each result to

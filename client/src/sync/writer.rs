@@ -35,6 +35,26 @@ pub enum WriteFailed {
     File { error: CheckpointError, set_aside_to: Option<PathBuf> },
 }
 
+impl WriteFailed {
+    /// Where the corrupt file went before the write failed, if it was set aside.
+    pub fn set_aside_to(&self) -> Option<PathBuf> {
+        match self {
+            WriteFailed::File { set_aside_to, .. } => set_aside_to.clone(),
+            WriteFailed::Sync(_) => None,
+        }
+    }
+}
+
+/// The error a failed write ends the run with.
+impl From<WriteFailed> for crate::ClientError {
+    fn from(failed: WriteFailed) -> crate::ClientError {
+        match failed {
+            WriteFailed::Sync(e) => crate::ClientError::HandlerSync(e.to_string()),
+            WriteFailed::File { error, .. } => error.into(),
+        }
+    }
+}
+
 /// One checkpoint to write.
 struct Job {
     cursors: Option<Vec<StreamCursor>>,
@@ -70,21 +90,18 @@ impl CheckpointWriter {
             // without them. Every later write answers with that failure.
             let mut sync_failed: Option<String> = None;
             for job in job_rx {
-                if let Some(failure) = &sync_failed {
-                    if done_tx.send(Err(WriteFailed::Sync(failure.clone().into()))).is_err() {
-                        return;
+                let written = match &sync_failed {
+                    Some(failure) => Err(WriteFailed::Sync(failure.clone().into())),
+                    None => {
+                        let started = std::time::Instant::now();
+                        let written = write(&mut file, syncer.as_mut(), job.cursors, job.set_aside);
+                        crate::metrics::checkpoint_written(started.elapsed().as_secs_f64());
+                        if let Err(WriteFailed::Sync(e)) = &written {
+                            sync_failed = Some(e.to_string());
+                        }
+                        written
                     }
-                    if let Some(wake) = job.wake {
-                        let _ = wake.send(Msg::CheckpointWritten);
-                    }
-                    continue;
-                }
-                let started = std::time::Instant::now();
-                let written = write(&mut file, syncer.as_mut(), job.cursors, job.set_aside);
-                if let Err(WriteFailed::Sync(e)) = &written {
-                    sync_failed = Some(e.to_string());
-                }
-                crate::metrics::checkpoint_written(started.elapsed().as_secs_f64());
+                };
                 if done_tx.send(written).is_err() {
                     return;
                 }
@@ -125,7 +142,7 @@ impl CheckpointWriter {
             return Ok(());
         }
         if self.in_flight && self.answered.is_none() {
-            self.answered = Some(self.done.recv().unwrap_or_else(|_| Err(self.gone())));
+            self.answered = Some(self.recv());
         }
         if let Some(Err(_)) = &self.answered {
             // That write failed: no sync after it may vouch for its commits.
@@ -136,7 +153,7 @@ impl CheckpointWriter {
         if jobs.send(Job { cursors: None, set_aside: false, wake: None }).is_err() {
             return Err(self.gone());
         }
-        self.done.recv().unwrap_or_else(|_| Err(self.gone())).map(drop)
+        self.recv().map(drop)
     }
 
     /// The answer of the write in flight, if it is done.
@@ -163,7 +180,12 @@ impl CheckpointWriter {
             return None;
         }
         self.in_flight = false;
-        Some(self.answered.take().unwrap_or_else(|| self.done.recv().unwrap_or_else(|_| Err(self.gone()))))
+        Some(self.answered.take().unwrap_or_else(|| self.recv()))
+    }
+
+    /// The next answer, waiting for it (a thread that is gone answers with a failure).
+    fn recv(&self) -> Written {
+        self.done.recv().unwrap_or_else(|_| Err(self.gone()))
     }
 
     /// The failure of a write whose thread ended without answering (it panicked).
