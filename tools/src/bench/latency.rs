@@ -123,10 +123,9 @@ struct LatencyHandler {
     unpersisted: Vec<i64>,
     /// Where events and cursors are stored, when the handler owns its cursors.
     store: Option<SqliteStore>,
-    /// The store's commits are made durable by its syncer, which takes the durable times.
-    syncing: bool,
-    /// Send times of events committed to the store and not yet synced.
-    committed: Arc<Mutex<Vec<i64>>>,
+    /// Send times of events committed to the store and not yet synced, once the store's
+    /// syncer (which takes the durable times) has been taken.
+    committed: Option<Arc<Mutex<Vec<i64>>>>,
 }
 
 fn sent_micros(payload: &[u8]) -> i64 {
@@ -162,8 +161,8 @@ impl Handler for LatencyHandler {
     fn persist(&mut self) -> Result<(), HandlerError> {
         if let Some(store) = &mut self.store {
             store.persist()?;
-            if self.syncing {
-                self.committed.lock().expect("committed").append(&mut self.unpersisted);
+            if let Some(committed) = &self.committed {
+                committed.lock().expect("committed").append(&mut self.unpersisted);
                 return Ok(());
             }
         }
@@ -186,8 +185,8 @@ impl Handler for LatencyHandler {
     /// The store's syncer, timing each event it makes durable.
     fn syncer(&mut self) -> Option<Syncer> {
         let mut sync = self.store.as_mut()?.syncer()?;
-        self.syncing = true;
-        let (committed, seen) = (self.committed.clone(), self.seen.clone());
+        let committed = self.committed.insert(Arc::default()).clone();
+        let seen = self.seen.clone();
         Some(Box::new(move || {
             // What was committed before the sync began is durable once it returns.
             let sent = std::mem::take(&mut *committed.lock().expect("committed"));
@@ -294,13 +293,19 @@ fn warm_clients(sdk: &SdkPublisher, mut send: impl FnMut(u64) -> khala_tools::er
     }
     let failed = outcomes.iter().filter(|o| !matches!(o, Outcome::Committed { .. })).count();
     anyhow::ensure!(failed == 0, "{failed} of the warm-up's publish calls failed");
-    let want = WARM_LAST_SEQ as usize * subscribers;
-    while applied() < want {
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(120), "the subscribers did not all apply the warm-up within 120 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_applied(WARM_LAST_SEQ as usize * subscribers, applied, "the warm-up's events", started)?;
     std::thread::sleep(WARM_SETTLE);
     progress.finish_and_clear();
+    Ok(())
+}
+
+/// Waits until `applied()` reaches `want`, until 120 s after `since` at most: the
+/// subscribers applying `what`, untimed.
+fn wait_applied(want: usize, applied: impl Fn() -> usize, what: &str, since: Instant) -> anyhow::Result<()> {
+    while applied() < want {
+        anyhow::ensure!(since.elapsed() < Duration::from_secs(120), "the subscribers did not all apply {what} within 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Ok(())
 }
 
@@ -381,7 +386,7 @@ pub fn khala_latency(api: &Api, owner_token: &str, db: &str, dir: &std::path::Pa
             true => Some(SqliteStore::open(dir.join(format!("{db}-reader-{n}.sqlite")), Commit::Batch).map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?),
             false => None,
         };
-        let handler = LatencyHandler { subscriber: n, first_timed: load.first_timed(), seen: seen.clone(), unpersisted: Vec::new(), store, syncing: false, committed: Arc::default() };
+        let handler = LatencyHandler { subscriber: n, first_timed: load.first_timed(), seen: seen.clone(), unpersisted: Vec::new(), store, committed: None };
         let mut client = SyncClient::new(config, handler)?;
         let stop = stop.clone();
         clients.push(std::thread::Builder::new().name(format!("khala-bench-sub-{n}")).spawn(move || client.run(&stop))?);
@@ -398,11 +403,7 @@ pub fn khala_latency(api: &Api, owner_token: &str, db: &str, dir: &std::path::Pa
         occurred_at_micros: 0,
     };
     sdk.send(STREAM, vec![event(1, &mut rng)])?;
-    let ready = Instant::now();
-    while seen.lock().expect("samples").applied.len() < load.subscribers {
-        anyhow::ensure!(ready.elapsed() < Duration::from_secs(120), "the subscribers did not all apply the warm-up event within 120 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_applied(load.subscribers, || seen.lock().expect("samples").applied.len(), "the warm-up event", Instant::now())?;
     while sdk.next(Duration::ZERO).is_some() {}
     if load.warm {
         warm_clients(&sdk, |seq| sdk.send(STREAM, vec![event(seq, &mut rng)]), || seen.lock().expect("samples").applied.len(), load.subscribers)?;
